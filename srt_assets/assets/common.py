@@ -1,0 +1,44 @@
+"""Small helpers shared by the asset modules: metadata rendering and check-result conversion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import polars as pl
+from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue
+
+from srt_assets.core.quality import CheckOutcome
+
+SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
+
+
+def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:
+    """Render a few rows as a Markdown table for the Dagster UI, long texts shortened."""
+    if frame.is_empty():
+        return "_(no rows)_"
+
+    def cell(value: object) -> str:
+        text = "" if value is None else str(value)
+        text = text.replace("\n", "⏎ ").replace("|", "\\|")
+        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join([header, rule, *rows])
+
+
+def to_check_results(asset: str, outcomes: Iterable[CheckOutcome]) -> Iterator[AssetCheckResult]:
+    """Turn pure check outcomes into Dagster results; failures are ERROR so blocking checks block."""
+    for outcome in outcomes:
+        yield AssetCheckResult(
+            asset_key=asset,
+            check_name=outcome.name,
+            passed=outcome.passed,
+            severity=AssetCheckSeverity.ERROR,
+            description=outcome.description,
+            metadata={
+                key: MetadataValue.json(value) if isinstance(value, dict | list) else value
+                for key, value in outcome.metadata.items()
+            },
+        )

@@ -1,0 +1,178 @@
+"""The source catalog: which instruction datasets exist, where they live and how their fields map.
+
+Sources are declared in one YAML file (``sources.yaml`` at the repository root by default) so that a
+user adds a dataset by editing configuration, not code. Each source becomes one Dagster partition.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMATS = ("json", "jsonl", "parquet")
+DEFAULT_MAX_REJECT_RATIO = 0.05
+
+
+class SourceConfigError(ValueError):
+    """The sources file itself is wrong (unknown key, bad value): names the file and the source."""
+
+
+class SourceFileMissing(FileNotFoundError):
+    """A declared source points at a file that is not there; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    """Which keys of a source record hold the instruction, the optional input and the response.
+
+    ``conversations`` switches to ShareGPT-style records: the first human turn is the instruction and
+    the first assistant turn after it is the response.
+    """
+
+    instruction: str = "instruction"
+    input: str | None = "input"
+    output: str = "output"
+    conversations: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    path: Path
+    format: str
+    fields: FieldMapping = field(default_factory=FieldMapping)
+    limit: int | None = None
+    max_reject_ratio: float = DEFAULT_MAX_REJECT_RATIO
+    description: str = ""
+    license: str = ""
+    path_env: str | None = None
+    missing_hint: str = ""
+
+    def require_file(self) -> Path:
+        """Return the data file, or fail with a message that names the path and how to set it."""
+        if self.path.is_file():
+            return self.path
+        how = []
+        if self.path_env:
+            how.append(f"set the environment variable {self.path_env}=/path/to/file")
+        how.append(f"or edit 'sources.{self.name}.path' in the sources file")
+        hint = f" {self.missing_hint.strip()}" if self.missing_hint else ""
+        raise SourceFileMissing(
+            f"source '{self.name}': data file not found: {self.path}.{hint} To use another copy, "
+            + ", ".join(how)
+            + "."
+        )
+
+
+def infer_format(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    last = suffixes[-1] if suffixes else ""
+    if last in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if last == ".json":
+        return "json"
+    if last in (".parquet", ".pq"):
+        return "parquet"
+    raise SourceConfigError(f"cannot infer the format of {path}: set 'format' to one of {', '.join(FORMATS)}")
+
+
+_SOURCE_KEYS = {
+    "path",
+    "format",
+    "fields",
+    "limit",
+    "max_reject_ratio",
+    "description",
+    "license",
+    "path_env",
+    "missing_hint",
+}
+_FIELD_KEYS = {"instruction", "input", "output", "conversations"}
+
+
+def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict[str, Any], where: str):
+    def fail(msg: str) -> SourceConfigError:
+        return SourceConfigError(f"{where}: source '{name}': {msg}")
+
+    if not isinstance(raw, dict):
+        raise fail("expected a mapping of settings")
+    unknown = set(raw) - _SOURCE_KEYS
+    if unknown:
+        raise fail(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_SOURCE_KEYS)}")
+    if "path" not in raw:
+        raise fail("'path' is required")
+    path_env = raw.get("path_env")
+    path_text = os.environ.get(path_env) if path_env and os.environ.get(path_env) else str(raw["path"])
+    path = Path(os.path.expanduser(path_text))
+    if not path.is_absolute():
+        path = (base_dir / path).resolve()
+    fmt = raw.get("format") or infer_format(path)
+    if fmt not in FORMATS:
+        raise fail(f"format '{fmt}' is not one of {', '.join(FORMATS)}")
+    fields_raw = raw.get("fields") or {}
+    if not isinstance(fields_raw, dict) or set(fields_raw) - _FIELD_KEYS:
+        raise fail(f"'fields' must map some of {sorted(_FIELD_KEYS)} to record keys")
+    if "conversations" in fields_raw:
+        mapping = FieldMapping(conversations=fields_raw["conversations"])
+    else:
+        mapping = FieldMapping(**{k: v for k, v in fields_raw.items() if k != "conversations"})
+    limit = raw.get("limit")
+    if limit is not None and (not isinstance(limit, int) or limit <= 0):
+        raise fail("'limit' must be a positive integer")
+    ratio = raw.get("max_reject_ratio", defaults.get("max_reject_ratio", DEFAULT_MAX_REJECT_RATIO))
+    if not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise fail("'max_reject_ratio' must be a number between 0 and 1")
+    return SourceSpec(
+        name=name,
+        path=path,
+        format=fmt,
+        fields=mapping,
+        limit=limit,
+        max_reject_ratio=float(ratio),
+        description=str(raw.get("description", "")),
+        license=str(raw.get("license", "")),
+        path_env=path_env,
+        missing_hint=str(raw.get("missing_hint", "")),
+    )
+
+
+@dataclass(frozen=True)
+class SourceCatalog:
+    file: Path
+    sources: dict[str, SourceSpec]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.sources)
+
+    def get(self, name: str) -> SourceSpec:
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown source '{name}' (declared in {self.file}: {', '.join(self.names)})"
+            ) from None
+
+
+def load_catalog(path: str | os.PathLike[str]) -> SourceCatalog:
+    """Read and validate a sources YAML file; relative data paths resolve against its folder."""
+    file = Path(path).resolve()
+    try:
+        doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SourceConfigError(f"sources file not found: {file}") from None
+    except yaml.YAMLError as exc:
+        raise SourceConfigError(f"{file}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("sources"), dict) or not doc["sources"]:
+        raise SourceConfigError(f"{file}: expected a top-level 'sources:' mapping with at least one source")
+    defaults = doc.get("defaults") or {}
+    sources = {}
+    for name, raw in doc["sources"].items():
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise SourceConfigError(f"{file}: source name {name!r} must be letters, digits, '_' or '-'")
+        sources[name] = _parse_source(name, raw, file.parent, defaults, str(file))
+    return SourceCatalog(file=file, sources=sources)

@@ -1,0 +1,35 @@
+"""The Dagster code location: every asset, check and resource of the pipeline in one Definitions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import Definitions, StaticPartitionsDefinition
+
+from srt_assets import paths
+from srt_assets.assets.raw import build_raw_assets
+from srt_assets.core.sources import load_catalog
+from srt_assets.io_managers import PolarsParquetIOManager
+from srt_assets.resources import SourceCatalogResource
+
+
+def build_definitions(
+    sources_file: str | os.PathLike[str] | None = None,
+    storage_dir: str | os.PathLike[str] | None = None,
+) -> Definitions:
+    """Build the pipeline over a source catalog (default: sources.yaml) and a storage folder."""
+    sources_path = Path(sources_file) if sources_file else paths.sources_file()
+    storage = Path(storage_dir) if storage_dir else paths.storage_dir()
+    catalog = load_catalog(sources_path)
+    source_partitions = StaticPartitionsDefinition(catalog.names)
+    return Definitions(
+        assets=[*build_raw_assets(source_partitions)],
+        resources={
+            "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
+            "sources": SourceCatalogResource(sources_file=str(sources_path)),
+        },
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,23 @@
+"""Where the project keeps its configuration and data by default (all overridable by environment)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def sources_file() -> Path:
+    """The source catalog: ``$SRT_SOURCES_FILE`` or ``sources.yaml`` at the repository root."""
+    return Path(os.environ.get("SRT_SOURCES_FILE", REPO_ROOT / "sources.yaml")).resolve()
+
+
+def dagster_home() -> Path:
+    """``$DAGSTER_HOME`` or the repository's ``dagster_home/`` folder."""
+    return Path(os.environ.get("DAGSTER_HOME", REPO_ROOT / "dagster_home")).resolve()
+
+
+def storage_dir() -> Path:
+    """Asset files (Parquet tables, model directories): ``$SRT_STORAGE_DIR`` or ``<dagster_home>/data``."""
+    return Path(os.environ.get("SRT_STORAGE_DIR", dagster_home() / "data")).resolve()

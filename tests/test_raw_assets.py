@@ -1,0 +1,99 @@
+"""The raw stage through the real Definitions: materialization, stored Parquet, checks and blocking."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import REPO_ROOT, write_catalog, write_jsonl
+from dagster import AssetKey, Definitions, asset
+
+from srt_assets.definitions import build_definitions
+
+
+def run_partition(defs: Definitions, partition: str, instance, **kwargs):
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False, **kwargs)
+
+
+def checks_by_name(result) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_demo_partition_materializes_through_the_real_definitions(tmp_path: Path, dagster_instance):
+    defs = build_definitions(sources_file=REPO_ROOT / "sources.yaml", storage_dir=tmp_path)
+    result = run_partition(
+        defs, "demo", dagster_instance, asset_selection=[AssetKey("raw_samples"), AssetKey("raw_rejects")]
+    )
+    assert result.success
+    samples = pl.read_parquet(tmp_path / "raw_samples" / "demo.parquet")
+    expected = [
+        json.loads(line) for line in (REPO_ROOT / "data/demo/alpaca_demo.jsonl").read_text().splitlines()
+    ]
+    assert samples.height == len(expected) == 40
+    assert samples.get_column("output").to_list() == [r["output"] for r in expected]
+    assert samples.get_column("sample_id").n_unique() == 40
+    assert all(checks_by_name(result).values()) and len(checks_by_name(result)) == 5
+    materialization = dagster_instance.get_latest_materialization_event(AssetKey("raw_samples"))
+    metadata = materialization.asset_materialization.metadata
+    assert metadata["row_count"].value == 40
+    assert "| sample_id |" in metadata["preview"].value
+    assert metadata["length_chars"].value["output"]["max"] <= 300
+
+
+@pytest.fixture
+def bad_catalog(tmp_path: Path) -> Path:
+    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(8)]
+    records += [{"instruction": "q", "input": "", "output": ""}] * 2  # 2 of 10 rejected: 20%
+    write_jsonl(tmp_path / "bad.jsonl", records)
+    return write_catalog(tmp_path, {"bad": {"path": "bad.jsonl", "max_reject_ratio": 0.1}})
+
+
+def test_failed_blocking_check_stops_downstream(tmp_path: Path, bad_catalog: Path, dagster_instance):
+    base = build_definitions(sources_file=bad_catalog, storage_dir=tmp_path / "store")
+    defs = Definitions.merge(base, Definitions(assets=[_partitioned_probe(base)]))
+    result = run_partition(defs, "bad", dagster_instance)
+    checks = checks_by_name(result)
+    assert checks["reject_ratio_below_bound"] is False
+    assert checks["sample_id_unique"] is True
+    rejects = pl.read_parquet(tmp_path / "store" / "raw_rejects" / "bad.parquet")
+    assert rejects.get_column("reason").to_list() == ["empty_field", "empty_field"]
+    assert rejects.get_column("row_index").to_list() == [8, 9]
+    assert dagster_instance.get_latest_materialization_event(AssetKey("probe_after_raw")) is None
+    assert not result.success
+
+
+def _partitioned_probe(base: Definitions):
+    partitions = base.resolve_assets_def("raw_samples").partitions_def
+
+    @asset(partitions_def=partitions, deps=["raw_samples"])
+    def probe_after_raw() -> None:
+        """Stands in for the next stage: it must not run after a failed blocking check."""
+
+    return probe_after_raw
+
+
+def test_missing_source_file_fails_the_asset_naming_the_path(tmp_path: Path, dagster_instance, monkeypatch):
+    monkeypatch.delenv("SRT_TEST_WIZ", raising=False)
+    catalog = write_catalog(tmp_path, {"wiz": {"path": "nowhere/wiz.json", "path_env": "SRT_TEST_WIZ"}})
+    defs = build_definitions(sources_file=catalog, storage_dir=tmp_path / "store")
+    result = run_partition(defs, "wiz", dagster_instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else ""
+    message += failure.step_failure_data.error.message
+    assert str(tmp_path / "nowhere" / "wiz.json") in message and "SRT_TEST_WIZ" in message
+
+
+@pytest.mark.shared_data
+def test_full_alpaca_materializes_every_row(tmp_path: Path, dagster_instance, shared_data: Path):
+    defs = build_definitions(sources_file=REPO_ROOT / "sources.yaml", storage_dir=tmp_path)
+    result = run_partition(defs, "alpaca", dagster_instance)
+    assert result.success
+    samples = pl.read_parquet(tmp_path / "raw_samples" / "alpaca.parquet")
+    rejects = pl.read_parquet(tmp_path / "raw_rejects" / "alpaca.parquet")
+    assert samples.height + rejects.height == 52002
+    assert rejects.height == 28  # the 28 empty outputs of Alpaca
+    assert set(rejects.get_column("reason")) == {"empty_field"}
+    assert set(rejects.get_column("field")) == {"output"}
+    assert samples.get_column("sample_id").is_unique().all()

@@ -1,0 +1,169 @@
+import gzip
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import write_jsonl
+
+from srt_assets.core.raw import RawDataError, load_source, sample_id
+from srt_assets.core.sources import FieldMapping, SourceFileMissing, SourceSpec, infer_format
+
+GOOD = [
+    {"instruction": "Name a primary color.", "input": "", "output": "Red."},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+]
+
+
+def spec_for(path: Path, **kwargs) -> SourceSpec:
+    return SourceSpec(name="t", path=path, format=kwargs.pop("format", infer_format(path)), **kwargs)
+
+
+def assert_good(samples: pl.DataFrame) -> None:
+    assert samples.columns == ["sample_id", "source", "row_index", "instruction", "input", "output"]
+    assert samples.get_column("instruction").to_list() == [r["instruction"] for r in GOOD]
+    assert samples.get_column("input").to_list() == ["", "cat"]
+    assert samples.get_column("row_index").to_list() == [0, 1]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".json.gz", ".jsonl", ".jsonl.gz", ".parquet"])
+def test_every_format_loads_the_same_rows(tmp_path: Path, suffix: str):
+    path = tmp_path / f"data{suffix}"
+    if suffix.startswith(".jsonl"):
+        payload = "".join(json.dumps(r) + "\n" for r in GOOD).encode()
+    elif suffix.startswith(".json"):
+        payload = json.dumps(GOOD).encode()
+    if suffix == ".parquet":
+        pl.DataFrame(GOOD).write_parquet(path)
+    else:
+        path.write_bytes(gzip.compress(payload) if suffix.endswith(".gz") else payload)
+    samples, rejects = load_source(spec_for(path))
+    assert_good(samples)
+    assert rejects.height == 0
+
+
+def test_wizardlm_fields_without_input(tmp_path: Path):
+    path = tmp_path / "wiz.json"
+    path.write_text(
+        json.dumps([{"idx": 7, "instruction": "Explain recursion.", "output": "A function calling itself."}])
+    )
+    samples, _ = load_source(
+        spec_for(path, fields=FieldMapping(instruction="instruction", input=None, output="output"))
+    )
+    assert samples.row(0, named=True)["input"] == ""
+    assert samples.row(0, named=True)["output"] == "A function calling itself."
+
+
+def test_sharegpt_conversations_take_first_human_and_assistant_turn(tmp_path: Path):
+    records = [
+        {
+            "id": "a",
+            "conversations": [
+                {"from": "system", "value": "be nice"},
+                {"from": "human", "value": "Hi?"},
+                {"from": "gpt", "value": "Hello!"},
+                {"from": "human", "value": "second question"},
+                {"from": "gpt", "value": "second answer"},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+        },
+        {"id": "c", "conversations": [{"from": "human", "value": "no answer"}]},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    samples, rejects = load_source(spec_for(path, fields=FieldMapping(conversations="conversations")))
+    assert samples.select("instruction", "output").rows() == [("Hi?", "Hello!"), ("Q2", "A2")]
+    assert rejects.row(0, named=True)["row_index"] == 2
+    assert rejects.row(0, named=True)["reason"] == "missing_field"
+    assert "assistant" in rejects.row(0, named=True)["detail"]
+
+
+def test_bad_rows_go_to_rejects_with_file_row_field_and_reason(tmp_path: Path):
+    lines = [
+        json.dumps(GOOD[0]).encode(),
+        json.dumps({"instruction": "x", "input": ""}).encode(),  # 1 missing output
+        json.dumps({"instruction": "   ", "input": "", "output": "y"}).encode(),  # 2 blank instruction
+        json.dumps({"instruction": 5, "input": "", "output": "y"}).encode(),  # 3 wrong type
+        b'{"instruction": "caf\xe9", "input": "", "output": "ok"}',  # 4 latin-1 byte: invalid UTF-8
+        b'{"instruction": "broken", ',  # 5 not JSON
+        json.dumps(["a", "list"]).encode(),  # 6 not an object
+        json.dumps(GOOD[0]).encode(),  # 7 duplicate of row 0
+        b"",  # blank line: not a row
+        json.dumps(GOOD[1]).encode(),  # 9 good
+        json.dumps(
+            {"instruction": "q", "input": ["not", "text"], "output": "y"}
+        ).encode(),  # 10 wrong type input
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    samples, rejects = load_source(spec_for(path))
+    assert samples.get_column("row_index").to_list() == [0, 9]
+    got = {(r["row_index"], r["field"], r["reason"]) for r in rejects.iter_rows(named=True)}
+    assert got == {
+        (1, "output", "missing_field"),
+        (2, "instruction", "empty_field"),
+        (3, "instruction", "wrong_type"),
+        (4, "instruction", "invalid_utf8"),
+        (5, "", "invalid_json"),
+        (6, "", "not_an_object"),
+        (7, "", "duplicate"),
+        (10, "input", "wrong_type"),
+    }
+    assert set(rejects.get_column("file")) == {str(path)}
+    duplicate = rejects.filter(pl.col("reason") == "duplicate").row(0, named=True)
+    assert "row 0" in duplicate["detail"]
+
+
+def test_invalid_utf8_inside_a_json_array_rejects_only_that_row(tmp_path: Path):
+    path = tmp_path / "arr.json"
+    path.write_bytes(
+        b'[{"instruction": "ok", "output": "fine"}, {"instruction": "bad \xff byte", "output": "x"}]'
+    )
+    samples, rejects = load_source(spec_for(path))
+    assert samples.height == 1
+    assert rejects.select("row_index", "field", "reason").rows() == [(1, "instruction", "invalid_utf8")]
+
+
+def test_limit_reads_only_first_rows(tmp_path: Path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)])
+    samples, _ = load_source(spec_for(path, limit=3))
+    assert samples.get_column("instruction").to_list() == ["q0", "q1", "q2"]
+
+
+def test_sample_id_is_stable_and_content_derived(tmp_path: Path):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    first, _ = load_source(spec_for(path))
+    reordered = write_jsonl(tmp_path / "e.jsonl", list(reversed(GOOD)))
+    second, _ = load_source(spec_for(reordered))
+    assert sorted(first.get_column("sample_id")) == sorted(second.get_column("sample_id"))
+    assert first.row(0, named=True)["sample_id"] == sample_id(
+        "t", GOOD[0]["instruction"], "", GOOD[0]["output"]
+    )
+    assert sample_id("t", "a", "", "b") != sample_id("other", "a", "", "b")
+    assert sample_id("t", "a", "b", "") != sample_id("t", "a", "", "b")
+
+
+def test_missing_file_fails_naming_it(tmp_path: Path):
+    with pytest.raises(SourceFileMissing, match=str(tmp_path / "absent.json")):
+        load_source(spec_for(tmp_path / "absent.json"))
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "pattern"),
+    [
+        (
+            "broken.json",
+            b'[{"instruction": "a", "output": "b"},\n {"instr',
+            r"broken\.json: not valid JSON at line 2",
+        ),
+        ("object.json", b'{"instruction": "a"}', r"object\.json: expected a JSON array"),
+        ("bad.parquet", b"PAR1 not really", r"bad\.parquet: not a readable Parquet file"),
+    ],
+)
+def test_unparsable_file_fails_naming_it(tmp_path: Path, name: str, payload: bytes, pattern: str):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(RawDataError, match=pattern):
+        load_source(spec_for(path))
