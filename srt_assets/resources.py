@@ -1,12 +1,19 @@
-"""Configurable Dagster resources: the source catalog (and, in later stages, models and devices)."""
+"""Configurable Dagster resources: the source catalog, the compute device, the student model."""
 
 from __future__ import annotations
 
-from functools import cached_property
+import logging
+from pathlib import Path
+from typing import Literal
 
 from dagster import ConfigurableResource
+from pydantic import Field
 
+from srt_assets import paths
 from srt_assets.core.sources import SourceCatalog, SourceSpec, load_catalog
+from srt_assets.models.loading import BUNDLED_MODEL
+
+log = logging.getLogger(__name__)
 
 
 class SourceCatalogResource(ConfigurableResource):
@@ -14,9 +21,66 @@ class SourceCatalogResource(ConfigurableResource):
 
     sources_file: str
 
-    @cached_property
+    @property
     def catalog(self) -> SourceCatalog:
         return load_catalog(self.sources_file)
 
     def source(self, name: str) -> SourceSpec:
         return self.catalog.get(name)
+
+
+class StorageResource(ConfigurableResource):
+    """Where srt keeps files that are not tables: converted models, checkpoints, model-call caches."""
+
+    base_dir: str = Field(default_factory=lambda: str(paths.storage_dir()))
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.base_dir) / "models"
+
+    @property
+    def cache_file(self) -> Path:
+        return Path(self.base_dir) / "cache" / "model_calls.sqlite"
+
+
+class GPUResource(ConfigurableResource):
+    """Where and how model work runs: injected into every scoring, generation and training asset.
+
+    ``device: auto`` takes the first CUDA device and falls back to CPU (saying so in the log). The
+    Dagster pool ``gpu`` on those assets caps how many run at once; this resource picks the device.
+    """
+
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="float32 is exact; bfloat16 is the fast mode"
+    )
+    token_budget: int = Field(default=1024, description="tokens per packed forward pass (batch size)")
+    backend: Literal["transformers", "vllm"] = Field(default="transformers", description="student backend")
+
+    def resolved_device(self) -> str:
+        from srt_assets.models.loading import resolve_device
+
+        return str(resolve_device(self.device))
+
+    def describe(self) -> dict[str, str | int]:
+        return {
+            "device": self.resolved_device(),
+            "dtype": self.dtype,
+            "backend": self.backend,
+            "token_budget": self.token_budget,
+        }
+
+
+class StudentModelResource(ConfigurableResource):
+    """The student: the model being fine-tuned, whose perplexities select the data."""
+
+    model: str = Field(
+        default=BUNDLED_MODEL,
+        description="'bundled:smollm2-135m-instruct' (offline default), a Hugging Face model directory or hub id",
+    )
+    template: str = Field(default="chat", description="alpaca | wiz | vicuna | chat (the tokenizer's own)")
+    max_length: int = Field(default=2048, description="L: maximum tokens per scored text")
+    context: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: prepend BOS/EOS as context when the tokenizer adds no BOS; none: reference behaviour",
+    )
