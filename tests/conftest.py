@@ -37,3 +37,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def student_model_dir(tmp_path_factory) -> Path:
+    """The bundled SmolLM2-135M-Instruct converted once per test session to an HF directory."""
+    from srt_assets.models.student import ensure_default_student_dir
+
+    return ensure_default_student_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def student_tokenizer(student_model_dir: Path):
+    from srt_assets.models.student import load_tokenizer
+
+    return load_tokenizer(str(student_model_dir))
+
+
+def alpaca_rows(n: int, with_input: int = 2) -> list[dict]:
+    """The first ``n`` Alpaca rows plus ``with_input`` rows that have an input (shared data, else demo)."""
+    path = SHARED_DATA / "alpaca_data.json.gz"
+    if path.is_file():
+        import gzip
+
+        records = json.loads(gzip.decompress(path.read_bytes()))
+    else:
+        lines = (REPO_ROOT / "data" / "demo" / "alpaca_demo.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+    plain = [r for r in records if not r["input"]][:n]
+    return plain + [r for r in records if r["input"]][:with_input]

@@ -45,9 +45,7 @@ def test_each_defect_fails_its_own_check():
 def test_failure_metadata_names_the_column_and_examples():
     result = {
         o.name: o
-        for o in validate_table(
-            good_frame().with_columns(pl.lit("dup").alias("sample_id")), RAW_CONTRACT, "test_suite"
-        )
+        for o in validate_table(good_frame().with_columns(pl.lit("dup").alias("sample_id")), RAW_CONTRACT, "test_suite")
     }
     failures = result["sample_id_unique"].metadata["failures"]
     assert failures["sample_id"]["unexpected_count"] == 2

@@ -27,9 +27,7 @@ def test_demo_partition_materializes_through_the_real_definitions(tmp_path: Path
     )
     assert result.success
     samples = pl.read_parquet(tmp_path / "raw_samples" / "demo.parquet")
-    expected = [
-        json.loads(line) for line in (REPO_ROOT / "data/demo/alpaca_demo.jsonl").read_text().splitlines()
-    ]
+    expected = [json.loads(line) for line in (REPO_ROOT / "data/demo/alpaca_demo.jsonl").read_text().splitlines()]
     assert samples.height == len(expected) == 40
     assert samples.get_column("output").to_list() == [r["output"] for r in expected]
     assert samples.get_column("sample_id").n_unique() == 40

@@ -92,9 +92,7 @@ def test_bad_rows_go_to_rejects_with_file_row_field_and_reason(tmp_path: Path):
         json.dumps(GOOD[0]).encode(),  # 7 duplicate of row 0
         b"",  # blank line: not a row
         json.dumps(GOOD[1]).encode(),  # 9 good
-        json.dumps(
-            {"instruction": "q", "input": ["not", "text"], "output": "y"}
-        ).encode(),  # 10 wrong type input
+        json.dumps({"instruction": "q", "input": ["not", "text"], "output": "y"}).encode(),  # 10 wrong type input
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines))
@@ -118,9 +116,7 @@ def test_bad_rows_go_to_rejects_with_file_row_field_and_reason(tmp_path: Path):
 
 def test_invalid_utf8_inside_a_json_array_rejects_only_that_row(tmp_path: Path):
     path = tmp_path / "arr.json"
-    path.write_bytes(
-        b'[{"instruction": "ok", "output": "fine"}, {"instruction": "bad \xff byte", "output": "x"}]'
-    )
+    path.write_bytes(b'[{"instruction": "ok", "output": "fine"}, {"instruction": "bad \xff byte", "output": "x"}]')
     samples, rejects = load_source(spec_for(path))
     assert samples.height == 1
     assert rejects.select("row_index", "field", "reason").rows() == [(1, "instruction", "invalid_utf8")]
@@ -138,9 +134,7 @@ def test_sample_id_is_stable_and_content_derived(tmp_path: Path):
     reordered = write_jsonl(tmp_path / "e.jsonl", list(reversed(GOOD)))
     second, _ = load_source(spec_for(reordered))
     assert sorted(first.get_column("sample_id")) == sorted(second.get_column("sample_id"))
-    assert first.row(0, named=True)["sample_id"] == sample_id(
-        "t", GOOD[0]["instruction"], "", GOOD[0]["output"]
-    )
+    assert first.row(0, named=True)["sample_id"] == sample_id("t", GOOD[0]["instruction"], "", GOOD[0]["output"])
     assert sample_id("t", "a", "", "b") != sample_id("other", "a", "", "b")
     assert sample_id("t", "a", "b", "") != sample_id("t", "a", "", "b")
 

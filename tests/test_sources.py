@@ -44,9 +44,7 @@ def test_unknown_key_is_named(tmp_path: Path):
 
 def test_missing_file_names_path_and_variable(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("SRT_WIZARD_TEST", raising=False)
-    file = write_catalog(
-        tmp_path, {"wiz": {"path": "WizardLM_evol_instruct_70k.json", "path_env": "SRT_WIZARD_TEST"}}
-    )
+    file = write_catalog(tmp_path, {"wiz": {"path": "WizardLM_evol_instruct_70k.json", "path_env": "SRT_WIZARD_TEST"}})
     spec = load_catalog(file).get("wiz")
     with pytest.raises(SourceFileMissing) as info:
         spec.require_file()

@@ -72,6 +72,6 @@ def quantiles(values: pl.Series) -> dict[str, float]:
     values = values.drop_nulls()
     if values.is_empty():
         return {}
-    return {
-        q: round(float(values.quantile(p)), 4) for q, p in (("p05", 0.05), ("p50", 0.5), ("p95", 0.95))
-    } | {"mean": round(float(values.mean()), 4)}
+    return {q: round(float(values.quantile(p)), 4) for q, p in (("p05", 0.05), ("p50", 0.5), ("p95", 0.95))} | {
+        "mean": round(float(values.mean()), 4)
+    }

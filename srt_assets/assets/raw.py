@@ -34,8 +34,7 @@ def build_raw_assets(partitions_def: PartitionsDefinition):
         outs={
             "raw_samples": AssetOut(
                 description="Instruction–response pairs of one source, normalized to one schema, with a "
-                "stable `sample_id` (source + content hash) that every later stage keeps. "
-                + SOURCE_PARTITIONS_DOC,
+                "stable `sample_id` (source + content hash) that every later stage keeps. " + SOURCE_PARTITIONS_DOC,
                 kinds={"polars", "parquet"},
             ),
             "raw_rejects": AssetOut(
@@ -88,9 +87,7 @@ def build_raw_assets(partitions_def: PartitionsDefinition):
         )
         outcomes = validate_table(samples, RAW_CONTRACT, suite_name=f"raw_samples_{spec.name}")
         outcomes.append(
-            ratio_check(
-                "reject_ratio_below_bound", rejects.height, rows_read, spec.max_reject_ratio, "rejected-row"
-            )
+            ratio_check("reject_ratio_below_bound", rejects.height, rows_read, spec.max_reject_ratio, "rejected-row")
         )
         yield from to_check_results("raw_samples", outcomes)
 

@@ -109,7 +109,9 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
             student.template,
             ScoringConfig(max_length=student.max_length, context=student.context),
         )
-        backend = LazyStudent(gpu.backend, model_path, device["device"], gpu.dtype, gpu.token_budget)
+        backend = LazyStudent(
+            gpu.backend, model_path, str(device["device"]), gpu.dtype, gpu.token_budget, student.max_length
+        )
         cache = SqliteCache(storage.cache_file, "student_losses")
         scorer = CachedScorer(
             backend,
@@ -119,10 +121,13 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
             progress=lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed"),
         )
         started = time.perf_counter()
-        items = [
-            ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)
-        ]
-        results, work = score_items(items, builder, scorer)
+        items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
+        try:
+            results, work = score_items(items, builder, scorer)
+        finally:
+            model_loaded = backend.loaded
+            backend.close()
+            cache.close()
         elapsed = time.perf_counter() - started
         scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
         yield Output(
@@ -138,7 +143,7 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
                 "unique_texts": work["unique_texts"],
                 "texts_from_cache": scorer.hits,
                 "texts_computed": scorer.computed,
-                "model_loaded": backend.loaded,
+                "model_loaded": model_loaded,
                 "tokens_per_second": round(work["tokens"] / elapsed, 1) if scorer.computed else 0.0,
                 "seconds": round(elapsed, 1),
                 "null_scores": int(scores["ifd"].is_null().sum()),
@@ -150,8 +155,6 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
                 ),
             },
         )
-        yield from to_check_results(
-            "student_scores", score_checks(scores, variants.height, config.max_null_ratio)
-        )
+        yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
 
     return [student_base_model, student_scores]

@@ -35,9 +35,7 @@ class SqliteCache:
         self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
         with self._lock, self._conn:
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            )
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(dict.fromkeys(keys))
@@ -46,9 +44,7 @@ class SqliteCache:
             for i in range(0, len(keys), 500):
                 chunk = keys[i : i + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = self._conn.execute(
-                    f"SELECT key, value FROM {self.table} WHERE key IN ({marks})", chunk
-                )
+                rows = self._conn.execute(f"SELECT key, value FROM {self.table} WHERE key IN ({marks})", chunk)
                 found.update((key, json.loads(value)) for key, value in rows)
         return found
 

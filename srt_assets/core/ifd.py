@@ -29,9 +29,7 @@ class LossScorer(Protocol):
     """A student backend: the mean cross-entropy of ``ids[t:]`` given ``ids[:t]``, per sequence
     (each token predicted from all tokens before it); NaN where it cannot compute one."""
 
-    def mean_losses(
-        self, sequences: Sequence[Sequence[int]], target_starts: Sequence[int]
-    ) -> list[float]: ...
+    def mean_losses(self, sequences: Sequence[Sequence[int]], target_starts: Sequence[int]) -> list[float]: ...
 
 
 @dataclass(frozen=True)
@@ -153,6 +151,7 @@ def combine(texts: dict[str, ScoringText | None], losses: dict[str, float | None
         loss = _finite(losses.get(key))
         if text is None:
             reasons.append(f"{key}: empty text")
+            loss = None
         elif text.n_targets == 0:
             reasons.append(f"{key}: no target tokens left after truncation")
             loss = None
@@ -209,9 +208,7 @@ def score_items(
     results = []
     for texts in per_item:
         text_losses = {
-            name: losses[unique[(t.ids, max(t.target_start, 1))]]
-            if t is not None and t.n_targets > 0
-            else None
+            name: losses[unique[(t.ids, max(t.target_start, 1))]] if t is not None and t.n_targets > 0 else None
             for name, t in texts.items()
         }
         results.append(combine(texts, text_losses))
@@ -245,9 +242,7 @@ class CachedScorer:
     def mean_losses(self, sequences: Sequence[Sequence[int]], target_starts: Sequence[int]) -> list[float]:
         from srt_assets.core.cache import content_key
 
-        keys = [
-            content_key(self.model_key, list(s), t) for s, t in zip(sequences, target_starts, strict=True)
-        ]
+        keys = [content_key(self.model_key, list(s), t) for s, t in zip(sequences, target_starts, strict=True)]
         known = self.cache.get_many(keys)
         losses = [known.get(k, math.nan) for k in keys]
         # Sorted, so texts that share a template prefix land in the same chunk (and pack).

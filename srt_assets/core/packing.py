@@ -15,6 +15,7 @@ Pure Python: the plan is index lists that a backend turns into tensors.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,9 +48,7 @@ class Pack:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def add_segment(
-        self, ids: Sequence[int], first_position: int, context: tuple[tuple[int, int], ...]
-    ) -> int:
+    def add_segment(self, ids: Sequence[int], first_position: int, context: tuple[tuple[int, int], ...]) -> int:
         start = len(self.token_ids)
         self.token_ids.extend(ids)
         self.position_ids.extend(range(first_position, first_position + len(ids)))
@@ -98,7 +97,7 @@ def _prefix_tree(
     # overlap[k]: leading tokens order[k - 1] and order[k] may share (overlap[0] is unused).
     overlap = [0] + [
         min(_common_prefix_length(sequences[a], sequences[b]), usable(a), usable(b))
-        for a, b in zip(order, order[1:], strict=False)
+        for a, b in itertools.pairwise(order)
     ]
 
     def build(lo: int, hi: int, base: int, depth: int) -> list[_Prefix | _Leaf]:
@@ -129,9 +128,7 @@ def plan_packs(
     if len(sequences) != len(target_starts):
         raise ValueError("one target start per sequence is required")
     scorable = [i for i, (s, t) in enumerate(zip(sequences, target_starts, strict=True)) if 1 <= t < len(s)]
-    tree = _prefix_tree(
-        [sequences[i] for i in scorable], [target_starts[i] for i in scorable], min_shared_prefix
-    )
+    tree = _prefix_tree([sequences[i] for i in scorable], [target_starts[i] for i in scorable], min_shared_prefix)
     packs: list[Pack] = []
     pack = Pack()
     chain: list[_Prefix] = []  # prefixes above the current node, outermost first

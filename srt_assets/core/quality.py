@@ -84,9 +84,7 @@ def validate_table(frame: pl.DataFrame, contract: TableContract, suite_name: str
     present = [c for c in expected_columns if c in frame.columns]
 
     expectations: dict[str, list[Any]] = {
-        "schema_matches": [
-            gx.expectations.ExpectTableColumnsToMatchOrderedList(column_list=expected_columns)
-        ],
+        "schema_matches": [gx.expectations.ExpectTableColumnsToMatchOrderedList(column_list=expected_columns)],
         "no_nulls": [
             gx.expectations.ExpectColumnValuesToNotBeNull(column=c) for c in contract.not_null if c in present
         ],
@@ -131,9 +129,7 @@ def validate_table(frame: pl.DataFrame, contract: TableContract, suite_name: str
             column = getattr(expectation, "column", None)
             res = by_type_and_column[(expectation.expectation_type, column)]
             if not res.success:
-                failures[column or "table"] = _summary(res) or {
-                    "observed": str(res.result.get("observed_value"))
-                }
+                failures[column or "table"] = _summary(res) or {"observed": str(res.result.get("observed_value"))}
         if name == "schema_matches" and dtype_mismatches:
             failures["dtypes"] = dtype_mismatches
         missing = [c for c in _columns_named_by(name, contract) if c not in frame.columns]

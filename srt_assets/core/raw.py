@@ -76,9 +76,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RawDataError(
-            f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
+        raise RawDataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(doc, list):
         raise RawDataError(f"{path}: expected a JSON array of records, found {type(doc).__name__}")
     yield from enumerate(doc)
@@ -131,15 +129,11 @@ def _first_turns(record: dict[str, Any], key: str) -> tuple[Any, Any] | RowProbl
     if turns is None:
         return RowProblem(key, "missing_field", f"field '{key}' is missing or null")
     if not isinstance(turns, list):
-        return RowProblem(
-            key, "wrong_type", f"field '{key}' is {type(turns).__name__}, expected a list of turns"
-        )
+        return RowProblem(key, "wrong_type", f"field '{key}' is {type(turns).__name__}, expected a list of turns")
     human_text = None
     for turn in turns:
         if not isinstance(turn, dict):
-            return RowProblem(
-                key, "wrong_type", f"a turn in '{key}' is {type(turn).__name__}, expected an object"
-            )
+            return RowProblem(key, "wrong_type", f"a turn in '{key}' is {type(turn).__name__}, expected an object")
         role = str(turn.get("from", turn.get("role", ""))).lower()
         text = turn.get("value", turn.get("content"))
         if human_text is None and role in HUMAN_ROLES:
@@ -221,16 +215,12 @@ def load_source(spec: SourceSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
             reject(row_index, RowProblem("", "duplicate", detail), record)
             continue
         first_row_of[sid] = row_index
-        for key, value in zip(
-            RAW_SCHEMA, (sid, spec.name, row_index, instruction, input_text, output), strict=True
-        ):
+        for key, value in zip(RAW_SCHEMA, (sid, spec.name, row_index, instruction, input_text, output), strict=True):
             samples[key].append(value)
     return pl.DataFrame(samples, schema=RAW_SCHEMA), pl.DataFrame(rejects, schema=REJECT_SCHEMA)
 
 
-def length_stats(
-    samples: pl.DataFrame, columns: tuple[str, ...] = ("instruction", "input", "output")
-) -> dict:
+def length_stats(samples: pl.DataFrame, columns: tuple[str, ...] = ("instruction", "input", "output")) -> dict:
     """Character-length summary per text column, for asset metadata."""
     stats: dict[str, dict[str, float]] = {}
     for column in columns:

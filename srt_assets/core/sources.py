@@ -153,9 +153,7 @@ class SourceCatalog:
         try:
             return self.sources[name]
         except KeyError:
-            raise KeyError(
-                f"unknown source '{name}' (declared in {self.file}: {', '.join(self.names)})"
-            ) from None
+            raise KeyError(f"unknown source '{name}' (declared in {self.file}: {', '.join(self.names)})") from None
 
 
 def load_catalog(path: str | os.PathLike[str]) -> SourceCatalog:

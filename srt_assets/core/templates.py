@@ -30,7 +30,9 @@ _TEMPLATE_TEXTS: dict[str, tuple[str, str]] = {
 }
 TEMPLATE_NAMES = (*_TEMPLATE_TEXTS, "chat")
 
-REVERSE_PROMPT_HEAD = "Below is the response to an instruction, please guess the corresponding instruction for the given response.\n"
+REVERSE_PROMPT_HEAD = (
+    "Below is the response to an instruction, please guess the corresponding instruction for the given response.\n"
+)
 REVERSE_PROMPT_TAIL = "\nGenerate the instruction for the above response."
 
 

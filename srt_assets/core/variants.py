@@ -16,6 +16,6 @@ VARIANT_SCHEMA: dict[str, pl.DataType] = {
 
 def original_variants(raw_samples: pl.DataFrame) -> pl.DataFrame:
     """The ``ori`` rows: each raw sample as it came (x0, y0)."""
-    return raw_samples.select(
-        "sample_id", pl.lit("ori").alias("variant"), "instruction", "input", "output"
-    ).cast(VARIANT_SCHEMA)
+    return raw_samples.select("sample_id", pl.lit("ori").alias("variant"), "instruction", "input", "output").cast(
+        VARIANT_SCHEMA
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -49,9 +50,7 @@ def model_fingerprint(model_dir: Path) -> str:
     Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match.
     """
     files = sorted(
-        p
-        for p in model_dir.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
+        p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
     )
     signature = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     memo = model_dir / ".srt_fingerprint"
@@ -66,10 +65,8 @@ def model_fingerprint(model_dir: Path) -> str:
         digest.update(path.name.encode())
         digest.update(file_sha256(path).encode())
     fingerprint = digest.hexdigest()
-    try:
+    with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
         memo.write_text(json.dumps({"signature": signature, "sha256": fingerprint}))
-    except OSError:
-        pass  # a read-only model directory is fine: we hash again next time
     return fingerprint
 
 

@@ -39,9 +39,7 @@ def prepare_segments(segments: Sequence[Segment], device: torch.device) -> list[
         if seg.context:
             key = (seg.length, seg.context_length)
             if key not in masks:
-                full = torch.ones(
-                    seg.length, seg.context_length + seg.length, dtype=torch.bool, device=device
-                )
+                full = torch.ones(seg.length, seg.context_length + seg.length, dtype=torch.bool, device=device)
                 masks[key] = torch.tril(full, diagonal=seg.context_length)
             mask = masks[key]
         prepared.append(SegmentTensors(seg.start, seg.length, seg.context, mask))

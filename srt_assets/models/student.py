@@ -61,14 +61,15 @@ def load_tokenizer(model_path: str):
 class LazyStudent:
     """A LossScorer that loads its backend on first use, so a fully cached run loads no model."""
 
-    def __init__(self, backend: str, model_path: str, device: str, dtype: str, token_budget: int):
+    def __init__(
+        self, backend: str, model_path: str, device: str, dtype: str, token_budget: int, max_length: int = 2048
+    ):
         if backend not in STUDENT_BACKENDS:
-            raise ValueError(
-                f"unknown student backend '{backend}'; choose one of {', '.join(STUDENT_BACKENDS)}"
-            )
+            raise ValueError(f"unknown student backend '{backend}'; choose one of {', '.join(STUDENT_BACKENDS)}")
         self.backend = backend
         self.settings = {"device": device, "dtype": dtype, "token_budget": token_budget}
         self.model_path = model_path
+        self.max_length = max_length
         self._scorer: LossScorer | None = None
 
     @property
@@ -85,6 +86,12 @@ class LazyStudent:
         from srt_assets.models.student_hf import TransformersStudent
 
         return TransformersStudent(self.model_path, **self.settings)
+
+    def close(self) -> None:
+        """Release the backend (vLLM holds worker processes and memory)."""
+        if self._scorer is not None and hasattr(self._scorer, "close"):
+            self._scorer.close()
+        self._scorer = None
 
     def mean_losses(self, sequences, target_starts) -> list[float]:
         if self._scorer is None:

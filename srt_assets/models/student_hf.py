@@ -78,9 +78,7 @@ class TransformersStudent:
 
 
 @torch.inference_mode()
-def batch_of_one_losses(
-    model, sequences: Sequence[Sequence[int]], target_starts: Sequence[int]
-) -> list[float]:
+def batch_of_one_losses(model, sequences: Sequence[Sequence[int]], target_starts: Sequence[int]) -> list[float]:
     """The reference computation (as the authors do): one sequence at a time, context labels set to
     -100, ``outputs.loss``. Used to prove the packed engine exact and as the benchmark baseline."""
     device = next(model.parameters()).device

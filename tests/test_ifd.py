@@ -1,0 +1,103 @@
+"""IFD / r-IFD texts and statistics (METHOD.md "Student statistics"), and the engine's exactness."""
+
+import math
+
+import pytest
+from conftest import alpaca_rows
+
+from srt_assets.core.ifd import (
+    STAT_KEYS,
+    ScoringConfig,
+    ScoringItem,
+    ScoringText,
+    combine,
+    resolve_context_token,
+    score_items,
+)
+from srt_assets.core.templates import get_template, reverse_instruction
+from srt_assets.models.student import build_text_builder
+
+
+def test_reverse_prompt_and_templates_follow_the_spec():
+    assert reverse_instruction("Y") == (
+        "Below is the response to an instruction, please guess the corresponding instruction for the given "
+        "response.\nY\nGenerate the instruction for the above response."
+    )
+    alpaca = get_template("alpaca")
+    assert alpaca.render("Do X").endswith("### Instruction:\nDo X\n\n### Response:")
+    assert alpaca.render("Do X", "in").endswith("### Instruction:\nDo X\n\n### Input:\nin\n\n### Response:")
+    assert get_template("wiz").render("Q", "I") == "Q\nI\n\n### Response:"
+    assert get_template("vicuna").render("Q", "I").endswith("USER: Q\nInput:\nI ASSISTANT:")
+    with pytest.raises(ValueError, match="unknown template"):
+        get_template("llama9")
+
+
+def test_context_token_rule():
+    assert resolve_context_token("none", [5, 6], bos_id=1, eos_id=2) is None
+    assert resolve_context_token("auto", [1, 5], bos_id=1, eos_id=2) is None  # Llama-style: BOS already there
+    assert resolve_context_token("auto", [5, 6], bos_id=1, eos_id=2) == 1  # SmolLM2: no BOS added
+    assert resolve_context_token("auto", [5, 6], bos_id=None, eos_id=2) == 2
+
+
+def test_combine_computes_ratios_and_nulls_never_zero():
+    texts = {key: ScoringText((1, 2, 3), 1, False) for key in STAT_KEYS}
+    losses = {"A_direct": 2.0, "A_condition": 1.0, "Q_direct": 3.0, "Q_condition": 1.5}
+    scores = combine(texts, losses)
+    assert scores.ifd == pytest.approx(math.exp(1.0) / math.exp(2.0))
+    assert scores.rifd == pytest.approx(math.exp(1.5) / math.exp(3.0))
+    assert scores.ifd_loss == pytest.approx(0.5) and scores.rifd_loss == pytest.approx(0.5)
+    assert scores.null_reason is None
+    failed = combine(texts, {**losses, "A_direct": math.nan})
+    assert failed.ifd is None and failed.ppl_A_direct is None and failed.rifd is not None
+    assert "A_direct" in failed.null_reason
+    empty = combine({**texts, "A_direct": None, "A_condition": None}, losses)
+    assert empty.ifd is None and "empty" in empty.null_reason
+
+
+@pytest.mark.slow
+def test_texts_locate_the_target_and_truncate_as_the_reference(student_tokenizer):
+    tok = student_tokenizer
+    builder = build_text_builder(tok, "alpaca", ScoringConfig(max_length=2048))
+    ctx = builder.prefix_ids
+    assert ctx == (tok.bos_token_id,)  # SmolLM2 adds no BOS, so auto mode prepends one
+    row = alpaca_rows(1, with_input=0)[0]
+    texts = builder.build(row["instruction"], "", row["output"])
+    condition = texts["A_condition"]
+    assert tok.decode(condition.ids[condition.target_start :]).strip() == row["output"].strip()
+    assert texts["A_direct"].ids == (*ctx, *tok.encode(row["output"]))
+    assert texts["Q_direct"].ids == (*ctx, *tok.encode(row["instruction"]))
+    q_cond = texts["Q_condition"]
+    assert tok.decode(q_cond.ids[q_cond.target_start :]) == row["instruction"]
+    assert row["output"] in tok.decode(q_cond.ids[: q_cond.target_start])
+
+    short = build_text_builder(tok, "alpaca", ScoringConfig(max_length=64)).build(
+        row["instruction"], "", row["output"] * 20
+    )
+    prompt_len = len(ctx) + len(tok.encode(get_template("alpaca").render(row["instruction"])))
+    assert len(short["A_direct"].ids) == 64 - prompt_len + 1  # L - len(T(x)) + 1
+    assert len(short["A_condition"].ids) == 64 and short["A_condition"].truncated
+
+
+@pytest.mark.slow
+def test_packed_engine_matches_the_straightforward_loop(student_model_dir, student_tokenizer):
+    """float32: batch of one, context labels -100, outputs.loss (as the authors) vs the packed engine."""
+    from transformers import AutoModelForCausalLM
+
+    from srt_assets.models.student_hf import TransformersStudent, batch_of_one_losses
+
+    rows = alpaca_rows(4, with_input=2)
+    items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in rows]
+    builder = build_text_builder(student_tokenizer, "alpaca", ScoringConfig())
+    reference_model = AutoModelForCausalLM.from_pretrained(student_model_dir, dtype="float32").eval()
+
+    class Reference:
+        def mean_losses(self, sequences, starts):
+            return batch_of_one_losses(reference_model, sequences, starts)
+
+    expected, _ = score_items(items, builder, Reference())
+    engine = TransformersStudent(student_model_dir, device="cpu", dtype="float32", token_budget=256)
+    got, work = score_items(items, builder, engine)
+    assert work["unique_texts"] == 4 * len(items)
+    for want, have in zip(expected, got, strict=True):
+        for field in ("ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition", "ifd", "rifd"):
+            assert getattr(have, field) == pytest.approx(getattr(want, field), rel=1e-4), field

@@ -1,0 +1,69 @@
+"""The packing plan: every target scored exactly once, each sequence seeing exactly its own tokens."""
+
+import random
+
+import pytest
+
+from srt_assets.core.packing import plan_packs
+
+
+def random_requests(seed: int, n: int = 60):
+    rng = random.Random(seed)
+    headers = [[rng.randrange(50) for _ in range(rng.randrange(5, 30))] for _ in range(4)]
+    sequences, starts = [], []
+    for _ in range(n):
+        header = rng.choice(headers)[: rng.randrange(0, 30)]
+        body = [rng.randrange(50) for _ in range(rng.randrange(1, 40))]
+        ids = header + body
+        sequences.append(ids)
+        starts.append(rng.randrange(0, len(ids) + 2))  # includes unscorable starts (0, len, len + 1)
+    return sequences, starts
+
+
+def visible_tokens(pack, segment_index: int) -> list[tuple[int, int]]:
+    """(position id, token) of everything a segment attends to: its context chain, then itself."""
+    segment = pack.segments[segment_index]
+    rows = [r for start, length in segment.context for r in range(start, start + length)]
+    rows += list(range(segment.start, segment.start + segment.length))
+    return [(pack.position_ids[r], pack.token_ids[r]) for r in rows]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [16, 64, 1024])
+def test_every_target_once_and_each_sequence_sees_only_itself(seed: int, budget: int):
+    sequences, starts = random_requests(seed)
+    packs = plan_packs(sequences, starts, token_budget=budget, min_shared_prefix=3)
+    expected = {
+        (i, p)
+        for i, (ids, t) in enumerate(zip(sequences, starts, strict=True))
+        if 1 <= t < len(ids)
+        for p in range(t, len(ids))
+    }
+    seen = set()
+    for pack in packs:
+        assert len(pack.position_ids) == len(pack.token_ids)
+        for row, target, owner in zip(pack.predict_rows, pack.target_ids, pack.owners, strict=True):
+            segment_index = next(k for k, s in enumerate(pack.segments) if s.start <= row < s.start + s.length)
+            view = visible_tokens(pack, segment_index)
+            own_offset = row - pack.segments[segment_index].start
+            context_len = pack.segments[segment_index].context_length
+            history = view[: context_len + own_offset + 1]
+            ids = sequences[owner]
+            # The row sees exactly tokens 0..p of its own sequence, at the right positions.
+            assert history == list(enumerate(ids[: len(history)]))
+            position = len(history)
+            assert target == ids[position]
+            seen.add((owner, position))
+    assert seen == expected and len(seen) == sum(len(p.predict_rows) for p in packs)
+
+
+def test_shared_prefixes_save_tokens():
+    header = list(range(100, 140))
+    sequences = [[*header, i, i + 1, i + 2] for i in range(20)]
+    starts = [len(header)] * 20
+    packs = plan_packs(sequences, starts, token_budget=4096)
+    assert len(packs) == 1
+    # The header is computed once, except its last token: that row predicts each first target.
+    assert len(packs[0]) == (len(header) - 1) + 20 * 4
+    unshared = plan_packs(sequences, starts, token_budget=4096, min_shared_prefix=10_000)
+    assert len(unshared[0]) == 20 * 43

@@ -1,0 +1,85 @@
+"""student_base_model and student_scores through the real Definitions, with the GPU resource injected."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import REPO_ROOT, write_catalog, write_jsonl
+from dagster import AssetKey
+
+from srt_assets.definitions import build_definitions
+from srt_assets.resources import GPUResource, StudentModelResource
+
+pytestmark = pytest.mark.slow
+
+
+def run(defs, partition, instance, selection=None, run_config=None):
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        partition_key=partition,
+        instance=instance,
+        raise_on_error=False,
+        asset_selection=selection,
+        run_config=run_config,
+    )
+
+
+def latest_metadata(instance, key: str) -> dict:
+    event = instance.get_latest_materialization_event(AssetKey(key))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_demo_scores_then_rerun_makes_no_model_calls(tmp_path: Path, dagster_instance, student_model_dir):
+    defs = build_definitions(
+        sources_file=REPO_ROOT / "sources.yaml",
+        storage_dir=tmp_path,
+        resources={
+            "student": StudentModelResource(model=str(student_model_dir), template="chat"),
+            "gpu": GPUResource(device="auto", dtype="float32"),
+        },
+    )
+    first = run(defs, "demo", dagster_instance)
+    assert first.success
+    scores = pl.read_parquet(tmp_path / "student_scores" / "demo.parquet")
+    raw = pl.read_parquet(tmp_path / "raw_samples" / "demo.parquet")
+    assert scores.height == raw.height == 40
+    assert scores["sample_id"].to_list() == raw["sample_id"].to_list()
+    assert set(scores["variant"]) == {"ori"}
+    assert scores["ifd"].is_not_null().all() and (scores["ifd"] > 0).all()
+    assert scores["rifd"].is_not_null().all()
+    meta = latest_metadata(dagster_instance, "student_scores")
+    assert meta["compute_device"] == "cpu" and meta["compute_dtype"] == "float32"
+    assert meta["student_fingerprint"] and meta["texts_computed"] == 160 and meta["model_loaded"] is True
+    assert "data:image/png;base64," in meta["histograms"]
+    assert {e.check_name: e.passed for e in first.get_asset_check_evaluations()}["scores_finite"]
+
+    second = run(defs, "demo", dagster_instance)
+    assert second.success
+    meta = latest_metadata(dagster_instance, "student_scores")
+    assert meta["texts_computed"] == 0 and meta["texts_from_cache"] == 160 and meta["model_loaded"] is False
+    assert pl.read_parquet(tmp_path / "student_scores" / "demo.parquet").equals(scores)
+
+
+def test_unscorable_rows_are_null_with_reason_and_fail_the_gate(tmp_path: Path, dagster_instance, student_model_dir):
+    long_prompt = "Explain this in detail: " + "word " * 60
+    records = [{"instruction": long_prompt, "input": "", "output": "Short answer."}] + [
+        {"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(3)
+    ]
+    write_jsonl(tmp_path / "t.jsonl", records)
+    catalog = write_catalog(tmp_path, {"tiny": {"path": "t.jsonl"}})
+    defs = build_definitions(
+        sources_file=catalog,
+        storage_dir=tmp_path / "store",
+        resources={"student": StudentModelResource(model=str(student_model_dir), template="alpaca", max_length=48)},
+    )
+    result = run(defs, "tiny", dagster_instance)
+    scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "tiny.parquet")
+    first = scores.row(0, named=True)
+    assert first["ifd"] is None and first["ppl_A_condition"] is None  # null, never a silent 0
+    assert "no target tokens left after truncation" in first["null_reason"] and first["truncated"]
+    assert scores["ifd"][1:].is_not_null().all()
+    checks = {
+        e.check_name: e.passed for e in result.get_asset_check_evaluations() if e.asset_key.path == ["student_scores"]
+    }
+    assert checks == {"scores_finite": True, "null_ratio_below_bound": False, "row_count_matches_input": True}
+    assert not result.success  # the blocking check failed

