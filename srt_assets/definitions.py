@@ -9,10 +9,17 @@ from dagster import Definitions, StaticPartitionsDefinition
 
 from srt_assets import paths
 from srt_assets.assets.raw import build_raw_assets
+from srt_assets.assets.reflection import build_reflection_assets
 from srt_assets.assets.scoring import build_scoring_assets
 from srt_assets.core.sources import load_catalog
 from srt_assets.io_managers import PolarsParquetIOManager
-from srt_assets.resources import GPUResource, SourceCatalogResource, StorageResource, StudentModelResource
+from srt_assets.resources import (
+    GPUResource,
+    SourceCatalogResource,
+    StorageResource,
+    StudentModelResource,
+    TeacherResource,
+)
 
 
 def build_definitions(
@@ -27,12 +34,17 @@ def build_definitions(
     catalog = load_catalog(sources_path)
     source_partitions = StaticPartitionsDefinition(catalog.names)
     return Definitions(
-        assets=[*build_raw_assets(source_partitions), *build_scoring_assets(source_partitions)],
+        assets=[
+            *build_raw_assets(source_partitions),
+            *build_reflection_assets(source_partitions),
+            *build_scoring_assets(source_partitions),
+        ],
         resources={
             "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
             "storage": StorageResource(base_dir=str(storage)),
             "gpu": GPUResource(),
             "student": StudentModelResource(),
+            "teacher": TeacherResource(),
             "sources": SourceCatalogResource(sources_file=str(sources_path)),
             **(resources or {}),
         },

@@ -84,3 +84,50 @@ class StudentModelResource(ConfigurableResource):
         default="auto",
         description="auto: prepend BOS/EOS as context when the tokenizer adds no BOS; none: reference behaviour",
     )
+
+
+class TeacherResource(ConfigurableResource):
+    """The teacher LLM that rewrites data: a local transformers model (offline default), in-process
+    vLLM, or any OpenAI-compatible endpoint. Set ``api_key`` with ``EnvVar(...)`` or name the
+    variable in ``api_key_env``; the key is read at run time and never logged or stored."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str = Field(default=BUNDLED_MODEL, description="local: bundled/dir/hub id; openai: the served model name")
+    base_url: str = Field(default="", description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    api_key: str | None = Field(default=None, description="set as EnvVar('…'); never a literal")
+    api_key_env: str = Field(default="SRT_TEACHER_API_KEY", description="variable read when api_key is unset")
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_base: float = 0.5
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = Field(
+        default=160, description="per reply; small for the embedded CPU default (the paper: up to 2048, ChatGPT)"
+    )
+    batch_size: int = Field(default=16, description="local transformers: prompts per generate() batch")
+    parse_retries: int = 1
+    structured_output: bool = Field(default=False, description="JSON schema via guided decoding (vllm, servers)")
+    mode: Literal["eager", "lazy"] = Field(
+        default="eager", description="eager: reflect the responses of ori and Q (authors); lazy: only the branch kept"
+    )
+    prompts_file: str = Field(default="", description="YAML with prompt texts (keys of ReflectionPrompts)")
+    cost_per_1k_input: float = 0.0
+    cost_per_1k_output: float = 0.0
+
+    def describe(self) -> dict[str, str | int | float | bool]:
+        """What may be shown in the UI (no key, no headers)."""
+        return {
+            "teacher_backend": self.backend,
+            "teacher_model": self.model,
+            "teacher_base_url": self.base_url,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "structured_output": self.structured_output,
+            "mode": self.mode,
+        }
+
+    def resolved_api_key(self) -> str | None:
+        import os
+
+        return self.api_key or os.environ.get(self.api_key_env) or None

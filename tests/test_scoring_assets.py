@@ -6,9 +6,10 @@ import polars as pl
 import pytest
 from conftest import REPO_ROOT, write_catalog, write_jsonl
 from dagster import AssetKey
+from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import GPUResource, StudentModelResource
+from srt_assets.resources import GPUResource, StudentModelResource, TeacherResource
 
 pytestmark = pytest.mark.slow
 
@@ -29,38 +30,52 @@ def latest_metadata(instance, key: str) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-def test_demo_scores_then_rerun_makes_no_model_calls(tmp_path: Path, dagster_instance, student_model_dir):
+@pytest.fixture
+def scripted_teacher():
+    """The teacher behind a scripted local OpenAI-compatible server (fast, deterministic)."""
+    with ScriptedOpenAIServer() as server:
+        yield TeacherResource(backend="openai", model="scripted", base_url=server.base_url)
+
+
+def test_demo_scores_then_rerun_makes_no_model_calls(
+    tmp_path: Path, dagster_instance, student_model_dir, scripted_teacher
+):
     defs = build_definitions(
         sources_file=REPO_ROOT / "sources.yaml",
         storage_dir=tmp_path,
         resources={
             "student": StudentModelResource(model=str(student_model_dir), template="chat"),
             "gpu": GPUResource(device="auto", dtype="float32"),
+            "teacher": scripted_teacher,
         },
     )
     first = run(defs, "demo", dagster_instance)
     assert first.success
     scores = pl.read_parquet(tmp_path / "student_scores" / "demo.parquet")
     raw = pl.read_parquet(tmp_path / "raw_samples" / "demo.parquet")
-    assert scores.height == raw.height == 40
-    assert scores["sample_id"].to_list() == raw["sample_id"].to_list()
-    assert set(scores["variant"]) == {"ori"}
+    assert raw.height == 40 and scores.height == 4 * 40
+    assert scores.filter(pl.col("variant") == "ori")["sample_id"].sort().to_list() == raw["sample_id"].sort().to_list()
+    assert scores.group_by("sample_id").len()["len"].to_list() == [4] * 40
     assert scores["ifd"].is_not_null().all() and (scores["ifd"] > 0).all()
     assert scores["rifd"].is_not_null().all()
     meta = latest_metadata(dagster_instance, "student_scores")
     assert meta["compute_device"] == "cpu" and meta["compute_dtype"] == "float32"
-    assert meta["student_fingerprint"] and meta["texts_computed"] == 160 and meta["model_loaded"] is True
+    computed = meta["texts_computed"]
+    assert meta["student_fingerprint"] and meta["model_loaded"] is True
+    assert 0 < computed == meta["unique_texts"] <= meta["texts"] == 16 * 40
     assert "data:image/png;base64," in meta["histograms"]
     assert {e.check_name: e.passed for e in first.get_asset_check_evaluations()}["scores_finite"]
 
     second = run(defs, "demo", dagster_instance)
     assert second.success
     meta = latest_metadata(dagster_instance, "student_scores")
-    assert meta["texts_computed"] == 0 and meta["texts_from_cache"] == 160 and meta["model_loaded"] is False
+    assert meta["texts_computed"] == 0 and meta["texts_from_cache"] == computed and meta["model_loaded"] is False
     assert pl.read_parquet(tmp_path / "student_scores" / "demo.parquet").equals(scores)
 
 
-def test_unscorable_rows_are_null_with_reason_and_fail_the_gate(tmp_path: Path, dagster_instance, student_model_dir):
+def test_unscorable_rows_are_null_with_reason_and_fail_the_gate(
+    tmp_path: Path, dagster_instance, student_model_dir, scripted_teacher
+):
     long_prompt = "Explain this in detail: " + "word " * 60
     records = [{"instruction": long_prompt, "input": "", "output": "Short answer."}] + [
         {"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(3)
@@ -70,14 +85,18 @@ def test_unscorable_rows_are_null_with_reason_and_fail_the_gate(tmp_path: Path, 
     defs = build_definitions(
         sources_file=catalog,
         storage_dir=tmp_path / "store",
-        resources={"student": StudentModelResource(model=str(student_model_dir), template="alpaca", max_length=48)},
+        resources={
+            "student": StudentModelResource(model=str(student_model_dir), template="alpaca", max_length=48),
+            "teacher": scripted_teacher,
+        },
     )
     result = run(defs, "tiny", dagster_instance)
     scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "tiny.parquet")
-    first = scores.row(0, named=True)
+    first = scores.filter(pl.col("variant") == "ori").row(0, named=True)
     assert first["ifd"] is None and first["ppl_A_condition"] is None  # null, never a silent 0
     assert "no target tokens left after truncation" in first["null_reason"] and first["truncated"]
-    assert scores["ifd"][1:].is_not_null().all()
+    short_rows = scores.filter(~pl.col("sample_id").is_in([first["sample_id"]]) & (pl.col("variant") == "ori"))
+    assert short_rows["ifd"].is_not_null().all()
     checks = {
         e.check_name: e.passed for e in result.get_asset_check_evaluations() if e.asset_key.path == ["student_scores"]
     }

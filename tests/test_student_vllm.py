@@ -40,6 +40,16 @@ def test_vllm_prompt_logprobs_match_the_straightforward_loop(student_model_dir, 
 
 @pytest.mark.slow
 def test_student_scores_asset_runs_on_the_vllm_backend(tmp_path, dagster_instance, student_model_dir):
+    from openai_server import ScriptedOpenAIServer
+
+    from srt_assets.resources import TeacherResource
+
+    with ScriptedOpenAIServer() as server:
+        teacher = TeacherResource(backend="openai", model="scripted", base_url=server.base_url)
+        _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher)
+
+
+def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
     """The GPU resource switches the scoring asset to vLLM; the engine's worker processes start
     from inside a Dagster step."""
     import polars as pl
@@ -56,6 +66,7 @@ def test_student_scores_asset_runs_on_the_vllm_backend(tmp_path, dagster_instanc
         resources={
             "student": StudentModelResource(model=str(student_model_dir), template="alpaca"),
             "gpu": GPUResource(backend="vllm", dtype="float32"),
+            "teacher": teacher,
         },
     )
     result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
@@ -63,6 +74,6 @@ def test_student_scores_asset_runs_on_the_vllm_backend(tmp_path, dagster_instanc
     )
     assert result.success
     scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "v.parquet")
-    assert scores.height == 3 and scores["ifd"].is_not_null().all()
+    assert scores.height == 3 * 4 and scores["ifd"].is_not_null().all()
     event = dagster_instance.get_latest_materialization_event(dagster.AssetKey("student_scores"))
     assert event.asset_materialization.metadata["compute_backend"].value == "vllm"

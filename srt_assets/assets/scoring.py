@@ -19,7 +19,7 @@ from srt_assets.assets.common import histogram_markdown, quantiles, to_check_res
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.ifd import CachedScorer, ScoringConfig, ScoringItem, score_items, scores_frame
 from srt_assets.core.quality import CheckOutcome, ratio_check
-from srt_assets.core.variants import original_variants
+from srt_assets.core.variants import all_variants
 from srt_assets.models.loading import BUNDLED_MODEL, model_fingerprint
 from srt_assets.models.student import LazyStudent, build_text_builder, load_tokenizer, resolve_model_path
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource
@@ -38,6 +38,39 @@ def model_identity(student: StudentModelResource, storage: StorageResource) -> t
     path = Path(model_path)
     fingerprint = model_fingerprint(path) if path.is_dir() else f"hub:{model_path}"
     return model_path, fingerprint
+
+
+def score_variants(context, variants: pl.DataFrame, gpu, student, storage, chunk_size: int = 256):
+    """Score variant rows with the configured student through the durable loss cache.
+
+    Returns (scores per row, work statistics, the cached scorer, whether a model was loaded, the
+    model fingerprint). Shared by ``student_scores`` and the lazy response reflection.
+    """
+    model_path, fingerprint = model_identity(student, storage)
+    builder = build_text_builder(
+        load_tokenizer(model_path),
+        student.template,
+        ScoringConfig(max_length=student.max_length, context=student.context),
+    )
+    backend = LazyStudent(
+        gpu.backend, model_path, gpu.resolved_device(), gpu.dtype, gpu.token_budget, student.max_length
+    )
+    cache = SqliteCache(storage.cache_file, "student_losses")
+    scorer = CachedScorer(
+        backend,
+        cache,
+        model_key=f"{fingerprint}|{gpu.dtype}|{student.context}",
+        chunk_size=chunk_size,
+        progress=lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed"),
+    )
+    items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
+    try:
+        results, work = score_items(items, builder, scorer)
+    finally:
+        model_loaded = backend.loaded
+        backend.close()
+        cache.close()
+    return results, work, scorer, model_loaded, fingerprint
 
 
 def score_checks(scores: pl.DataFrame, expected_rows: int, max_null_ratio: float) -> list[CheckOutcome]:
@@ -95,39 +128,19 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
         context: AssetExecutionContext,
         config: StudentScoresConfig,
         raw_samples: pl.DataFrame,
+        instruction_candidates: pl.DataFrame,
+        response_candidates: pl.DataFrame,
         gpu: GPUResource,
         student: StudentModelResource,
         storage: StorageResource,
     ):
-        """IFD and r-IFD (METHOD.md) of every variant row, keyed by (sample_id, variant)."""
-        variants = original_variants(raw_samples)
-        model_path, fingerprint = model_identity(student, storage)
+        """IFD and r-IFD (METHOD.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant)."""
+        variants = all_variants(raw_samples, instruction_candidates, response_candidates)
         device = gpu.describe()
-        context.log.info(f"scoring {variants.height} rows with {student.model} on {device}")
-        builder = build_text_builder(
-            load_tokenizer(model_path),
-            student.template,
-            ScoringConfig(max_length=student.max_length, context=student.context),
-        )
-        backend = LazyStudent(
-            gpu.backend, model_path, str(device["device"]), gpu.dtype, gpu.token_budget, student.max_length
-        )
-        cache = SqliteCache(storage.cache_file, "student_losses")
-        scorer = CachedScorer(
-            backend,
-            cache,
-            model_key=f"{fingerprint}|{gpu.dtype}|{student.context}",
-            chunk_size=config.chunk_size,
-            progress=lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed"),
-        )
+        context.log.info(f"scoring {variants.height} variant rows with {student.model} on {device}")
         started = time.perf_counter()
-        items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
-        try:
-            results, work = score_items(items, builder, scorer)
-        finally:
-            model_loaded = backend.loaded
-            backend.close()
-            cache.close()
+        run = score_variants(context, variants, gpu, student, storage, config.chunk_size)
+        results, work, scorer, model_loaded, fingerprint = run
         elapsed = time.perf_counter() - started
         scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
         yield Output(

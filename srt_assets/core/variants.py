@@ -19,3 +19,22 @@ def original_variants(raw_samples: pl.DataFrame) -> pl.DataFrame:
     return raw_samples.select("sample_id", pl.lit("ori").alias("variant"), "instruction", "input", "output").cast(
         VARIANT_SCHEMA
     )
+
+
+def all_variants(
+    raw_samples: pl.DataFrame, instruction_candidates: pl.DataFrame, response_candidates: pl.DataFrame
+) -> pl.DataFrame:
+    """ori from the raw rows, Q from instruction reflection, A and QA from response reflection
+    (in lazy mode only the reflected branch exists), sorted by sample then variant."""
+    parts = [
+        original_variants(raw_samples),
+        instruction_candidates.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
+        response_candidates.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
+    ]
+    order = {name: rank for rank, name in enumerate(VARIANTS)}
+    frame = pl.concat(parts)
+    return (
+        frame.with_columns(pl.col("variant").replace_strict(order, return_dtype=pl.Int8).alias("_rank"))
+        .sort("sample_id", "_rank", maintain_order=True)
+        .drop("_rank")
+    )

@@ -1,0 +1,182 @@
+"""Teacher prompts and parsing for instruction and response reflection (METHOD.md).
+
+The default prompts are the project's own words; they ask for the analysis criteria of the paper and
+for its output markers (``[New Instruction] … [End]``, ``[New Answer] … [End]``,
+``[Better Answer] … [End]``), so the authors' parsing rules apply unchanged. Any other wording (the
+paper's Figures 5–6, for instance) loads from a YAML file with the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+PLACEHOLDERS = ("your instruction", "your answer", "n/a")
+
+
+@dataclass(frozen=True)
+class ReflectionPrompts:
+    instruction_system: str = (
+        "You review training data for instruction-following models. You are exact and demanding, "
+        "and you judge how good an instruction is."
+    )
+    instruction_criteria: str = (
+        "Answer the following about the instruction above.\n"
+        "1. What makes this instruction weak? Consider how complex its topic is, how much detail it "
+        "asks for, the knowledge it needs, how ambiguous it is, and how much reasoning or problem "
+        "solving it involves. Then say what makes the answer weak for this instruction, judging "
+        "helpfulness, relevance, accuracy and level of detail, and how the weak instruction led to "
+        "the weak answer.\n"
+        "2. Using your analysis, write a new, complete instruction that is harder and cannot be "
+        "answered in a line. It should stay on a related topic but stand on its own, answerable "
+        "without seeing the original. Write it as: [New Instruction] the new instruction [End]\n"
+        "3. Answer your new instruction as fully as you can, written as: [New Answer] the answer [End]\n"
+    )
+    response_system: str = (
+        "You review training data for instruction-following models. You are exact and demanding, "
+        "and you judge how well an answer serves its instruction."
+    )
+    response_criteria: str = (
+        "Answer the following about the answer above.\n"
+        "1. What makes this answer weak for the instruction? Judge its helpfulness, relevance, "
+        "accuracy and level of detail.\n"
+        "2. Using your analysis, write a better answer: new, complete and as detailed as the "
+        "instruction deserves, written as: [Better Answer] the answer [End]\n"
+    )
+    input_note: str = " The instruction comes with an input; judge them together."
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ReflectionPrompts:
+        """Load prompt texts from YAML; keys not given keep the defaults."""
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown prompt key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**{k: str(v) for k, v in data.items()})
+
+
+Messages = list[dict[str, str]]
+
+
+def _frame(instruction: str, input_text: str, output: str, criteria: str) -> str:
+    parts = [f"[Instruction]\n{instruction}\n\n"]
+    if input_text:
+        parts.append(f"[The Start of Input]\n{input_text}\n\n[The End of Input]\n\n")
+    parts.append(f"[The Start of Answer]\n{output}\n\n[The End of Answer]\n\n[System]\n{criteria}\n\n")
+    return "".join(parts)
+
+
+def instruction_messages(prompts: ReflectionPrompts, instruction: str, input_text: str, output: str) -> Messages:
+    system = prompts.instruction_system + (prompts.input_note if input_text else "")
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": _frame(instruction, input_text, output, prompts.instruction_criteria)},
+    ]
+
+
+def response_messages(prompts: ReflectionPrompts, instruction: str, input_text: str, output: str) -> Messages:
+    system = prompts.response_system + (prompts.input_note if input_text else "")
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": _frame(instruction, input_text, output, prompts.response_criteria)},
+    ]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    instruction: str | None = None
+    answer: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _between(text: str, starts: tuple[str, ...], ends: tuple[str, ...]) -> str | None:
+    """The text after the first start marker found (in order of preference) up to the earliest end
+    marker after it, or to the end of the text; None when no start marker occurs."""
+    for marker in starts:
+        begin = text.find(marker)
+        if begin < 0:
+            continue
+        begin += len(marker)
+        stops = [i for i in (text.find(end, begin) for end in ends) if i >= 0]
+        return text[begin : min(stops) if stops else len(text)].strip()
+    return None
+
+
+def _usable(segment: str | None) -> bool:
+    if not segment:
+        return False
+    lowered = segment.strip().strip(".").lower()
+    return lowered not in PLACEHOLDERS and lowered != ""
+
+
+def parse_instruction_reflection(text: str) -> Parsed:
+    """x1 between ``[New Instruction]`` (fallback ``New Instruction:``) and the first of ``[End]``,
+    ``[New Answer]``, ``New Answer:``; y1 after ``[New Answer]`` (fallback ``New Answer:``) up to
+    ``[End]`` or the end of the text."""
+    instruction = _between(text, ("[New Instruction]", "New Instruction:"), ("[End]", "[New Answer]", "New Answer:"))
+    answer = _between(text, ("[New Answer]", "New Answer:"), ("[End]",))
+    if not _usable(instruction):
+        return Parsed(error="no new instruction" if instruction is None else "empty or placeholder instruction")
+    if not _usable(answer):
+        return Parsed(
+            instruction=instruction, error="no new answer" if answer is None else "empty or placeholder answer"
+        )
+    return Parsed(instruction=instruction, answer=answer)
+
+
+def parse_response_reflection(text: str) -> Parsed:
+    """y' after ``[Better Answer]`` (fallback ``Better Answer:``) up to ``[End]`` or the end."""
+    answer = _between(text, ("[Better Answer]", "Better Answer:"), ("[End]",))
+    if not _usable(answer):
+        return Parsed(error="no better answer" if answer is None else "empty or placeholder answer")
+    return Parsed(answer=answer)
+
+
+INSTRUCTION_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "analysis": {"type": "string"},
+        "new_instruction": {"type": "string", "minLength": 1},
+        "new_answer": {"type": "string", "minLength": 1},
+    },
+    "required": ["analysis", "new_instruction", "new_answer"],
+}
+RESPONSE_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"analysis": {"type": "string"}, "better_answer": {"type": "string", "minLength": 1}},
+    "required": ["analysis", "better_answer"],
+}
+JSON_FORMAT_NOTE = (
+    "\nReply with one JSON object only, with the keys described by the schema you are given, instead of "
+    "the bracketed markers."
+)
+
+
+def parse_structured(text: str, kind: str) -> Parsed:
+    """Parse a JSON reply produced under guided decoding (structured output mode)."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Parsed(error=f"reply is not JSON: {exc.msg}")
+    if not isinstance(data, dict):
+        return Parsed(error="reply is not a JSON object")
+    if kind == "instruction":
+        instruction, answer = data.get("new_instruction"), data.get("new_answer")
+        if not (isinstance(instruction, str) and _usable(instruction)):
+            return Parsed(error="empty or placeholder instruction")
+        if not (isinstance(answer, str) and _usable(answer)):
+            return Parsed(instruction=instruction, error="empty or placeholder answer")
+        return Parsed(instruction=instruction.strip(), answer=answer.strip())
+    answer = data.get("better_answer")
+    if not (isinstance(answer, str) and _usable(answer)):
+        return Parsed(error="empty or placeholder answer")
+    return Parsed(answer=answer.strip())

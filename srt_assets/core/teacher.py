@@ -1,0 +1,197 @@
+"""The teacher interface, its call cache, and the reflection driver (retries, fallbacks, outcomes).
+
+Backends (HTTP, in-process vLLM, local transformers) only turn chat conversations into texts. This
+module owns everything that makes the step dependable: every call is content-addressed and cached
+as soon as its chunk finishes, a parse failure is retried and then recorded with the raw reply, and
+every row ends in a recorded outcome with the original text as its fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+from srt_assets.core.cache import content_key
+from srt_assets.core.reflection import (
+    INSTRUCTION_JSON_SCHEMA,
+    JSON_FORMAT_NOTE,
+    RESPONSE_JSON_SCHEMA,
+    Messages,
+    Parsed,
+    ReflectionPrompts,
+    instruction_messages,
+    parse_instruction_reflection,
+    parse_response_reflection,
+    parse_structured,
+    response_messages,
+)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    json_schema: dict | None = None  # structured output through the backend's guided decoding
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # the call failed for good (after the backend's own retries)
+    error_kind: str | None = None  # timeout | rate_limited | server_error | invalid_response | ...
+    attempts: int = 1
+
+
+class TeacherBackend(Protocol):
+    model_id: str
+
+    def generate(self, conversations: Sequence[Messages], params: GenerationParams) -> list[Generation]: ...
+
+
+@dataclass
+class CallStats:
+    calls: int = 0
+    cache_hits: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CachedTeacher:
+    """Wraps a backend with the durable call cache. Only successful calls are cached, so a failed
+    call is tried again on the next run; finished chunks are stored at once (resumable)."""
+
+    def __init__(self, backend: TeacherBackend, cache, chunk_size: int = 64, progress: Callable | None = None):
+        self.backend = backend
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.stats = CallStats()
+
+    def key(self, messages: Messages, params: GenerationParams) -> str:
+        return content_key(self.backend.model_id, messages, asdict(params))
+
+    def generate(self, conversations: Sequence[Messages], params: GenerationParams) -> list[tuple[str, Generation]]:
+        keys = [self.key(m, params) for m in conversations]
+        known = self.cache.get_many(keys)
+        results: list[Generation | None] = [Generation(**known[k]) if k in known else None for k in keys]
+        self.stats.cache_hits += sum(r is not None for r in results)
+        missing = [i for i, r in enumerate(results) if r is None]
+        for begin in range(0, len(missing), self.chunk_size):
+            chunk = missing[begin : begin + self.chunk_size]
+            generations = self.backend.generate([conversations[i] for i in chunk], params)
+            fresh = {}
+            for i, generation in zip(chunk, generations, strict=True):
+                results[i] = generation
+                self.stats.calls += 1
+                self.stats.prompt_tokens += generation.prompt_tokens
+                self.stats.completion_tokens += generation.completion_tokens
+                if generation.error is None and generation.text is not None:
+                    fresh[keys[i]] = asdict(generation)
+                else:
+                    kind = generation.error_kind or "error"
+                    self.stats.failures[kind] = self.stats.failures.get(kind, 0) + 1
+            self.cache.put_many(fresh)
+            if self.progress:
+                self.progress(begin + len(chunk), len(missing))
+        return list(zip(keys, results, strict=True))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ReflectionSettings:
+    params: GenerationParams = GenerationParams()
+    parse_retries: int = 1  # extra calls after a parse failure
+    retry_temperature: float = 0.7  # a retry must be able to differ from a greedy first reply
+    structured: bool = False  # ask for JSON through guided decoding instead of markers
+
+
+@dataclass
+class ReflectionOutcome:
+    """One row's result: the parsed texts (or the original as fallback) and how it was reached."""
+
+    instruction: str | None
+    answer: str | None
+    status: str  # ok | parse_failed | call_failed
+    error: str | None
+    raw_text: str | None
+    cache_key: str
+    attempts: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _with_format_note(messages: Messages) -> Messages:
+    return [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + JSON_FORMAT_NOTE}]
+
+
+def reflect(
+    teacher: CachedTeacher,
+    rows: Sequence[tuple[str, str, str]],
+    kind: str,
+    prompts: ReflectionPrompts,
+    settings: ReflectionSettings,
+) -> list[ReflectionOutcome]:
+    """Instruction (``kind='instruction'``) or response (``'response'``) reflection of
+    (instruction, input, output) rows. Falls back to the original texts where no usable reply came."""
+    build = instruction_messages if kind == "instruction" else response_messages
+    schema = INSTRUCTION_JSON_SCHEMA if kind == "instruction" else RESPONSE_JSON_SCHEMA
+    conversations = [build(prompts, *row) for row in rows]
+    params = settings.params
+    if settings.structured:
+        conversations = [_with_format_note(m) for m in conversations]
+        params = replace(params, json_schema=schema)
+
+    def parse(text: str) -> Parsed:
+        if settings.structured:
+            return parse_structured(text, kind)
+        return parse_instruction_reflection(text) if kind == "instruction" else parse_response_reflection(text)
+
+    outcomes: list[ReflectionOutcome | None] = [None] * len(rows)
+    pending = list(range(len(rows)))
+    usage = [[0, 0] for _ in rows]
+    for attempt in range(settings.parse_retries + 1):
+        if not pending:
+            break
+        attempt_params = (
+            params
+            if attempt == 0
+            else replace(
+                params, temperature=max(params.temperature, settings.retry_temperature), seed=params.seed + attempt
+            )
+        )
+        replies = teacher.generate([conversations[i] for i in pending], attempt_params)
+        still_pending = []
+        for i, (key, generation) in zip(pending, replies, strict=True):
+            usage[i][0] += generation.prompt_tokens
+            usage[i][1] += generation.completion_tokens
+            original_instruction = rows[i][0] if kind == "instruction" else None
+            if generation.error is not None or generation.text is None:
+                parsed, status, error = Parsed(), "call_failed", generation.error or "no reply"
+            else:
+                parsed = parse(generation.text)
+                status, error = ("ok", None) if parsed.ok else ("parse_failed", parsed.error)
+            accepted = status == "ok"
+            outcome = ReflectionOutcome(
+                instruction=parsed.instruction if accepted else original_instruction,
+                answer=parsed.answer if accepted else rows[i][2],
+                status=status,
+                error=error,
+                raw_text=generation.text,
+                cache_key=key,
+                attempts=attempt + 1,
+                prompt_tokens=usage[i][0],
+                completion_tokens=usage[i][1],
+            )
+            outcomes[i] = outcome
+            if status == "parse_failed":
+                still_pending.append(i)
+        pending = still_pending
+    return outcomes  # type: ignore[return-value]

@@ -1,0 +1,105 @@
+"""Teacher assets end to end through Dagster, with the teacher behind a real local HTTP server."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import alpaca_rows, write_catalog, write_jsonl
+from dagster import AssetKey, EnvVar
+from openai_server import ScriptedOpenAIServer
+
+from srt_assets.definitions import build_definitions
+from srt_assets.resources import StudentModelResource, TeacherResource
+
+pytestmark = pytest.mark.slow
+KEY = "sk-srt-test-5d1e-do-not-leak"
+
+
+def pipeline(tmp_path: Path, server: ScriptedOpenAIServer, student_dir: Path, **teacher_options):
+    rows = alpaca_rows(2, with_input=1)
+    rows.append({"instruction": "Say hi. FAULT:nomarkers", "input": "", "output": "Hi."})
+    write_jsonl(tmp_path / "s.jsonl", rows)
+    return build_definitions(
+        sources_file=write_catalog(tmp_path, {"s": {"path": "s.jsonl"}}),
+        storage_dir=tmp_path / "store",
+        resources={
+            "student": StudentModelResource(model=str(student_dir), template="alpaca"),
+            "teacher": TeacherResource(
+                backend="openai",
+                model="scripted",
+                base_url=server.base_url,
+                api_key=EnvVar("SRT_TEST_TEACHER_KEY"),
+                backoff_base=0.01,
+                **teacher_options,
+            ),
+        },
+    )
+
+
+def run(defs, instance):
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(partition_key="s", instance=instance, raise_on_error=False)
+
+
+def metadata(instance, key: str) -> dict:
+    event = instance.get_latest_materialization_event(AssetKey(key))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_reflection_to_scores_then_rerun_makes_no_calls(tmp_path, dagster_instance, student_model_dir, monkeypatch):
+    monkeypatch.setenv("SRT_TEST_TEACHER_KEY", KEY)
+    with ScriptedOpenAIServer(api_key=KEY) as server:
+        defs = pipeline(tmp_path, server, student_model_dir)
+        assert run(defs, dagster_instance).success
+        store = tmp_path / "store"
+        raw = pl.read_parquet(store / "raw_samples" / "s.parquet")
+        questions = pl.read_parquet(store / "instruction_candidates" / "s.parquet")
+        answers = pl.read_parquet(store / "response_candidates" / "s.parquet")
+        scores = pl.read_parquet(store / "student_scores" / "s.parquet")
+        assert questions["sample_id"].to_list() == raw["sample_id"].to_list()
+        assert questions["status"].to_list() == ["ok", "ok", "ok", "parse_failed"]
+        fallback = questions.row(3, named=True)
+        assert fallback["instruction"] == raw.row(3, named=True)["instruction"]  # the original, recorded as such
+        assert fallback["raw_text"] == "I think the instruction is fine as it is."
+        assert sorted(answers["variant"].unique()) == ["A", "QA"] and answers.height == 8  # eager: both branches
+        failed = answers.filter(pl.col("status") != "ok")
+        assert set(failed["sample_id"]) == {fallback["sample_id"]} and set(failed["status"]) == {"parse_failed"}
+        assert (failed["output"] == "Hi.").all()  # the original response stands in
+        assert scores.height == 16 and set(scores["variant"]) == {"ori", "Q", "A", "QA"}
+        assert scores["ifd"].is_not_null().all()
+        meta = metadata(dagster_instance, "instruction_candidates")
+        assert meta["calls_made"] == 5 and meta["cache_hits"] == 0  # 4 rows + 1 retry after a parse failure
+        assert meta["outcomes"] == {"ok": 3, "parse_failed": 1}
+        requests = server.requests
+
+        assert run(defs, dagster_instance).success
+        assert server.requests == requests  # a rerun of a materialized partition makes zero calls
+        assert metadata(dagster_instance, "response_candidates")["calls_made"] == 0
+        assert metadata(dagster_instance, "student_scores")["texts_computed"] == 0
+
+    # The key reached the server, and nowhere else: not the files, not the event log.
+    assert server.authorization == {f"Bearer {KEY}"}
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    runs = dagster_instance.get_runs()
+    assert len(runs) == 2
+    for dagster_run in runs:
+        assert KEY not in str(dagster_run.run_config)
+        assert all(KEY not in str(entry) for entry in dagster_instance.all_logs(dagster_run.run_id))
+
+
+def test_lazy_mode_reflects_only_the_kept_branch(tmp_path, dagster_instance, student_model_dir, monkeypatch):
+    monkeypatch.setenv("SRT_TEST_TEACHER_KEY", KEY)
+    with ScriptedOpenAIServer(api_key=KEY) as server:
+        defs = pipeline(tmp_path, server, student_model_dir, mode="lazy")
+        assert run(defs, dagster_instance).success
+    answers = pl.read_parquet(tmp_path / "store" / "response_candidates" / "s.parquet")
+    scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "s.parquet")
+    assert answers.height == 4 and answers["sample_id"].n_unique() == 4  # one response call per sample
+    by_sample = scores.pivot(on="variant", index="sample_id", values="ifd")
+    for row in by_sample.iter_rows(named=True):
+        expected = "QA" if row["Q"] > row["ori"] else "A"
+        assert row.get(expected) is not None
+        assert row.get("A" if expected == "QA" else "QA") is None
+    assert metadata(dagster_instance, "student_scores")["texts_from_cache"] > 0  # phase-1 losses reused
