@@ -81,6 +81,49 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return _report(result, args.source, started)
 
 
+EXPLAINED_TABLES = (
+    "raw_samples",
+    "instruction_candidates",
+    "response_candidates",
+    "student_scores",
+    "selection_decisions",
+    "selected_dataset",
+    "baseline_random",
+)
+
+
+def load_partition_tables(source: str, storage: Path | None = None) -> dict:
+    """The materialized tables of one source partition that mention samples (absent ones skipped)."""
+    import polars as pl
+
+    base = storage or paths.storage_dir()
+    files = {name: base / name / f"{source}.parquet" for name in EXPLAINED_TABLES}
+    return {name: pl.read_parquet(path) for name, path in files.items() if path.is_file()}
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from srt_assets.core.provenance import explain_sample, format_story, source_of
+
+    try:
+        source = source_of(args.sample_id)
+    except ValueError as error:
+        print(f"srt explain: {error}", file=sys.stderr)
+        return 2
+    tables = load_partition_tables(source, Path(args.storage) if args.storage else None)
+    if "raw_samples" not in tables:
+        where = args.storage or paths.storage_dir()
+        print(f"srt explain: no materialized raw_samples for source '{source}' under {where}", file=sys.stderr)
+        return 1
+    story = explain_sample(args.sample_id, tables)
+    if not story.get("raw_samples"):
+        print(f"srt explain: sample {args.sample_id} is not in raw_samples of '{source}'", file=sys.stderr)
+        return 1
+    print(json.dumps(story, indent=1, default=str) if args.json else format_story(story))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     home = _ensure_dagster_home()
     print(
@@ -108,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--source", required=True, help="partition (source name from sources.yaml)")
     mat.add_argument("--select", default=None, help="Dagster asset selection, e.g. 'raw_samples+' (default: all)")
     mat.set_defaults(func=cmd_materialize)
+    explain = sub.add_parser("explain", help="trace one sample: raw row, teacher calls, scores, decision")
+    explain.add_argument("sample_id")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.add_argument("--storage", default=None, help="storage folder (default: $SRT_STORAGE_DIR)")
+    explain.set_defaults(func=cmd_explain)
     demo = sub.add_parser("demo", help="materialize the whole pipeline for the demo source")
     demo.add_argument("--source", default="demo")
     demo.set_defaults(func=cmd_demo)

@@ -8,9 +8,12 @@ from pathlib import Path
 from dagster import Definitions, StaticPartitionsDefinition
 
 from srt_assets import paths
+from srt_assets.assets.evaluation import build_evaluation_assets
+from srt_assets.assets.finetuning import build_finetuning_assets
 from srt_assets.assets.raw import build_raw_assets
 from srt_assets.assets.reflection import build_reflection_assets
 from srt_assets.assets.scoring import build_scoring_assets
+from srt_assets.assets.selection import build_selection_assets
 from srt_assets.core.sources import load_catalog
 from srt_assets.io_managers import PolarsParquetIOManager
 from srt_assets.resources import (
@@ -19,6 +22,7 @@ from srt_assets.resources import (
     StorageResource,
     StudentModelResource,
     TeacherResource,
+    TrainingResource,
 )
 
 
@@ -38,6 +42,9 @@ def build_definitions(
             *build_raw_assets(source_partitions),
             *build_reflection_assets(source_partitions),
             *build_scoring_assets(source_partitions),
+            *build_selection_assets(source_partitions),
+            *build_finetuning_assets(source_partitions),
+            *build_evaluation_assets(source_partitions),
         ],
         resources={
             "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
@@ -45,6 +52,7 @@ def build_definitions(
             "gpu": GPUResource(),
             "student": StudentModelResource(),
             "teacher": TeacherResource(),
+            "training": TrainingResource(),
             "sources": SourceCatalogResource(sources_file=str(sources_path)),
             **(resources or {}),
         },

@@ -21,3 +21,8 @@ def dagster_home() -> Path:
 def storage_dir() -> Path:
     """Asset files (Parquet tables, model directories): ``$SRT_STORAGE_DIR`` or ``<dagster_home>/data``."""
     return Path(os.environ.get("SRT_STORAGE_DIR", dagster_home() / "data")).resolve()
+
+
+def eval_data_dir() -> Path:
+    """Held-out prompt sets: ``$SRT_EVAL_DATA_DIR`` or the shared data folder next to the repository."""
+    return Path(os.environ.get("SRT_EVAL_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()

@@ -42,6 +42,19 @@ class StorageResource(ConfigurableResource):
     def cache_file(self) -> Path:
         return Path(self.base_dir) / "cache" / "model_calls.sqlite"
 
+    @property
+    def exports_dir(self) -> Path:
+        """Datasets exported for other tools: ``<base>/exports/<asset>/<partition>/``."""
+        return Path(self.base_dir) / "exports"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.base_dir) / "checkpoints"
+
+    @property
+    def reports_dir(self) -> Path:
+        return Path(self.base_dir) / "reports"
+
 
 class GPUResource(ConfigurableResource):
     """Where and how model work runs: injected into every scoring, generation and training asset.
@@ -131,3 +144,29 @@ class TeacherResource(ConfigurableResource):
         import os
 
         return self.api_key or os.environ.get(self.api_key_env) or None
+
+
+class TrainingResource(ConfigurableResource):
+    """Fine-tuning hyperparameters, shared by every checkpoint so the comparison is fair.
+
+    Defaults are sized for a CPU demo. The paper's Llama-2 setting (``core.training.PAPER_SETTING``):
+    lr 2e-5, global batch 128 (batch_size 4 × grad_accumulation 32), 3 epochs, max_length 2048,
+    warmup 3%, weight decay 0, cosine decay."""
+
+    learning_rate: float = 5e-5
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    max_length: int = 512
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_steps: int | None = Field(None, description="cap on optimizer steps")
+    seed: int = 0
+    lora_r: int = Field(0, description="> 0: LoRA of this rank through peft, merged into the checkpoint")
+    lora_alpha: int = 16
+    save_every: int = Field(20, description="optimizer steps between resumable saves")
+
+    def hyperparameters(self) -> TrainingHyperparameters:  # noqa: F821 (imported lazily)
+        from srt_assets.core.training import TrainingHyperparameters
+
+        return TrainingHyperparameters(**{k: getattr(self, k) for k in TrainingHyperparameters.__dataclass_fields__})

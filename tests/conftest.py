@@ -66,3 +66,30 @@ def alpaca_rows(n: int, with_input: int = 2) -> list[dict]:
         records = [json.loads(line) for line in lines]
     plain = [r for r in records if not r["input"]][:n]
     return plain + [r for r in records if r["input"]][:with_input]
+
+
+def materialize(defs, partition: str, instance, upto: str | None = None, run_config=None, selection=None):
+    """Run one partition through the real Definitions, never raising: everything, the assets
+    ``upto`` needs (that asset and its upstream), or an explicit list of asset keys."""
+    from dagster import AssetSelection
+
+    job = defs.resolve_implicit_global_asset_job_def()
+    if upto is not None:
+        selection = AssetSelection.assets(upto).upstream().required_multi_asset_neighbors()
+        selection = list(selection.resolve(defs.resolve_asset_graph()))
+    return job.execute_in_process(
+        partition_key=partition,
+        instance=instance,
+        raise_on_error=False,
+        asset_selection=selection,
+        run_config=run_config,
+    )
+
+
+def latest_metadata(instance, key) -> dict:
+    """The metadata values of an asset's latest materialization."""
+    from dagster import AssetKey
+
+    asset_key = key if isinstance(key, AssetKey) else AssetKey(key)
+    event = instance.get_latest_materialization_event(asset_key)
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import alpaca_rows, write_catalog, write_jsonl
-from dagster import AssetKey, EnvVar
+from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
+from dagster import EnvVar
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
@@ -37,13 +37,10 @@ def pipeline(tmp_path: Path, server: ScriptedOpenAIServer, student_dir: Path, **
 
 
 def run(defs, instance):
-    job = defs.resolve_implicit_global_asset_job_def()
-    return job.execute_in_process(partition_key="s", instance=instance, raise_on_error=False)
+    return materialize(defs, "s", instance, upto="student_scores")
 
 
-def metadata(instance, key: str) -> dict:
-    event = instance.get_latest_materialization_event(AssetKey(key))
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+metadata = latest_metadata
 
 
 def test_reflection_to_scores_then_rerun_makes_no_calls(tmp_path, dagster_instance, student_model_dir, monkeypatch):

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO_ROOT, write_catalog, write_jsonl
-from dagster import AssetKey
+from conftest import REPO_ROOT, latest_metadata, materialize, write_catalog, write_jsonl
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
@@ -15,19 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def run(defs, partition, instance, selection=None, run_config=None):
-    job = defs.resolve_implicit_global_asset_job_def()
-    return job.execute_in_process(
-        partition_key=partition,
-        instance=instance,
-        raise_on_error=False,
-        asset_selection=selection,
-        run_config=run_config,
-    )
-
-
-def latest_metadata(instance, key: str) -> dict:
-    event = instance.get_latest_materialization_event(AssetKey(key))
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    upto = None if selection else "student_scores"
+    return materialize(defs, partition, instance, upto=upto, run_config=run_config, selection=selection)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import dagster
 import pytest
-from conftest import alpaca_rows
+from conftest import alpaca_rows, materialize
 
 from srt_assets.core.ifd import ScoringConfig, ScoringItem, score_items
 from srt_assets.models.student import build_text_builder
@@ -69,9 +69,7 @@ def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
             "teacher": teacher,
         },
     )
-    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        partition_key="v", instance=dagster_instance, raise_on_error=False
-    )
+    result = materialize(defs, "v", dagster_instance, upto="student_scores")
     assert result.success
     scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "v.parquet")
     assert scores.height == 3 * 4 and scores["ifd"].is_not_null().all()

@@ -8,6 +8,7 @@ import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue
 
 from srt_assets.core.quality import CheckOutcome
+from srt_assets.plots import histogram_markdown, line_plot_markdown  # noqa: F401 (re-exported for assets)
 
 SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
 
@@ -42,29 +43,6 @@ def to_check_results(asset: str, outcomes: Iterable[CheckOutcome]) -> Iterator[A
                 for key, value in outcome.metadata.items()
             },
         )
-
-
-def histogram_markdown(series: dict[str, list[float]], bins: int = 30) -> str:
-    """Histograms of a few numeric columns as one PNG embedded in Markdown (the UI renders it)."""
-    import base64
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
-    for axis, (name, values) in zip(axes[0], series.items(), strict=True):
-        finite = [v for v in values if v is not None]
-        axis.hist(finite, bins=bins, color="#4f6fad")
-        axis.axvline(1.0, color="#b04040", linestyle="--", linewidth=1)
-        axis.set_title(f"{name} (n={len(finite)})")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return f"![histograms](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
 
 
 def quantiles(values: pl.Series) -> dict[str, float]:

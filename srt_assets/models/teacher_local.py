@@ -36,9 +36,12 @@ class TransformersTeacher:
     def _prompt(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    @torch.inference_mode()
     def generate(self, conversations: Sequence[Messages], params: GenerationParams) -> list[Generation]:
-        prompts = [self._prompt(m) for m in conversations]
+        return self.generate_texts([self._prompt(m) for m in conversations], params)
+
+    @torch.inference_mode()
+    def generate_texts(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+        """Continue ready-made prompt texts (e.g. a training template), batched by length."""
         lengths = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         results: list[Generation | None] = [None] * len(prompts)

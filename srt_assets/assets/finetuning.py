@@ -1,0 +1,123 @@
+"""Stage 7: the student fine-tuned on each training dataset of a source (selected, random, full)."""
+
+from pathlib import Path
+
+import polars as pl
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    PartitionsDefinition,
+    asset,
+)
+
+from srt_assets.assets.common import line_plot_markdown
+from srt_assets.assets.scoring import model_identity
+from srt_assets.core.cache import content_key
+from srt_assets.core.ifd import ScoringConfig
+from srt_assets.core.training import run_identity, sft_examples
+from srt_assets.models.student import build_text_builder, load_tokenizer
+from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TrainingResource
+
+DATASETS = {"selected": "selected_dataset", "random": "baseline_random", "full": "baseline_full"}
+
+
+def checkpoint_key(dataset: str) -> AssetKey:
+    """``finetuned_checkpoint/<dataset>``: one asset per training dataset, so each checkpoint has
+    exact lineage, reruns alone, and runs as its own step (one GPU each on a cluster executor)."""
+    return AssetKey(["finetuned_checkpoint", dataset])
+
+
+CHECKPOINT_KEYS = [checkpoint_key(d) for d in DATASETS]
+
+
+def checkpoint_dir(storage: StorageResource, source: str, dataset: str) -> Path:
+    return storage.checkpoints_dir / source / dataset
+
+
+def dataset_fingerprint(rows: pl.DataFrame) -> str:
+    """Content hash of the training rows (ids and texts, in order)."""
+    return content_key(rows.select("sample_id", "variant", "instruction", "input", "output").rows())
+
+
+def build_finetuning_assets(partitions_def: PartitionsDefinition):
+    return [build_checkpoint_asset(partitions_def, dataset) for dataset in DATASETS]
+
+
+def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
+    @asset(
+        key=checkpoint_key(dataset),
+        partitions_def=partitions_def,
+        group_name="training",
+        kinds={"pytorch"},
+        pool="gpu",
+        ins={"rows": AssetIn(DATASETS[dataset])},
+        description=f"The student fine-tuned on `{DATASETS[dataset]}` (loss on response tokens only): a "
+        "directory `from_pretrained` loads, with a manifest of base model, data and hyperparameters. A rerun "
+        "with the same inputs reuses it; an interrupted training resumes from its last save.",
+    )
+    def finetuned_checkpoint(
+        context: AssetExecutionContext,
+        rows: pl.DataFrame,
+        student: StudentModelResource,
+        gpu: GPUResource,
+        storage: StorageResource,
+        training: TrainingResource,
+    ) -> MaterializeResult:
+        from srt_assets.models.trainer import MANIFEST, train_sft
+
+        source = context.partition_key
+        hp = training.hyperparameters()
+        base_path, base_fingerprint = model_identity(student, storage)
+        tokenizer = load_tokenizer(base_path)
+        builder = build_text_builder(tokenizer, student.template, ScoringConfig(max_length=hp.max_length))
+        examples = sft_examples(builder, rows.select("instruction", "input", "output").rows(), tokenizer.eos_token_id)
+        if not examples:
+            raise ValueError(f"dataset '{DATASETS[dataset]}' of source '{source}' has no trainable rows")
+        data_hash = dataset_fingerprint(rows)
+        identity = run_identity(base_fingerprint, data_hash, student.template, hp)
+        out_dir = checkpoint_dir(storage, source, dataset)
+        context.log.info(f"fine-tuning on {len(examples)} rows of {DATASETS[dataset]}[{source}] → {out_dir}")
+        result = train_sft(
+            base_path,
+            examples,
+            hp,
+            out_dir,
+            identity,
+            device=gpu.resolved_device(),
+            dtype=gpu.dtype,
+            on_step=lambda step, total, loss: context.log.info(f"step {step}/{total}: loss {loss:.4f}"),
+            manifest_extra={
+                "base_model": student.model,
+                "dataset_asset": DATASETS[dataset],
+                "source": source,
+                "rows": rows.height,
+            },
+        )
+        if result.reused:
+            context.log.info("an identical finished checkpoint exists: reused, no training")
+        return MaterializeResult(
+            metadata={
+                "path": MetadataValue.path(str(out_dir)),
+                "manifest": MetadataValue.path(str(out_dir / MANIFEST)),
+                "dataset_asset": DATASETS[dataset],
+                "dataset_fingerprint": data_hash,
+                "base_model": student.model,
+                "base_fingerprint": base_fingerprint,
+                "rows": rows.height,
+                "steps": result.steps,
+                "final_loss": result.final_loss if result.final_loss is not None else float("nan"),
+                "tokens_trained": result.tokens_trained,
+                "response_tokens_trained": result.target_tokens,
+                "wall_seconds": result.seconds,
+                "resumed_from_step": result.resumed_from_step,
+                "reused_existing": result.reused,
+                **{f"compute_{k}": v for k, v in gpu.describe().items()},
+                "hyperparameters": MetadataValue.json(hp.as_dict()),
+                "loss_curve": MetadataValue.md(line_plot_markdown({"training loss": result.losses}, "optimizer step")),
+            }
+        )
+
+    return finetuned_checkpoint

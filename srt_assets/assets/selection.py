@@ -1,0 +1,255 @@
+"""Stage 6: the student's selection, the datasets it produces, and the baselines they are compared with."""
+
+import polars as pl
+from dagster import (
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    PartitionsDefinition,
+    asset,
+)
+from pydantic import Field
+
+from srt_assets.assets.common import histogram_markdown, markdown_table, quantiles, to_check_results
+from srt_assets.core.datasets import (
+    chosen_training_rows,
+    export_dataset,
+    original_training_rows,
+    random_baseline,
+)
+from srt_assets.core.provenance import provenance_columns
+from srt_assets.core.quality import CheckOutcome
+from srt_assets.core.selection import BRANCHES, SelectionRule, branch_counts, select
+from srt_assets.core.variants import all_variants
+from srt_assets.resources import SourceCatalogResource, StorageResource
+
+DECISION_CHECKS = ("one_decision_per_raw_sample",)
+SELECTED_CHECKS = (
+    "traces_to_one_raw_row",
+    "unique_sample_id",
+    "size_within_bounds",
+    "scores_satisfy_filters",
+)
+
+
+class SelectionConfig(Config):
+    """The selection rule (METHOD.md, "Selection"); the defaults reproduce the paper's sets."""
+
+    keep_unreflected: bool = Field(False, description="also keep Q/ori where the reflected answer lost")
+    ifd_below: float = Field(1.0, description="keep a candidate only if its IFD is below this")
+    rifd_below: float = Field(1.0, description="keep a candidate only if its r-IFD is below this")
+    top_k: int | None = Field(None, description="second stage: keep the k kept samples with the highest IFD")
+    top_percent: float | None = Field(None, description="second stage: keep the top p% by IFD")
+
+    def rule(self) -> SelectionRule:
+        return SelectionRule(
+            keep_unreflected=self.keep_unreflected,
+            ifd_below=self.ifd_below,
+            rifd_below=self.rifd_below,
+            top_k=self.top_k,
+            top_percent=self.top_percent,
+        )
+
+
+class SelectedDatasetConfig(Config):
+    min_rows: int = Field(1, description="fail the size check below this many selected rows")
+    max_rows: int | None = Field(None, description="fail the size check above this many rows")
+
+
+class RandomBaselineConfig(Config):
+    seed: int = Field(42, description="fixed seed of the draw, so the baseline is reproducible")
+
+
+def decision_examples(decisions: pl.DataFrame, variants: pl.DataFrame, accepted: bool) -> str:
+    """A few rewrites the student accepted (or rejected), original next to reflected text."""
+    branch_filter = pl.col("selected") if accepted else (~pl.col("selected"))
+    picked = decisions.filter(branch_filter).head(3).select("sample_id", "branch", "reason")
+    original = variants.filter(pl.col("variant") == "ori").select(
+        "sample_id", pl.col("instruction").alias("original_instruction"), pl.col("output").alias("original_output")
+    )
+    reflected = variants.filter(pl.col("variant") == "QA").select(
+        "sample_id", pl.col("instruction").alias("reflected_instruction"), pl.col("output").alias("reflected_output")
+    )
+    table = picked.join(original, on="sample_id", how="left").join(reflected, on="sample_id", how="left")
+    return markdown_table(table, max_chars=100)
+
+
+def branch_table(counts: dict[str, int]) -> str:
+    rows = {"branch": list(BRANCHES), "meaning": list(BRANCHES.values()), "samples": [counts[b] for b in BRANCHES]}
+    return markdown_table(pl.DataFrame(rows))
+
+
+def export_metadata(rows: pl.DataFrame, storage: StorageResource, name: str, partition: str) -> dict:
+    written = export_dataset(rows, storage.exports_dir / name / partition, name)
+    return {key: MetadataValue.path(str(path)) for key, path in written.items()}
+
+
+def selected_checks(
+    selected: pl.DataFrame, raw_samples: pl.DataFrame, config: SelectedDatasetConfig
+) -> list[CheckOutcome]:
+    raw_ids = raw_samples["sample_id"]
+    matches = selected.select("sample_id").join(raw_samples.select("sample_id"), on="sample_id", how="left")
+    untraced = selected.filter(~pl.col("sample_id").is_in(raw_ids.implode())).height
+    duplicates = selected.height - selected["sample_id"].n_unique()
+    too_small = selected.height < config.min_rows
+    too_large = config.max_rows is not None and selected.height > config.max_rows
+    violating = selected.filter(
+        pl.col("ifd").is_null()
+        | pl.col("rifd").is_null()
+        | (pl.col("ifd") >= pl.col("ifd_threshold"))
+        | (pl.col("rifd") >= pl.col("rifd_threshold"))
+    ).height
+    return [
+        CheckOutcome(
+            "traces_to_one_raw_row",
+            untraced == 0 and matches.height == selected.height,
+            "every selected row has exactly one raw row with its sample_id",
+            {"untraced_rows": untraced, "join_rows": matches.height, "rows": selected.height},
+        ),
+        CheckOutcome(
+            "unique_sample_id", duplicates == 0, "no sample is selected twice", {"duplicated_rows": duplicates}
+        ),
+        CheckOutcome(
+            "size_within_bounds",
+            not (too_small or too_large),
+            f"selected size within [{config.min_rows}, {config.max_rows if config.max_rows is not None else '∞'}]",
+            {"rows": selected.height, "min_rows": config.min_rows, "max_rows": config.max_rows},
+        ),
+        CheckOutcome(
+            "scores_satisfy_filters",
+            violating == 0,
+            "every selected row has IFD and r-IFD below the thresholds its decision used",
+            {"violating_rows": violating},
+        ),
+    ]
+
+
+def build_selection_assets(partitions_def: PartitionsDefinition):
+    common = {"partitions_def": partitions_def, "group_name": "selection", "kinds": {"polars"}}
+
+    @asset(
+        **common,
+        check_specs=[AssetCheckSpec(n, asset="selection_decisions", blocking=True) for n in DECISION_CHECKS],
+    )
+    def selection_decisions(
+        context: AssetExecutionContext,
+        config: SelectionConfig,
+        raw_samples: pl.DataFrame,
+        instruction_candidates: pl.DataFrame,
+        response_candidates: pl.DataFrame,
+        student_scores: pl.DataFrame,
+    ):
+        """One decision record per raw sample: the branch the student took, the scores it compared,
+        the chosen variant (or none) and why, and whether the top-k stage selected it."""
+        rule = config.rule()
+        decisions = select(raw_samples["sample_id"].to_list(), student_scores, rule)
+        counts = branch_counts(decisions)
+        context.log.info(f"selection: {counts}")
+        variants = all_variants(raw_samples, instruction_candidates, response_candidates)
+        chosen_ifd = decisions.filter(pl.col("selected"))["chosen_ifd"]
+        yield Output(
+            decisions,
+            metadata={
+                "row_count": decisions.height,
+                "rule": MetadataValue.json(config.model_dump()),
+                "branch_counts": MetadataValue.json(counts),
+                "branches": MetadataValue.md(branch_table(counts)),
+                "kept": counts["kept"],
+                "selected": counts["selected"],
+                "ifd_before": MetadataValue.json(quantiles(decisions["ifd_ori"])),
+                "rifd_before": MetadataValue.json(quantiles(decisions["rifd_ori"])),
+                "ifd_after": MetadataValue.json(quantiles(chosen_ifd)),
+                "rifd_after": MetadataValue.json(quantiles(decisions.filter(pl.col("selected"))["chosen_rifd"])),
+                "distributions": MetadataValue.md(
+                    histogram_markdown(
+                        {
+                            "IFD, original rows": decisions["ifd_ori"].to_list(),
+                            "IFD, selected rows": chosen_ifd.to_list(),
+                        }
+                    )
+                ),
+                "accepted_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=True)),
+                "rejected_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=False)),
+            },
+        )
+        missing = raw_samples.height - decisions.select("sample_id").unique().height
+        yield from to_check_results(
+            "selection_decisions",
+            [
+                CheckOutcome(
+                    "one_decision_per_raw_sample",
+                    decisions.height == raw_samples.height and missing == 0,
+                    "exactly one decision record per raw sample",
+                    {"rows": decisions.height, "raw_rows": raw_samples.height},
+                )
+            ],
+        )
+
+    @asset(
+        **common,
+        check_specs=[AssetCheckSpec(n, asset="selected_dataset", blocking=True) for n in SELECTED_CHECKS],
+    )
+    def selected_dataset(
+        context: AssetExecutionContext,
+        config: SelectedDatasetConfig,
+        raw_samples: pl.DataFrame,
+        instruction_candidates: pl.DataFrame,
+        response_candidates: pl.DataFrame,
+        selection_decisions: pl.DataFrame,
+        sources: SourceCatalogResource,
+        storage: StorageResource,
+    ):
+        """The student-selected recycled data in the training schema, each row with its provenance:
+        source file and row, the teacher calls behind it, and the scores that chose it."""
+        variants = all_variants(raw_samples, instruction_candidates, response_candidates)
+        rows = chosen_training_rows(raw_samples, variants, selection_decisions)
+        source_file = str(sources.source(context.partition_key).path)
+        selected = rows.join(
+            provenance_columns(selection_decisions, instruction_candidates, response_candidates, source_file),
+            on="sample_id",
+            how="left",
+            maintain_order="left",
+        )
+        per_variant = dict(selected.group_by("variant").len().sort("variant").iter_rows()) if selected.height else {}
+        yield Output(
+            selected,
+            metadata={
+                "row_count": selected.height,
+                "share_of_raw": round(selected.height / max(raw_samples.height, 1), 4),
+                "rows_per_variant": MetadataValue.json(per_variant),
+                "preview": MetadataValue.md(markdown_table(selected.head(5))),
+                **export_metadata(selected, storage, "selected_dataset", context.partition_key),
+            },
+        )
+        yield from to_check_results("selected_dataset", selected_checks(selected, raw_samples, config))
+
+    @asset(**common)
+    def baseline_full(context: AssetExecutionContext, raw_samples: pl.DataFrame, storage: StorageResource):
+        """The full original data in the training schema: the "trained on everything" baseline."""
+        rows = original_training_rows(raw_samples)
+        exports = export_metadata(rows, storage, "baseline_full", context.partition_key)
+        return Output(rows, metadata={"row_count": rows.height, **exports})
+
+    @asset(**common)
+    def baseline_random(
+        context: AssetExecutionContext,
+        config: RandomBaselineConfig,
+        raw_samples: pl.DataFrame,
+        selected_dataset: pl.DataFrame,
+        storage: StorageResource,
+    ):
+        """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
+        that separates "better data" from "less data"."""
+        rows = random_baseline(original_training_rows(raw_samples), selected_dataset.height, config.seed)
+        return Output(
+            rows,
+            metadata={
+                "row_count": rows.height,
+                "seed": config.seed,
+                **export_metadata(rows, storage, "baseline_random", context.partition_key),
+            },
+        )
+
+    return [selection_decisions, selected_dataset, baseline_full, baseline_random]

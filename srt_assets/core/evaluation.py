@@ -1,0 +1,92 @@
+"""Held-out prompt sets (the test sets of the Cherry/Reflection-Tuning evaluation) and the
+reference answers of the judge-free metric, read into one schema."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+PROMPT_SCHEMA: dict[str, pl.DataType] = {
+    "prompt_set": pl.String(),
+    "prompt_id": pl.String(),
+    "prompt": pl.String(),
+    "reference": pl.String(),  # a reference answer where the set has one (AlpacaEval), else null
+}
+
+
+def _sinstruct(record: dict) -> str:
+    instances = record.get("instances") or [{}]
+    extra = instances[0].get("input") or ""
+    return f"{record['instruction']}\n{extra}".strip() if extra else record["instruction"]
+
+
+@dataclass(frozen=True)
+class PromptSetSpec:
+    file: str
+    prompt: Callable[[dict], str]
+    identifier: Callable[[dict, int], str]
+    reference: Callable[[dict], str | None] = lambda record: None
+
+
+PROMPT_SETS: dict[str, PromptSetSpec] = {
+    "vicuna": PromptSetSpec(
+        "cherry_llm_vicuna_test_set.jsonl", lambda r: r["text"], lambda r, i: str(r["question_id"])
+    ),
+    "koala": PromptSetSpec("cherry_llm_koala_test_set.jsonl", lambda r: r["prompt"], lambda r, i: r["id"]),
+    "wizardlm": PromptSetSpec(
+        "cherry_llm_wizardlm_test_set.jsonl", lambda r: r["Instruction"], lambda r, i: str(r["idx"])
+    ),
+    "lima": PromptSetSpec("cherry_llm_lima_test_set.jsonl", lambda r: r["conversations"], lambda r, i: str(i)),
+    "sinstruct": PromptSetSpec("cherry_llm_sinstruct_test_set.jsonl", _sinstruct, lambda r, i: r["id"]),
+    "alpaca_eval": PromptSetSpec(
+        "alpaca_eval_text_davinci_003_reference_outputs.json",
+        lambda r: r["instruction"],
+        lambda r, i: str(i),
+        lambda r: r["output"],
+    ),
+}
+
+
+class PromptSetError(ValueError):
+    pass
+
+
+def _records(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def load_prompt_set(data_dir: Path, name: str, count: int | None = None, seed: int = 0) -> pl.DataFrame:
+    """``count`` prompts of set ``name`` (all when None), drawn with ``seed`` and kept in file order."""
+    if name not in PROMPT_SETS:
+        raise PromptSetError(f"unknown prompt set '{name}'; choose from {', '.join(PROMPT_SETS)}")
+    spec = PROMPT_SETS[name]
+    path = Path(data_dir) / spec.file
+    if not path.is_file():
+        raise PromptSetError(
+            f"prompt set '{name}': file not found: {path}. Set the evaluation data folder "
+            "(EvaluationPromptsConfig.data_dir or $SRT_EVAL_DATA_DIR) to the folder holding it."
+        )
+    try:
+        records = _records(path)
+        rows = [
+            {
+                "prompt_set": name,
+                "prompt_id": spec.identifier(r, i),
+                "prompt": spec.prompt(r),
+                "reference": spec.reference(r),
+            }
+            for i, r in enumerate(records)
+        ]
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise PromptSetError(f"prompt set '{name}': cannot read {path}: {exc!r}") from exc
+    frame = pl.DataFrame(rows, schema=PROMPT_SCHEMA).filter(pl.col("prompt").str.strip_chars() != "")
+    if count is not None and count < frame.height:
+        frame = frame.with_row_index("_i").sample(n=count, seed=seed).sort("_i").drop("_i")
+    return frame

@@ -1,0 +1,142 @@
+"""Row-level provenance: from a training row back to its source row, teacher calls and scores."""
+
+from __future__ import annotations
+
+import polars as pl
+
+PROVENANCE_SCHEMA: dict[str, pl.DataType] = {
+    "sample_id": pl.String(),
+    "source_file": pl.String(),
+    "branch": pl.String(),
+    "ifd": pl.Float64(),
+    "rifd": pl.Float64(),
+    "ifd_threshold": pl.Float64(),
+    "rifd_threshold": pl.Float64(),
+    "instruction_call_key": pl.String(),
+    "response_call_key": pl.String(),
+    "decision_reason": pl.String(),
+}
+
+
+def _call_keys(candidates: pl.DataFrame, variant: str, name: str) -> pl.DataFrame:
+    return candidates.filter(pl.col("variant") == variant).select("sample_id", pl.col("cache_key").alias(name))
+
+
+def provenance_columns(
+    decisions: pl.DataFrame,
+    instruction_candidates: pl.DataFrame,
+    response_candidates: pl.DataFrame,
+    source_file: str,
+) -> pl.DataFrame:
+    """Per selected sample: where it came from and which teacher calls and scores produced it.
+
+    ``instruction_call_key`` is the instruction-reflection call (variants Q and QA descend from it),
+    ``response_call_key`` the response-reflection call of the chosen variant (A or QA); either is
+    null where the chosen text did not come from that call.
+    """
+    chosen = decisions.filter(pl.col("selected")).select(
+        "sample_id",
+        "chosen_variant",
+        "branch",
+        pl.col("chosen_ifd").alias("ifd"),
+        pl.col("chosen_rifd").alias("rifd"),
+        "ifd_threshold",
+        "rifd_threshold",
+        pl.col("reason").alias("decision_reason"),
+    )
+    q_keys = _call_keys(instruction_candidates, "Q", "_q_key")
+    a_keys = _call_keys(response_candidates, "A", "_a_key")
+    qa_keys = _call_keys(response_candidates, "QA", "_qa_key")
+    joined = (
+        chosen.join(q_keys, on="sample_id", how="left")
+        .join(a_keys, on="sample_id", how="left")
+        .join(qa_keys, on="sample_id", how="left")
+    )
+    variant = pl.col("chosen_variant")
+    return joined.select(
+        "sample_id",
+        pl.lit(source_file).alias("source_file"),
+        "branch",
+        "ifd",
+        "rifd",
+        "ifd_threshold",
+        "rifd_threshold",
+        pl.when(variant.is_in(["Q", "QA"])).then(pl.col("_q_key")).alias("instruction_call_key"),
+        pl.when(variant == "QA")
+        .then(pl.col("_qa_key"))
+        .when(variant == "A")
+        .then(pl.col("_a_key"))
+        .alias("response_call_key"),
+        "decision_reason",
+    ).cast(PROVENANCE_SCHEMA)
+
+
+def source_of(sample_id: str) -> str:
+    """The source (partition) a sample id belongs to: ids are ``<source>-<16 hex digits>``."""
+    source, sep, digest = sample_id.rpartition("-")
+    if not sep or not source or len(digest) != 16:
+        raise ValueError(f"not a sample id: {sample_id!r} (expected '<source>-<16 hex digits>')")
+    return source
+
+
+def explain_sample(sample_id: str, tables: dict[str, pl.DataFrame]) -> dict:
+    """Everything recorded about one sample, table by table (rows as dicts; missing tables skipped).
+
+    ``tables`` maps asset names (raw_samples, instruction_candidates, response_candidates,
+    student_scores, selection_decisions, selected_dataset, baseline_random) to that partition's table.
+    """
+    story: dict[str, object] = {"sample_id": sample_id, "source": source_of(sample_id)}
+    for name, table in tables.items():
+        if "sample_id" not in table.columns:
+            continue
+        rows = table.filter(pl.col("sample_id") == sample_id).to_dicts()
+        story[name] = rows
+    selected = story.get("selected_dataset")
+    story["in_selected_dataset"] = bool(selected)
+    if "baseline_random" in tables:
+        story["in_baseline_random"] = bool(story.get("baseline_random"))
+    return story
+
+
+def format_story(story: dict) -> str:
+    """A human-readable account of ``explain_sample``'s result, in pipeline order."""
+    lines = [f"sample {story['sample_id']} (source '{story['source']}')"]
+
+    def section(title: str) -> None:
+        lines.append("")
+        lines.append(f"== {title}")
+
+    def text(label: str, value: object, limit: int = 400) -> None:
+        value = "" if value is None else str(value)
+        shown = value if len(value) <= limit else value[:limit] + f"… [{len(value)} chars]"
+        lines.append(f"{label}: {shown}")
+
+    raw = story.get("raw_samples") or []
+    section("raw row")
+    if not raw:
+        lines.append("not found in raw_samples (materialize that partition, or check the id)")
+    for row in raw:
+        text("source row", row.get("row_index"))
+        for field in ("instruction", "input", "output"):
+            text(field, row.get(field))
+    for name in ("instruction_candidates", "response_candidates"):
+        section(f"teacher: {name}")
+        for row in story.get(name) or []:
+            lines.append(f"-- variant {row['variant']}: status {row['status']}, call {row['cache_key']}")
+            if row.get("error"):
+                text("error", row["error"])
+            text("instruction", row.get("instruction"))
+            text("output", row.get("output"))
+            text("raw teacher text", row.get("raw_text"), limit=800)
+    section("student scores")
+    for row in story.get("student_scores") or []:
+        lines.append(f"{row['variant']:>3}: IFD {row.get('ifd')}  r-IFD {row.get('rifd')}")
+    section("selection")
+    for row in story.get("selection_decisions") or []:
+        lines.append(f"branch {row['branch']}, chosen {row['chosen_variant']}, selected {row['selected']}")
+        text("why", row["reason"])
+    lines.append("")
+    lines.append(f"in selected_dataset: {story['in_selected_dataset']}")
+    if "in_baseline_random" in story:
+        lines.append(f"in baseline_random: {story['in_baseline_random']}")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The student's selection (METHOD.md, "Selection"): one auditable decision per raw sample.
+
+Phase 1 compares IFD(Q) with IFD(ori); phase 2 compares r-IFD of the reflected answer with its
+source on the branch phase 1 took; then both scores of the candidate must be below 1. Comparisons
+are strict, as the authors': a tie or a missing score rejects the reflection. An optional second
+stage keeps the top k (or top p%) of the kept samples by IFD, following Cherry LLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import polars as pl
+
+from srt_assets.core.variants import VARIANTS
+
+# The four branches the authors count, named by the candidate each one leads to.
+BRANCHES = {
+    "QA": "new instruction accepted, reflected answer accepted",
+    "Q": "new instruction accepted, reflected answer rejected",
+    "A": "new instruction rejected, reflected answer accepted",
+    "ori": "new instruction rejected, reflected answer rejected",
+}
+REFLECTED = ("QA", "A")
+
+DECISION_SCHEMA: dict[str, pl.DataType] = {
+    "sample_id": pl.String(),
+    "branch": pl.String(),
+    "chosen_variant": pl.String(),
+    "kept": pl.Boolean(),
+    "selected": pl.Boolean(),
+    "reason": pl.String(),
+    **{f"ifd_{v}": pl.Float64() for v in VARIANTS},
+    **{f"rifd_{v}": pl.Float64() for v in VARIANTS},
+    "chosen_ifd": pl.Float64(),
+    "chosen_rifd": pl.Float64(),
+    "ifd_rank": pl.Int64(),
+    "ifd_threshold": pl.Float64(),
+    "rifd_threshold": pl.Float64(),
+}
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """The knobs of the rule. Defaults reproduce the authors' released selective-recycled sets."""
+
+    keep_unreflected: bool = False  # keep Q / ori on the branches where the reflected answer lost
+    ifd_below: float = 1.0
+    rifd_below: float = 1.0
+    top_k: int | None = None  # second stage: keep the k kept samples with the highest IFD
+    top_percent: float | None = None  # ... or the top p% of them
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_percent is not None:
+            raise ValueError("set at most one of top_k and top_percent")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_percent is not None and not 0 < self.top_percent <= 100:
+            raise ValueError(f"top_percent must be in (0, 100], got {self.top_percent}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    branch: str
+    chosen_variant: str | None
+    reason: str
+
+
+def _known(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _less(a: float | None, b: float | None) -> bool:
+    """Strict ``a < b``; unknown scores never win (NaN compares false, as in the authors' code)."""
+    return _known(a) and _known(b) and a < b
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.4f}" if _known(value) else "missing"
+
+
+def decide(ifd: dict[str, float | None], rifd: dict[str, float | None], rule: SelectionRule) -> Decision:
+    """The decision for one raw sample from its per-variant IFD and r-IFD (missing variants: None)."""
+    if _less(ifd.get("ori"), ifd.get("Q")):
+        instruction, source, reflected = "Q", "Q", "QA"
+        why = f"IFD(Q)={_fmt(ifd.get('Q'))} > IFD(ori)={_fmt(ifd.get('ori'))}"
+    else:
+        instruction, source, reflected = "ori", "ori", "A"
+        why = f"IFD(Q)={_fmt(ifd.get('Q'))} not > IFD(ori)={_fmt(ifd.get('ori'))}"
+    if _less(rifd.get(reflected), rifd.get(source)):
+        branch = reflected
+        why += f"; rIFD({reflected})={_fmt(rifd.get(reflected))} < rIFD({source})={_fmt(rifd.get(source))}"
+    else:
+        branch = instruction
+        why += f"; rIFD({reflected})={_fmt(rifd.get(reflected))} not < rIFD({source})={_fmt(rifd.get(source))}"
+        if not rule.keep_unreflected:
+            return Decision(branch, None, why + "; reflected answer rejected (keep_unreflected is off)")
+    candidate_ifd, candidate_rifd = ifd.get(branch), rifd.get(branch)
+    if not _less(candidate_rifd, rule.rifd_below):
+        return Decision(branch, None, why + f"; rIFD({branch})={_fmt(candidate_rifd)} not < {rule.rifd_below}")
+    if not _less(candidate_ifd, rule.ifd_below):
+        return Decision(branch, None, why + f"; IFD({branch})={_fmt(candidate_ifd)} not < {rule.ifd_below}")
+    return Decision(branch, branch, why + f"; both filters pass: keep {branch}")
+
+
+def wide_scores(scores: pl.DataFrame) -> pl.DataFrame:
+    """One row per sample with ``ifd_<variant>`` and ``rifd_<variant>`` columns (null where absent)."""
+    base = scores.select("sample_id").unique(maintain_order=True)
+    for variant in VARIANTS:
+        part = scores.filter(pl.col("variant") == variant).select(
+            "sample_id", pl.col("ifd").alias(f"ifd_{variant}"), pl.col("rifd").alias(f"rifd_{variant}")
+        )
+        base = base.join(part, on="sample_id", how="left", maintain_order="left")
+    return base
+
+
+def select(sample_ids: list[str], scores: pl.DataFrame, rule: SelectionRule) -> pl.DataFrame:
+    """Decision records (DECISION_SCHEMA) for every sample id, in the given order.
+
+    ``scores`` holds (sample_id, variant, ifd, rifd) rows; a sample without scores gets branch ``ori``
+    and no choice, with the reason saying so.
+    """
+    wide = wide_scores(scores)
+    lookup = {row["sample_id"]: row for row in wide.iter_rows(named=True)}
+    records = []
+    for sample_id in sample_ids:
+        row = lookup.get(sample_id, {})
+        ifd = {v: row.get(f"ifd_{v}") for v in VARIANTS}
+        rifd = {v: row.get(f"rifd_{v}") for v in VARIANTS}
+        decision = decide(ifd, rifd, rule)
+        reason = decision.reason if row else "no student scores for this sample; " + decision.reason
+        chosen = decision.chosen_variant
+        records.append(
+            {
+                "sample_id": sample_id,
+                "branch": decision.branch,
+                "chosen_variant": chosen,
+                "kept": chosen is not None,
+                "selected": chosen is not None,
+                "reason": reason,
+                **{f"ifd_{v}": ifd[v] for v in VARIANTS},
+                **{f"rifd_{v}": rifd[v] for v in VARIANTS},
+                "chosen_ifd": ifd[chosen] if chosen else None,
+                "chosen_rifd": rifd[chosen] if chosen else None,
+                "ifd_rank": None,
+                "ifd_threshold": rule.ifd_below,
+                "rifd_threshold": rule.rifd_below,
+            }
+        )
+    decisions = pl.DataFrame(records, schema=DECISION_SCHEMA)
+    return apply_top_stage(decisions, rule)
+
+
+def top_count(kept: int, rule: SelectionRule) -> int:
+    if rule.top_k is not None:
+        return min(rule.top_k, kept)
+    if rule.top_percent is not None:
+        return min(kept, math.ceil(kept * rule.top_percent / 100))
+    return kept
+
+
+def apply_top_stage(decisions: pl.DataFrame, rule: SelectionRule) -> pl.DataFrame:
+    """Rank the kept samples by IFD (highest first; ties by sample id for a stable result) and mark
+    the top ``top_count`` as selected; the others stay ``kept`` and say why they were not selected."""
+    kept = decisions.filter(pl.col("kept")).sort(["chosen_ifd", "sample_id"], descending=[True, False])
+    limit = top_count(kept.height, rule)
+    ranks = kept.select("sample_id", pl.int_range(1, kept.height + 1, dtype=pl.Int64).alias("_rank"))
+    out = decisions.join(ranks, on="sample_id", how="left", maintain_order="left")
+    cut = f"; below the top {limit} by IFD"
+    return out.with_columns(
+        pl.col("_rank").alias("ifd_rank"),
+        (pl.col("kept") & (pl.col("_rank") <= limit)).fill_null(False).alias("selected"),
+        pl.when(pl.col("kept") & (pl.col("_rank") > limit))
+        .then(pl.col("reason") + pl.lit(cut))
+        .otherwise(pl.col("reason"))
+        .alias("reason"),
+    ).drop("_rank")
+
+
+def branch_counts(decisions: pl.DataFrame) -> dict[str, int]:
+    """The authors' four counts (samples per branch), plus kept and selected totals."""
+    counts = {branch: 0 for branch in BRANCHES}
+    counts.update(dict(decisions.group_by("branch").len().iter_rows()))
+    counts["kept"] = int(decisions["kept"].sum())
+    counts["selected"] = int(decisions["selected"].sum())
+    return counts

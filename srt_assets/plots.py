@@ -1,0 +1,58 @@
+"""Figures for asset metadata and reports (matplotlib, headless), as PNG bytes or inline Markdown."""
+
+from __future__ import annotations
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """A PNG embedded in Markdown as a data URI (the Dagster UI renders it inline)."""
+    import base64
+
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def histogram_figure(series: dict[str, list[float]], bins: int = 30):
+    fig, axes = _pyplot().subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
+    for axis, (name, values) in zip(axes[0], series.items(), strict=True):
+        finite = [v for v in values if v is not None]
+        axis.hist(finite, bins=bins, color="#4f6fad")
+        axis.axvline(1.0, color="#b04040", linestyle="--", linewidth=1)
+        axis.set_title(f"{name} (n={len(finite)})")
+    return fig
+
+
+def histogram_markdown(series: dict[str, list[float]], bins: int = 30) -> str:
+    """Histograms of a few numeric columns as one PNG embedded in Markdown."""
+    return png_markdown(figure_png(histogram_figure(series, bins)), "histograms")
+
+
+def line_figure(series: dict[str, list[float]], xlabel: str):
+    fig, axis = _pyplot().subplots(figsize=(5, 3))
+    for name, values in series.items():
+        axis.plot(range(1, len(values) + 1), values, marker="o" if len(values) < 30 else None, label=name)
+    axis.set_xlabel(xlabel)
+    axis.legend()
+    return fig
+
+
+def line_plot_markdown(series: dict[str, list[float]], xlabel: str) -> str:
+    return png_markdown(figure_png(line_figure(series, xlabel)), "curve")

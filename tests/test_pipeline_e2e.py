@@ -1,0 +1,164 @@
+"""The whole graph, raw → candidates → scores → selection → checkpoints → evaluation → report, with
+the real default models (bundled SmolLM2 as student and teacher) on a tiny source, then the reruns
+users rely on: an unchanged rerun makes no model calls, a selection change reruns only what it
+affects, and another source is never touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
+from dagster import AssetKey
+
+from srt_assets.definitions import build_definitions
+from srt_assets.resources import StudentModelResource, TeacherResource, TrainingResource
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+CHECKPOINTS = ("selected", "random", "full")
+
+
+def run_config(**selection) -> dict:
+    ops = {
+        # keep every scored branch so the tiny selection is never empty; the rule itself is unit-tested
+        "selection_decisions": {
+            "config": {"keep_unreflected": True, "ifd_below": 10.0, "rifd_below": 10.0, **selection}
+        },
+        "evaluation_prompts": {"config": {"sets": ["vicuna", "koala"], "per_set": 1, "reference_count": 3}},
+        "evaluation_answers": {"config": {"max_new_tokens": 12}},
+        "pairwise_judgements": {"config": {"max_tokens": 12}},
+    }
+    return {"ops": ops}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, student_model_dir):
+    from dagster import DagsterInstance
+
+    root = tmp_path_factory.mktemp("e2e")
+    write_jsonl(root / "tiny.jsonl", alpaca_rows(3, with_input=1))
+    write_jsonl(root / "other.jsonl", alpaca_rows(2, with_input=0))
+    model = str(student_model_dir)
+    defs = build_definitions(
+        sources_file=write_catalog(root, {"tiny": {"path": "tiny.jsonl"}, "other": {"path": "other.jsonl"}}),
+        storage_dir=root / "store",
+        resources={
+            "student": StudentModelResource(model=model),
+            "teacher": TeacherResource(model=model, max_tokens=40, batch_size=8, parse_retries=0),
+            "training": TrainingResource(max_steps=2, batch_size=2, max_length=192),
+        },
+    )
+    instance = DagsterInstance.ephemeral(tempdir=str(root / "home"))
+    other = materialize(defs, "other", instance, upto="raw_samples")
+    assert other.success
+    first = materialize(defs, "tiny", instance, run_config=run_config())
+    return {"root": root, "store": root / "store", "defs": defs, "instance": instance, "first": first}
+
+
+def test_whole_graph_materializes_with_checks_passing(pipeline):
+    result = pipeline["first"]
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert result.success, failures
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 18 and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
+    materialized = {e.asset_key for e in result.get_asset_materialization_events() if e.asset_key}
+    assert {AssetKey("experiment_report"), AssetKey(["finetuned_checkpoint", "selected"])} <= materialized
+
+
+def test_selected_rows_trace_back_to_source_and_teacher_calls(pipeline):
+    store = pipeline["store"]
+    raw = pl.read_parquet(store / "raw_samples" / "tiny.parquet")
+    selected = pl.read_parquet(store / "selected_dataset" / "tiny.parquet")
+    decisions = pl.read_parquet(store / "selection_decisions" / "tiny.parquet")
+    questions = pl.read_parquet(store / "instruction_candidates" / "tiny.parquet")
+    answers = pl.read_parquet(store / "response_candidates" / "tiny.parquet")
+    assert decisions.height == raw.height and selected.height == int(decisions["selected"].sum()) > 0
+    assert set(selected["sample_id"]) <= set(raw["sample_id"])
+    joined = selected.join(raw.select("sample_id", pl.col("row_index").alias("raw_row")), on="sample_id")
+    assert (joined["row_index"] == joined["raw_row"]).all()
+    assert selected["source_file"].str.ends_with("tiny.jsonl").all()
+    for row in selected.iter_rows(named=True):
+        if row["variant"] in ("A", "QA"):
+            assert row["response_call_key"] in set(answers["cache_key"])
+        if row["variant"] in ("Q", "QA"):
+            assert row["instruction_call_key"] in set(questions["cache_key"])
+    exported = json.loads(next((store / "exports" / "selected_dataset" / "tiny").glob("*.alpaca.json")).read_text())
+    assert [r["sample_id"] for r in exported] == selected["sample_id"].to_list()
+    # the audit CLI, as a user runs it
+    sample = selected["sample_id"][0]
+    cli = [sys.executable, "-m", "srt_assets.cli", "explain", sample, "--storage", str(store)]
+    shown = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "== raw row" in shown.stdout and "in selected_dataset: True" in shown.stdout
+    assert decisions.filter(pl.col("sample_id") == sample)["reason"][0][:40] in shown.stdout
+
+
+def test_checkpoints_evaluation_and_report(pipeline):
+    from transformers import AutoModelForCausalLM
+
+    store = pipeline["store"]
+    for dataset in CHECKPOINTS:
+        manifest = json.loads((store / "checkpoints" / "tiny" / dataset / "srt_manifest.json").read_text())
+        assert manifest["training"]["steps"] == 2 and manifest["identity"]["base_model_fingerprint"]
+        assert manifest["identity"]["dataset_fingerprint"] and manifest["final_loss"] > 0
+    model = AutoModelForCausalLM.from_pretrained(store / "checkpoints" / "tiny" / "selected")
+    assert model.config.model_type == "llama"
+    answers = pl.read_parquet(store / "evaluation_answers" / "tiny.parquet")
+    assert answers.height == 3 * 2 and set(answers["dataset"]) == set(CHECKPOINTS)
+    judgements = pl.read_parquet(store / "pairwise_judgements" / "tiny.parquet")
+    assert judgements.height == 2 * 2
+    assert set(judgements["verdict"]) <= {"win", "tie", "lose", "unjudged"}
+    assert judgements["judge_text_first"].is_not_null().all()
+    losses = pl.read_parquet(store / "reference_answer_loss" / "tiny.parquet")
+    assert losses.height == 3 * 3 and losses["loss"].is_finite().all()
+    report_dir = store / "reports" / "tiny"
+    markdown = (report_dir / "report.md").read_text()
+    assert "selected" in markdown and "Pairwise judging" in markdown
+    assert (report_dir / "report.html").is_file() and (report_dir / "training_curves.png").stat().st_size > 1000
+
+
+def test_unchanged_rerun_makes_no_model_calls(pipeline):
+    instance = pipeline["instance"]
+    result = materialize(pipeline["defs"], "tiny", instance, run_config=run_config())
+    assert result.success
+    assert latest_metadata(instance, "instruction_candidates")["calls_made"] == 0
+    assert latest_metadata(instance, "response_candidates")["calls_made"] == 0
+    scores = latest_metadata(instance, "student_scores")
+    assert scores["texts_computed"] == 0 and scores["model_loaded"] is False
+    for dataset in CHECKPOINTS:
+        assert latest_metadata(instance, AssetKey(["finetuned_checkpoint", dataset]))["reused_existing"] is True
+    assert latest_metadata(instance, "evaluation_answers")["generated"] == 0
+    assert latest_metadata(instance, "pairwise_judgements")["calls_made"] == 0
+
+
+def test_selection_change_reruns_only_what_it_affects(pipeline):
+    instance, store = pipeline["instance"], pipeline["store"]
+    other_file = store / "raw_samples" / "other.parquet"
+    other_before = (other_file.stat().st_mtime_ns, instance.get_latest_materialization_event(AssetKey("raw_samples")))
+    before = pl.read_parquet(store / "selected_dataset" / "tiny.parquet")
+    result = materialize(pipeline["defs"], "tiny", instance, run_config=run_config(top_k=1))
+    assert result.success
+    after = pl.read_parquet(store / "selected_dataset" / "tiny.parquet")
+    assert after.height == 1 < before.height
+    assert latest_metadata(instance, "response_candidates")["calls_made"] == 0
+    assert latest_metadata(instance, "student_scores")["texts_computed"] == 0
+    reused = {
+        d: latest_metadata(instance, AssetKey(["finetuned_checkpoint", d]))["reused_existing"] for d in CHECKPOINTS
+    }
+    assert reused == {"selected": False, "random": False, "full": True}  # the full data did not change
+    assert other_file.stat().st_mtime_ns == other_before[0]  # the other source was not touched
+    partitions = instance.get_materialized_partitions(AssetKey("raw_samples"))
+    assert partitions == {"tiny", "other"}
+    records = instance.fetch_materializations(AssetKey("raw_samples"), limit=100).records
+    assert sum(r.partition_key == "other" for r in records) == 1
+
+
+def test_report_is_in_dagster_metadata(pipeline):
+    meta = latest_metadata(pipeline["instance"], "experiment_report")
+    assert Path(meta["report_html"]).is_file()
+    assert "data:image/png;base64" in meta["report"]
+    assert {r["dataset"] for r in meta["results"]["training"]} == set(CHECKPOINTS)

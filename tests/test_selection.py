@@ -1,0 +1,173 @@
+"""The selection rule (METHOD.md, "Selection") on hand-made score tables: every branch, ties, NaN,
+missing scores, the keep_unreflected option, the top-k stage, provenance and exports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+
+from srt_assets.core.datasets import chosen_training_rows, export_dataset, original_training_rows, random_baseline
+from srt_assets.core.provenance import explain_sample, format_story, provenance_columns, source_of
+from srt_assets.core.selection import SelectionRule, branch_counts, decide, select
+
+
+def scores(**pairs: tuple[float | None, float | None]) -> tuple[dict, dict]:
+    """``scores(ori=(ifd, rifd), Q=(...), ...)`` → (ifd by variant, rifd by variant)."""
+    return {v: p[0] for v, p in pairs.items()}, {v: p[1] for v, p in pairs.items()}
+
+
+PAPER = SelectionRule()
+KEEP_ALL = SelectionRule(keep_unreflected=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "rule", "branch", "chosen"),
+    [
+        # Q beats ori, QA beats Q, QA passes both filters → QA
+        (scores(ori=(0.5, 0.6), Q=(0.7, 0.8), A=(0.4, 0.5), QA=(0.6, 0.7)), PAPER, "QA", "QA"),
+        # Q beats ori, QA does not beat Q → nothing by default, Q with keep_unreflected
+        (scores(ori=(0.5, 0.6), Q=(0.7, 0.3), A=(0.4, 0.5), QA=(0.6, 0.7)), PAPER, "Q", None),
+        (scores(ori=(0.5, 0.6), Q=(0.7, 0.3), A=(0.4, 0.5), QA=(0.6, 0.7)), KEEP_ALL, "Q", "Q"),
+        # Q loses, A beats ori → A
+        (scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.4, 0.5), QA=(0.6, 0.1)), PAPER, "A", "A"),
+        # Q loses, A loses → nothing; ori with keep_unreflected
+        (scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.4, 0.9), QA=(0.6, 0.1)), PAPER, "ori", None),
+        (scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.4, 0.9), QA=(0.6, 0.1)), KEEP_ALL, "ori", "ori"),
+        # ties reject: IFD(Q) == IFD(ori) goes to the A branch; rIFD(A) == rIFD(ori) rejects A
+        (scores(ori=(0.7, 0.6), Q=(0.7, 0.8), A=(0.4, 0.6), QA=(0.6, 0.1)), PAPER, "ori", None),
+        # the candidate fails a < 1 filter (rIFD, then IFD; 1.0 itself fails)
+        (scores(ori=(0.5, 1.3), Q=(0.7, 1.4), A=(0.4, 0.5), QA=(0.6, 1.2)), PAPER, "QA", None),
+        (scores(ori=(0.5, 0.6), Q=(1.3, 0.8), A=(0.4, 0.5), QA=(1.0, 0.7)), PAPER, "QA", None),
+        # NaN and missing scores never win a comparison
+        (scores(ori=(0.5, 0.6), Q=(math.nan, 0.8), A=(0.4, 0.5), QA=(0.6, 0.7)), PAPER, "A", "A"),
+        (scores(ori=(0.5, 0.6), Q=(0.7, 0.8), A=(0.4, 0.5), QA=(0.6, None)), PAPER, "Q", None),
+        # lazy mode: only the picked branch was reflected
+        (scores(ori=(0.5, 0.6), Q=(0.7, 0.8), QA=(0.6, 0.7)), PAPER, "QA", "QA"),
+        (scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.4, 0.5)), PAPER, "A", "A"),
+    ],
+)
+def test_decide_every_branch(case, rule, branch, chosen):
+    ifd, rifd = case
+    decision = decide(ifd, rifd, rule)
+    assert (decision.branch, decision.chosen_variant) == (branch, chosen)
+    assert decision.reason  # every decision says why
+
+
+def test_reason_names_the_compared_scores():
+    ifd, rifd = scores(ori=(0.5, 0.6), Q=(0.7, 1.5), A=(0.4, 0.5), QA=(0.6, 1.2))
+    reason = decide(ifd, rifd, PAPER).reason
+    assert "IFD(Q)=0.7000 > IFD(ori)=0.5000" in reason
+    assert "rIFD(QA)=1.2000 not < 1.0" in reason
+
+
+def score_table(per_sample: dict[str, tuple[dict, dict]]) -> pl.DataFrame:
+    rows = [
+        {"sample_id": sid, "variant": v, "ifd": ifd[v], "rifd": rifd[v]}
+        for sid, (ifd, rifd) in per_sample.items()
+        for v in ifd
+    ]
+    return pl.DataFrame(
+        rows, schema={"sample_id": pl.String, "variant": pl.String, "ifd": pl.Float64, "rifd": pl.Float64}
+    )
+
+
+def make_table():
+    return {
+        "s-qa1": scores(ori=(0.5, 0.6), Q=(0.7, 0.8), A=(0.4, 0.5), QA=(0.6, 0.7)),
+        "s-qa2": scores(ori=(0.5, 0.6), Q=(0.9, 0.8), A=(0.4, 0.5), QA=(0.8, 0.7)),
+        "s-a1": scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.3, 0.5), QA=(0.6, 0.1)),
+        "s-q": scores(ori=(0.5, 0.6), Q=(0.7, 0.3), A=(0.4, 0.5), QA=(0.6, 0.7)),
+        "s-ori": scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.4, 0.9), QA=(0.6, 0.1)),
+    }
+
+
+def test_select_counts_and_top_stage():
+    table = score_table(make_table())
+    ids = [*make_table(), "s-unscored"]
+    decisions = select(ids, table, PAPER)
+    assert decisions["sample_id"].to_list() == ids
+    counts = branch_counts(decisions)
+    assert counts == {"QA": 2, "Q": 1, "A": 1, "ori": 2, "kept": 3, "selected": 3}
+    unscored = decisions.filter(pl.col("sample_id") == "s-unscored").row(0, named=True)
+    assert unscored["chosen_variant"] is None and "no student scores" in unscored["reason"]
+
+    top2 = select(ids, table, SelectionRule(top_k=2))
+    selected = top2.filter(pl.col("selected"))
+    # highest IFD first: s-qa2 (0.8), s-qa1 (0.6); s-a1 (0.3) is kept but cut
+    assert selected["sample_id"].to_list() == ["s-qa1", "s-qa2"]
+    cut = top2.filter(pl.col("sample_id") == "s-a1").row(0, named=True)
+    assert cut["kept"] and not cut["selected"] and cut["ifd_rank"] == 3 and "below the top 2" in cut["reason"]
+    assert branch_counts(select(ids, table, SelectionRule(top_percent=34)))["selected"] == 2  # ceil(3 * 0.34)
+    with pytest.raises(ValueError, match="at most one"):
+        SelectionRule(top_k=1, top_percent=5)
+
+
+@pytest.fixture
+def tiny_pipeline_tables():
+    """Raw rows, teacher candidates and decisions for three samples, as the assets store them."""
+    ids = ["demo-" + c * 16 for c in "abc"]
+    raw = pl.DataFrame(
+        {
+            "sample_id": ids,
+            "source": ["demo"] * 3,
+            "row_index": [0, 1, 2],
+            "instruction": ["i0", "i1", "i2"],
+            "input": ["", "x", ""],
+            "output": ["o0", "o1", "o2"],
+        }
+    )
+    candidate = {"status": "ok", "error": None, "raw_text": "teacher says", "attempts": 1}
+    inst = pl.DataFrame(
+        [{"sample_id": s, "variant": "Q", "instruction": f"Q{i}", "input": "", "output": f"y1-{i}",
+          "cache_key": f"q{i}", **candidate} for i, s in enumerate(ids)]
+    )  # fmt: skip
+    resp = pl.DataFrame(
+        [{"sample_id": s, "variant": v, "instruction": f"Q{i}" if v == "QA" else f"i{i}", "input": "",
+          "output": f"{v}-{i}", "cache_key": f"{v}{i}", **candidate} for i, s in enumerate(ids) for v in ("A", "QA")]
+    )  # fmt: skip
+    per_sample = dict(zip(ids, [make_table()["s-qa1"], make_table()["s-a1"], make_table()["s-ori"]], strict=True))
+    decisions = select(ids, score_table(per_sample), PAPER)
+    return raw, inst, resp, decisions
+
+
+def test_training_rows_provenance_and_explain(tiny_pipeline_tables, tmp_path):
+    from srt_assets.core.variants import all_variants
+
+    raw, inst, resp, decisions = tiny_pipeline_tables
+    variants = all_variants(raw, inst, resp)
+    rows = chosen_training_rows(raw, variants, decisions)
+    assert rows["variant"].to_list() == ["QA", "A"]
+    assert rows["output"].to_list() == ["QA-0", "A-1"]
+    assert rows["instruction"].to_list() == ["Q0", "i1"]  # QA keeps the new instruction, A the original
+    prov = provenance_columns(decisions, inst, resp, "/data/demo.jsonl")
+    assert prov["instruction_call_key"].to_list() == ["q0", None]
+    assert prov["response_call_key"].to_list() == ["QA0", "A1"]
+
+    story = explain_sample(raw["sample_id"][0], {"raw_samples": raw, "instruction_candidates": inst,
+                                                   "response_candidates": resp, "selection_decisions": decisions,
+                                                   "selected_dataset": rows})  # fmt: skip
+    assert story["in_selected_dataset"] and story["source"] == "demo"
+    text = format_story(story)
+    assert "teacher says" in text and "branch QA, chosen QA" in text
+    with pytest.raises(ValueError, match="not a sample id"):
+        source_of("nodash")
+
+    written = export_dataset(rows, tmp_path, "selected_dataset")
+    records = json.loads(written["alpaca_json"].read_text())
+    assert [r["output"] for r in records] == ["QA-0", "A-1"] and records[0]["sample_id"] == rows["sample_id"][0]
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset(str(written["hf_dataset"]), split="train")
+    assert loaded["output"] == ["QA-0", "A-1"]
+
+
+def test_random_baseline_is_reproducible(tiny_pipeline_tables):
+    raw = original_training_rows(tiny_pipeline_tables[0])
+    first = random_baseline(raw, 2, seed=7)
+    assert first.height == 2 and first.equals(random_baseline(raw, 2, seed=7))
+    assert set(first["sample_id"]) <= set(raw["sample_id"])
+    assert random_baseline(raw, 10, seed=7).height == raw.height
+    draws = {tuple(random_baseline(raw, 1, seed=s)["sample_id"]) for s in range(20)}
+    assert len(draws) > 1  # the seed matters
