@@ -36,6 +36,8 @@ def materialize_partition(source: str, selection: str | None = None, raise_on_er
         instance=DagsterInstance.get(),
         partition_key=source,
         asset_selection=asset_keys,
+        # progress lines (teacher calls, training steps) without Dagster's per-event debug output
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         raise_on_error=raise_on_error,
         tags={"srt/launched_by": "cli"},
     )
@@ -132,6 +134,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     code = _report(materialize_partition(args.source), args.source, started)
+    report = paths.storage_dir() / "reports" / args.source
+    if (report / "report.html").is_file():
+        print(f"\nExperiment report: {report / 'report.html'}\n  (Markdown with PNG figures: {report / 'report.md'})")
     print(
         "\nOpen the Dagster UI to browse the assets, their lineage, metadata and checks:\n"
         f"  cd {paths.REPO_ROOT} && DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml"

@@ -15,6 +15,7 @@ from srt_assets.assets.reflection import build_reflection_assets
 from srt_assets.assets.scoring import build_scoring_assets
 from srt_assets.assets.selection import build_selection_assets
 from srt_assets.core.sources import load_catalog
+from srt_assets.executors import executor_from_env
 from srt_assets.io_managers import PolarsParquetIOManager
 from srt_assets.resources import (
     GPUResource,
@@ -30,9 +31,11 @@ def build_definitions(
     sources_file: str | os.PathLike[str] | None = None,
     storage_dir: str | os.PathLike[str] | None = None,
     resources: dict[str, object] | None = None,
+    executor: str | None = None,
 ) -> Definitions:
     """Build the pipeline over a source catalog (default: sources.yaml) and a storage folder;
-    ``resources`` replaces any default resource (e.g. another student model or device)."""
+    ``resources`` replaces any default resource (e.g. another student model or device);
+    ``executor`` (default ``$SRT_EXECUTOR``) picks k8s, celery or the default (srt_assets/executors.py)."""
     sources_path = Path(sources_file) if sources_file else paths.sources_file()
     storage = Path(storage_dir) if storage_dir else paths.storage_dir()
     catalog = load_catalog(sources_path)
@@ -56,6 +59,7 @@ def build_definitions(
             "sources": SourceCatalogResource(sources_file=str(sources_path)),
             **(resources or {}),
         },
+        executor=executor_from_env(executor),
     )
 
 

@@ -116,7 +116,7 @@ class TeacherResource(ConfigurableResource):
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = Field(
-        default=160, description="per reply; small for the embedded CPU default (the paper: up to 2048, ChatGPT)"
+        default=128, description="per reply; small for the embedded CPU default (the paper: up to 2048, ChatGPT)"
     )
     batch_size: int = Field(default=16, description="local transformers: prompts per generate() batch")
     parse_retries: int = 1
@@ -124,7 +124,11 @@ class TeacherResource(ConfigurableResource):
     mode: Literal["eager", "lazy"] = Field(
         default="eager", description="eager: reflect the responses of ori and Q (authors); lazy: only the branch kept"
     )
-    prompts_file: str = Field(default="", description="YAML with prompt texts (keys of ReflectionPrompts)")
+    prompts_file: str = Field(
+        default="auto",
+        description="YAML with prompt texts (keys of ReflectionPrompts); 'auto': the compact prompts for the "
+        "bundled 135M teacher, the full (analysis-first) prompts for any other; '': the full prompts",
+    )
     cost_per_1k_input: float = 0.0
     cost_per_1k_output: float = 0.0
 

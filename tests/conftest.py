@@ -93,3 +93,20 @@ def latest_metadata(instance, key) -> dict:
     asset_key = key if isinstance(key, AssetKey) else AssetKey(key)
     event = instance.get_latest_materialization_event(asset_key)
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+@pytest.fixture(scope="session")
+def reference_scorer(student_model_dir):
+    """The authors' straightforward computation as a LossScorer: batch of one, context labels -100,
+    ``outputs.loss`` in float32. Every engine is checked against it."""
+    from transformers import AutoModelForCausalLM
+
+    from srt_assets.models.student_hf import batch_of_one_losses
+
+    model = AutoModelForCausalLM.from_pretrained(student_model_dir, dtype="float32").eval()
+
+    class Reference:
+        def mean_losses(self, sequences, starts):
+            return batch_of_one_losses(model, sequences, starts)
+
+    return Reference()

@@ -24,8 +24,20 @@ INSTRUCTION_RE = re.compile(r"\[Instruction\]\n(.*?)\n\n", re.S)
 ANSWER_RE = re.compile(r"\[The Start of Answer\]\n(.*?)\n\n\[The End of Answer\]", re.S)
 
 
+def last_user_message(messages: list[dict]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
 def scripted_reply(messages: list[dict]) -> str:
-    user = messages[-1]["content"]
+    """The reply; a conversation that ends in a prefilled assistant turn gets only its continuation,
+    as vLLM's server answers with ``continue_final_message``."""
+    prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+    reply = _full_reply(messages)
+    return reply.split(prefill, 1)[1] if prefill and prefill in reply else reply
+
+
+def _full_reply(messages: list[dict]) -> str:
+    user = last_user_message(messages)
     instruction = INSTRUCTION_RE.search(user).group(1)
     answer = ANSWER_RE.search(user).group(1)
     if "FAULT:nomarkers" in user:
@@ -45,6 +57,7 @@ class ScriptedOpenAIServer:
         self.latency = latency
         self.retry_after = retry_after
         self.requests = 0
+        self.payloads: list[dict] = []
         self.attempts: Counter[str] = Counter()  # per user message
         self.times: dict[str, list[float]] = {}
         self.authorization: set[str] = set()
@@ -86,8 +99,9 @@ class ScriptedOpenAIServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 payload = json.loads(self.rfile.read(length))
-                user = payload["messages"][-1]["content"]
+                user = last_user_message(payload["messages"])
                 with outer.lock:
+                    outer.payloads.append(payload)
                     outer.requests += 1
                     outer.attempts[user] += 1
                     attempt = outer.attempts[user]

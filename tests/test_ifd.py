@@ -79,22 +79,14 @@ def test_texts_locate_the_target_and_truncate_as_the_reference(student_tokenizer
 
 
 @pytest.mark.slow
-def test_packed_engine_matches_the_straightforward_loop(student_model_dir, student_tokenizer):
+def test_packed_engine_matches_the_straightforward_loop(student_model_dir, student_tokenizer, reference_scorer):
     """float32: batch of one, context labels -100, outputs.loss (as the authors) vs the packed engine."""
-    from transformers import AutoModelForCausalLM
-
-    from srt_assets.models.student_hf import TransformersStudent, batch_of_one_losses
+    from srt_assets.models.student_hf import TransformersStudent
 
     rows = alpaca_rows(4, with_input=2)
     items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in rows]
     builder = build_text_builder(student_tokenizer, "alpaca", ScoringConfig())
-    reference_model = AutoModelForCausalLM.from_pretrained(student_model_dir, dtype="float32").eval()
-
-    class Reference:
-        def mean_losses(self, sequences, starts):
-            return batch_of_one_losses(reference_model, sequences, starts)
-
-    expected, _ = score_items(items, builder, Reference())
+    expected, _ = score_items(items, builder, reference_scorer)
     engine = TransformersStudent(student_model_dir, device="cpu", dtype="float32", token_budget=256)
     got, work = score_items(items, builder, engine)
     assert work["unique_texts"] == 4 * len(items)

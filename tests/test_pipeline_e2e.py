@@ -15,6 +15,7 @@ import pytest
 from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
 from dagster import AssetKey
 
+from srt_assets.assets.reflection import SMALL_TEACHER_PROMPTS
 from srt_assets.definitions import build_definitions
 from srt_assets.resources import StudentModelResource, TeacherResource, TrainingResource
 
@@ -48,7 +49,10 @@ def pipeline(tmp_path_factory, student_model_dir):
         storage_dir=root / "store",
         resources={
             "student": StudentModelResource(model=model),
-            "teacher": TeacherResource(model=model, max_tokens=40, batch_size=8, parse_retries=0),
+            # the compact, prefilled prompts that 'auto' picks for the bundled teacher
+            "teacher": TeacherResource(
+                model=model, max_tokens=40, batch_size=8, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
+            ),
             "training": TrainingResource(max_steps=2, batch_size=2, max_length=192),
         },
     )
@@ -162,3 +166,31 @@ def test_report_is_in_dagster_metadata(pipeline):
     assert Path(meta["report_html"]).is_file()
     assert "data:image/png;base64" in meta["report"]
     assert {r["dataset"] for r in meta["results"]["training"]} == set(CHECKPOINTS)
+
+
+def test_demo_partition_to_selected_dataset_with_the_paper_rule(tmp_path, student_model_dir, dagster_instance):
+    """The shipped `demo` partition, raw → selected_dataset, real default models, the paper's rule."""
+    from conftest import REPO_ROOT
+
+    model = str(student_model_dir)
+    defs = build_definitions(
+        sources_file=REPO_ROOT / "sources.yaml",
+        storage_dir=tmp_path,
+        resources={
+            "student": StudentModelResource(model=model),
+            "teacher": TeacherResource(
+                model=model, max_tokens=24, batch_size=20, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
+            ),
+        },
+    )
+    config = {"ops": {"selected_dataset": {"config": {"min_rows": 0}}}}  # a tiny teacher may win no sample
+    result = materialize(defs, "demo", dagster_instance, upto="selected_dataset", run_config=config)
+    assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+    decisions = pl.read_parquet(tmp_path / "selection_decisions" / "demo.parquet")
+    selected = pl.read_parquet(tmp_path / "selected_dataset" / "demo.parquet")
+    assert decisions.height == 40 and set(decisions["branch"]) <= {"QA", "Q", "A", "ori"}
+    assert set(decisions.filter(pl.col("selected"))["chosen_variant"]) <= {"QA", "A"}  # reflected answers only
+    assert selected.height == int(decisions["selected"].sum())
+    assert ((selected["ifd"] < 1) & (selected["rifd"] < 1)).all()
+    counts = latest_metadata(dagster_instance, "selection_decisions")["branch_counts"]
+    assert sum(counts[b] for b in ("QA", "Q", "A", "ori")) == 40

@@ -11,22 +11,13 @@ pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs v
 
 
 @pytest.mark.slow
-def test_vllm_prompt_logprobs_match_the_straightforward_loop(student_model_dir, student_tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from srt_assets.models.student_hf import batch_of_one_losses
+def test_vllm_prompt_logprobs_match_the_straightforward_loop(student_model_dir, student_tokenizer, reference_scorer):
     from srt_assets.models.student_vllm import VLLMStudent
 
     rows = alpaca_rows(3, with_input=1)
     items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in rows]
     builder = build_text_builder(student_tokenizer, "alpaca", ScoringConfig())
-    reference_model = AutoModelForCausalLM.from_pretrained(student_model_dir, dtype="float32").eval()
-
-    class Reference:
-        def mean_losses(self, sequences, starts):
-            return batch_of_one_losses(reference_model, sequences, starts)
-
-    expected, _ = score_items(items, builder, Reference())
+    expected, _ = score_items(items, builder, reference_scorer)
     engine = VLLMStudent(str(student_model_dir), dtype="float32", max_model_len=2049)
     try:
         got, _ = score_items(items, builder, engine)

@@ -123,3 +123,35 @@ def test_structured_output_requests_a_json_schema(tmp_path):
     outcome = reflect(teacher, [("Q?", "", "A.")], "response", ReflectionPrompts(), ReflectionSettings(structured=True))
     assert outcome[0].status == "ok" and outcome[0].answer == "Better."
     assert seen["schema"]["required"] == ["analysis", "better_answer"] and "JSON" in seen["note"]
+
+
+def test_prefilled_reply_is_continued_and_parsed(tmp_path):
+    prompts = ReflectionPrompts(response_prefill="[Better Answer]")
+    with ScriptedOpenAIServer() as server:
+        backend = OpenAICompatibleTeacher(server.base_url, "scripted", retry=FAST_RETRY)
+        cached = CachedTeacher(backend, SqliteCache(tmp_path / "c.sqlite", "t"))
+        [outcome] = reflect(cached, rows_with(""), "response", prompts, ReflectionSettings())
+    payload = server.payloads[-1]
+    assert payload["messages"][-1] == {"role": "assistant", "content": "[Better Answer]"}
+    assert payload["continue_final_message"] is True and payload["add_generation_prompt"] is False
+    assert outcome.status == "ok" and outcome.raw_text.startswith("[Better Answer] Blue. (0)")
+    assert outcome.answer == "Blue. (0) Here is more detail and an example."
+
+
+def test_replicas_share_the_calls_and_cover_for_a_dead_one(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port with nothing listening: every call to it fails to connect
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    with ScriptedOpenAIServer() as first, ScriptedOpenAIServer() as second:
+        backend = OpenAICompatibleTeacher(
+            f"{first.base_url}, {second.base_url},{dead}", "scripted", concurrency=3, retry=FAST_RETRY
+        )
+        rows = [(f"Name color number {i}.", "", f"Blue {i}.") for i in range(12)]
+        cached = CachedTeacher(backend, SqliteCache(tmp_path / "c.sqlite", "t"))
+        outcomes = reflect(cached, rows, "response", ReflectionPrompts(), ReflectionSettings())
+        backend.close()
+    assert [o.status for o in outcomes] == ["ok"] * 12
+    assert first.requests >= 4 and second.requests >= 4  # round-robin, the dead replica's share retried
+    assert first.requests + second.requests == 12

@@ -8,9 +8,13 @@ import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue
 
 from srt_assets.core.quality import CheckOutcome
+from srt_assets.executors import GPU_POOL, GPU_STEP_TAGS
 from srt_assets.plots import histogram_markdown, line_plot_markdown  # noqa: F401 (re-exported for assets)
 
 SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
+# Arguments of every model step: the Dagster pool "gpu" (capped in dagster.yaml) and the tags that
+# give each step one GPU on the Kubernetes and Celery executors (srt_assets/executors.py).
+GPU_STEP = {"pool": GPU_POOL, "op_tags": GPU_STEP_TAGS}
 
 
 def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:

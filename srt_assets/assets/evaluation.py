@@ -19,7 +19,7 @@ from dagster import (
 from pydantic import Field
 
 from srt_assets import paths
-from srt_assets.assets.common import markdown_table, quantiles, to_check_results
+from srt_assets.assets.common import GPU_STEP, markdown_table, quantiles, to_check_results
 from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
 from srt_assets.assets.reflection import LazyTeacher
 from srt_assets.assets.scoring import model_identity
@@ -62,7 +62,7 @@ class EvaluationPromptsConfig(Config):
 
 
 class AnswerConfig(Config):
-    max_new_tokens: int = Field(128, description="greedy answer length (the paper: up to 1024)")
+    max_new_tokens: int = Field(96, description="greedy answer length (CPU demo size; the paper: up to 1024)")
     batch_size: int = 8
 
 
@@ -70,7 +70,7 @@ class JudgeConfig(Config):
     pairs: list[list[str]] = Field(
         default=[["selected", "full"], ["selected", "random"]], description="[model, opponent] dataset pairs"
     )
-    max_tokens: int = Field(96, description="judge reply length; the scores are on its first line")
+    max_tokens: int = Field(48, description="judge reply length; the scores are on its first line")
 
 
 def eval_cache(storage: StorageResource, namespace: str) -> SqliteCache:
@@ -121,6 +121,15 @@ def reference_losses(model_path: str, rows: pl.DataFrame, student, gpu, storage)
 
 
 def build_evaluation_assets(source_partitions: PartitionsDefinition):
+    # the model steps that read all three checkpoints of a source
+    checkpoint_step = {
+        "partitions_def": source_partitions,
+        "group_name": "evaluation",
+        "kinds": {"pytorch", "polars"},
+        "deps": CHECKPOINT_KEYS,
+        **GPU_STEP,
+    }
+
     @asset(group_name="evaluation", kinds={"polars"})
     def evaluation_prompts(context: AssetExecutionContext, config: EvaluationPromptsConfig) -> Output[pl.DataFrame]:
         """Held-out prompts (Vicuna, Koala, WizardLM, LIMA, Self-Instruct test sets) to judge on, and
@@ -141,13 +150,7 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
             },
         )
 
-    @asset(
-        partitions_def=source_partitions,
-        group_name="evaluation",
-        kinds={"pytorch", "polars"},
-        pool="gpu",
-        deps=CHECKPOINT_KEYS,
-    )
+    @asset(**checkpoint_step)
     def evaluation_answers(
         context: AssetExecutionContext,
         config: AnswerConfig,
@@ -197,13 +200,7 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
             },
         )
 
-    @asset(
-        partitions_def=source_partitions,
-        group_name="evaluation",
-        kinds={"pytorch", "polars"},
-        pool="gpu",
-        deps=CHECKPOINT_KEYS,
-    )
+    @asset(**checkpoint_step)
     def reference_answer_loss(
         context: AssetExecutionContext,
         evaluation_prompts: pl.DataFrame,
@@ -237,7 +234,7 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
         partitions_def=source_partitions,
         group_name="evaluation",
         kinds={"polars"},
-        pool="gpu",
+        **GPU_STEP,
         check_specs=[AssetCheckSpec("verdict_per_prompt_and_pair", asset="pairwise_judgements", blocking=True)],
     )
     def pairwise_judgements(

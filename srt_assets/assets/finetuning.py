@@ -13,7 +13,7 @@ from dagster import (
     asset,
 )
 
-from srt_assets.assets.common import line_plot_markdown
+from srt_assets.assets.common import GPU_STEP, line_plot_markdown
 from srt_assets.assets.scoring import model_identity
 from srt_assets.core.cache import content_key
 from srt_assets.core.ifd import ScoringConfig
@@ -52,7 +52,7 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         partitions_def=partitions_def,
         group_name="training",
         kinds={"pytorch"},
-        pool="gpu",
+        **GPU_STEP,
         ins={"rows": AssetIn(DATASETS[dataset])},
         description=f"The student fine-tuned on `{DATASETS[dataset]}` (loss on response tokens only): a "
         "directory `from_pretrained` loads, with a manifest of base model, data and hyperparameters. A rerun "

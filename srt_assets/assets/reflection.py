@@ -1,5 +1,7 @@
 """Stages 2 and 4: the teacher's instruction and response reflection, every call cached."""
 
+from pathlib import Path
+
 import polars as pl
 from dagster import (
     AssetCheckSpec,
@@ -11,13 +13,14 @@ from dagster import (
     asset,
 )
 
-from srt_assets.assets.common import markdown_table, to_check_results
+from srt_assets.assets.common import GPU_STEP, markdown_table, to_check_results
 from srt_assets.assets.scoring import model_identity, score_variants
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import CachedTeacher, GenerationParams, ReflectionOutcome, ReflectionSettings, reflect
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
+from srt_assets.models.loading import BUNDLED_MODEL
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
 
 CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
@@ -98,8 +101,20 @@ class LazyTeacher:
         self._backend = None
 
 
+SMALL_TEACHER_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "small_teacher.yaml"
+
+
+def prompts_file(teacher: TeacherResource) -> str:
+    """The prompt file in use: 'auto' picks the compact, prefilled prompts for the bundled 135M model
+    (it rarely reaches the markers after a written analysis) and the full prompts for any other."""
+    if teacher.prompts_file != "auto":
+        return teacher.prompts_file
+    return str(SMALL_TEACHER_PROMPTS) if teacher.backend != "openai" and teacher.model == BUNDLED_MODEL else ""
+
+
 def reflection_settings(teacher: TeacherResource) -> tuple[ReflectionPrompts, ReflectionSettings]:
-    prompts = ReflectionPrompts.from_file(teacher.prompts_file) if teacher.prompts_file else ReflectionPrompts()
+    file = prompts_file(teacher)
+    prompts = ReflectionPrompts.from_file(file) if file else ReflectionPrompts()
     params = GenerationParams(temperature=teacher.temperature, top_p=teacher.top_p, max_tokens=teacher.max_tokens)
     return prompts, ReflectionSettings(
         params=params, parse_retries=teacher.parse_retries, structured=teacher.structured_output
@@ -181,6 +196,7 @@ def candidate_metadata(table: pl.DataFrame, stats: dict, teacher: TeacherResourc
     return {
         "row_count": table.height,
         **teacher.describe(),
+        "prompts_file": prompts_file(teacher) or "(built-in full prompts)",
         "calls_made": stats["calls"],
         "cache_hits": stats["cache_hits"],
         "model_loaded": stats["model_loaded"],
@@ -210,7 +226,7 @@ def candidate_checks(table: pl.DataFrame, expected: pl.DataFrame, max_failure_ra
 
 
 def build_reflection_assets(partitions_def: PartitionsDefinition):
-    common = {"partitions_def": partitions_def, "group_name": "teacher", "kinds": {"polars"}, "pool": "gpu"}
+    common = {"partitions_def": partitions_def, "group_name": "teacher", "kinds": {"polars"}, **GPU_STEP}
 
     @asset(
         **common,

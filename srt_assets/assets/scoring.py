@@ -15,7 +15,7 @@ from dagster import (
     asset,
 )
 
-from srt_assets.assets.common import histogram_markdown, quantiles, to_check_results
+from srt_assets.assets.common import GPU_STEP, histogram_markdown, quantiles, to_check_results
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.ifd import CachedScorer, ScoringConfig, ScoringItem, score_items, scores_frame
 from srt_assets.core.quality import CheckOutcome, ratio_check
@@ -120,7 +120,7 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
         partitions_def=partitions_def,
         group_name="student",
         kinds={"pytorch", "polars"},
-        pool="gpu",
+        **GPU_STEP,
         deps=[student_base_model],
         check_specs=[AssetCheckSpec(name, asset="student_scores", blocking=True) for name in SCORE_CHECKS],
     )

@@ -46,6 +46,10 @@ class ReflectionPrompts:
         "instruction deserves, written as: [Better Answer] the answer [End]\n"
     )
     input_note: str = " The instruction comes with an input; judge them together."
+    # Optional start of the teacher's reply (e.g. "[Better Answer]"): the backend continues it, which
+    # keeps small teachers on the output format. Empty (the default) sends no assistant turn.
+    instruction_prefill: str = ""
+    response_prefill: str = ""
 
     @classmethod
     def from_file(cls, path: str | Path) -> ReflectionPrompts:
@@ -69,20 +73,28 @@ def _frame(instruction: str, input_text: str, output: str, criteria: str) -> str
     return "".join(parts)
 
 
+def _conversation(system: str, user: str, prefill: str) -> Messages:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if prefill:
+        messages.append({"role": "assistant", "content": prefill})
+    return messages
+
+
 def instruction_messages(prompts: ReflectionPrompts, instruction: str, input_text: str, output: str) -> Messages:
     system = prompts.instruction_system + (prompts.input_note if input_text else "")
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": _frame(instruction, input_text, output, prompts.instruction_criteria)},
-    ]
+    user = _frame(instruction, input_text, output, prompts.instruction_criteria)
+    return _conversation(system, user, prompts.instruction_prefill)
 
 
 def response_messages(prompts: ReflectionPrompts, instruction: str, input_text: str, output: str) -> Messages:
     system = prompts.response_system + (prompts.input_note if input_text else "")
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": _frame(instruction, input_text, output, prompts.response_criteria)},
-    ]
+    user = _frame(instruction, input_text, output, prompts.response_criteria)
+    return _conversation(system, user, prompts.response_prefill)
+
+
+def continues_reply(messages: Messages) -> str:
+    """The prefilled start of the reply when the conversation ends with an assistant turn, else ''."""
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
 
 
 @dataclass(frozen=True)

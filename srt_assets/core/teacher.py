@@ -20,6 +20,7 @@ from srt_assets.core.reflection import (
     Messages,
     Parsed,
     ReflectionPrompts,
+    continues_reply,
     instruction_messages,
     parse_instruction_reflection,
     parse_response_reflection,
@@ -173,10 +174,14 @@ def reflect(
             usage[i][0] += generation.prompt_tokens
             usage[i][1] += generation.completion_tokens
             original_instruction = rows[i][0] if kind == "instruction" else None
-            if generation.error is not None or generation.text is None:
+            text = generation.text
+            prefill = continues_reply(conversations[i])
+            if text is not None and prefill:  # the reply as the parser must see it
+                text = prefill + ("" if text[:1].isspace() else " ") + text
+            if generation.error is not None or text is None:
                 parsed, status, error = Parsed(), "call_failed", generation.error or "no reply"
             else:
-                parsed = parse(generation.text)
+                parsed = parse(text)
                 status, error = ("ok", None) if parsed.ok else ("parse_failed", parsed.error)
             accepted = status == "ok"
             outcome = ReflectionOutcome(
@@ -184,7 +189,7 @@ def reflect(
                 answer=parsed.answer if accepted else rows[i][2],
                 status=status,
                 error=error,
-                raw_text=generation.text,
+                raw_text=text,
                 cache_key=key,
                 attempts=attempt + 1,
                 prompt_tokens=usage[i][0],

@@ -9,6 +9,7 @@ The API key is read from the environment when the backend is built and is sent o
 from __future__ import annotations
 
 import email.utils
+import itertools
 import logging
 import random
 import threading
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from srt_assets.core.reflection import Messages
+from srt_assets.core.reflection import Messages, continues_reply
 from srt_assets.core.teacher import Generation, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ def retry_after_seconds(header: str | None, now: float | None = None) -> float |
 
 
 class OpenAICompatibleTeacher:
-    """``TeacherBackend`` over ``POST {base_url}/chat/completions``."""
+    """``TeacherBackend`` over ``POST {base_url}/chat/completions``.
+
+    ``base_url`` may list several replicas separated by commas (e.g. one vLLM server per GPU node):
+    calls are spread round-robin over them, and a retry goes to the next replica, so one slow or
+    failed server does not stall the step. ``concurrency`` is the total across replicas.
+    """
 
     def __init__(
         self,
@@ -65,7 +71,10 @@ class OpenAICompatibleTeacher:
         cost_per_1k_output: float = 0.0,
         rng: random.Random | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
+        if not self.base_urls:
+            raise ValueError("OpenAI-compatible teacher needs a base_url")
+        self.base_url = self.base_urls[0]
         self.model = model
         self.model_id = f"openai-compatible:{model}"  # the cache key names the model, not the server
         self.concurrency = concurrency
@@ -74,12 +83,16 @@ class OpenAICompatibleTeacher:
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        )
+        self._clients = [
+            httpx.Client(
+                base_url=url,
+                headers=headers,
+                timeout=httpx.Timeout(timeout_s),
+                limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            )
+            for url in self.base_urls
+        ]
+        self._next_replica = itertools.count()
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.cost_per_1k[0] + completion_tokens / 1000 * self.cost_per_1k[1]
@@ -93,6 +106,9 @@ class OpenAICompatibleTeacher:
             "max_tokens": params.max_tokens,
             "seed": params.seed,
         }
+        if continues_reply(messages):
+            # vLLM's server (and compatible ones) continue a final assistant turn when asked to.
+            payload.update({"add_generation_prompt": False, "continue_final_message": True})
         if params.json_schema is not None:
             payload["response_format"] = {
                 "type": "json_schema",
@@ -108,10 +124,12 @@ class OpenAICompatibleTeacher:
 
     def _one(self, messages: Messages, params: GenerationParams) -> Generation:
         last_error, last_kind = "no attempt made", "error"
+        first_replica = next(self._next_replica)
         for attempt in range(self.retry.max_retries + 1):
             retry_after = None
+            client = self._clients[(first_replica + attempt) % len(self._clients)]
             try:
-                response = self._client.post("/chat/completions", json=self._payload(messages, params))
+                response = client.post("/chat/completions", json=self._payload(messages, params))
             except httpx.TimeoutException:
                 last_error, last_kind = "request timed out", "timeout"
             except httpx.TransportError as exc:
@@ -155,4 +173,5 @@ class OpenAICompatibleTeacher:
             return list(pool.map(lambda messages: self._one(messages, params), conversations))
 
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients:
+            client.close()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from srt_assets.core.reflection import Messages
+from srt_assets.core.reflection import Messages, continues_reply
 from srt_assets.core.teacher import Generation, GenerationParams
 from srt_assets.models.loading import DTYPES, resolve_device
 
@@ -34,6 +34,8 @@ class TransformersTeacher:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).to(self.device).eval()
 
     def _prompt(self, messages: Messages) -> str:
+        if continues_reply(messages):  # a prefilled reply: continue it rather than open a new turn
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def generate(self, conversations: Sequence[Messages], params: GenerationParams) -> list[Generation]:
@@ -101,7 +103,14 @@ class VLLMTeacher:
         sampling = SamplingParams(
             temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed, **extra
         )
-        outputs = self.llm.chat(list(conversations), sampling, use_tqdm=False)
+        prefilled = bool(conversations) and bool(continues_reply(conversations[0]))
+        outputs = self.llm.chat(
+            list(conversations),
+            sampling,
+            use_tqdm=False,
+            add_generation_prompt=not prefilled,
+            continue_final_message=prefilled,
+        )
         return [
             Generation(
                 text=out.outputs[0].text.strip(),

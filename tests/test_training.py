@@ -1,0 +1,111 @@
+"""Fine-tuning the real default student: the loss on the trained rows drops, the checkpoint reloads
+with from_pretrained, an interrupted training resumes where it stopped, and a finished identical
+training is reused rather than repeated."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from conftest import alpaca_rows
+
+from srt_assets.core.ifd import ScoringConfig
+from srt_assets.core.training import TrainingHyperparameters, batch_plan, learning_rate, run_identity, sft_examples
+from srt_assets.models.student import build_text_builder, load_tokenizer
+from srt_assets.models.student_hf import TransformersStudent
+from srt_assets.models.trainer import MANIFEST, train_sft
+
+pytestmark = pytest.mark.slow
+# 4 rows, batch 2, 3 epochs: 6 optimizer steps; no progress saves unless a test asks for them
+HP = TrainingHyperparameters(
+    learning_rate=2e-4, epochs=3, batch_size=2, max_length=160, warmup_ratio=0.0, save_every=100
+)
+
+
+@pytest.fixture(scope="module")
+def examples(student_model_dir):
+    tokenizer = load_tokenizer(str(student_model_dir))
+    builder = build_text_builder(tokenizer, "chat", ScoringConfig(max_length=HP.max_length))
+    rows = [(r["instruction"], r["input"], r["output"]) for r in alpaca_rows(3, with_input=1)]
+    return sft_examples(builder, rows, tokenizer.eos_token_id)
+
+
+def mean_loss(model_dir, examples) -> float:
+    scorer = TransformersStudent(str(model_dir), device="cpu", dtype="float32")
+    losses = scorer.mean_losses([ids for ids, _ in examples], [start for _, start in examples])
+    return sum(losses) / len(losses)
+
+
+def test_plan_and_schedule_are_deterministic():
+    hp = TrainingHyperparameters(epochs=2, batch_size=3, warmup_ratio=0.25, learning_rate=1.0)
+    plan = batch_plan(7, hp)
+    assert plan == batch_plan(7, hp) and len(plan) == 5  # 14 examples in batches of 3
+    assert sorted(i for batch in plan for i in batch) == sorted(list(range(7)) * 2)
+    assert plan != batch_plan(7, replace(hp, seed=1))
+    assert batch_plan(7, replace(hp, max_steps=2)) == plan[:2]
+    assert learning_rate(0, 8, hp) == 0.5 and learning_rate(1, 8, hp) == 1.0  # warmup over 2 steps
+    assert learning_rate(7, 8, hp) < learning_rate(2, 8, hp) <= 1.0  # cosine decay afterwards
+
+
+def test_sft_examples_score_only_the_response(examples, student_model_dir):
+    tokenizer = load_tokenizer(str(student_model_dir))
+    ids, start = examples[0]
+    assert ids[-1] == tokenizer.eos_token_id
+    response = alpaca_rows(3, with_input=1)[0]["output"]
+    assert tokenizer.decode(ids[start:-1]).strip() == response.strip()[: len(tokenizer.decode(ids[start:-1]).strip())]
+    assert "<|im_start|>assistant" in tokenizer.decode(ids[:start])
+
+
+def test_training_lowers_the_loss_and_the_checkpoint_reloads(examples, student_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    before = mean_loss(student_model_dir, examples)
+    identity = run_identity("base", "data", "chat", HP)
+    result = train_sft(str(student_model_dir), examples, HP, tmp_path / "ckpt", identity, device="cpu")
+    after = mean_loss(tmp_path / "ckpt", examples)
+    assert result.steps == 6 and len(result.losses) == 6 and result.target_tokens > 0
+    assert after < before * 0.8, (before, after)
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST).read_text())
+    assert manifest["identity"] == identity and manifest["final_loss"] == result.losses[-1]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").num_parameters() > 100_000_000
+    assert not (tmp_path / ".ckpt.progress").exists()  # progress state removed once finished
+    again = train_sft(str(student_model_dir), examples, HP, tmp_path / "ckpt", identity, device="cpu")
+    assert again.reused and again.losses == result.losses
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_from_its_last_save(examples, student_model_dir, tmp_path):
+    hp = replace(HP, epochs=2, learning_rate=1e-4, save_every=2)  # 4 steps, saved after step 2
+    identity = run_identity("base", "data", "chat", hp)
+    reference = train_sft(str(student_model_dir), examples, hp, tmp_path / "whole", identity, device="cpu")
+
+    def crash_at_three(step, total, loss):
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_sft(
+            str(student_model_dir), examples, hp, tmp_path / "split", identity, device="cpu", on_step=crash_at_three
+        )
+    assert (tmp_path / ".split.progress" / "state.pt").is_file() and not (tmp_path / "split").exists()
+    resumed = train_sft(str(student_model_dir), examples, hp, tmp_path / "split", identity, device="cpu")
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    assert resumed.losses == pytest.approx(reference.losses, rel=1e-4)
+    other = run_identity("base", "other data", "chat", hp)  # a different training never resumes this state
+    assert other != identity
+
+
+def test_lora_training_merges_into_a_plain_checkpoint(examples, student_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    hp = replace(HP, lora_r=8, epochs=1, learning_rate=1e-3)
+    result = train_sft(str(student_model_dir), examples, hp, tmp_path / "lora", run_identity("b", "d", "chat", hp))
+    assert result.steps == 2  # 4 rows, batch 2, one epoch
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # merged: no peft needed to load
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert mean_loss(tmp_path / "lora", examples) < mean_loss(student_model_dir, examples)
