@@ -31,8 +31,8 @@ ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 lint: setup
-	$(VENV)/bin/ruff check srt_assets tests benchmarks
-	$(VENV)/bin/ruff format --check srt_assets tests benchmarks
+	$(VENV)/bin/ruff check srt_assets tests benchmarks docs
+	$(VENV)/bin/ruff format --check srt_assets tests benchmarks docs
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_scoring.py

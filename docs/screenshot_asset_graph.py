@@ -8,6 +8,7 @@ Uses the machine's Chromium (/usr/bin/chromium) rather than downloading a browse
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from playwright.sync_api import sync_playwright
@@ -21,10 +22,8 @@ def main(base_url: str, out: str) -> None:
         page = browser.new_page(viewport={"width": 1900, "height": 1000})
         # the report's upstream lineage is the whole graph, drawn with every asset as a node
         page.goto(f"{base_url}/assets/experiment_report?view=lineage&lineageScope=upstream&lineageDepth=20")
-        try:  # the first visit shows a newsletter dialog
+        with contextlib.suppress(Exception):  # the first visit shows a newsletter dialog; later ones do not
             page.get_by_role("button", name="Skip").click(timeout=15000)
-        except Exception:  # noqa: BLE001 - no dialog this time
-            pass
         page.wait_for_timeout(4000)
         page.screenshot(path=out)
         browser.close()
