@@ -18,7 +18,21 @@ def _ensure_dagster_home() -> Path:
     return home
 
 
-def materialize_partition(source: str, selection: str | None = None, raise_on_error: bool = False):
+def load_run_config(path: str | None) -> dict:
+    """Run config from a YAML file (the launchpad's format: ops, resources, loggers); console
+    logging at INFO unless the file says otherwise."""
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+    if not isinstance(config, dict):
+        raise SystemExit(f"srt: {path}: expected a YAML mapping of run config (ops:, loggers:, ...)")
+    config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
+    return config
+
+
+def materialize_partition(
+    source: str, selection: str | None = None, raise_on_error: bool = False, run_config: dict | None = None
+):
     """Materialize the selected assets (default: all) of one source partition, recorded in the
     persistent Dagster instance so the runs show in the UI."""
     _ensure_dagster_home()
@@ -37,7 +51,7 @@ def materialize_partition(source: str, selection: str | None = None, raise_on_er
         partition_key=source,
         asset_selection=asset_keys,
         # progress lines (teacher calls, training steps) without Dagster's per-event debug output
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        run_config=run_config or load_run_config(None),
         raise_on_error=raise_on_error,
         tags={"srt/launched_by": "cli"},
     )
@@ -79,7 +93,7 @@ def cmd_sources(_: argparse.Namespace) -> int:
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = materialize_partition(args.source, args.select)
+    result = materialize_partition(args.source, args.select, run_config=load_run_config(args.config))
     return _report(result, args.source, started)
 
 
@@ -133,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"(Dagster instance: {home})"
     )
     started = time.perf_counter()
-    code = _report(materialize_partition(args.source), args.source, started)
+    code = _report(materialize_partition(args.source, run_config=load_run_config(args.config)), args.source, started)
     report = paths.storage_dir() / "reports" / args.source
     if (report / "report.html").is_file():
         print(f"\nExperiment report: {report / 'report.html'}\n  (Markdown with PNG figures: {report / 'report.md'})")
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     mat = sub.add_parser("materialize", help="materialize assets of one source partition")
     mat.add_argument("--source", required=True, help="partition (source name from sources.yaml)")
     mat.add_argument("--select", default=None, help="Dagster asset selection, e.g. 'raw_samples+' (default: all)")
+    mat.add_argument("--config", default=None, help="YAML run config (ops: ... as in the launchpad)")
     mat.set_defaults(func=cmd_materialize)
     explain = sub.add_parser("explain", help="trace one sample: raw row, teacher calls, scores, decision")
     explain.add_argument("sample_id")
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     explain.set_defaults(func=cmd_explain)
     demo = sub.add_parser("demo", help="materialize the whole pipeline for the demo source")
     demo.add_argument("--source", default="demo")
+    demo.add_argument("--config", default=None, help="YAML run config (ops: ... as in the launchpad)")
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -46,6 +46,12 @@ def _table_html(frame: pl.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def finite_mean(values: pl.Series) -> float:
+    """Mean over finite values: a reference with no scorable token (null/NaN loss) is left out."""
+    finite = values.filter(values.is_finite())
+    return float(finite.mean()) if finite.len() else math.nan
+
+
 def verdict_figure(summary: pl.DataFrame):
     """Stacked win/tie/lose bars, one bar per (pair, test set)."""
     plt = _pyplot()
@@ -66,10 +72,11 @@ def loss_figure(losses: pl.DataFrame):
     plt = _pyplot()
     fig, axis = plt.subplots(figsize=(5, 3))
     datasets = sorted(losses["dataset"].unique()) if losses.height else []
-    data = [losses.filter(pl.col("dataset") == d)["loss"].drop_nulls().to_list() for d in datasets]
+    data = [losses.filter((pl.col("dataset") == d) & pl.col("loss").is_finite())["loss"].to_list() for d in datasets]
     if losses.height:
         datasets.append("base")
-        data.append(losses.filter(pl.col("dataset") == datasets[0])["base_loss"].drop_nulls().to_list())
+        base = losses.filter((pl.col("dataset") == datasets[0]) & pl.col("base_loss").is_finite())
+        data.append(base["base_loss"].to_list())
     if data:
         axis.boxplot(data, tick_labels=datasets)
     axis.set_ylabel("mean loss on reference answers")
@@ -96,8 +103,8 @@ def build_report(
                 "steps": training.get("steps"),
                 "final_train_loss": (manifest or {}).get("final_loss"),
                 "train_seconds": training.get("seconds"),
-                "reference_loss": float(part["loss"].mean()) if part.height else math.nan,
-                "base_reference_loss": float(part["base_loss"].mean()) if part.height else math.nan,
+                "reference_loss": finite_mean(part["loss"]),
+                "base_reference_loss": finite_mean(part["base_loss"]),
             }
         )
     training_table = pl.DataFrame(training_rows)

@@ -2,7 +2,6 @@
 judge-free loss on reference answers, and the experiment report."""
 
 import json
-import math
 from pathlib import Path
 
 import polars as pl
@@ -37,7 +36,7 @@ from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.teacher import CachedTeacher, GenerationParams
 from srt_assets.models.loading import model_fingerprint
 from srt_assets.models.student import LazyStudent, build_text_builder, load_tokenizer
-from srt_assets.report import build_report
+from srt_assets.report import build_report, finite_mean
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
 
 ANSWER_SCHEMA: dict[str, pl.DataType] = {
@@ -226,8 +225,8 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
                 )
             )
         table = pl.concat(parts)
-        means = {d: round(float(table.filter(pl.col("dataset") == d)["loss"].mean() or math.nan), 4) for d in DATASETS}
-        means["base"] = round(float(table["base_loss"].mean() or math.nan), 4)
+        means = {d: round(finite_mean(table.filter(pl.col("dataset") == d)["loss"]), 4) for d in DATASETS}
+        means["base"] = round(finite_mean(table["base_loss"]), 4)
         return Output(table, metadata={"row_count": table.height, "mean_loss": MetadataValue.json(means)})
 
     @asset(
