@@ -1,6 +1,11 @@
-"""Figures for asset metadata and reports (matplotlib, headless), as PNG bytes or inline Markdown."""
+"""Rendering for asset metadata and reports: Markdown tables, and figures (matplotlib, headless) as
+PNG bytes or inline Markdown."""
 
 from __future__ import annotations
+
+import math
+
+import polars as pl
 
 
 def _pyplot():
@@ -56,3 +61,21 @@ def line_figure(series: dict[str, list[float]], xlabel: str):
 
 def line_plot_markdown(series: dict[str, list[float]], xlabel: str) -> str:
     return png_markdown(figure_png(line_figure(series, xlabel)), "curve")
+
+
+def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:
+    """Render a few rows as a Markdown table for the Dagster UI, long texts shortened."""
+    if frame.is_empty():
+        return "_(no rows)_"
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "n/a" if math.isnan(value) else f"{value:.4g}"
+        text = "" if value is None else str(value)
+        text = text.replace("\n", "⏎ ").replace("|", "\\|")
+        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join([header, rule, *rows])

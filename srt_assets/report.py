@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from srt_assets.core.judging import pairwise_summary
-from srt_assets.plots import _pyplot, figure_png, line_figure, png_markdown
+from srt_assets.plots import _pyplot, figure_png, line_figure, markdown_table, png_markdown
 
 VERDICT_COLOURS = {"win": "#3f8f4f", "tie": "#b0b0b0", "lose": "#b04040"}
 
@@ -22,20 +22,6 @@ class Report:
     html_path: Path
     inline_markdown: str  # the same report with figures embedded, for the Dagster UI
     results: dict
-
-
-def _table_md(frame: pl.DataFrame) -> str:
-    if frame.is_empty():
-        return "_(no rows)_"
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return "n/a" if math.isnan(v) else f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    return "\n".join([header, rule, *("| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows())])
 
 
 def _table_html(frame: pl.DataFrame) -> str:
@@ -136,7 +122,7 @@ def build_report(
         for target in (md_file, md_inline):
             target.append(f"\n## {title}\n")
             if table is not None:
-                target.append(_table_md(table) + "\n")
+                target.append(markdown_table(table, max_chars=200) + "\n")
         html_parts.append(f"<h2>{html.escape(title)}</h2>")
         if table is not None:
             html_parts.append(_table_html(table))

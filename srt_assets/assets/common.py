@@ -9,28 +9,12 @@ from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue
 
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.executors import GPU_POOL, GPU_STEP_TAGS
-from srt_assets.plots import histogram_markdown, line_plot_markdown  # noqa: F401 (re-exported for assets)
+from srt_assets.plots import histogram_markdown, line_plot_markdown, markdown_table  # noqa: F401 (re-exported)
 
 SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
 # Arguments of every model step: the Dagster pool "gpu" (capped in dagster.yaml) and the tags that
 # give each step one GPU on the Kubernetes and Celery executors (srt_assets/executors.py).
 GPU_STEP = {"pool": GPU_POOL, "op_tags": GPU_STEP_TAGS}
-
-
-def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:
-    """Render a few rows as a Markdown table for the Dagster UI, long texts shortened."""
-    if frame.is_empty():
-        return "_(no rows)_"
-
-    def cell(value: object) -> str:
-        text = "" if value is None else str(value)
-        text = text.replace("\n", "⏎ ").replace("|", "\\|")
-        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
-    return "\n".join([header, rule, *rows])
 
 
 def to_check_results(asset: str, outcomes: Iterable[CheckOutcome]) -> Iterator[AssetCheckResult]:

@@ -20,11 +20,11 @@ from pydantic import Field
 from srt_assets import paths
 from srt_assets.assets.common import GPU_STEP, markdown_table, quantiles, to_check_results
 from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
-from srt_assets.assets.reflection import LazyTeacher
-from srt_assets.assets.scoring import model_identity
+from srt_assets.assets.reflection import teacher_session
+from srt_assets.assets.scoring import model_identity, student_session
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set
-from srt_assets.core.ifd import CachedScorer, ScoringConfig
+from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.judging import (
     JUDGE_JSON_SCHEMA,
     JudgePrompt,
@@ -35,7 +35,7 @@ from srt_assets.core.judging import (
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.teacher import CachedTeacher, GenerationParams
 from srt_assets.models.loading import model_fingerprint
-from srt_assets.models.student import LazyStudent, build_text_builder, load_tokenizer
+from srt_assets.models.student import build_text_builder
 from srt_assets.report import build_report, finite_mean
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
 
@@ -72,50 +72,36 @@ class JudgeConfig(Config):
     max_tokens: int = Field(48, description="judge reply length; the scores are on its first line")
 
 
-def eval_cache(storage: StorageResource, namespace: str) -> SqliteCache:
-    return SqliteCache(storage.cache_file, namespace)
-
-
 class TemplatedGenerator:
     """A checkpoint as a TeacherBackend: renders the user turn with the training template and
-    continues it greedily, so answers go through the same durable call cache as teacher calls."""
+    continues it greedily, so answers go through the same durable call cache as teacher calls.
+    The model loads on the first cache miss."""
 
     def __init__(self, model_path: str, template: str, device: str, dtype: str, batch_size: int):
-        from srt_assets.models.teacher_local import TransformersTeacher
-
         self.model_id = f"checkpoint:{model_fingerprint(Path(model_path))}|{template}"
-        self._args = (model_path, device, dtype, batch_size)
+        self._settings = {"device": device, "dtype": dtype, "batch_size": batch_size}
+        self._model_path = model_path
         self._template = template
         self._model = None
-        self._builder = None
-        self._factory = TransformersTeacher
-
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
 
     def generate(self, conversations, params):
+        from srt_assets.models.teacher_local import TransformersTeacher
+
         if self._model is None:
-            path, device, dtype, batch_size = self._args
-            self._model = self._factory(path, model_id=self.model_id, device=device, dtype=dtype, batch_size=batch_size)
-            self._builder = build_text_builder(self._model.tokenizer, self._template, ScoringConfig())
-        prompts = [self._builder.template.render(m[-1]["content"]) for m in conversations]
-        return self._model.generate_texts(prompts, params)
+            self._model = TransformersTeacher(self._model_path, model_id=self.model_id, **self._settings)
+            self._render = build_text_builder(self._model.tokenizer, self._template, ScoringConfig()).template.render
+        return self._model.generate_texts([self._render(m[-1]["content"]) for m in conversations], params)
 
 
-def reference_losses(model_path: str, rows: pl.DataFrame, student, gpu, storage) -> tuple[list[float], list[int]]:
+def reference_losses(
+    context, model_path: str, rows: pl.DataFrame, student, gpu, storage
+) -> tuple[list[float], list[int]]:
     """Mean loss of ``model_path`` on each reference answer given its prompt (training template)."""
-    builder = build_text_builder(load_tokenizer(model_path), student.template, ScoringConfig(student.max_length))
-    texts = [builder.part(builder.template.render(p) + r, r) for p, r in rows.select("prompt", "reference").rows()]
-    backend = LazyStudent("transformers", model_path, gpu.resolved_device(), gpu.dtype, gpu.token_budget)
-    cache = eval_cache(storage, "student_losses")
     fingerprint = model_fingerprint(Path(model_path))
-    scorer = CachedScorer(backend, cache, model_key=f"{fingerprint}|{gpu.dtype}|{student.context}")
-    try:
+    with student_session(context, model_path, fingerprint, gpu, student, storage) as (builder, scorer, _):
+        prompts = rows.select("prompt", "reference").rows()
+        texts = [builder.part(builder.template.render(p) + r, r) for p, r in prompts]
         losses = scorer.mean_losses([t.ids for t in texts], [max(t.target_start, 1) for t in texts])
-    finally:
-        backend.close()
-        cache.close()
     return losses, [t.n_targets for t in texts]
 
 
@@ -164,7 +150,7 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
         conversations = [[{"role": "user", "content": p}] for p in prompts["prompt"]]
         params = GenerationParams(temperature=0.0, max_tokens=config.max_new_tokens)
         parts, stats = [], {}
-        cache = eval_cache(storage, "answers")
+        cache = SqliteCache(storage.cache_file, "answers")
         try:
             for dataset in DATASETS:
                 model_path = str(checkpoint_dir(storage, context.partition_key, dataset))
@@ -211,11 +197,11 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
         base student's (lower is better; the difference is what fine-tuning changed)."""
         rows = evaluation_prompts.filter(pl.col("reference").is_not_null())
         base_path, _ = model_identity(student, storage)
-        base_losses, _ = reference_losses(base_path, rows, student, gpu, storage)
+        base_losses, _ = reference_losses(context, base_path, rows, student, gpu, storage)
         parts = []
         for dataset in DATASETS:
             model_path = str(checkpoint_dir(storage, context.partition_key, dataset))
-            losses, tokens = reference_losses(model_path, rows, student, gpu, storage)
+            losses, tokens = reference_losses(context, model_path, rows, student, gpu, storage)
             parts.append(
                 rows.select("prompt_set", "prompt_id").with_columns(
                     pl.lit(dataset).alias("dataset"),
@@ -357,16 +343,9 @@ def judge_pairs(context, answers: pl.DataFrame, config: JudgeConfig, teacher, gp
         max_tokens=config.max_tokens,
         json_schema=JUDGE_JSON_SCHEMA if teacher.structured_output else None,
     )
-    backend = LazyTeacher(teacher, gpu, storage)
-    cache = eval_cache(storage, "teacher_calls")
-    cached = CachedTeacher(
-        backend, cache, progress=lambda done, total: context.log.info(f"judge: {done}/{total} calls done")
-    )
-    try:
+    progress = lambda done, total: context.log.info(f"judge: {done}/{total} calls done")  # noqa: E731
+    with teacher_session(teacher, gpu, storage, progress) as cached:
         replies = cached.generate(conversations, params)
-    finally:
-        backend.close()
-        cache.close()
     context.log.info(f"judge calls: {cached.stats.calls} made, {cached.stats.cache_hits} from cache")
     records = []
     for index, (model, opponent, row) in enumerate(jobs):

@@ -1,5 +1,7 @@
 """Stages 2 and 4: the teacher's instruction and response reflection, every call cached."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -80,19 +82,17 @@ class LazyTeacher:
     def __init__(self, teacher: TeacherResource, gpu: GPUResource, storage: StorageResource):
         self._args = (teacher, gpu, storage)
         self._backend = None
+        self.was_loaded = False  # whether any call needed the model (kept after close, for metadata)
         if teacher.backend == "openai":
             self.model_id = f"openai-compatible:{teacher.model}"
         else:
             _, fingerprint = model_identity(StudentModelResource(model=teacher.model), storage)
             self.model_id = f"{teacher.backend}:{fingerprint}"
 
-    @property
-    def loaded(self) -> bool:
-        return self._backend is not None
-
     def generate(self, conversations, params):
         if self._backend is None:
             self._backend = build_teacher(*self._args)
+            self.was_loaded = True
         return self._backend.generate(conversations, params)
 
     def close(self) -> None:
@@ -110,6 +110,19 @@ def prompts_file(teacher: TeacherResource) -> str:
     if teacher.prompts_file != "auto":
         return teacher.prompts_file
     return str(SMALL_TEACHER_PROMPTS) if teacher.backend != "openai" and teacher.model == BUNDLED_MODEL else ""
+
+
+@contextmanager
+def teacher_session(teacher, gpu, storage, progress=None, chunk_size: int = 64) -> Iterator[CachedTeacher]:
+    """The configured teacher behind the durable call cache (reflection and judging alike): the
+    model loads on the first cache miss and is released on exit."""
+    backend = LazyTeacher(teacher, gpu, storage)
+    cache = SqliteCache(storage.cache_file, "teacher_calls")
+    try:
+        yield CachedTeacher(backend, cache, chunk_size=chunk_size, progress=progress)
+    finally:
+        backend.close()
+        cache.close()
 
 
 def reflection_settings(teacher: TeacherResource) -> tuple[ReflectionPrompts, ReflectionSettings]:
@@ -133,23 +146,12 @@ def run_reflection(
 ) -> tuple[pl.DataFrame, dict]:
     """Reflect ``rows`` (variant-schema rows) and return candidate rows plus call statistics."""
     prompts, settings = reflection_settings(teacher)
-    backend = LazyTeacher(teacher, gpu, storage)
-    cache = SqliteCache(storage.cache_file, "teacher_calls")
-    cached = CachedTeacher(
-        backend,
-        cache,
-        chunk_size=chunk_size,
-        progress=lambda done, total: context.log.info(f"teacher ({kind}): {done}/{total} calls done"),
-    )
+    progress = lambda done, total: context.log.info(f"teacher ({kind}): {done}/{total} calls done")  # noqa: E731
     triples = [(r["instruction"], r["input"], r["output"]) for r in rows.iter_rows(named=True)]
-    try:
+    with teacher_session(teacher, gpu, storage, progress, chunk_size) as cached:
         outcomes = reflect(cached, triples, kind, prompts, settings)
-    finally:
-        loaded = backend.loaded
-        backend.close()
-        cache.close()
     table = candidates_frame(rows, outcomes, kind, produced_variants)
-    stats = cached.stats.as_dict() | {"model_loaded": loaded}
+    stats = cached.stats.as_dict() | {"model_loaded": cached.backend.was_loaded}
     return table, stats
 
 

@@ -1,6 +1,7 @@
 """Stage 3/5: the student's judgement: IFD and reverse-IFD of every variant row."""
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -40,13 +41,10 @@ def model_identity(student: StudentModelResource, storage: StorageResource) -> t
     return model_path, fingerprint
 
 
-def score_variants(context, variants: pl.DataFrame, gpu, student, storage, chunk_size: int = 256):
-    """Score variant rows with the configured student through the durable loss cache.
-
-    Returns (scores per row, work statistics, the cached scorer, whether a model was loaded, the
-    model fingerprint). Shared by ``student_scores`` and the lazy response reflection.
-    """
-    model_path, fingerprint = model_identity(student, storage)
+@contextmanager
+def student_session(context, model_path: str, fingerprint: str, gpu, student, storage, chunk_size: int = 256):
+    """The student at ``model_path`` behind the durable loss cache, with its text builder: the model
+    loads on the first cache miss and is released on exit. Yields (builder, scorer, backend)."""
     builder = build_text_builder(
         load_tokenizer(model_path),
         student.template,
@@ -63,14 +61,25 @@ def score_variants(context, variants: pl.DataFrame, gpu, student, storage, chunk
         chunk_size=chunk_size,
         progress=lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed"),
     )
-    items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
     try:
-        results, work = score_items(items, builder, scorer)
+        yield builder, scorer, backend
     finally:
-        model_loaded = backend.loaded
         backend.close()
         cache.close()
-    return results, work, scorer, model_loaded, fingerprint
+
+
+def score_variants(context, variants: pl.DataFrame, gpu, student, storage, chunk_size: int = 256):
+    """Score variant rows with the configured student through the durable loss cache.
+
+    Returns (scores per row, work statistics, the cached scorer, whether a model was loaded, the
+    model fingerprint). Shared by ``student_scores`` and the lazy response reflection.
+    """
+    model_path, fingerprint = model_identity(student, storage)
+    items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
+    with student_session(context, model_path, fingerprint, gpu, student, storage, chunk_size) as session:
+        builder, scorer, backend = session
+        results, work = score_items(items, builder, scorer)
+    return results, work, scorer, backend.was_loaded, fingerprint
 
 
 def score_checks(scores: pl.DataFrame, expected_rows: int, max_null_ratio: float) -> list[CheckOutcome]:

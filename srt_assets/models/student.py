@@ -71,10 +71,7 @@ class LazyStudent:
         self.model_path = model_path
         self.max_length = max_length
         self._scorer: LossScorer | None = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._scorer is not None
+        self.was_loaded = False  # whether any call needed the model (kept after close, for metadata)
 
     def _load(self) -> LossScorer:
         if self.backend == "vllm":
@@ -96,4 +93,5 @@ class LazyStudent:
     def mean_losses(self, sequences, target_starts) -> list[float]:
         if self._scorer is None:
             self._scorer = self._load()
+            self.was_loaded = True
         return self._scorer.mean_losses(sequences, target_starts)
