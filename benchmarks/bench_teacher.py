@@ -22,7 +22,7 @@ from srt_assets.models.teacher_http import OpenAICompatibleTeacher
 from srt_assets.models.teacher_local import TransformersTeacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from openai_server import ScriptedOpenAIServer  # noqa: E402  (the test server doubles as load target)
+from openai_server import ScriptedOpenAIServer  # the test server doubles as load target
 
 
 def conversations(n: int):

@@ -30,53 +30,98 @@ def load_run_config(path: str | None) -> dict:
     return config
 
 
+def plan_partition_runs(
+    asset_graph, asset_keys, source: str, shard: int | None = None, skip_shards: bool = False
+) -> list[tuple[str, list]]:
+    """The runs that materialize ``asset_keys`` for one source, in order: a single run when every
+    asset is per source; with a sharded catalog, the per-source assets the shards need, then one
+    run per shard of the row stages (or only ``shard``), then the per-source assets after them.
+    ``skip_shards``: one run of the per-source assets only, for when the shards ran elsewhere."""
+    from dagster import AssetSelection, MultiPartitionsDefinition
+
+    keys = set(asset_keys)
+    sharded = {k for k in keys if isinstance(asset_graph.get(k).partitions_def, MultiPartitionsDefinition)}
+    if not sharded:
+        if shard is not None or skip_shards:
+            raise SystemExit("srt: --shard/--skip-shards need a sharded catalog ('shards: N' in the sources file)")
+        return [(source, sorted(keys))]
+    partitions = asset_graph.get(next(iter(sharded))).partitions_def
+    shard_keys = [k for k in partitions.get_partition_keys() if k.keys_by_dimension["source"] == source]
+    if shard is not None:
+        shard_keys = [k for k in shard_keys if k.keys_by_dimension["source_shard"] == str(shard)]
+        if not shard_keys:
+            raise SystemExit(f"srt: no shard {shard} (shards are 0..{len(partitions.get_partition_keys()) - 1})")
+        return [(str(k), sorted(sharded)) for k in shard_keys]
+    after = (AssetSelection.assets(*sharded).downstream().resolve(asset_graph) & keys) - sharded
+    before = keys - sharded - after
+    if skip_shards:
+        return [(source, sorted(before | after))] if before | after else []
+    runs = [(source, sorted(before))] if before else []
+    runs += [(str(k), sorted(sharded)) for k in shard_keys]
+    return runs + ([(source, sorted(after))] if after else [])
+
+
 def materialize_partition(
-    source: str, selection: str | None = None, raise_on_error: bool = False, run_config: dict | None = None
-):
+    source: str,
+    selection: str | None = None,
+    raise_on_error: bool = False,
+    run_config: dict | None = None,
+    shard: int | None = None,
+    skip_shards: bool = False,
+    defs=None,
+    instance=None,
+) -> list:
     """Materialize the selected assets (default: all) of one source partition, recorded in the
-    persistent Dagster instance so the runs show in the UI."""
-    _ensure_dagster_home()
+    persistent Dagster instance so the runs show in the UI. Returns the run results; stops after
+    the first failed run (a rerun resumes: finished shards and cached model calls are reused)."""
     from dagster import AssetSelection, DagsterInstance
 
-    from srt_assets.definitions import defs
-
+    if defs is None:
+        _ensure_dagster_home()
+        from srt_assets.definitions import defs
+    instance = instance or DagsterInstance.get()
     job = defs.resolve_implicit_global_asset_job_def()
-    asset_keys = None
-    if selection:
-        asset_keys = list(
-            AssetSelection.from_string(selection).required_multi_asset_neighbors().resolve(defs.resolve_asset_graph())
+    graph = defs.resolve_asset_graph()
+    chosen = AssetSelection.from_string(selection) if selection else AssetSelection.all()
+    asset_keys = chosen.required_multi_asset_neighbors().resolve(graph) & graph.materializable_asset_keys
+    results = []
+    for partition_key, keys in plan_partition_runs(graph, asset_keys, source, shard, skip_shards):
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=partition_key,
+            asset_selection=keys,
+            # progress lines (teacher calls, training steps) without Dagster's per-event debug output
+            run_config=run_config or load_run_config(None),
+            raise_on_error=raise_on_error,
+            tags={"srt/launched_by": "cli"},
         )
-    return job.execute_in_process(
-        instance=DagsterInstance.get(),
-        partition_key=source,
-        asset_selection=asset_keys,
-        # progress lines (teacher calls, training steps) without Dagster's per-event debug output
-        run_config=run_config or load_run_config(None),
-        raise_on_error=raise_on_error,
-        tags={"srt/launched_by": "cli"},
-    )
+        results.append(result)
+        if not result.success:
+            break
+    return results
 
 
-def _report(result, source: str, started: float) -> int:
+def _report(results: list, source: str, started: float) -> int:
     from dagster import DagsterEventType
 
-    print(
-        f"\nrun {result.run_id} for source '{source}': {'SUCCESS' if result.success else 'FAILURE'} "
-        f"in {time.perf_counter() - started:.1f}s"
-    )
-    for event in result.all_events:
-        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-            mat = event.step_materialization_data.materialization
-            rows = mat.metadata.get("row_count") or mat.metadata.get("dagster/row_count")
-            rows_text = f" ({rows.value} rows)" if rows is not None else ""
-            print(f"  materialized {mat.asset_key.to_user_string()}{rows_text}")
-        elif event.event_type == DagsterEventType.STEP_FAILURE:
-            error = event.step_failure_data.error
-            print(f"  FAILED step {event.step_key}: {error.message.strip() if error else ''}")
-    for evaluation in result.get_asset_check_evaluations():
-        mark = "ok  " if evaluation.passed else "FAIL"
-        print(f"  check {mark} {evaluation.asset_key.to_user_string()}:{evaluation.check_name}")
-    return 0 if result.success else 1
+    for result in results:
+        partition = result.dagster_run.tags.get("dagster/partition", source)
+        print(f"\nrun {result.run_id} for partition '{partition}': {'SUCCESS' if result.success else 'FAILURE'}")
+        for event in result.all_events:
+            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                mat = event.step_materialization_data.materialization
+                rows = mat.metadata.get("row_count") or mat.metadata.get("dagster/row_count")
+                rows_text = f" ({rows.value} rows)" if rows is not None else ""
+                print(f"  materialized {mat.asset_key.to_user_string()}{rows_text}")
+            elif event.event_type == DagsterEventType.STEP_FAILURE:
+                error = event.step_failure_data.error
+                print(f"  FAILED step {event.step_key}: {error.message.strip() if error else ''}")
+        for evaluation in result.get_asset_check_evaluations():
+            mark = "ok  " if evaluation.passed else "FAIL"
+            print(f"  check {mark} {evaluation.asset_key.to_user_string()}:{evaluation.check_name}")
+    success = bool(results) and all(result.success for result in results)
+    print(f"\nsource '{source}': {'SUCCESS' if success else 'FAILURE'} in {time.perf_counter() - started:.1f}s")
+    return 0 if success else 1
 
 
 def cmd_sources(_: argparse.Namespace) -> int:
@@ -93,8 +138,14 @@ def cmd_sources(_: argparse.Namespace) -> int:
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = materialize_partition(args.source, args.select, run_config=load_run_config(args.config))
-    return _report(result, args.source, started)
+    results = materialize_partition(
+        args.source,
+        args.select,
+        run_config=load_run_config(args.config),
+        shard=args.shard,
+        skip_shards=args.skip_shards,
+    )
+    return _report(results, args.source, started)
 
 
 EXPLAINED_TABLES = (
@@ -106,28 +157,41 @@ EXPLAINED_TABLES = (
     "selected_dataset",
     "baseline_random",
 )
+SHARDED_TABLES = ("instruction_candidates", "response_candidates", "student_scores")
 
 
-def load_partition_tables(source: str, storage: Path | None = None) -> dict:
-    """The materialized tables of one source partition that mention samples (absent ones skipped)."""
+def load_partition_tables(source: str, storage: Path | None = None, shards: int = 1) -> dict:
+    """The materialized tables of one source partition that mention samples (absent ones skipped);
+    with a sharded catalog the row stages are read from all their shard files."""
     import polars as pl
 
+    from srt_assets.core.sharding import shard_names
+
     base = storage or paths.storage_dir()
-    files = {name: base / name / f"{source}.parquet" for name in EXPLAINED_TABLES}
-    return {name: pl.read_parquet(path) for name, path in files.items() if path.is_file()}
+    tables = {}
+    for name in EXPLAINED_TABLES:
+        files = [base / name / f"{source}.parquet"]
+        if name in SHARDED_TABLES and shards > 1:
+            files = [base / name / source / f"{shard}.parquet" for shard in shard_names(shards)]
+        present = [pl.read_parquet(file) for file in files if file.is_file()]
+        if present:
+            tables[name] = pl.concat(present, how="vertical")
+    return tables
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
     from srt_assets.core.provenance import explain_sample, format_story, source_of
+    from srt_assets.core.sources import load_catalog
 
     try:
         source = source_of(args.sample_id)
     except ValueError as error:
         print(f"srt explain: {error}", file=sys.stderr)
         return 2
-    tables = load_partition_tables(source, Path(args.storage) if args.storage else None)
+    shards = load_catalog(paths.sources_file()).shards
+    tables = load_partition_tables(source, Path(args.storage) if args.storage else None, shards)
     if "raw_samples" not in tables:
         where = args.storage or paths.storage_dir()
         print(f"srt explain: no materialized raw_samples for source '{source}' under {where}", file=sys.stderr)
@@ -170,6 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--source", required=True, help="partition (source name from sources.yaml)")
     mat.add_argument("--select", default=None, help="Dagster asset selection, e.g. 'raw_samples+' (default: all)")
     mat.add_argument("--config", default=None, help="YAML run config (ops: ... as in the launchpad)")
+    mat.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        help="sharded catalogs: run only this shard's reflection and scoring (one GPU machine's part)",
+    )
+    mat.add_argument(
+        "--skip-shards",
+        action="store_true",
+        help="sharded catalogs: run only the per-source assets, reading the shards other machines wrote",
+    )
     mat.set_defaults(func=cmd_materialize)
     explain = sub.add_parser("explain", help="trace one sample: raw row, teacher calls, scores, decision")
     explain.add_argument("sample_id")

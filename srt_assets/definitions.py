@@ -8,6 +8,7 @@ from pathlib import Path
 from dagster import Definitions, StaticPartitionsDefinition
 
 from srt_assets import paths
+from srt_assets.assets.common import Partitioning
 from srt_assets.assets.evaluation import build_evaluation_assets
 from srt_assets.assets.finetuning import build_finetuning_assets
 from srt_assets.assets.raw import build_raw_assets
@@ -40,12 +41,13 @@ def build_definitions(
     storage = Path(storage_dir) if storage_dir else paths.storage_dir()
     catalog = load_catalog(sources_path)
     source_partitions = StaticPartitionsDefinition(catalog.names)
+    layout = Partitioning(source_partitions, catalog.shards)
     return Definitions(
         assets=[
             *build_raw_assets(source_partitions),
-            *build_reflection_assets(source_partitions),
-            *build_scoring_assets(source_partitions),
-            *build_selection_assets(source_partitions),
+            *build_reflection_assets(layout),
+            *build_scoring_assets(layout),
+            *build_selection_assets(layout),
             *build_finetuning_assets(source_partitions),
             *build_evaluation_assets(source_partitions),
         ],

@@ -23,6 +23,13 @@ def storage_dir() -> Path:
     return Path(os.environ.get("SRT_STORAGE_DIR", dagster_home() / "data")).resolve()
 
 
+def cache_dir() -> str:
+    """The model-call cache folder: ``$SRT_CACHE_DIR``, or "" for ``<storage>/cache``. Several
+    machines sharing one storage over a network file system should each set a local folder here:
+    SQLite's locking is not safe over NFS."""
+    return os.environ.get("SRT_CACHE_DIR", "")
+
+
 def eval_data_dir() -> Path:
     """Held-out prompt sets: ``$SRT_EVAL_DATA_DIR`` or the shared data folder next to the repository."""
     return Path(os.environ.get("SRT_EVAL_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()

@@ -33,6 +33,10 @@ class StorageResource(ConfigurableResource):
     """Where srt keeps files that are not tables: converted models, checkpoints, model-call caches."""
 
     base_dir: str = Field(default_factory=lambda: str(paths.storage_dir()))
+    cache_dir: str = Field(
+        default_factory=paths.cache_dir,
+        description="Folder of the model-call cache; empty: <base_dir>/cache. Use local disk per machine.",
+    )
 
     @property
     def models_dir(self) -> Path:
@@ -40,7 +44,7 @@ class StorageResource(ConfigurableResource):
 
     @property
     def cache_file(self) -> Path:
-        return Path(self.base_dir) / "cache" / "model_calls.sqlite"
+        return Path(self.cache_dir or Path(self.base_dir) / "cache") / "model_calls.sqlite"
 
     @property
     def exports_dir(self) -> Path:

@@ -11,11 +11,10 @@ from dagster import (
     Config,
     MetadataValue,
     Output,
-    PartitionsDefinition,
     asset,
 )
 
-from srt_assets.assets.common import GPU_STEP, markdown_table, to_check_results
+from srt_assets.assets.common import GPU_STEP, Partitioning, markdown_table, to_check_results
 from srt_assets.assets.scoring import model_identity, score_variants
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.quality import CheckOutcome, ratio_check
@@ -227,8 +226,8 @@ def candidate_checks(table: pl.DataFrame, expected: pl.DataFrame, max_failure_ra
     ]
 
 
-def build_reflection_assets(partitions_def: PartitionsDefinition):
-    common = {"partitions_def": partitions_def, "group_name": "teacher", "kinds": {"polars"}, **GPU_STEP}
+def build_reflection_assets(layout: Partitioning):
+    common = {"partitions_def": layout.rows, "group_name": "teacher", "kinds": {"polars"}, **GPU_STEP}
 
     @asset(
         **common,
@@ -243,11 +242,12 @@ def build_reflection_assets(partitions_def: PartitionsDefinition):
         storage: StorageResource,
     ):
         """Variant Q: the teacher's new instruction x1 and its answer y1 for every raw sample."""
-        rows = original_variants(raw_samples)
+        rows = original_variants(layout.shard_rows(context.partition_key, raw_samples))
         table, stats = run_reflection(
             context, rows, "instruction", ["Q"] * rows.height, teacher, gpu, storage, config.chunk_size
         )
-        yield Output(table, metadata=candidate_metadata(table, stats, teacher, rows))
+        metadata = candidate_metadata(table, stats, teacher, rows) | layout.shard_metadata(context.partition_key)
+        yield Output(table, metadata=metadata)
         expected = rows.with_columns(pl.lit("Q").alias("variant"))
         yield from to_check_results(
             "instruction_candidates", candidate_checks(table, expected, config.max_failure_ratio)
@@ -269,14 +269,15 @@ def build_reflection_assets(partitions_def: PartitionsDefinition):
     ):
         """Variants A (better answer to x0) and QA (better answer to x1). Eager mode reflects both, as
         the authors do; lazy mode only the branch the student kept (IFD(Q) > IFD(ori) → QA, else A)."""
-        ori = original_variants(raw_samples)
+        ori = original_variants(layout.shard_rows(context.partition_key, raw_samples))
         q = instruction_candidates.select(*VARIANT_SCHEMA)
         if teacher.mode == "lazy":
             ori, q = lazy_branches(context, ori, q, gpu, student, storage)
         rows = pl.concat([ori, q])
         produced = ["A"] * ori.height + ["QA"] * q.height
         table, stats = run_reflection(context, rows, "response", produced, teacher, gpu, storage, config.chunk_size)
-        yield Output(table, metadata=candidate_metadata(table, stats, teacher, rows) | {"teacher_mode": teacher.mode})
+        metadata = candidate_metadata(table, stats, teacher, rows) | layout.shard_metadata(context.partition_key)
+        yield Output(table, metadata=metadata | {"teacher_mode": teacher.mode})
         expected = rows.with_columns(pl.Series("variant", produced))
         yield from to_check_results("response_candidates", candidate_checks(table, expected, config.max_failure_ratio))
 

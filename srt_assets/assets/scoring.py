@@ -12,11 +12,10 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     Output,
-    PartitionsDefinition,
     asset,
 )
 
-from srt_assets.assets.common import GPU_STEP, histogram_markdown, quantiles, to_check_results
+from srt_assets.assets.common import GPU_STEP, Partitioning, histogram_markdown, quantiles, to_check_results
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.ifd import CachedScorer, ScoringConfig, ScoringItem, score_items, scores_frame
 from srt_assets.core.quality import CheckOutcome, ratio_check
@@ -106,7 +105,7 @@ def score_checks(scores: pl.DataFrame, expected_rows: int, max_null_ratio: float
     ]
 
 
-def build_scoring_assets(partitions_def: PartitionsDefinition):
+def build_scoring_assets(layout: Partitioning):
     @asset(group_name="student", kinds={"pytorch"})
     def student_base_model(
         context: AssetExecutionContext, student: StudentModelResource, storage: StorageResource
@@ -126,7 +125,7 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
         return MaterializeResult(metadata=metadata)
 
     @asset(
-        partitions_def=partitions_def,
+        partitions_def=layout.rows,
         group_name="student",
         kinds={"pytorch", "polars"},
         **GPU_STEP,
@@ -144,7 +143,8 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
         storage: StorageResource,
     ):
         """IFD and r-IFD (METHOD.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant)."""
-        variants = all_variants(raw_samples, instruction_candidates, response_candidates)
+        shard_samples = layout.shard_rows(context.partition_key, raw_samples)
+        variants = all_variants(shard_samples, instruction_candidates, response_candidates)
         device = gpu.describe()
         context.log.info(f"scoring {variants.height} variant rows with {student.model} on {device}")
         started = time.perf_counter()
@@ -156,6 +156,7 @@ def build_scoring_assets(partitions_def: PartitionsDefinition):
             scores,
             metadata={
                 "row_count": scores.height,
+                **layout.shard_metadata(context.partition_key),
                 **{f"compute_{k}": v for k, v in device.items()},
                 "student_model": student.model,
                 "student_fingerprint": fingerprint,

@@ -7,12 +7,11 @@ from dagster import (
     Config,
     MetadataValue,
     Output,
-    PartitionsDefinition,
     asset,
 )
 from pydantic import Field
 
-from srt_assets.assets.common import histogram_markdown, markdown_table, quantiles, to_check_results
+from srt_assets.assets.common import Partitioning, histogram_markdown, markdown_table, quantiles, to_check_results
 from srt_assets.core.datasets import (
     chosen_training_rows,
     export_dataset,
@@ -126,8 +125,8 @@ def selected_checks(
     ]
 
 
-def build_selection_assets(partitions_def: PartitionsDefinition):
-    common = {"partitions_def": partitions_def, "group_name": "selection", "kinds": {"polars"}}
+def build_selection_assets(layout: Partitioning):
+    common = {"partitions_def": layout.sources, "group_name": "selection", "kinds": {"polars"}}
 
     @asset(
         **common,

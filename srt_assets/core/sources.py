@@ -144,6 +144,9 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
 class SourceCatalog:
     file: Path
     sources: dict[str, SourceSpec]
+    # >1 splits the row-wise model stages (reflection, scoring) of every source into this many
+    # shards, each its own Dagster partition (source x shard), so they can run in parallel.
+    shards: int = 1
 
     @property
     def names(self) -> list[str]:
@@ -168,9 +171,12 @@ def load_catalog(path: str | os.PathLike[str]) -> SourceCatalog:
     if not isinstance(doc, dict) or not isinstance(doc.get("sources"), dict) or not doc["sources"]:
         raise SourceConfigError(f"{file}: expected a top-level 'sources:' mapping with at least one source")
     defaults = doc.get("defaults") or {}
+    shards = doc.get("shards", 1)
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
+        raise SourceConfigError(f"{file}: 'shards' must be an integer from 1 to 1024, got {shards!r}")
     sources = {}
     for name, raw in doc["sources"].items():
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise SourceConfigError(f"{file}: source name {name!r} must be letters, digits, '_' or '-'")
         sources[name] = _parse_source(name, raw, file.parent, defaults, str(file))
-    return SourceCatalog(file=file, sources=sources)
+    return SourceCatalog(file=file, sources=sources, shards=shards)
