@@ -186,3 +186,27 @@ def test_sharded_run_equals_the_unsharded_work(tmp_path, student_model_dir, monk
     shown = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env)
     assert shown.returncode == 0, shown.stderr
     assert '"instruction_candidates"' in shown.stdout and '"student_scores"' in shown.stdout
+
+
+@pytest.mark.slow
+def test_an_empty_shard_materializes_empty_tables(tmp_path, student_model_dir):
+    """A small source under a catalog-wide shard count leaves some shards without rows: their runs
+    succeed with empty, typed tables and passing checks, and call no model."""
+    rows = alpaca_rows(2, with_input=0)
+    write_jsonl(tmp_path / "tiny.jsonl", rows)
+    defs = build_definitions(
+        sources_file=sharded_catalog(tmp_path, "tiny.jsonl", 8),
+        storage_dir=tmp_path / "store",
+        resources={"student": StudentModelResource(model=str(student_model_dir))},
+    )
+    instance = DagsterInstance.ephemeral(tempdir=str(tmp_path / "home"))
+    assert all(r.success for r in materialize_partition("tiny", "raw_samples", defs=defs, instance=instance))
+    raw = pl.read_parquet(tmp_path / "store" / "raw_samples" / "tiny.parquet")
+    empty = min(set(range(8)) - {shard_of(sample, 8) for sample in raw["sample_id"]})
+    (result,) = materialize_partition("tiny", None, shard=empty, defs=defs, instance=instance)
+    assert result.success
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+    for name in ROW_STAGES:
+        table = pl.read_parquet(tmp_path / "store" / name / "tiny" / f"{empty}.parquet")
+        assert table.height == 0 and table.schema["sample_id"] == pl.String, name
+    assert latest_metadata(instance, "instruction_candidates")["calls_made"] == 0

@@ -278,7 +278,7 @@ def build_reflection_assets(layout: Partitioning):
         table, stats = run_reflection(context, rows, "response", produced, teacher, gpu, storage, config.chunk_size)
         metadata = candidate_metadata(table, stats, teacher, rows) | layout.shard_metadata(context.partition_key)
         yield Output(table, metadata=metadata | {"teacher_mode": teacher.mode})
-        expected = rows.with_columns(pl.Series("variant", produced))
+        expected = rows.with_columns(pl.Series("variant", produced, dtype=pl.String))
         yield from to_check_results("response_candidates", candidate_checks(table, expected, config.max_failure_ratio))
 
     return [instruction_candidates, response_candidates]
