@@ -61,7 +61,7 @@ class _ParquetTableIOManager(UPathIOManager):
                 "materialize them first"
             )
         frames = [self.load_from_path(context, paths[key]) for key in sorted(paths, key=str)]
-        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
 
 
 class PolarsParquetIOManager(ConfigurableIOManagerFactory):
