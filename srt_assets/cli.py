@@ -37,7 +37,9 @@ def plan_partition_runs(
     asset is per source; with a sharded catalog, the per-source assets the shards need, then one
     run per shard of the row stages (or only ``shard``), then the per-source assets after them.
     ``skip_shards``: one run of the per-source assets only, for when the shards ran elsewhere."""
-    from dagster import AssetSelection, MultiPartitionsDefinition
+    from dagster import AssetSelection, MultiPartitionKey, MultiPartitionsDefinition
+
+    from srt_assets.assets.common import SHARD_DIMENSION, SOURCE_DIMENSION
 
     keys = set(asset_keys)
     sharded = {k for k in keys if isinstance(asset_graph.get(k).partitions_def, MultiPartitionsDefinition)}
@@ -45,19 +47,22 @@ def plan_partition_runs(
         if shard is not None or skip_shards:
             raise SystemExit("srt: --shard/--skip-shards need a sharded catalog ('shards: N' in the sources file)")
         return [(source, sorted(keys))]
-    partitions = asset_graph.get(next(iter(sharded))).partitions_def
-    shard_keys = [k for k in partitions.get_partition_keys() if k.keys_by_dimension["source"] == source]
+    dimension = asset_graph.get(next(iter(sharded))).partitions_def.get_partitions_def_for_dimension(SHARD_DIMENSION)
+    names = dimension.get_partition_keys()
+
+    def shard_key(name: str) -> str:
+        return str(MultiPartitionKey({SOURCE_DIMENSION: source, SHARD_DIMENSION: name}))
+
     if shard is not None:
-        shard_keys = [k for k in shard_keys if k.keys_by_dimension["source_shard"] == str(shard)]
-        if not shard_keys:
-            raise SystemExit(f"srt: no shard {shard} (shards are 0..{len(partitions.get_partition_keys()) - 1})")
-        return [(str(k), sorted(sharded)) for k in shard_keys]
+        if str(shard) not in names:
+            raise SystemExit(f"srt: no shard {shard} (shards are 0..{len(names) - 1})")
+        return [(shard_key(str(shard)), sorted(sharded))]
     after = (AssetSelection.assets(*sharded).downstream().resolve(asset_graph) & keys) - sharded
     before = keys - sharded - after
     if skip_shards:
         return [(source, sorted(before | after))] if before | after else []
     runs = [(source, sorted(before))] if before else []
-    runs += [(str(k), sorted(sharded)) for k in shard_keys]
+    runs += [(shard_key(name), sorted(sharded)) for name in names]
     return runs + ([(source, sorted(after))] if after else [])
 
 
@@ -175,7 +180,7 @@ def load_partition_tables(source: str, storage: Path | None = None, shards: int 
             files = [base / name / source / f"{shard}.parquet" for shard in shard_names(shards)]
         present = [pl.read_parquet(file) for file in files if file.is_file()]
         if present:
-            tables[name] = pl.concat(present, how="vertical")
+            tables[name] = pl.concat(present, how="vertical_relaxed")
     return tables
 
 

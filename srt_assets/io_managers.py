@@ -51,16 +51,15 @@ class _ParquetTableIOManager(UPathIOManager):
     def load_partitions(self, context: InputContext) -> pl.DataFrame:
         """One table however many partitions the input spans (a source reading all its shards gets
         their union); a partition not materialized yet is named in the error, with its path."""
-        paths = self._get_paths_for_partitions(context)
-        missing = sorted(str(key) for key, path in paths.items() if not path.exists())
+        paths = {str(key): path for key, path in self._get_paths_for_partitions(context).items()}
+        missing = sorted(key for key, path in paths.items() if not path.exists())
         if missing:
-            asset = context.asset_key.to_user_string()
             raise FileNotFoundError(
-                f"asset '{asset}' has no materialization for partition(s) {', '.join(missing)} "
-                f"(expected {', '.join(str(paths[k]) for k in paths if str(k) in missing)}); "
+                f"asset '{context.asset_key.to_user_string()}' has no materialization for partition(s) "
+                f"{', '.join(missing)} (expected {', '.join(str(paths[key]) for key in missing)}); "
                 "materialize them first"
             )
-        frames = [self.load_from_path(context, paths[key]) for key in sorted(paths, key=str)]
+        frames = [self.load_from_path(context, paths[key]) for key in sorted(paths)]
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
 
 
