@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from srt_assets import paths
 from srt_assets.core.ifd import ScoringConfig, ScoringItem, TextBuilder, score_items
-from srt_assets.models.student import build_text_builder, ensure_default_student_dir
+from srt_assets.models.identity import ensure_bundled_model_dir
+from srt_assets.models.student import build_text_builder
 from srt_assets.models.student_hf import TransformersStudent, batch_of_one_losses
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--template", default="alpaca")
     parser.add_argument("--max-length", type=int, default=2048)
     args = parser.parse_args()
-    model_dir = args.model or ensure_default_student_dir()
+    model_dir = args.model or ensure_bundled_model_dir(paths.storage_dir() / "models")
     items = load_rows(args.rows)
 
     reference = ReferenceScorer(model_dir)

@@ -15,11 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+from srt_assets import paths
 from srt_assets.core.reflection import ReflectionPrompts, response_messages
 from srt_assets.core.teacher import GenerationParams
-from srt_assets.models.student import ensure_default_student_dir
-from srt_assets.models.teacher_http import OpenAICompatibleTeacher
-from srt_assets.models.teacher_local import TransformersTeacher
+from srt_assets.models.identity import ensure_bundled_model_dir
+from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, OpenAITeacherSettings
+from srt_assets.models.teacher_transformers import TransformersTeacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from openai_server import ScriptedOpenAIServer  # the test server doubles as load target
@@ -31,7 +32,7 @@ def conversations(n: int):
 
 
 def local(args) -> None:
-    model_dir = ensure_default_student_dir()
+    model_dir = ensure_bundled_model_dir(paths.storage_dir() / "models")
     params = GenerationParams(max_tokens=args.max_tokens)
     convs = conversations(args.prompts)
     rows = []
@@ -53,11 +54,11 @@ def http(args) -> None:
     rates = {}
     with ScriptedOpenAIServer(latency=args.latency) as server:
         for concurrency in (1, 8):
-            teacher = OpenAICompatibleTeacher(server.base_url, "bench", concurrency=concurrency)
+            settings = OpenAITeacherSettings(model="bench", base_url=server.base_url, concurrency=concurrency)
+            teacher = OpenAICompatibleTeacher(settings)
             started = time.perf_counter()
             teacher.generate(convs, params)
             rates[concurrency] = args.requests / (time.perf_counter() - started)
-            teacher.close()
     print(f"HTTP teacher, {args.requests} requests, server latency {args.latency}s")
     for concurrency, rate in rates.items():
         ideal = concurrency * rates[1]

@@ -79,31 +79,78 @@ def materialize_partition(
     """Materialize the selected assets (default: all) of one source partition, recorded in the
     persistent Dagster instance so the runs show in the UI. Returns the run results; stops after
     the first failed run (a rerun resumes: finished shards and cached model calls are reused)."""
-    from dagster import AssetSelection, DagsterInstance
+    from dagster import AssetSelection, DagsterInstance, make_new_run_id
+
+    from srt_assets.recovery import HOST_TAG, free_dead_runs, this_host
 
     if defs is None:
         _ensure_dagster_home()
         from srt_assets.definitions import defs
     instance = instance or DagsterInstance.get()
+    for line in free_dead_runs(instance):  # a killed earlier run must not hold the gpu pool forever
+        print(f"srt: {line}", file=sys.stderr)
     job = defs.resolve_implicit_global_asset_job_def()
     graph = defs.resolve_asset_graph()
     chosen = AssetSelection.from_string(selection) if selection else AssetSelection.all()
     asset_keys = chosen.required_multi_asset_neighbors().resolve(graph) & graph.materializable_asset_keys
     results = []
     for partition_key, keys in plan_partition_runs(graph, asset_keys, source, shard, skip_shards):
-        result = job.execute_in_process(
-            instance=instance,
-            partition_key=partition_key,
-            asset_selection=keys,
-            # progress lines (teacher calls, training steps) without Dagster's per-event debug output
-            run_config=run_config or load_run_config(None),
-            raise_on_error=raise_on_error,
-            tags={"srt/launched_by": "cli"},
-        )
+        run_id = make_new_run_id()
+        with PoolWatcher(instance, run_id):
+            result = job.execute_in_process(
+                instance=instance,
+                partition_key=partition_key,
+                asset_selection=keys,
+                # progress lines (teacher calls, training steps) without Dagster's per-event debug output
+                run_config=run_config or load_run_config(None),
+                raise_on_error=raise_on_error,
+                run_id=run_id,
+                tags={"srt/launched_by": "cli", HOST_TAG: this_host()},
+            )
         results.append(result)
         if not result.success:
             break
     return results
+
+
+class PoolWatcher:
+    """While a run executes, say once when one of its steps waits for a slot of a pool, and who
+    holds the slots (Dagster notes it only at debug level, so a waiting run looked hung)."""
+
+    def __init__(self, instance, run_id: str, interval_s: float = 5.0):
+        import threading
+
+        self.instance, self.run_id, self.interval_s = instance, run_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self.reported: set[str] = set()
+
+    def _watch(self) -> None:
+        from srt_assets.recovery import pool_holders
+
+        storage = self.instance.event_log_storage
+        while not self._stop.wait(self.interval_s):
+            try:
+                for pool in storage.get_concurrency_keys():
+                    info = storage.get_concurrency_info(pool)
+                    waiting = [s.step_key for s in info.pending_steps if s.run_id == self.run_id and not s.assigned_timestamp]
+                    for step in waiting:
+                        if step not in self.reported:
+                            self.reported.add(step)
+                            holders = ", ".join(pool_holders(self.instance, pool)) or "nobody yet"
+                            print(f"srt: step {step} waits for a slot of pool '{pool}' (limit {info.slot_count}); "
+                                  f"held by {holders}", file=sys.stderr, flush=True)  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - a watcher must never break the run it watches
+                print(f"srt: cannot inspect the pools: {error}", file=sys.stderr)
+                return
+
+    def __enter__(self) -> "PoolWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def _report(results: list, source: str, started: float) -> int:
@@ -153,41 +200,10 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return _report(results, args.source, started)
 
 
-EXPLAINED_TABLES = (
-    "raw_samples",
-    "instruction_candidates",
-    "response_candidates",
-    "student_scores",
-    "selection_decisions",
-    "selected_dataset",
-    "baseline_random",
-)
-SHARDED_TABLES = ("instruction_candidates", "response_candidates", "student_scores")
-
-
-def load_partition_tables(source: str, storage: Path | None = None, shards: int = 1) -> dict:
-    """The materialized tables of one source partition that mention samples (absent ones skipped);
-    with a sharded catalog the row stages are read from all their shard files."""
-    import polars as pl
-
-    from srt_assets.core.sharding import shard_names
-
-    base = storage or paths.storage_dir()
-    tables = {}
-    for name in EXPLAINED_TABLES:
-        files = [base / name / f"{source}.parquet"]
-        if name in SHARDED_TABLES and shards > 1:
-            files = [base / name / source / f"{shard}.parquet" for shard in shard_names(shards)]
-        present = [pl.read_parquet(file) for file in files if file.is_file()]
-        if present:
-            tables[name] = pl.concat(present, how="vertical_relaxed")
-    return tables
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
-    from srt_assets.core.provenance import explain_sample, format_story, source_of
+    from srt_assets.core.provenance import explain_sample, format_story, load_partition_tables, source_of
     from srt_assets.core.sources import load_catalog
 
     try:
@@ -196,7 +212,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"srt explain: {error}", file=sys.stderr)
         return 2
     shards = load_catalog(paths.sources_file()).shards
-    tables = load_partition_tables(source, Path(args.storage) if args.storage else None, shards)
+    tables = load_partition_tables(Path(args.storage) if args.storage else paths.storage_dir(), source, shards)
     if "raw_samples" not in tables:
         where = args.storage or paths.storage_dir()
         print(f"srt explain: no materialized raw_samples for source '{source}' under {where}", file=sys.stderr)
@@ -258,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     explain.set_defaults(func=cmd_explain)
     demo = sub.add_parser("demo", help="materialize the whole pipeline for the demo source")
     demo.add_argument("--source", default="demo")
-    demo.add_argument("--config", default=None, help="YAML run config (ops: ... as in the launchpad)")
+    demo.add_argument(
+        "--config",
+        default=str(paths.REPO_ROOT / "configs" / "demo.yaml"),
+        help="YAML run config (default: configs/demo.yaml, the settings for the bundled 135M teacher)",
+    )
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,13 +1,15 @@
-"""The Dagster code location: every asset, check and resource of the pipeline in one Definitions."""
+"""The Dagster code location: every asset, check, job and resource of the pipeline in one Definitions."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from dagster import Definitions, StaticPartitionsDefinition
 
 from srt_assets import paths
+from srt_assets.assets.audit import explain_sample
 from srt_assets.assets.common import Partitioning
 from srt_assets.assets.evaluation import build_evaluation_assets
 from srt_assets.assets.finetuning import build_finetuning_assets
@@ -18,14 +20,21 @@ from srt_assets.assets.selection import build_selection_assets
 from srt_assets.core.sources import load_catalog
 from srt_assets.executors import executor_from_env
 from srt_assets.io_managers import PolarsParquetIOManager
+from srt_assets.recovery import free_dead_runs_sensor
 from srt_assets.resources import (
     GPUResource,
     SourceCatalogResource,
     StorageResource,
     StudentModelResource,
-    TeacherResource,
     TrainingResource,
+    TransformersTeacherResource,
+    resources_from_file,
 )
+
+# Partitioned asset checks (preview) and observable source assets (beta) in Dagster 1.13: srt relies on
+# both on purpose, so their notices would only be noise in every log.
+warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
+warnings.filterwarnings("ignore", message=".*observable_source_asset.* is currently in beta.*")
 
 
 def build_definitions(
@@ -33,34 +42,43 @@ def build_definitions(
     storage_dir: str | os.PathLike[str] | None = None,
     resources: dict[str, object] | None = None,
     executor: str | None = None,
+    models_file: str | os.PathLike[str] | None = None,
 ) -> Definitions:
-    """Build the pipeline over a source catalog (default: sources.yaml) and a storage folder;
-    ``resources`` replaces any default resource (e.g. another student model or device);
-    ``executor`` (default ``$SRT_EXECUTOR``) picks k8s, celery or the default (srt_assets/executors.py)."""
+    """Build the pipeline over a source catalog (default: sources.yaml) and a storage folder.
+    Resources come from the embedded defaults, then the model settings file (``models_file``,
+    default ``$SRT_MODELS_FILE`` or ``models.yaml``: teacher and judge backends, student, gpu,
+    training), then ``resources`` (any resource object); without a judge of its own, the judge is
+    the teacher. ``executor`` (default ``$SRT_EXECUTOR``) picks k8s, celery or the default."""
     sources_path = Path(sources_file) if sources_file else paths.sources_file()
+    settings_file = Path(models_file) if models_file else paths.models_file()
     storage = Path(storage_dir) if storage_dir else paths.storage_dir()
     catalog = load_catalog(sources_path)
     source_partitions = StaticPartitionsDefinition(catalog.names)
     layout = Partitioning(source_partitions, catalog.shards)
+    chosen = {
+        "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
+        "storage": StorageResource(base_dir=str(storage)),
+        "gpu": GPUResource(),
+        "student": StudentModelResource(),
+        "teacher": TransformersTeacherResource(),
+        "training": TrainingResource(),
+        "sources": SourceCatalogResource(sources_file=str(sources_path)),
+        **(resources_from_file(settings_file) if settings_file else {}),
+        **(resources or {}),
+    }
+    chosen.setdefault("judge", chosen["teacher"])
     return Definitions(
         assets=[
-            *build_raw_assets(source_partitions),
+            *build_raw_assets(source_partitions, catalog),
             *build_reflection_assets(layout),
             *build_scoring_assets(layout),
             *build_selection_assets(layout),
             *build_finetuning_assets(source_partitions),
             *build_evaluation_assets(source_partitions),
         ],
-        resources={
-            "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
-            "storage": StorageResource(base_dir=str(storage)),
-            "gpu": GPUResource(),
-            "student": StudentModelResource(),
-            "teacher": TeacherResource(),
-            "training": TrainingResource(),
-            "sources": SourceCatalogResource(sources_file=str(sources_path)),
-            **(resources or {}),
-        },
+        jobs=[explain_sample],
+        sensors=[free_dead_runs_sensor],
+        resources=chosen,
         executor=executor_from_env(executor),
     )
 

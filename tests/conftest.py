@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The full data sets (CI has them beside the repository; a clone does not): $SRT_SHARED_DATA or ../shared/data.
+SHARED_DATA = Path(os.environ.get("SRT_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+
+
+def demo_ops() -> dict:
+    """The ``ops`` of configs/demo.yaml: the loose teacher bounds the bundled 135M teacher needs."""
+    return yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["ops"]
 
 
 def write_catalog(directory: Path, sources: dict) -> Path:
@@ -35,16 +42,19 @@ def dagster_instance():
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
+        pytest.skip(
+            f"needs the full data sets, not found at {SHARED_DATA}: set SRT_SHARED_DATA to the folder that holds "
+            "alpaca_data.json.gz and the held-out sets (see ../shared/data/SOURCES.md)"
+        )
     return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
 def student_model_dir(tmp_path_factory) -> Path:
     """The bundled SmolLM2-135M-Instruct converted once per test session to an HF directory."""
-    from srt_assets.models.student import ensure_default_student_dir
+    from srt_assets.models.identity import ensure_bundled_model_dir
 
-    return ensure_default_student_dir(tmp_path_factory.mktemp("models"))
+    return ensure_bundled_model_dir(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,24 @@
 """A real HTTP server on 127.0.0.1 that speaks the OpenAI chat-completions protocol, for tests.
 
 It stands in for a hosted API (which cannot be reached here). Replies are scripted from the request
-so tests know what to expect, and faults are injected by a marker in the user message:
+so tests know what to expect, and faults are injected by a marker in the user message. ``FAULT:kind``
+answers with the fault on every attempt until the test sets ``server.fixed = True`` (the endpoint was
+mended); ``FAULT:kindxN`` only on the first N attempts.
 
-    FAULT:429       first attempt answers 429 with Retry-After, then succeeds
-    FAULT:500x2     first two attempts answer 500, then succeeds
-    FAULT:timeout   first attempt sleeps past the client's timeout, then succeeds
-    FAULT:garbage   first attempt answers 200 with a body that is not a completion, then succeeds
-    FAULT:nomarkers always answers without the reflection markers (a parse failure)
-    FAULT:down      always answers 503
+    429        answers 429 with Retry-After
+    500, 503   answers that status
+    timeout    sleeps past the client's timeout before answering
+    hang       never answers within a test's patience (60 s)
+    reset      closes the connection without answering
+    trickle    sends a valid completion one byte every 0.3 s
+    garbage    200 with a body that is not JSON
+    html       200 with an HTML error page (text/html)
+    nochoices  200 with an empty choices list
+    empty      200 with empty content
+    oddusage   200 with a usable completion whose usage is "n/a"
+    badgzip    200 that claims Content-Encoding gzip over a body that is not gzip
+    echokey    401 whose body echoes the request's Authorization header (the key)
+    nomarkers  a usable reply without the reflection markers (a parse failure)
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 INSTRUCTION_RE = re.compile(r"\[Instruction\]\n(.*?)\n\n", re.S)
 ANSWER_RE = re.compile(r"\[The Start of Answer\]\n(.*?)\n\n\[The End of Answer\]", re.S)
+FAULT_RE = re.compile(r"FAULT:([a-z0-9]+?)(?:x(\d+))?\b")
 
 
 def last_user_message(messages: list[dict]) -> str:
@@ -38,8 +49,10 @@ def scripted_reply(messages: list[dict]) -> str:
 
 def _full_reply(messages: list[dict]) -> str:
     user = last_user_message(messages)
-    instruction = INSTRUCTION_RE.search(user).group(1)
-    answer = ANSWER_RE.search(user).group(1)
+    instruction_match, answer_match = INSTRUCTION_RE.search(user), ANSWER_RE.search(user)
+    if not instruction_match or not answer_match:  # not a reflection prompt (a judge, a benchmark)
+        return "8 6\nThe first answer is more detailed."
+    instruction, answer = instruction_match.group(1), answer_match.group(1)
     if "FAULT:nomarkers" in user:
         return "I think the instruction is fine as it is."
     if "[New Instruction]" in user:  # the instruction-reflection criteria name this marker
@@ -51,11 +64,18 @@ def _full_reply(messages: list[dict]) -> str:
     return f"1. The answer lacks detail.\n[Better Answer] {answer} Here is more detail and an example. [End]"
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 drops connections under a test's concurrency
+    daemon_threads = True
+    block_on_close = False  # a hung handler must not hold the test up at exit
+
+
 class ScriptedOpenAIServer:
     def __init__(self, api_key: str | None = None, latency: float = 0.0, retry_after: float = 0.2):
         self.api_key = api_key
         self.latency = latency
         self.retry_after = retry_after
+        self.fixed = False  # set by a test once the "endpoint" is mended: every fault stops
         self.requests = 0
         self.payloads: list[dict] = []
         self.attempts: Counter[str] = Counter()  # per user message
@@ -65,12 +85,16 @@ class ScriptedOpenAIServer:
         self.max_in_flight = 0
         self.timeout_sleep = 1.5
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def requests_for(self, marker: str) -> int:
+        """Requests the server received for the user messages that contain ``marker``."""
+        return sum(count for user, count in self.attempts.items() if marker in user)
 
     def __enter__(self) -> ScriptedOpenAIServer:
         self.thread.start()
@@ -89,9 +113,9 @@ class ScriptedOpenAIServer:
 
             def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                headers = {"Content-Type": "application/json", **(headers or {})}
                 self.send_header("Content-Length", str(len(body)))
-                for key, value in (headers or {}).items():
+                for key, value in headers.items():
                     self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(body)
@@ -111,31 +135,22 @@ class ScriptedOpenAIServer:
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
                     self._answer(payload, user, attempt)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout or a deadline): nothing to answer
                 finally:
                     with outer.lock:
                         outer.in_flight -= 1
 
-            def _answer(self, payload: dict, user: str, attempt: int) -> None:
-                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
-                    self._send(401, b'{"error": {"message": "bad key"}}')
-                    return
-                if outer.latency:
-                    time.sleep(outer.latency)
-                if "FAULT:down" in user:
-                    self._send(503, b'{"error": "down"}')
-                    return
-                if "FAULT:429" in user and attempt == 1:
-                    self._send(429, b'{"error": "slow down"}', {"Retry-After": str(outer.retry_after)})
-                    return
-                if "FAULT:500x2" in user and attempt <= 2:
-                    self._send(500, b'{"error": "boom"}')
-                    return
-                if "FAULT:timeout" in user and attempt == 1:
-                    time.sleep(outer.timeout_sleep)
-                if "FAULT:garbage" in user and attempt == 1:
-                    self._send(200, b"<html>not json</html>")
-                    return
-                text = scripted_reply(payload["messages"])
+            def _fault(self, user: str, attempt: int) -> str | None:
+                match = FAULT_RE.search(user)
+                if not match or outer.fixed or match.group(1) == "nomarkers":
+                    return None
+                if match.group(2) is not None and attempt > int(match.group(2)):
+                    return None
+                return match.group(1)
+
+            def _completion(self, payload: dict, user: str, attempt: int, content=None, usage=None) -> bytes:
+                text = scripted_reply(payload["messages"]) if content is None else content
                 body = {
                     "id": f"cmpl-{attempt}",
                     "object": "chat.completion",
@@ -143,8 +158,56 @@ class ScriptedOpenAIServer:
                     "choices": [
                         {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                     ],
-                    "usage": {"prompt_tokens": len(user.split()), "completion_tokens": len(text.split())},
+                    "usage": usage
+                    if usage is not None
+                    else {"prompt_tokens": len(user.split()), "completion_tokens": len(text.split())},
                 }
-                self._send(200, json.dumps(body).encode())
+                return json.dumps(body).encode()
+
+            def _answer(self, payload: dict, user: str, attempt: int) -> None:
+                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
+                    self._send(401, b'{"error": {"message": "bad key"}}')
+                    return
+                if outer.latency:
+                    time.sleep(outer.latency)
+                fault = self._fault(user, attempt)
+                if fault == "429":
+                    self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": str(outer.retry_after)})
+                elif fault in ("500", "503"):
+                    self._send(int(fault), b'{"error": {"message": "boom"}}')
+                elif fault == "hang":
+                    time.sleep(60)
+                elif fault == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif fault == "trickle":
+                    body = self._completion(payload, user, attempt)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                elif fault == "garbage":
+                    self._send(200, b"this is not json {")
+                elif fault == "html":
+                    self._send(200, b"<html><body>502 Bad Gateway</body></html>", {"Content-Type": "text/html"})
+                elif fault == "nochoices":
+                    self._send(200, json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode())
+                elif fault == "empty":
+                    self._send(200, self._completion(payload, user, attempt, content=""))
+                elif fault == "oddusage":
+                    self._send(200, self._completion(payload, user, attempt, usage="n/a"))
+                elif fault == "badgzip":
+                    self._send(200, self._completion(payload, user, attempt), {"Content-Encoding": "gzip"})
+                elif fault == "echokey":
+                    echoed = json.dumps({"error": {"message": f"invalid key: {self.headers.get('Authorization')}"}})
+                    self._send(401, echoed.encode())
+                else:
+                    if fault == "timeout":
+                        time.sleep(outer.timeout_sleep)
+                    self._send(200, self._completion(payload, user, attempt))
 
         return Handler

@@ -117,3 +117,41 @@ def test_report_renders_tables_and_figures(tmp_path):
         assert (tmp_path / "out" / figure).read_bytes()[:4] == b"\x89PNG"
     assert "<table>" in report.html_path.read_text() and "data:image/png;base64," in report.inline_markdown
     assert {r["dataset"] for r in report.results["training"]} == {"selected", "random", "full"}
+
+
+def test_all_unjudged_report_says_why_the_chart_is_missing(tmp_path):
+    from srt_assets.report import build_report
+
+    judgements = pl.DataFrame(
+        {"model": ["selected"] * 2, "opponent": ["full"] * 2, "prompt_set": ["vicuna", "koala"],
+         "verdict": ["unjudged", "unjudged"]}
+    )  # fmt: skip
+    losses = pl.DataFrame(
+        {"dataset": ["selected"], "prompt_set": ["alpaca_eval"], "prompt_id": ["0"], "loss": [float("nan")],
+         "base_loss": [1.0], "tokens": [0]}
+    )  # fmt: skip
+    report = build_report("demo", judgements, losses, {"selected": None}, tmp_path / "out")
+    markdown = report.markdown_path.read_text()
+    assert "No verdict chart: all 2 comparisons are unjudged" in markdown
+    assert "No verdict chart" in report.html_path.read_text()
+    assert not (tmp_path / "out" / "verdicts.png").exists()
+
+
+def test_bundled_eval_samples_load_in_a_bare_clone():
+    """data/eval ships a few prompts of every set, so a clone evaluates with nothing beside it."""
+    from srt_assets.core.evaluation import PROMPT_SETS
+    from srt_assets.paths import BUNDLED_EVAL_DIR
+
+    for name in PROMPT_SETS:
+        table = load_prompt_set(BUNDLED_EVAL_DIR, name)
+        assert table.height >= 8 and table["prompt"].str.len_chars().min() > 0, name
+    assert load_prompt_set(BUNDLED_EVAL_DIR, "alpaca_eval")["reference"].is_not_null().all()
+
+
+def test_bundled_eval_samples_are_the_first_records_of_the_full_sets(shared_data):
+    from srt_assets.core.evaluation import PROMPT_SETS
+    from srt_assets.paths import BUNDLED_EVAL_DIR
+
+    for name in PROMPT_SETS:
+        bundled = load_prompt_set(BUNDLED_EVAL_DIR, name)
+        assert load_prompt_set(shared_data, name).head(bundled.height).equals(bundled), name

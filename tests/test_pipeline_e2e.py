@@ -12,26 +12,25 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
+from conftest import alpaca_rows, demo_ops, latest_metadata, materialize, write_catalog, write_jsonl
 from dagster import AssetKey
 
-from srt_assets.assets.reflection import SMALL_TEACHER_PROMPTS
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import StudentModelResource, TeacherResource, TrainingResource
+from srt_assets.models.teacher_base import SMALL_TEACHER_PROMPTS
+from srt_assets.resources import StudentModelResource, TrainingResource, TransformersTeacherResource
 
-pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+pytestmark = [pytest.mark.slow]
 CHECKPOINTS = ("selected", "random", "full")
 
 
 def run_config(**selection) -> dict:
     ops = {
+        **demo_ops(),
         # keep every scored branch so the tiny selection is never empty; the rule itself is unit-tested
-        "selection_decisions": {
-            "config": {"keep_unreflected": True, "ifd_below": 10.0, "rifd_below": 10.0, **selection}
-        },
+        "sample_decisions": {"config": {"keep_unreflected": True, "ifd_below": 10.0, "rifd_below": 10.0, **selection}},
         "evaluation_prompts": {"config": {"sets": ["vicuna", "koala"], "per_set": 1, "reference_count": 3}},
         "evaluation_answers": {"config": {"max_new_tokens": 12}},
-        "pairwise_judgements": {"config": {"max_tokens": 12}},
+        "pairwise_verdicts": {"config": {"max_tokens": 12}},
     }
     return {"ops": ops}
 
@@ -50,7 +49,7 @@ def pipeline(tmp_path_factory, student_model_dir):
         resources={
             "student": StudentModelResource(model=model),
             # the compact, prefilled prompts that 'auto' picks for the bundled teacher
-            "teacher": TeacherResource(
+            "teacher": TransformersTeacherResource(
                 model=model, max_tokens=40, batch_size=8, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
             ),
             "training": TrainingResource(max_steps=2, batch_size=2, max_length=192),
@@ -68,18 +67,21 @@ def test_whole_graph_materializes_with_checks_passing(pipeline):
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert result.success, failures
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == 18 and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
+    blocking = [c for c in checks if c.blocking]
+    assert len(blocking) == 18 and all(c.passed for c in blocking), [c.check_name for c in blocking if not c.passed]
+    assert {c.check_name for c in checks if not c.blocking} == {"selected_beats_random", "selected_beats_base"}
+    assert all(c.partition == "tiny" for c in checks)  # every result belongs to the partition it checked
     materialized = {e.asset_key for e in result.get_asset_materialization_events() if e.asset_key}
-    assert {AssetKey("experiment_report"), AssetKey(["finetuned_checkpoint", "selected"])} <= materialized
+    assert {AssetKey("experiment_report"), AssetKey("finetuned_selected")} <= materialized
 
 
 def test_selected_rows_trace_back_to_source_and_teacher_calls(pipeline):
     store = pipeline["store"]
     raw = pl.read_parquet(store / "raw_samples" / "tiny.parquet")
     selected = pl.read_parquet(store / "selected_dataset" / "tiny.parquet")
-    decisions = pl.read_parquet(store / "selection_decisions" / "tiny.parquet")
-    questions = pl.read_parquet(store / "instruction_candidates" / "tiny.parquet")
-    answers = pl.read_parquet(store / "response_candidates" / "tiny.parquet")
+    decisions = pl.read_parquet(store / "sample_decisions" / "tiny.parquet")
+    questions = pl.read_parquet(store / "new_instructions" / "tiny.parquet")
+    answers = pl.read_parquet(store / "better_responses" / "tiny.parquet")
     assert decisions.height == raw.height and selected.height == int(decisions["selected"].sum()) > 0
     assert set(selected["sample_id"]) <= set(raw["sample_id"])
     joined = selected.join(raw.select("sample_id", pl.col("row_index").alias("raw_row")), on="sample_id")
@@ -113,11 +115,11 @@ def test_checkpoints_evaluation_and_report(pipeline):
     assert model.config.model_type == "llama"
     answers = pl.read_parquet(store / "evaluation_answers" / "tiny.parquet")
     assert answers.height == 3 * 2 and set(answers["dataset"]) == set(CHECKPOINTS)
-    judgements = pl.read_parquet(store / "pairwise_judgements" / "tiny.parquet")
+    judgements = pl.read_parquet(store / "pairwise_verdicts" / "tiny.parquet")
     assert judgements.height == 2 * 2
     assert set(judgements["verdict"]) <= {"win", "tie", "lose", "unjudged"}
     assert judgements["judge_text_first"].is_not_null().all()
-    losses = pl.read_parquet(store / "reference_answer_loss" / "tiny.parquet")
+    losses = pl.read_parquet(store / "reference_loss" / "tiny.parquet")
     assert losses.height == 3 * 3 and losses["loss"].is_finite().all()
     report_dir = store / "reports" / "tiny"
     markdown = (report_dir / "report.md").read_text()
@@ -129,14 +131,14 @@ def test_unchanged_rerun_makes_no_model_calls(pipeline):
     instance = pipeline["instance"]
     result = materialize(pipeline["defs"], "tiny", instance, run_config=run_config())
     assert result.success
-    assert latest_metadata(instance, "instruction_candidates")["calls_made"] == 0
-    assert latest_metadata(instance, "response_candidates")["calls_made"] == 0
+    assert latest_metadata(instance, "new_instructions")["calls_made"] == 0
+    assert latest_metadata(instance, "better_responses")["calls_made"] == 0
     scores = latest_metadata(instance, "student_scores")
     assert scores["texts_computed"] == 0 and scores["model_loaded"] is False
     for dataset in CHECKPOINTS:
-        assert latest_metadata(instance, AssetKey(["finetuned_checkpoint", dataset]))["reused_existing"] is True
+        assert latest_metadata(instance, AssetKey(f"finetuned_{dataset}"))["reused_existing"] is True
     assert latest_metadata(instance, "evaluation_answers")["generated"] == 0
-    assert latest_metadata(instance, "pairwise_judgements")["calls_made"] == 0
+    assert latest_metadata(instance, "pairwise_verdicts")["calls_made"] == 0
 
 
 def test_selection_change_reruns_only_what_it_affects(pipeline):
@@ -148,11 +150,9 @@ def test_selection_change_reruns_only_what_it_affects(pipeline):
     assert result.success
     after = pl.read_parquet(store / "selected_dataset" / "tiny.parquet")
     assert after.height == 1 < before.height
-    assert latest_metadata(instance, "response_candidates")["calls_made"] == 0
+    assert latest_metadata(instance, "better_responses")["calls_made"] == 0
     assert latest_metadata(instance, "student_scores")["texts_computed"] == 0
-    reused = {
-        d: latest_metadata(instance, AssetKey(["finetuned_checkpoint", d]))["reused_existing"] for d in CHECKPOINTS
-    }
+    reused = {d: latest_metadata(instance, AssetKey(f"finetuned_{d}"))["reused_existing"] for d in CHECKPOINTS}
     assert reused == {"selected": False, "random": False, "full": True}  # the full data did not change
     assert other_file.stat().st_mtime_ns == other_before[0]  # the other source was not touched
     partitions = instance.get_materialized_partitions(AssetKey("raw_samples"))
@@ -178,19 +178,19 @@ def test_demo_partition_to_selected_dataset_with_the_paper_rule(tmp_path, studen
         storage_dir=tmp_path,
         resources={
             "student": StudentModelResource(model=model),
-            "teacher": TeacherResource(
+            "teacher": TransformersTeacherResource(
                 model=model, max_tokens=24, batch_size=20, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
             ),
         },
     )
-    config = {"ops": {"selected_dataset": {"config": {"min_rows": 0}}}}  # a tiny teacher may win no sample
+    config = {"ops": {**demo_ops(), "selected_dataset": {"config": {"min_rows": 0}}}}  # a tiny teacher may win none
     result = materialize(defs, "demo", dagster_instance, upto="selected_dataset", run_config=config)
     assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
-    decisions = pl.read_parquet(tmp_path / "selection_decisions" / "demo.parquet")
+    decisions = pl.read_parquet(tmp_path / "sample_decisions" / "demo.parquet")
     selected = pl.read_parquet(tmp_path / "selected_dataset" / "demo.parquet")
     assert decisions.height == 40 and set(decisions["branch"]) <= {"QA", "Q", "A", "ori"}
     assert set(decisions.filter(pl.col("selected"))["chosen_variant"]) <= {"QA", "A"}  # reflected answers only
     assert selected.height == int(decisions["selected"].sum())
     assert ((selected["ifd"] < 1) & (selected["rifd"] < 1)).all()
-    counts = latest_metadata(dagster_instance, "selection_decisions")["branch_counts"]
+    counts = latest_metadata(dagster_instance, "sample_decisions")["branch_counts"]
     assert sum(counts[b] for b in ("QA", "Q", "A", "ori")) == 40

@@ -39,7 +39,9 @@ def test_demo_partition_materializes_through_the_real_definitions(tmp_path: Path
     assert all(checks_by_name(result).values()) and len(checks_by_name(result)) == 5
     materialization = dagster_instance.get_latest_materialization_event(AssetKey("raw_samples"))
     metadata = materialization.asset_materialization.metadata
-    assert metadata["row_count"].value == 40
+    assert metadata["dagster/row_count"].value == 40
+    assert [c.name for c in metadata["dagster/column_schema"].value.columns][:3] == ["sample_id", "source", "row_index"]
+    assert metadata["license"].value == "CC BY-NC 4.0" and metadata["file_present"].value is True
     assert "| sample_id |" in metadata["preview"].value
     assert metadata["length_chars"].value["output"]["max"] <= 300
 
@@ -89,7 +91,8 @@ def test_missing_source_file_fails_the_asset_naming_the_path(tmp_path: Path, dag
 
 
 @pytest.mark.shared_data
-def test_full_alpaca_materializes_every_row(tmp_path: Path, dagster_instance, shared_data: Path):
+def test_full_alpaca_materializes_every_row(tmp_path: Path, dagster_instance, shared_data: Path, monkeypatch):
+    monkeypatch.setenv("SRT_ALPACA_PATH", str(shared_data / "alpaca_data.json.gz"))
     defs = build_definitions(sources_file=REPO_ROOT / "sources.yaml", storage_dir=tmp_path)
     result = run_partition(defs, "alpaca", dagster_instance)
     assert result.success

@@ -8,20 +8,9 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 from dagster import validate_run_config
+from test_asset_graph import gpu_steps as snapshot_gpu_steps
 
 from srt_assets.definitions import build_definitions
-
-MODEL_STEPS = {
-    "instruction_candidates",
-    "response_candidates",
-    "student_scores",
-    "finetuned_checkpoint/selected",
-    "finetuned_checkpoint/random",
-    "finetuned_checkpoint/full",
-    "evaluation_answers",
-    "reference_answer_loss",
-    "pairwise_judgements",
-}
 
 
 def gpu_steps(defs) -> dict[str, object]:
@@ -39,7 +28,7 @@ def test_every_model_step_asks_for_one_gpu():
     from dagster_k8s.job import get_user_defined_k8s_config
 
     steps = gpu_steps(build_definitions())
-    assert set(steps) == MODEL_STEPS
+    assert set(steps) == snapshot_gpu_steps()  # the reviewed graph snapshot names the model steps
     for name, node in steps.items():
         k8s = get_user_defined_k8s_config(node.tags)  # parsed the way the k8s executor parses it
         assert k8s.container_config["resources"]["limits"]["nvidia.com/gpu"] == "1", name

@@ -8,7 +8,7 @@ from conftest import REPO_ROOT, latest_metadata, materialize, write_catalog, wri
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import GPUResource, StudentModelResource, TeacherResource
+from srt_assets.resources import GPUResource, OpenAITeacherResource, StudentModelResource
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def run(defs, partition, instance, selection=None, run_config=None):
 def scripted_teacher():
     """The teacher behind a scripted local OpenAI-compatible server (fast, deterministic)."""
     with ScriptedOpenAIServer() as server:
-        yield TeacherResource(backend="openai", model="scripted", base_url=server.base_url)
+        yield OpenAITeacherResource(model="scripted", base_url=server.base_url)
 
 
 def test_demo_scores_then_rerun_makes_no_model_calls(
@@ -47,17 +47,21 @@ def test_demo_scores_then_rerun_makes_no_model_calls(
     assert scores["ifd"].is_not_null().all() and (scores["ifd"] > 0).all()
     assert scores["rifd"].is_not_null().all()
     meta = latest_metadata(dagster_instance, "student_scores")
-    assert meta["compute_device"] == "cpu" and meta["compute_dtype"] == "float32"
-    computed = meta["texts_computed"]
-    assert meta["student_fingerprint"] and meta["model_loaded"] is True
+    assert meta["compute"]["device"] == "cpu" and meta["compute"]["dtype"] == "float32"
+    computed, latest_first = meta["texts_computed"], meta
+    assert meta["student"]["fingerprint"] and meta["model_loaded"] is True
     assert 0 < computed == meta["unique_texts"] <= meta["texts"] == 16 * 40
-    assert "data:image/png;base64," in meta["histograms"]
+    assert meta["ifd_histogram"].startswith("| IFD | n |") and len(meta["ifd_histogram"]) < 1000  # shown inline
+    assert meta["served_from_cache"] is False and meta["tokens_per_second"] > 0
     assert {e.check_name: e.passed for e in first.get_asset_check_evaluations()}["scores_finite"]
 
     second = run(defs, "demo", dagster_instance)
     assert second.success
     meta = latest_metadata(dagster_instance, "student_scores")
     assert meta["texts_computed"] == 0 and meta["texts_from_cache"] == computed and meta["model_loaded"] is False
+    # the figures of the run that computed the scores stay visible, marked as served from the cache
+    assert meta["served_from_cache"] is True and meta["figures_from_run"] == first.run_id
+    assert meta["tokens_per_second"] == latest_first["tokens_per_second"] > 0
     assert pl.read_parquet(tmp_path / "student_scores" / "demo.parquet").equals(scores)
 
 

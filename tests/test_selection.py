@@ -146,8 +146,8 @@ def test_training_rows_provenance_and_explain(tiny_pipeline_tables, tmp_path):
     assert prov["instruction_call_key"].to_list() == ["q0", None]
     assert prov["response_call_key"].to_list() == ["QA0", "A1"]
 
-    story = explain_sample(raw["sample_id"][0], {"raw_samples": raw, "instruction_candidates": inst,
-                                                   "response_candidates": resp, "selection_decisions": decisions,
+    story = explain_sample(raw["sample_id"][0], {"raw_samples": raw, "new_instructions": inst,
+                                                   "better_responses": resp, "sample_decisions": decisions,
                                                    "selected_dataset": rows})  # fmt: skip
     assert story["in_selected_dataset"] and story["source"] == "demo"
     text = format_story(story)

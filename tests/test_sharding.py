@@ -13,18 +13,18 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import alpaca_rows, latest_metadata, write_jsonl
+from conftest import alpaca_rows, demo_ops, latest_metadata, write_jsonl
 from dagster import AssetKey, DagsterInstance
 
-from srt_assets.assets.reflection import SMALL_TEACHER_PROMPTS
 from srt_assets.cli import materialize_partition, plan_partition_runs
 from srt_assets.core.sharding import shard_of, take_shard
 from srt_assets.core.sources import SourceConfigError, load_catalog
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import StudentModelResource, TeacherResource
+from srt_assets.models.teacher_base import SMALL_TEACHER_PROMPTS
+from srt_assets.resources import StudentModelResource, TransformersTeacherResource
 
-ROW_STAGES = ("instruction_candidates", "response_candidates", "student_scores")
-SELECT_ALL = {"ops": {"selection_decisions": {"config": {"keep_unreflected": True, "ifd_below": 10.0}}}}
+ROW_STAGES = ("new_instructions", "better_responses", "student_scores")
+SELECT_ALL = {"ops": {**demo_ops(), "sample_decisions": {"config": {"keep_unreflected": True, "ifd_below": 10.0}}}}
 
 
 def sharded_catalog(directory: Path, data: str, shards: int | None) -> Path:
@@ -67,13 +67,13 @@ def test_run_plan_puts_shards_between_the_per_source_stages(tmp_path):
     for name in ROW_STAGES:
         keys = graph.get(AssetKey(name)).partitions_def.get_partition_keys()
         assert [str(k) for k in keys] == ["tiny|0", "tiny|1", "tiny|2"]
-    assert graph.get(AssetKey("selection_decisions")).partitions_def.get_partition_keys() == ["tiny"]
+    assert graph.get(AssetKey("sample_decisions")).partitions_def.get_partition_keys() == ["tiny"]
 
     runs = plan_partition_runs(graph, graph.materializable_asset_keys, "tiny")
     partitions = [partition for partition, _ in runs]
     assert partitions == ["tiny", "tiny|0", "tiny|1", "tiny|2", "tiny"]
     first, *shards, last = [{k.to_user_string() for k in keys} for _, keys in runs]
-    assert "raw_samples" in first and "selection_decisions" in last and "experiment_report" in last
+    assert "raw_samples" in first and "sample_decisions" in last and "experiment_report" in last
     assert all(names == set(ROW_STAGES) for names in shards)
     assert plan_partition_runs(graph, graph.materializable_asset_keys, "tiny", shard=2) == [
         ("tiny|2", sorted(AssetKey(n) for n in ROW_STAGES))
@@ -90,7 +90,6 @@ def test_run_plan_puts_shards_between_the_per_source_stages(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.shared_data
 def test_sharded_run_equals_the_unsharded_work(tmp_path, student_model_dir, monkeypatch):
     """Two shards with the real models, then the same source unsharded over the same storage:
     every teacher call and student loss it needs is already cached by the shards, and the
@@ -99,7 +98,7 @@ def test_sharded_run_equals_the_unsharded_work(tmp_path, student_model_dir, monk
     model = str(student_model_dir)
     resources = {
         "student": StudentModelResource(model=model),
-        "teacher": TeacherResource(
+        "teacher": TransformersTeacherResource(
             model=model, max_tokens=24, batch_size=8, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
         ),
     }
@@ -123,24 +122,22 @@ def test_sharded_run_equals_the_unsharded_work(tmp_path, student_model_dir, monk
     assert (tmp_path / "machine2" / "model_calls.sqlite").is_file()
     assert not (store / "cache" / "model_calls.sqlite").exists()
     # the per-source stage refuses to run on half a source, naming what is missing
-    (blocked,) = run(sharded, "selection_decisions")
+    (blocked,) = run(sharded, "sample_decisions")
     assert not blocked.success
     failure = next(e for e in blocked.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else ""
     message += failure.step_failure_data.error.message
-    assert "instruction_candidates" in message and "tiny|0" in message and "tiny|1" not in message
+    assert any(stage in message for stage in ROW_STAGES) and "tiny|0" in message and "tiny|1" not in message
 
     # machine 1 runs shard 0, then the per-source stages over both machines' shard files
     assert all(r.success for r in run(sharded, None, shard=0))
     results = materialize_partition(
-        "tiny", "*selection_decisions", run_config=SELECT_ALL, skip_shards=True, defs=sharded, instance=instance
+        "tiny", "*sample_decisions", run_config=SELECT_ALL, skip_shards=True, defs=sharded, instance=instance
     )
     assert [r.dagster_run.tags["dagster/partition"] for r in results] == ["tiny"]
     assert all(r.success for r in results)
     raw = pl.read_parquet(store / "raw_samples" / "tiny.parquet")
-    shard_rows = {
-        shard: pl.read_parquet(store / "instruction_candidates" / "tiny" / f"{shard}.parquet") for shard in "01"
-    }
+    shard_rows = {shard: pl.read_parquet(store / "new_instructions" / "tiny" / f"{shard}.parquet") for shard in "01"}
     assert sorted(shard_rows["0"]["sample_id"].to_list() + shard_rows["1"]["sample_id"].to_list()) == sorted(
         raw["sample_id"].to_list()
     )
@@ -148,35 +145,35 @@ def test_sharded_run_equals_the_unsharded_work(tmp_path, student_model_dir, monk
     for shard, frame in shard_rows.items():
         assert {shard_of(sample, 2) for sample in frame["sample_id"]} == {int(shard)}
     calls = Counter()
-    for name in ("instruction_candidates", "response_candidates"):
+    for name in ("new_instructions", "better_responses"):
         for shard in "01":
             calls[name] += pl.read_parquet(store / name / "tiny" / f"{shard}.parquet").height
-    assert calls == {"instruction_candidates": raw.height, "response_candidates": 2 * raw.height}
-    sharded_decisions = pl.read_parquet(store / "selection_decisions" / "tiny.parquet")
+    assert calls == {"new_instructions": raw.height, "better_responses": 2 * raw.height}
+    sharded_decisions = pl.read_parquet(store / "sample_decisions" / "tiny.parquet")
     assert sharded_decisions.height == raw.height
     checks = {
         (c.asset_key.to_user_string(), c.check_name): c.passed for r in results for c in r.get_asset_check_evaluations()
     }
-    assert checks[("selection_decisions", "one_decision_per_raw_sample")] is True
+    assert checks[("sample_decisions", "one_decision_per_raw_sample")] is True
     assert latest_metadata(instance, "student_scores")["shard"] in ("0 of 2", "1 of 2")
 
     # every shard in one go on machine 1 (the plain CLI plan): shard 1 again, now into this cache,
     # reproduces machine 2's file
-    machine2_rows = pl.read_parquet(store / "instruction_candidates" / "tiny" / "1.parquet")
-    results = run(sharded, "*selection_decisions")
+    machine2_rows = pl.read_parquet(store / "new_instructions" / "tiny" / "1.parquet")
+    results = run(sharded, "*sample_decisions")
     assert [r.dagster_run.tags["dagster/partition"] for r in results] == ["tiny", "tiny|0", "tiny|1", "tiny"]
     assert all(r.success for r in results)
-    assert pl.read_parquet(store / "instruction_candidates" / "tiny" / "1.parquet").equals(machine2_rows)
-    assert pl.read_parquet(store / "selection_decisions" / "tiny.parquet").equals(sharded_decisions)
+    assert pl.read_parquet(store / "new_instructions" / "tiny" / "1.parquet").equals(machine2_rows)
+    assert pl.read_parquet(store / "sample_decisions" / "tiny.parquet").equals(sharded_decisions)
 
     # the same source unsharded, over the same storage and caches
     plain_file = sharded_catalog(tmp_path / "plain", "../tiny.jsonl", None)
     plain = build_definitions(sources_file=plain_file, storage_dir=store, resources=resources)
-    assert all(r.success for r in run(plain, "*selection_decisions"))
-    assert latest_metadata(instance, "instruction_candidates")["calls_made"] == 0
-    assert latest_metadata(instance, "response_candidates")["calls_made"] == 0
+    assert all(r.success for r in run(plain, "*sample_decisions"))
+    assert latest_metadata(instance, "new_instructions")["calls_made"] == 0
+    assert latest_metadata(instance, "better_responses")["calls_made"] == 0
     assert latest_metadata(instance, "student_scores")["texts_computed"] == 0
-    plain_decisions = pl.read_parquet(store / "selection_decisions" / "tiny.parquet")
+    plain_decisions = pl.read_parquet(store / "sample_decisions" / "tiny.parquet")
     assert plain_decisions.sort("sample_id").equals(sharded_decisions.sort("sample_id"))
 
     # the audit CLI reads the sharded layout of the catalog it is given
@@ -185,7 +182,7 @@ def test_sharded_run_equals_the_unsharded_work(tmp_path, student_model_dir, monk
     cli = [sys.executable, "-m", "srt_assets.cli", "explain", sample, "--storage", str(store), "--json"]
     shown = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env)
     assert shown.returncode == 0, shown.stderr
-    assert '"instruction_candidates"' in shown.stdout and '"student_scores"' in shown.stdout
+    assert '"new_instructions"' in shown.stdout and '"student_scores"' in shown.stdout
 
 
 @pytest.mark.slow
@@ -209,4 +206,4 @@ def test_an_empty_shard_materializes_empty_tables(tmp_path, student_model_dir):
     for name in ROW_STAGES:
         table = pl.read_parquet(tmp_path / "store" / name / "tiny" / f"{empty}.parquet")
         assert table.height == 0 and table.schema["sample_id"] == pl.String, name
-    assert latest_metadata(instance, "instruction_candidates")["calls_made"] == 0
+    assert latest_metadata(instance, "new_instructions")["calls_made"] == 0

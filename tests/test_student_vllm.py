@@ -33,10 +33,10 @@ def test_vllm_prompt_logprobs_match_the_straightforward_loop(student_model_dir, 
 def test_student_scores_asset_runs_on_the_vllm_backend(tmp_path, dagster_instance, student_model_dir):
     from openai_server import ScriptedOpenAIServer
 
-    from srt_assets.resources import TeacherResource
+    from srt_assets.resources import OpenAITeacherResource
 
     with ScriptedOpenAIServer() as server:
-        teacher = TeacherResource(backend="openai", model="scripted", base_url=server.base_url)
+        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url)
         _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher)
 
 
@@ -65,4 +65,4 @@ def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
     scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "v.parquet")
     assert scores.height == 3 * 4 and scores["ifd"].is_not_null().all()
     event = dagster_instance.get_latest_materialization_event(dagster.AssetKey("student_scores"))
-    assert event.asset_materialization.metadata["compute_backend"].value == "vllm"
+    assert event.asset_materialization.metadata["compute"].value["backend"] == "vllm"

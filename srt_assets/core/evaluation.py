@@ -4,11 +4,14 @@ reference answers of the judge-free metric, read into one schema."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+
+from srt_assets.core.quality import CheckOutcome
 
 PROMPT_SCHEMA: dict[str, pl.DataType] = {
     "prompt_set": pl.String(),
@@ -90,3 +93,28 @@ def load_prompt_set(data_dir: Path, name: str, count: int | None = None, seed: i
     if count is not None and count < frame.height:
         frame = frame.with_row_index("_i").sample(n=count, seed=seed).sort("_i").drop("_i")
     return frame
+
+
+def loss_comparisons(mean_loss: dict[str, float]) -> list[CheckOutcome]:
+    """The judge-free result checks: does the model tuned on selected data reach a lower mean loss
+    on reference answers than the random-sample model, and than the base student? A missing mean
+    (no scorable reference) fails the comparison and says so."""
+    outcomes = []
+    for name, other, label in (
+        ("selected_beats_random", "random", "the random-sample model"),
+        ("selected_beats_base", "base", "the base student"),
+    ):
+        selected, baseline = mean_loss.get("selected", math.nan), mean_loss.get(other, math.nan)
+        known = math.isfinite(selected) and math.isfinite(baseline)
+        outcomes.append(
+            CheckOutcome(
+                name,
+                known and selected < baseline,
+                f"mean reference loss of the selected-data model {selected:.4f} vs {label} {baseline:.4f}"
+                if known
+                else f"no finite mean reference loss to compare with {label}",
+                {"selected": selected if known else None, other: baseline if known else None,
+                 "difference": round(selected - baseline, 6) if known else None},
+            )
+        )  # fmt: skip
+    return outcomes

@@ -1,4 +1,4 @@
-"""Pairwise judging of two models' answers (METHOD.md, "Judge protocol").
+"""Pairwise judging of two models' answers (docs/method.md, "Judge protocol").
 
 The judge scores both answers 1–10 on the first line of its reply; every pair is judged in both
 orders to cancel position bias; a win is "better in both orders, or better in one and tied in the
@@ -8,6 +8,7 @@ The prompt wording is ours; a user can load another (e.g. the authors') from a f
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -57,6 +58,18 @@ def parse_judge_scores(text: str | None) -> tuple[float, float] | None:
     if not all(0 <= s <= 10 for s in scores):
         return None
     return scores
+
+
+def parse_judge_reply(text: str | None, structured: bool) -> tuple[float, float] | None:
+    """The two ratings of a judge reply: the first line of a free-text reply, or the ``score_1`` and
+    ``score_2`` fields of a structured (JSON) one."""
+    if not structured:
+        return parse_judge_scores(text)
+    try:
+        data = json.loads(text or "")
+        return float(data["score_1"]), float(data["score_2"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def order_outcome(score_model: float, score_other: float) -> int:

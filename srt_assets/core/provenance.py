@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 
 PROVENANCE_SCHEMA: dict[str, pl.DataType] = {
@@ -24,8 +26,8 @@ def _call_keys(candidates: pl.DataFrame, variant: str, name: str) -> pl.DataFram
 
 def provenance_columns(
     decisions: pl.DataFrame,
-    instruction_candidates: pl.DataFrame,
-    response_candidates: pl.DataFrame,
+    new_instructions: pl.DataFrame,
+    better_responses: pl.DataFrame,
     source_file: str,
 ) -> pl.DataFrame:
     """Per selected sample: where it came from and which teacher calls and scores produced it.
@@ -44,9 +46,9 @@ def provenance_columns(
         "rifd_threshold",
         pl.col("reason").alias("decision_reason"),
     )
-    q_keys = _call_keys(instruction_candidates, "Q", "_q_key")
-    a_keys = _call_keys(response_candidates, "A", "_a_key")
-    qa_keys = _call_keys(response_candidates, "QA", "_qa_key")
+    q_keys = _call_keys(new_instructions, "Q", "_q_key")
+    a_keys = _call_keys(better_responses, "A", "_a_key")
+    qa_keys = _call_keys(better_responses, "QA", "_qa_key")
     joined = (
         chosen.join(q_keys, on="sample_id", how="left")
         .join(a_keys, on="sample_id", how="left")
@@ -71,6 +73,34 @@ def provenance_columns(
     ).cast(PROVENANCE_SCHEMA)
 
 
+# The tables that mention samples, in pipeline order, and the row stages among them that a sharded
+# catalog stores one file per shard (``<table>/<source>/<shard>.parquet``).
+EXPLAINED_TABLES = (
+    "raw_samples",
+    "new_instructions",
+    "better_responses",
+    "student_scores",
+    "sample_decisions",
+    "selected_dataset",
+    "baseline_random",
+)
+SHARDED_TABLES = ("new_instructions", "better_responses", "student_scores")
+
+
+def load_partition_tables(storage: Path, source: str, shards: int = 1) -> dict[str, pl.DataFrame]:
+    """The materialized tables of one source partition that mention samples (absent ones skipped);
+    with a sharded catalog the row stages are read from all their shard files."""
+    tables = {}
+    for name in EXPLAINED_TABLES:
+        files = [storage / name / f"{source}.parquet"]
+        if name in SHARDED_TABLES and shards > 1:
+            files = [storage / name / source / f"{shard}.parquet" for shard in range(shards)]
+        present = [pl.read_parquet(file) for file in files if file.is_file()]
+        if present:
+            tables[name] = pl.concat(present, how="vertical_relaxed")
+    return tables
+
+
 def source_of(sample_id: str) -> str:
     """The source (partition) a sample id belongs to: ids are ``<source>-<16 hex digits>``."""
     source, sep, digest = sample_id.rpartition("-")
@@ -82,8 +112,7 @@ def source_of(sample_id: str) -> str:
 def explain_sample(sample_id: str, tables: dict[str, pl.DataFrame]) -> dict:
     """Everything recorded about one sample, table by table (rows as dicts; missing tables skipped).
 
-    ``tables`` maps asset names (raw_samples, instruction_candidates, response_candidates,
-    student_scores, selection_decisions, selected_dataset, baseline_random) to that partition's table.
+    ``tables`` maps asset names (``EXPLAINED_TABLES``) to that partition's table.
     """
     story: dict[str, object] = {"sample_id": sample_id, "source": source_of(sample_id)}
     for name, table in tables.items():
@@ -119,7 +148,7 @@ def format_story(story: dict) -> str:
         text("source row", row.get("row_index"))
         for field in ("instruction", "input", "output"):
             text(field, row.get(field))
-    for name in ("instruction_candidates", "response_candidates"):
+    for name in ("new_instructions", "better_responses"):
         section(f"teacher: {name}")
         for row in story.get(name) or []:
             lines.append(f"-- variant {row['variant']}: status {row['status']}, call {row['cache_key']}")
@@ -132,7 +161,7 @@ def format_story(story: dict) -> str:
     for row in story.get("student_scores") or []:
         lines.append(f"{row['variant']:>3}: IFD {row.get('ifd')}  r-IFD {row.get('rifd')}")
     section("selection")
-    for row in story.get("selection_decisions") or []:
+    for row in story.get("sample_decisions") or []:
         lines.append(f"branch {row['branch']}, chosen {row['chosen_variant']}, selected {row['selected']}")
         text("why", row["reason"])
     lines.append("")

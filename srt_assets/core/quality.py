@@ -38,13 +38,17 @@ class TableContract:
     unique: tuple[str, ...] = ()
 
     def check_names(self) -> list[str]:
-        names = ["schema_matches"]
+        return list(self.check_descriptions())
+
+    def check_descriptions(self) -> dict[str, str]:
+        """The checks this contract makes, each with what it asserts."""
+        checks = {"schema_matches": _DESCRIPTIONS["schema_matches"]}
         if self.not_null:
-            names.append("no_nulls")
+            checks["no_nulls"] = _DESCRIPTIONS["no_nulls"]
         if self.not_blank:
-            names.append("text_not_blank")
-        names += [f"{column}_unique" for column in self.unique]
-        return names
+            checks["text_not_blank"] = _DESCRIPTIONS["text_not_blank"]
+        checks.update({f"{column}_unique": f"values of '{column}' are unique" for column in self.unique})
+        return checks
 
 
 def _context():

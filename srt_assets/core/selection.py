@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import polars as pl
+from pydantic import BaseModel, Field, model_validator
 
 from srt_assets.core.variants import VARIANTS
 
@@ -41,23 +42,27 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-@dataclass(frozen=True)
-class SelectionRule:
-    """The knobs of the rule. Defaults reproduce the authors' released selective-recycled sets."""
+class SelectionRule(BaseModel):
+    """The knobs of the rule. Defaults reproduce the authors' released selective-recycled sets. The
+    ``sample_decisions`` asset's config is this model, so each knob is defined here only."""
 
-    keep_unreflected: bool = False  # keep Q / ori on the branches where the reflected answer lost
-    ifd_below: float = 1.0
-    rifd_below: float = 1.0
-    top_k: int | None = None  # second stage: keep the k kept samples with the highest IFD
-    top_percent: float | None = None  # ... or the top p% of them
+    keep_unreflected: bool = Field(
+        False, description="also keep Q / ori on the branches where the reflected answer lost (the authors: off)"
+    )
+    ifd_below: float = Field(1.0, description="keep a candidate only if its IFD is below this")
+    rifd_below: float = Field(1.0, description="keep a candidate only if its r-IFD is below this")
+    top_k: int | None = Field(None, description="second stage: keep the k kept samples with the highest IFD")
+    top_percent: float | None = Field(None, description="second stage: keep the top p% of them by IFD")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _one_top_stage(self) -> SelectionRule:
         if self.top_k is not None and self.top_percent is not None:
             raise ValueError("set at most one of top_k and top_percent")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.top_percent is not None and not 0 < self.top_percent <= 100:
             raise ValueError(f"top_percent must be in (0, 100], got {self.top_percent}")
+        return self
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ class FieldMapping:
     output: str = "output"
     conversations: str | None = None
 
+    def as_dict(self) -> dict[str, str]:
+        if self.conversations:
+            return {"conversations": self.conversations}
+        return {"instruction": self.instruction, "input": self.input or "", "output": self.output}
+
 
 @dataclass(frozen=True)
 class SourceSpec:
@@ -52,20 +57,23 @@ class SourceSpec:
     path_env: str | None = None
     missing_hint: str = ""
 
-    def require_file(self) -> Path:
-        """Return the data file, or fail with a message that names the path and how to set it."""
-        if self.path.is_file():
-            return self.path
+    def missing_message(self) -> str:
+        """What to do when the data file is not there: the path, the hint, the variable to set."""
+        what = "is a directory, not a data file" if self.path.is_dir() else "not found"
         how = []
         if self.path_env:
             how.append(f"set the environment variable {self.path_env}=/path/to/file")
         how.append(f"or edit 'sources.{self.name}.path' in the sources file")
         hint = f" {self.missing_hint.strip()}" if self.missing_hint else ""
-        raise SourceFileMissing(
-            f"source '{self.name}': data file not found: {self.path}.{hint} To use another copy, "
-            + ", ".join(how)
-            + "."
+        return (
+            f"source '{self.name}': data file {what}: {self.path}.{hint} To use another copy, " + ", ".join(how) + "."
         )
+
+    def require_file(self) -> Path:
+        """Return the data file, or fail with a message that names the path and how to set it."""
+        if self.path.is_file():
+            return self.path
+        raise SourceFileMissing(self.missing_message())
 
 
 def infer_format(path: Path) -> str:

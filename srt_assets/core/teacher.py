@@ -44,20 +44,34 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # the call failed for good (after the backend's own retries)
-    error_kind: str | None = None  # timeout | rate_limited | server_error | invalid_response | ...
-    attempts: int = 1
+    error_kind: str | None = None  # timeout | rate_limited | server_error | unusable_reply | deadline | ...
+    attempts: int = 1  # requests sent for this call (retries and failover included)
+
+    @property
+    def usable(self) -> bool:
+        """A reply worth keeping: no error and some text. Only these are cached."""
+        return self.error is None and self.text is not None
+
+
+OnDone = Callable[[int, Generation], None]
 
 
 class TeacherBackend(Protocol):
+    """Turns chat conversations into replies. ``on_done(i, generation)`` is called as each call
+    finishes (any order), so its caller can store it before the others are done."""
+
     model_id: str
 
-    def generate(self, conversations: Sequence[Messages], params: GenerationParams) -> list[Generation]: ...
+    def generate(
+        self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None
+    ) -> list[Generation]: ...
 
 
 @dataclass
 class CallStats:
     calls: int = 0
     cache_hits: int = 0
+    requests: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -67,8 +81,9 @@ class CallStats:
 
 
 class CachedTeacher:
-    """Wraps a backend with the durable call cache. Only successful calls are cached, so a failed
-    call is tried again on the next run; finished chunks are stored at once (resumable)."""
+    """Wraps a backend with the durable call cache. Only usable replies are cached, so a failed call
+    is tried again on the next run; each reply is stored the moment its call finishes, so a crash
+    loses at most the calls in flight."""
 
     def __init__(self, backend: TeacherBackend, cache, chunk_size: int = 64, progress: Callable | None = None):
         self.backend = backend
@@ -80,6 +95,17 @@ class CachedTeacher:
     def key(self, messages: Messages, params: GenerationParams) -> str:
         return content_key(self.backend.model_id, messages, asdict(params))
 
+    def _record(self, key: str, generation: Generation) -> None:
+        self.stats.calls += 1
+        self.stats.requests += generation.attempts
+        self.stats.prompt_tokens += generation.prompt_tokens
+        self.stats.completion_tokens += generation.completion_tokens
+        if generation.usable:
+            self.cache.put_many({key: asdict(generation)})
+        else:
+            kind = generation.error_kind or "error"
+            self.stats.failures[kind] = self.stats.failures.get(kind, 0) + 1
+
     def generate(self, conversations: Sequence[Messages], params: GenerationParams) -> list[tuple[str, Generation]]:
         keys = [self.key(m, params) for m in conversations]
         known = self.cache.get_many(keys)
@@ -88,19 +114,18 @@ class CachedTeacher:
         missing = [i for i, r in enumerate(results) if r is None]
         for begin in range(0, len(missing), self.chunk_size):
             chunk = missing[begin : begin + self.chunk_size]
-            generations = self.backend.generate([conversations[i] for i in chunk], params)
-            fresh = {}
-            for i, generation in zip(chunk, generations, strict=True):
-                results[i] = generation
-                self.stats.calls += 1
-                self.stats.prompt_tokens += generation.prompt_tokens
-                self.stats.completion_tokens += generation.completion_tokens
-                if generation.error is None and generation.text is not None:
-                    fresh[keys[i]] = asdict(generation)
-                else:
-                    kind = generation.error_kind or "error"
-                    self.stats.failures[kind] = self.stats.failures.get(kind, 0) + 1
-            self.cache.put_many(fresh)
+            recorded: set[int] = set()
+
+            def on_done(position: int, generation: Generation, chunk: list[int] = chunk, recorded=recorded) -> None:
+                index = chunk[position]
+                results[index] = generation
+                recorded.add(position)
+                self._record(keys[index], generation)
+
+            generations = self.backend.generate([conversations[i] for i in chunk], params, on_done)
+            for position, generation in enumerate(generations):  # a backend that reported nothing
+                if position not in recorded:
+                    on_done(position, generation)
             if self.progress:
                 self.progress(begin + len(chunk), len(missing))
         return list(zip(keys, results, strict=True))  # type: ignore[arg-type]
@@ -124,7 +149,7 @@ class ReflectionOutcome:
     error: str | None
     raw_text: str | None
     cache_key: str
-    attempts: int
+    attempts: int  # requests sent for this row (parse retries, HTTP retries and failover included)
     prompt_tokens: int
     completion_tokens: int
 
@@ -157,7 +182,7 @@ def reflect(
 
     outcomes: list[ReflectionOutcome | None] = [None] * len(rows)
     pending = list(range(len(rows)))
-    usage = [[0, 0] for _ in rows]
+    usage = [[0, 0, 0] for _ in rows]  # prompt tokens, completion tokens, requests
     for attempt in range(settings.parse_retries + 1):
         if not pending:
             break
@@ -173,6 +198,7 @@ def reflect(
         for i, (key, generation) in zip(pending, replies, strict=True):
             usage[i][0] += generation.prompt_tokens
             usage[i][1] += generation.completion_tokens
+            usage[i][2] += generation.attempts
             original_instruction = rows[i][0] if kind == "instruction" else None
             text = generation.text
             prefill = continues_reply(conversations[i])
@@ -191,7 +217,7 @@ def reflect(
                 error=error,
                 raw_text=text,
                 cache_key=key,
-                attempts=attempt + 1,
+                attempts=usage[i][2],
                 prompt_tokens=usage[i][0],
                 completion_tokens=usage[i][1],
             )

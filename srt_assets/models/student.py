@@ -1,36 +1,54 @@
-"""Choosing and building a student backend; the default student's model directory."""
+"""The student as a session: its tokenizer's scoring texts, a loss backend that loads on the first
+cache miss, and the durable loss cache in front of it. The Dagster ``student`` resource is
+``StudentSettings`` and hands these sessions out."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from srt_assets import paths
-from srt_assets.core.ifd import LossScorer, ScoringConfig, TextBuilder, resolve_context_token
+from pydantic import BaseModel, Field
+
+from srt_assets.core.cache import SqliteCache
+from srt_assets.core.ifd import (
+    CachedScorer,
+    LossScorer,
+    SampleScores,
+    ScoringConfig,
+    ScoringItem,
+    TextBuilder,
+    resolve_context_token,
+    score_items,
+)
 from srt_assets.core.templates import get_template
-from srt_assets.models.loading import BUNDLED_MODEL, convert_bundled_model
+from srt_assets.models.compute import ComputeSettings
+from srt_assets.models.identity import BUNDLED_MODEL, ModelIdentity, model_identity
 
 STUDENT_BACKENDS = ("transformers", "vllm")
-DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
 
 
-def default_models_dir() -> Path:
-    return paths.storage_dir() / "models"
+class StudentSettings(BaseModel):
+    """The student: the model being fine-tuned, whose perplexities select the data."""
 
+    model: str = Field(
+        default=BUNDLED_MODEL,
+        description="'bundled:smollm2-135m-instruct' (offline default), a Hugging Face model directory or hub id",
+    )
+    template: str = Field(default="chat", description="alpaca | wiz | vicuna | chat (the tokenizer's own)")
+    max_length: int = Field(default=2048, description="L: maximum tokens per scored text")
+    context: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: prepend BOS/EOS as context when the tokenizer adds no BOS; none: reference behaviour",
+    )
 
-def ensure_default_student_dir(models_dir: Path | None = None) -> Path:
-    """The bundled SmolLM2 as an HF directory, converted on first use and reused afterwards."""
-    out = (models_dir or default_models_dir()) / DEFAULT_MODEL_DIRNAME
-    if not (out / "config.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_bundled_model(out)
-    return out
+    def identity(self, models_dir: Path) -> ModelIdentity:
+        return model_identity(self.model, models_dir)
 
-
-def resolve_model_path(model: str, models_dir: Path | None = None) -> str:
-    """``bundled:...`` → the converted directory; anything else (a directory, a hub id) as given."""
-    if model == BUNDLED_MODEL:
-        return str(ensure_default_student_dir(models_dir))
-    return model
+    def scoring_config(self) -> ScoringConfig:
+        return ScoringConfig(max_length=self.max_length, context=self.context)
 
 
 def chat_formatter(tokenizer):
@@ -61,28 +79,30 @@ def load_tokenizer(model_path: str):
 class LazyStudent:
     """A LossScorer that loads its backend on first use, so a fully cached run loads no model."""
 
-    def __init__(
-        self, backend: str, model_path: str, device: str, dtype: str, token_budget: int, max_length: int = 2048
-    ):
-        if backend not in STUDENT_BACKENDS:
-            raise ValueError(f"unknown student backend '{backend}'; choose one of {', '.join(STUDENT_BACKENDS)}")
-        self.backend = backend
-        self.settings = {"device": device, "dtype": dtype, "token_budget": token_budget}
+    def __init__(self, model_path: str, compute: ComputeSettings, max_length: int = 2048):
+        if compute.backend not in STUDENT_BACKENDS:
+            raise ValueError(
+                f"unknown student backend '{compute.backend}'; choose one of {', '.join(STUDENT_BACKENDS)}"
+            )
+        self.compute = compute
         self.model_path = model_path
         self.max_length = max_length
         self._scorer: LossScorer | None = None
         self.was_loaded = False  # whether any call needed the model (kept after close, for metadata)
 
     def _load(self) -> LossScorer:
-        if self.backend == "vllm":
+        if self.compute.backend == "vllm":
             from srt_assets.models.student_vllm import VLLMStudent
 
-            return VLLMStudent(
-                self.model_path, dtype=self.settings["dtype"], token_budget=self.settings["token_budget"]
-            )
+            return VLLMStudent(self.model_path, dtype=self.compute.dtype, token_budget=self.compute.token_budget)
         from srt_assets.models.student_hf import TransformersStudent
 
-        return TransformersStudent(self.model_path, **self.settings)
+        return TransformersStudent(
+            self.model_path,
+            device=self.compute.resolved_device(),
+            dtype=self.compute.dtype,
+            token_budget=self.compute.token_budget,
+        )
 
     def close(self) -> None:
         """Release the backend (vLLM holds worker processes and memory)."""
@@ -95,3 +115,57 @@ class LazyStudent:
             self._scorer = self._load()
             self.was_loaded = True
         return self._scorer.mean_losses(sequences, target_starts)
+
+
+@dataclass
+class StudentSession:
+    """A ready student: build texts with ``builder``, score them through ``scorer`` (cached)."""
+
+    identity: ModelIdentity
+    builder: TextBuilder
+    scorer: CachedScorer
+    backend: LazyStudent
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.backend.was_loaded
+
+    def score(self, items: Sequence[ScoringItem]) -> tuple[list[SampleScores], dict[str, int]]:
+        """IFD and r-IFD of every (instruction, input, response), with work statistics."""
+        return score_items(items, self.builder, self.scorer)
+
+    def answer_losses(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], list[int]]:
+        """Mean loss of each answer given its prompt in the training template, and its token count."""
+        texts = [self.builder.part(self.builder.template.render(prompt) + answer, answer) for prompt, answer in pairs]
+        losses = self.scorer.mean_losses([t.ids for t in texts], [max(t.target_start, 1) for t in texts])
+        return losses, [t.n_targets for t in texts]
+
+
+@contextmanager
+def student_session(
+    settings: StudentSettings,
+    compute: ComputeSettings,
+    models_dir: Path,
+    cache_file: Path,
+    model_path: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    chunk_size: int = 256,
+) -> Iterator[StudentSession]:
+    """The student (or, with ``model_path``, a fine-tuned checkpoint of it scored the same way) behind
+    the durable loss cache. The model loads on the first cache miss and is released on exit."""
+    identity = settings.identity(models_dir) if model_path is None else model_identity(model_path, models_dir)
+    builder = build_text_builder(load_tokenizer(identity.path), settings.template, settings.scoring_config())
+    backend = LazyStudent(identity.path, compute, settings.max_length)
+    cache = SqliteCache(cache_file, "student_losses")
+    scorer = CachedScorer(
+        backend,
+        cache,
+        model_key=f"{identity.fingerprint}|{compute.dtype}|{settings.context}",
+        chunk_size=chunk_size,
+        progress=progress,
+    )
+    try:
+        yield StudentSession(identity, builder, scorer, backend)
+    finally:
+        backend.close()
+        cache.close()

@@ -19,14 +19,17 @@ from pathlib import Path
 import torch
 
 from srt_assets.core.training import (
+    MANIFEST,
     TrainingHyperparameters,
     batch_plan,
     learning_rate,
     optimizer_steps,
+    read_manifest,
 )
 from srt_assets.models.loading import DTYPES, resolve_device
 
-MANIFEST = "srt_manifest.json"
+__all__ = ["MANIFEST", "TrainingResult", "read_manifest", "train_sft"]
+
 IGNORE = -100
 
 
@@ -43,11 +46,6 @@ class TrainingResult:
     @property
     def final_loss(self) -> float | None:
         return self.losses[-1] if self.losses else None
-
-
-def read_manifest(checkpoint: Path) -> dict | None:
-    path = checkpoint / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _collate(examples: Sequence[tuple[Sequence[int], int]], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,60 @@
+"""Row-level audit without leaving the UI: the ``explain_sample`` job takes a ``sample_id`` in the
+launchpad and its run shows the sample's whole story (raw row, teacher calls with their raw text,
+the four variants' scores, the decision, and which training sets hold it), as ``srt explain`` does."""
+
+from pathlib import Path
+
+import polars as pl
+from dagster import Config, MetadataValue, OpExecutionContext, Output, job, op
+from pydantic import Field
+
+from srt_assets.core import provenance
+from srt_assets.plots import markdown_table
+from srt_assets.resources import SourceCatalogResource, StorageResource
+
+STORY_COLUMNS = {
+    "raw_samples": ["row_index", "instruction", "input", "output"],
+    "new_instructions": ["variant", "status", "error", "instruction", "output", "raw_text", "attempts", "cache_key"],
+    "better_responses": ["variant", "status", "error", "instruction", "output", "raw_text", "attempts", "cache_key"],
+    "student_scores": ["variant", "ifd", "rifd", "ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition",
+                       "null_reason"],
+    "sample_decisions": ["branch", "chosen_variant", "kept", "selected", "reason", "ifd_rank"],
+}  # fmt: skip
+
+
+class ExplainSampleConfig(Config):
+    sample_id: str = Field(description="the id to explain, e.g. demo-0123456789abcdef (a column of every table)")
+
+
+@op(description="Tell the story of one sample from the stored tables of its source.")
+def explain_sample_op(
+    context: OpExecutionContext,
+    config: ExplainSampleConfig,
+    storage: StorageResource,
+    sources: SourceCatalogResource,
+) -> Output[None]:
+    try:
+        source = provenance.source_of(config.sample_id.strip())
+    except ValueError as error:
+        raise ValueError(f"explain_sample: {error}") from None
+    tables = provenance.load_partition_tables(Path(storage.base_dir), source, sources.catalog.shards)
+    if "raw_samples" not in tables:
+        raise ValueError(f"explain_sample: no materialized raw_samples for source '{source}' under {storage.base_dir}")
+    story = provenance.explain_sample(config.sample_id.strip(), tables)
+    if not story.get("raw_samples"):
+        raise ValueError(f"explain_sample: sample {config.sample_id} is not in raw_samples of '{source}'")
+    context.log.info(provenance.format_story(story))
+    metadata: dict = {"source": source}
+    for name, columns in STORY_COLUMNS.items():
+        rows = story.get(name) or []
+        frame = pl.DataFrame(rows).select([c for c in columns if rows and c in rows[0]]) if rows else pl.DataFrame()
+        metadata[name] = MetadataValue.md(markdown_table(frame, max_chars=400))
+    metadata["in_selected_dataset"] = story["in_selected_dataset"]
+    metadata["in_baseline_random"] = story.get("in_baseline_random", False)
+    metadata["in_baseline_full"] = True  # the full baseline holds every raw sample
+    return Output(None, metadata=metadata)
+
+
+@job(description="Explain one sample: give its sample_id in the launchpad (ops: explain_sample_op: config).")
+def explain_sample():
+    explain_sample_op()

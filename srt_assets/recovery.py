@@ -1,0 +1,90 @@
+"""Keeping an instance from wedging: a run whose process died (``kill -9``, a lost machine) keeps its
+claims on the ``gpu`` pool, and every later model step would wait for them forever. Dagster's run
+monitoring cannot see a dead local run worker (the default launcher has no health check), so srt
+looks for itself: a run still marked started whose process is gone on this machine is marked
+failed and its pool slots are freed. ``srt materialize`` does this before it runs, and the
+``free_dead_runs`` sensor does it every half minute under ``dagster dev``."""
+
+import os
+import socket
+
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultRunLauncher,
+    DefaultSensorStatus,
+    RunsFilter,
+    SensorEvaluationContext,
+    SkipReason,
+    sensor,
+)
+
+HOST_TAG = "srt/host"  # where a CLI run's process lives; runs without it were launched by this instance's daemon
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def run_process(instance: DagsterInstance, run_id: str) -> int | None:
+    """The pid of the process that started the run (its RUN_START event records it)."""
+    records = instance.all_logs(run_id, of_type=DagsterEventType.RUN_START)
+    pids = [r.dagster_event.pid for r in records if r.dagster_event and r.dagster_event.pid]
+    return pids[-1] if pids else None
+
+
+def judged_here(instance: DagsterInstance, tags: dict) -> bool:
+    """Only runs whose process lives on this machine can be judged by looking for it: CLI runs that
+    name this host, and runs the local launcher started."""
+    if HOST_TAG in tags:
+        return tags[HOST_TAG] == this_host()
+    return isinstance(instance.run_launcher, DefaultRunLauncher)
+
+
+def free_dead_runs(instance: DagsterInstance) -> list[str]:
+    """Mark started runs whose process is gone as failed and free their pool slots; returns what
+    was done, one line per run."""
+    done = []
+    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED]), limit=200):
+        run = record.dagster_run
+        if not judged_here(instance, dict(run.tags)):
+            continue
+        pid = run_process(instance, run.run_id)
+        if pid is None or process_alive(pid):
+            continue
+        message = f"run {run.run_id}: its process {pid} is gone (killed?); marked failed"
+        instance.report_run_failed(run, message)
+        freed = instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        done.append(f"{message}, {freed or 0} pool slot(s) freed; rerun it to resume from the cache")
+    return done
+
+
+def pool_holders(instance: DagsterInstance, pool: str) -> list[str]:
+    """Who holds the slots of ``pool`` right now, as 'run <id> step <key>' lines."""
+    info = instance.event_log_storage.get_concurrency_info(pool)
+    return [f"run {slot.run_id} step {slot.step_key}" for slot in info.claimed_slots]
+
+
+@sensor(
+    name="free_dead_runs",
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Frees the pool slots of runs whose process died (a killed run would otherwise hold the "
+    "gpu pool forever) and marks those runs failed. Launches nothing.",
+)
+def free_dead_runs_sensor(context: SensorEvaluationContext):
+    done = free_dead_runs(context.instance)
+    for line in done:
+        context.log.warning(line)
+    return SkipReason("; ".join(done) if done else "no dead run holds a slot")

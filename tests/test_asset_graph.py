@@ -1,0 +1,77 @@
+"""The shape of the asset graph, snapshotted: keys, groups, partitions, checks (blocking or not),
+pools, GPU tags, kinds and dependencies. A change to the graph shows up here as a diff to review;
+after an intended change, rerun with SRT_UPDATE_SNAPSHOTS=1 to record the new shape."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+from srt_assets.definitions import build_definitions
+
+SNAPSHOT = REPO_ROOT / "tests" / "snapshots" / "asset_graph.json"
+
+
+def partitions_of(partitions_def) -> str | None:
+    if partitions_def is None:
+        return None
+    dimensions = getattr(partitions_def, "partitions_defs", None)
+    if dimensions:
+        return " x ".join(d.name for d in dimensions)
+    return "source"
+
+
+def graph_shape(defs) -> dict:
+    """Everything about the graph that a reviewer or a deployment relies on, as plain JSON."""
+    graph = defs.resolve_asset_graph()
+    shape = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        assets_def = node.assets_def
+        op_tags = assets_def.node_def.tags if assets_def.is_executable else {}
+        checks = sorted((spec.name, spec.blocking) for spec in assets_def.check_specs if spec.asset_key == key)
+        shape[key.to_user_string()] = {
+            "group": node.group_name,
+            "partitions": partitions_of(node.partitions_def),
+            "deps": sorted(k.to_user_string() for k in node.parent_keys),
+            "kinds": sorted(node.kinds),
+            "pool": getattr(assets_def.node_def, "pool", None) if assets_def.is_executable else None,
+            "gpu_tags": sorted(t for t in op_tags if t.startswith(("dagster-k8s", "dagster-celery", "srt/"))),
+            "checks": [{"name": name, "blocking": blocking} for name, blocking in checks],
+            "observable": assets_def.is_observable,
+        }
+    return {"assets": shape, "jobs": sorted(job.name for job in defs.jobs or [])}
+
+
+def test_asset_graph_matches_the_snapshot():
+    shape = graph_shape(build_definitions(sources_file=REPO_ROOT / "sources.yaml"))
+    if os.environ.get("SRT_UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(json.dumps(shape, indent=1, sort_keys=True) + "\n")
+    assert shape == json.loads(SNAPSHOT.read_text())
+
+
+def gpu_steps() -> set[str]:
+    """The assets the snapshot puts in the gpu pool (the model steps)."""
+    return {name for name, node in json.loads(SNAPSHOT.read_text())["assets"].items() if node["pool"] == "gpu"}
+
+
+def test_the_gpu_pool_holds_the_model_steps_and_they_carry_the_gpu_tags():
+    shape = json.loads(SNAPSHOT.read_text())["assets"]
+    assert gpu_steps() >= {"new_instructions", "better_responses", "student_scores", "finetuned_selected"}
+    for name, node in shape.items():
+        assert bool(node["gpu_tags"]) == (node["pool"] == "gpu"), name
+
+
+def test_the_code_location_loads_without_model_libraries():
+    """The webserver's code server and every step process import the definitions: torch,
+    transformers and vLLM are imported only inside the sessions that use them."""
+    probe = (
+        "import sys, srt_assets.definitions\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'openai') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""

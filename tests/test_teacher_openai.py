@@ -1,0 +1,193 @@
+"""The OpenAI-compatible teacher (the official ``openai`` client) against a real HTTP server on
+127.0.0.1 with injected faults: every fault ends in a recorded outcome with its reason and the
+number of requests it took, only usable replies are cached, and once the endpoint is mended a rerun
+asks again for exactly the calls that failed."""
+
+import time
+from collections import Counter
+
+import pytest
+from openai_server import ScriptedOpenAIServer
+
+from srt_assets.core.cache import SqliteCache
+from srt_assets.core.reflection import ReflectionPrompts
+from srt_assets.core.teacher import CachedTeacher, Generation, GenerationParams, ReflectionSettings, reflect
+from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, OpenAITeacherSettings
+
+KEY = "sk-test-7f3a9c-never-log-me"
+# fault marker → (status, error kind, requests it takes with max_retries=2)
+FAULTS = {
+    "": ("ok", None, 1),
+    "FAULT:429x1": ("ok", None, 2),
+    "FAULT:500x2": ("ok", None, 3),
+    "FAULT:timeoutx1": ("ok", None, 2),
+    "FAULT:oddusage": ("ok", None, 1),
+    "FAULT:503": ("call_failed", "server_error", 3),
+    "FAULT:429": ("call_failed", "rate_limited", 3),
+    "FAULT:reset": ("call_failed", "connection_error", 3),
+    "FAULT:garbage": ("call_failed", "unusable_reply", 3),
+    "FAULT:html": ("call_failed", "unusable_reply", 3),
+    "FAULT:nochoices": ("call_failed", "unusable_reply", 3),
+    "FAULT:empty": ("call_failed", "unusable_reply", 3),
+    "FAULT:badgzip": ("call_failed", "unusable_reply", 3),
+    "FAULT:echokey": ("call_failed", "client_error", 1),
+    "FAULT:hang": ("call_failed", "deadline", 1),
+    "FAULT:trickle": ("call_failed", "deadline", 1),
+    "FAULT:nomarkers": ("parse_failed", None, 1),
+}
+
+
+def settings(server: ScriptedOpenAIServer, **overrides) -> OpenAITeacherSettings:
+    values = {"model": "scripted", "base_url": server.base_url, "max_retries": 2, "timeout_s": 1.0,
+              "deadline_s": 4.0, "concurrency": 32} | overrides  # fmt: skip
+    return OpenAITeacherSettings(**values)
+
+
+def rows_with(*faults: str) -> list[tuple[str, str, str]]:
+    return [(f"Name a color. {fault}".strip(), "", f"Blue. ({i})") for i, fault in enumerate(faults)]
+
+
+def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failures(tmp_path):
+    rows = rows_with(*FAULTS)
+    cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
+    with ScriptedOpenAIServer(retry_after=0.3) as server:
+        backend = OpenAICompatibleTeacher(settings(server), api_key=KEY)
+        teacher = CachedTeacher(backend, cache)
+        started = time.monotonic()
+        outcomes = reflect(teacher, rows, "instruction", ReflectionPrompts(), ReflectionSettings(parse_retries=0))
+        assert time.monotonic() - started < 15  # the deadline cut the hanging and trickling calls
+        for row, ((marker, (status, _, requests)), outcome) in enumerate(zip(FAULTS.items(), outcomes, strict=True)):
+            assert outcome.status == status, (marker, outcome.error)
+            received = server.requests_for(f"({row})\n")
+            if marker in ("FAULT:hang", "FAULT:trickle"):  # cut mid-request: the last may not have arrived
+                assert outcome.attempts >= max(requests, received) and "4s deadline" in outcome.error, marker
+            else:
+                assert outcome.attempts == requests == received, marker  # attempts count requests
+            if status == "call_failed":
+                assert outcome.raw_text is None and outcome.instruction == rows[row][0]
+        by_marker = dict(zip(FAULTS, outcomes, strict=True))
+        assert by_marker["FAULT:503"].error == "HTTP 503"
+        assert "empty" in by_marker["FAULT:empty"].error and "no choices" in by_marker["FAULT:nochoices"].error
+        assert by_marker["FAULT:echokey"].error.startswith("HTTP 401") and KEY not in by_marker["FAULT:echokey"].error
+        assert by_marker["FAULT:oddusage"].prompt_tokens == 0 and by_marker["FAULT:oddusage"].instruction
+        # Retry-After was honoured: the second attempt came at least that long after the first.
+        times = next(t for user, t in server.times.items() if "FAULT:429x1" in user)
+        assert times[1] - times[0] >= 0.3
+        failed = {marker for marker, o in by_marker.items() if o.status == "call_failed"}
+        kinds = Counter(kind for status, kind, _ in FAULTS.values() if status == "call_failed")
+        assert teacher.stats.failures == dict(kinds)  # each failure recorded with its kind
+        assert server.authorization == {f"Bearer {KEY}"}
+
+        server.fixed = True  # the endpoint is mended: only the failed calls are asked again
+        before = [server.requests_for(f"({row})\n") for row in range(len(rows))]
+        again = CachedTeacher(OpenAICompatibleTeacher(settings(server), api_key=KEY), cache)
+        second = reflect(again, rows, "instruction", ReflectionPrompts(), ReflectionSettings(parse_retries=0))
+        asked = {m for row, m in enumerate(FAULTS) if server.requests_for(f"({row})\n") > before[row]}
+        assert asked == failed
+        assert again.stats.calls == len(failed) and again.stats.cache_hits == len(rows) - len(failed)
+        assert all(o.status == "ok" for m, o in zip(FAULTS, second, strict=True) if m != "FAULT:nomarkers")
+
+
+def test_unusable_replies_are_never_cached(tmp_path):
+    cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
+    with ScriptedOpenAIServer() as server:
+        teacher = CachedTeacher(OpenAICompatibleTeacher(settings(server, max_retries=0)), cache)
+        [(_, generation)] = teacher.generate([[{"role": "user", "content": "Hi FAULT:empty"}]], GenerationParams())
+    assert generation.error_kind == "unusable_reply" and len(cache) == 0
+
+
+def test_concurrency_limit_is_used_and_respected(tmp_path):
+    rows = [(f"Question {i}?", "", f"Answer {i}.") for i in range(12)]
+    with ScriptedOpenAIServer(latency=0.2) as server:
+        backend = OpenAICompatibleTeacher(settings(server, concurrency=4))
+        teacher = CachedTeacher(backend, SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
+        outcomes = reflect(teacher, rows, "response", ReflectionPrompts(), ReflectionSettings())
+    assert all(o.status == "ok" for o in outcomes)
+    assert outcomes[3].answer.startswith("Answer 3. Here is more detail")
+    assert server.max_in_flight == 4
+
+
+def test_each_reply_is_stored_as_its_call_finishes(tmp_path):
+    """A crash loses at most the calls in flight: the replies that arrived are in the cache."""
+    rows = [(f"Task {i}.", "", f"Done {i}.") for i in range(10)]
+    cache_file = tmp_path / "c.sqlite"
+
+    class CrashesAfterThreeStores(SqliteCache):
+        stored = 0
+
+        def put_many(self, items):
+            super().put_many(items)
+            type(self).stored += len(items)
+            if type(self).stored >= 3:
+                raise KeyboardInterrupt("killed mid-run")
+
+    with ScriptedOpenAIServer(latency=0.1) as server:
+        backend = OpenAICompatibleTeacher(settings(server, concurrency=1))
+        first = CachedTeacher(backend, CrashesAfterThreeStores(cache_file, "teacher_calls"), chunk_size=10)
+        with pytest.raises(KeyboardInterrupt):
+            reflect(first, rows, "response", ReflectionPrompts(), ReflectionSettings())
+        asked = server.requests
+        assert 3 <= asked < 10  # the crash came in the middle of the one chunk
+
+        second = CachedTeacher(backend, SqliteCache(cache_file, "teacher_calls"))
+        outcomes = reflect(second, rows, "response", ReflectionPrompts(), ReflectionSettings())
+        assert all(o.status == "ok" for o in outcomes)
+        assert second.stats.cache_hits == 3 and server.requests == asked + 7
+
+
+def test_structured_output_requests_a_json_schema(tmp_path):
+    seen = {}
+
+    class Recorder:
+        model_id = "recorder"
+
+        def generate(self, conversations, params: GenerationParams, on_done=None):
+            seen["schema"] = params.json_schema
+            seen["note"] = conversations[0][-1]["content"]
+            return [Generation(text='{"analysis": "x", "better_answer": "Better."}') for _ in conversations]
+
+    teacher = CachedTeacher(Recorder(), SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
+    outcome = reflect(teacher, [("Q?", "", "A.")], "response", ReflectionPrompts(), ReflectionSettings(structured=True))
+    assert outcome[0].status == "ok" and outcome[0].answer == "Better."
+    assert seen["schema"]["required"] == ["analysis", "better_answer"] and "JSON" in seen["note"]
+
+
+def test_structured_output_reaches_the_server_as_response_format(tmp_path):
+    with ScriptedOpenAIServer() as server:
+        backend = OpenAICompatibleTeacher(settings(server))
+        backend.generate([[{"role": "user", "content": "Hi"}]], GenerationParams(json_schema={"type": "object"}))
+    assert server.payloads[-1]["response_format"]["json_schema"]["schema"] == {"type": "object"}
+
+
+def test_prefilled_reply_is_continued_and_parsed(tmp_path):
+    prompts = ReflectionPrompts(response_prefill="[Better Answer]")
+    with ScriptedOpenAIServer() as server:
+        cached = CachedTeacher(OpenAICompatibleTeacher(settings(server)), SqliteCache(tmp_path / "c.sqlite", "t"))
+        [outcome] = reflect(cached, rows_with(""), "response", prompts, ReflectionSettings())
+    payload = server.payloads[-1]
+    assert payload["messages"][-1] == {"role": "assistant", "content": "[Better Answer]"}
+    assert payload["continue_final_message"] is True and payload["add_generation_prompt"] is False
+    assert outcome.status == "ok" and outcome.raw_text.startswith("[Better Answer] Blue. (0)")
+    assert outcome.answer == "Blue. (0) Here is more detail and an example."
+
+
+def test_replicas_share_the_calls_and_cover_for_a_dead_one(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port with nothing listening: every call to it fails to connect
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    with ScriptedOpenAIServer() as first, ScriptedOpenAIServer() as second:
+        urls = f"{first.base_url}, {second.base_url},{dead}"
+        backend = OpenAICompatibleTeacher(settings(first, base_url=urls, concurrency=3, max_retries=1))
+        rows = [(f"Name color number {i}.", "", f"Blue {i}.") for i in range(12)]
+        cached = CachedTeacher(backend, SqliteCache(tmp_path / "c.sqlite", "t"))
+        outcomes = reflect(cached, rows, "response", ReflectionPrompts(), ReflectionSettings())
+    assert [o.status for o in outcomes] == ["ok"] * 12
+    assert first.requests >= 4 and second.requests >= 4  # round-robin, the dead replica's share failed over
+    assert first.requests + second.requests == 12
+
+
+def test_cost_is_estimated_from_the_prices():
+    priced = OpenAITeacherSettings(model="m", base_url="http://x", cost_per_1k_input=0.5, cost_per_1k_output=1.5)
+    assert priced.estimated_cost(2000, 1000) == pytest.approx(2.5)
