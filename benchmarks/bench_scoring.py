@@ -1,6 +1,6 @@
 """Student scoring speed: the reference batch-of-one loop versus the packed engine (exact and fast).
 
-    python benchmarks/bench_scoring.py [--rows 64] [--model DIR]
+    python benchmarks/bench_scoring.py [--rows 64] [--model DIR] [--device cpu|cuda] [--token-budget N]
 
 Scores the first ``--rows`` rows of Alpaca (``../shared/data``; the demo sample when absent) with the
 default student, and prints tokens/s, the speed ratio over the reference loop, the largest relative
@@ -28,8 +28,10 @@ ALPACA = REPO.parent / "shared" / "data" / "alpaca_data.json.gz"
 STATS = ("ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition")
 
 
-def load_rows(n: int) -> list[ScoringItem]:
-    if ALPACA.is_file():
+def load_rows(n: int, data: Path | None = None) -> list[ScoringItem]:
+    if data is not None:
+        records = json.loads(gzip.decompress(data.read_bytes()) if data.suffix == ".gz" else data.read_text())[:n]
+    elif ALPACA.is_file():
         records = json.loads(gzip.decompress(ALPACA.read_bytes()))[:n]
     else:
         lines = (REPO / "data" / "demo" / "alpaca_demo.jsonl").read_text().splitlines()[:n]
@@ -40,10 +42,10 @@ def load_rows(n: int) -> list[ScoringItem]:
 class ReferenceScorer:
     """The straightforward loop, wrapped in the LossScorer protocol."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, device: str):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").to(device).eval()
 
     def mean_losses(self, sequences, target_starts):
         return batch_of_one_losses(self.model, sequences, target_starts)
@@ -67,27 +69,37 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="HF model directory (default: bundled)")
     parser.add_argument("--template", default="alpaca")
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--token-budget", type=int, default=1024, help="tokens per packed forward pass")
+    parser.add_argument("--data", type=Path, default=None, help="Alpaca-format JSON (default: ../shared, else demo)")
     args = parser.parse_args()
     model_dir = args.model or ensure_bundled_model_dir(paths.storage_dir() / "models")
-    items = load_rows(args.rows)
+    items = load_rows(args.rows, args.data)
 
-    reference = ReferenceScorer(model_dir)
+    reference = ReferenceScorer(model_dir, args.device)
     builder = build_text_builder(_tokenizer(model_dir), args.template, ScoringConfig(max_length=args.max_length))
     ref_scores, stats, ref_time = timed(reference, items, builder)
     tokens = stats["tokens"]
-    print(f"{len(items)} rows, {stats['unique_texts']} texts, {tokens} tokens ({stats['target_tokens']} targets)")
+    print(f"{len(items)} rows, {stats['unique_texts']} texts, {tokens} tokens ({stats['target_tokens']} targets)"
+          f" on {_device_name(args.device)}, token budget {args.token_budget}")  # fmt: skip
     print(f"{'mode':28s} {'seconds':>8s} {'tokens/s':>9s} {'speedup':>8s} {'max rel err':>12s} {'spearman IFD':>13s}")
     print(f"{'reference batch-of-one fp32':28s} {ref_time:8.1f} {tokens / ref_time:9.0f} {1.0:8.2f}")
     ref_matrix = np.array([[getattr(s, k) for k in STATS] for s in ref_scores], dtype=float)
     ref_ifd = np.array([s.ifd for s in ref_scores], dtype=float)
     del reference
     for label, dtype in (("packed exact fp32", "float32"), ("packed fast bf16", "bfloat16")):
-        engine = TransformersStudent(model_dir, device="cpu", dtype=dtype)
+        engine = TransformersStudent(model_dir, device=args.device, dtype=dtype, token_budget=args.token_budget)
         scores, _, seconds = timed(engine, items, builder)
         matrix = np.array([[getattr(s, k) for k in STATS] for s in scores], dtype=float)
         error = float(np.nanmax(np.abs(matrix - ref_matrix) / np.abs(ref_matrix)))
         rho = spearman(np.array([s.ifd for s in scores], dtype=float), ref_ifd)
         print(f"{label:28s} {seconds:8.1f} {tokens / seconds:9.0f} {ref_time / seconds:8.2f} {error:12.2e} {rho:13.4f}")
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
 
 
 def _tokenizer(model_dir: Path):

@@ -32,18 +32,18 @@ def conversations(n: int):
 
 
 def local(args) -> None:
-    model_dir = ensure_bundled_model_dir(paths.storage_dir() / "models")
+    model_dir = args.model or ensure_bundled_model_dir(paths.storage_dir() / "models")
     params = GenerationParams(max_tokens=args.max_tokens)
     convs = conversations(args.prompts)
     rows = []
     for batch_size in (1, args.batch_size):
-        teacher = TransformersTeacher(str(model_dir), "bench", device="cpu", batch_size=batch_size)
+        teacher = TransformersTeacher(str(model_dir), "bench", device=args.device, batch_size=batch_size)
         started = time.perf_counter()
         out = teacher.generate(convs, params)
         seconds = time.perf_counter() - started
         tokens = sum(g.completion_tokens for g in out)
         rows.append((batch_size, seconds, tokens / seconds))
-    print(f"local transformers teacher, {args.prompts} prompts, max {args.max_tokens} new tokens")
+    print(f"local transformers teacher on {args.device}, {args.prompts} prompts, max {args.max_tokens} new tokens")
     for batch_size, seconds, rate in rows:
         print(f"  batch {batch_size:3d}: {seconds:7.1f} s  {rate:7.1f} tokens/s  x{rate / rows[0][2]:.2f}")
 
@@ -72,8 +72,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--latency", type=float, default=0.25)
+    parser.add_argument("--model", type=Path, default=None, help="HF model directory (default: bundled)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--skip-http", action="store_true", help="only the local teacher")
     args = parser.parse_args()
-    http(args)
+    if not args.skip_http:
+        http(args)
     local(args)
 
 

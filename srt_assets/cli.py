@@ -79,7 +79,9 @@ def materialize_partition(
     """Materialize the selected assets (default: all) of one source partition, recorded in the
     persistent Dagster instance so the runs show in the UI. Returns the run results; stops after
     the first failed run (a rerun resumes: finished shards and cached model calls are reused)."""
-    from dagster import AssetSelection, DagsterInstance, make_new_run_id
+    import uuid
+
+    from dagster import AssetSelection, DagsterInstance
 
     from srt_assets.recovery import HOST_TAG, free_dead_runs, this_host
 
@@ -95,7 +97,7 @@ def materialize_partition(
     asset_keys = chosen.required_multi_asset_neighbors().resolve(graph) & graph.materializable_asset_keys
     results = []
     for partition_key, keys in plan_partition_runs(graph, asset_keys, source, shard, skip_shards):
-        run_id = make_new_run_id()
+        run_id = str(uuid.uuid4())  # known before the run starts, so the pool watcher can follow it
         with PoolWatcher(instance, run_id):
             result = job.execute_in_process(
                 instance=instance,
@@ -133,24 +135,35 @@ class PoolWatcher:
             try:
                 for pool in storage.get_concurrency_keys():
                     info = storage.get_concurrency_info(pool)
-                    waiting = [s.step_key for s in info.pending_steps if s.run_id == self.run_id and not s.assigned_timestamp]
+                    mine = [s for s in info.pending_steps if s.run_id == self.run_id and not s.assigned_timestamp]
+                    waiting = [s.step_key for s in mine]
                     for step in waiting:
                         if step not in self.reported:
                             self.reported.add(step)
                             holders = ", ".join(pool_holders(self.instance, pool)) or "nobody yet"
                             print(f"srt: step {step} waits for a slot of pool '{pool}' (limit {info.slot_count}); "
                                   f"held by {holders}", file=sys.stderr, flush=True)  # fmt: skip
-            except Exception as error:  # noqa: BLE001 - a watcher must never break the run it watches
+            except Exception as error:
                 print(f"srt: cannot inspect the pools: {error}", file=sys.stderr)
                 return
 
-    def __enter__(self) -> "PoolWatcher":
+    def __enter__(self) -> PoolWatcher:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def failure_reason(error) -> str:
+    """The line that says what went wrong: the innermost cause of a step failure (Dagster's own
+    message, "Error occurred while executing op ...", only says where)."""
+    if error is None:
+        return "unknown error"
+    while error.cause is not None:
+        error = error.cause
+    return " ".join(error.message.split())
 
 
 def _report(results: list, source: str, started: float) -> int:
@@ -166,8 +179,7 @@ def _report(results: list, source: str, started: float) -> int:
                 rows_text = f" ({rows.value} rows)" if rows is not None else ""
                 print(f"  materialized {mat.asset_key.to_user_string()}{rows_text}")
             elif event.event_type == DagsterEventType.STEP_FAILURE:
-                error = event.step_failure_data.error
-                print(f"  FAILED step {event.step_key}: {error.message.strip() if error else ''}")
+                print(f"  FAILED step {event.step_key}: {failure_reason(event.step_failure_data.error)}")
         for evaluation in result.get_asset_check_evaluations():
             mark = "ok  " if evaluation.passed else "FAIL"
             print(f"  check {mark} {evaluation.asset_key.to_user_string()}:{evaluation.check_name}")

@@ -63,11 +63,21 @@ def free_dead_runs(instance: DagsterInstance) -> list[str]:
         pid = run_process(instance, run.run_id)
         if pid is None or process_alive(pid):
             continue
+        held = slots_held(instance, run.run_id)
         message = f"run {run.run_id}: its process {pid} is gone (killed?); marked failed"
         instance.report_run_failed(run, message)
-        freed = instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        done.append(f"{message}, {freed or 0} pool slot(s) freed; rerun it to resume from the cache")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)  # (a failed run may free them too)
+        done.append(f"{message}, {held} pool slot(s) freed; rerun it to resume from the cache")
     return done
+
+
+def slots_held(instance: DagsterInstance, run_id: str) -> int:
+    storage = instance.event_log_storage
+    return sum(
+        slot.run_id == run_id
+        for pool in storage.get_concurrency_keys()
+        for slot in storage.get_concurrency_info(pool).claimed_slots
+    )
 
 
 def pool_holders(instance: DagsterInstance, pool: str) -> list[str]:

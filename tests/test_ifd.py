@@ -1,4 +1,4 @@
-"""IFD / r-IFD texts and statistics (METHOD.md "Student statistics"), and the engine's exactness."""
+"""IFD / r-IFD texts and statistics (docs/method.md "Student statistics"), and the engine's exactness."""
 
 import math
 

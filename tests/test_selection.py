@@ -1,4 +1,4 @@
-"""The selection rule (METHOD.md, "Selection") on hand-made score tables: every branch, ties, NaN,
+"""The selection rule (docs/method.md, "Selection") on hand-made score tables: every branch, ties, NaN,
 missing scores, the keep_unreflected option, the top-k stage, provenance and exports."""
 
 from __future__ import annotations

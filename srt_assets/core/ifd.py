@@ -1,4 +1,4 @@
-"""IFD and reverse-IFD (METHOD.md, "Student statistics"), independent of any model backend.
+"""IFD and reverse-IFD (docs/method.md, "Student statistics"), independent of any model backend.
 
 For each (instruction, input, response) four token sequences are built with the authors' truncation
 rules and target-span location; a backend returns the mean token loss of each sequence's target
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from srt_assets.core.templates import PromptTemplate, reverse_instruction
+from srt_assets.core.templates import PromptTemplate, merged_instruction, reverse_instruction
 
 ContextMode = Literal["auto", "none"]
 STAT_KEYS = ("A_direct", "A_condition", "Q_direct", "Q_condition")
@@ -85,7 +85,7 @@ class TextBuilder:
         """The four texts; a text whose target is empty is None (its statistic will be null)."""
         texts: dict[str, ScoringText | None] = dict.fromkeys(STAT_KEYS)
         limit = self.config.max_length
-        question = f"{instruction}\n{input_text}" if input_text else instruction
+        question = merged_instruction(instruction, input_text)
         if response:
             prompt = self.template.render(instruction, input_text)
             prompt_len = min(len(self._encode(prompt)), limit)

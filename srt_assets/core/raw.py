@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +58,51 @@ def sample_id(source: str, instruction: str, input_text: str, output: str) -> st
     return f"{source}-{digest.hexdigest()[:16]}"
 
 
-def merged_instruction(instruction: str, input_text: str) -> str:
-    """The method's deterministic merge of instruction and input (METHOD.md, "Records")."""
-    return f"{instruction}\n{input_text}" if input_text else instruction
+BOM = b"\xef\xbb\xbf"
+# One JSON value of a row can be pathological without the file being wrong: json refuses integers of
+# more than 4,300 digits (ValueError) and recurses once per nesting level (RecursionError).
+UNPARSABLE_VALUE = (ValueError, RecursionError)
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it ends in .gz, without a UTF-8 byte-order mark."""
     try:
         data = path.read_bytes()
-        return gzip.decompress(data) if path.suffix.lower() == ".gz" else data
-    except (OSError, EOFError) as exc:
-        raise RawDataError(f"{path}: cannot read file: {exc}") from exc
+        if path.suffix.lower() == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        what = "not a valid gzip file" if path.suffix.lower() == ".gz" else "cannot read the file"
+        raise RawDataError(f"{path}: {what}: {exc}") from None
+    if not data.strip(BOM + b" \t\r\n"):
+        raise RawDataError(f"{path}: the file is empty (no records)")
+    return data.removeprefix(BOM)
+
+
+def _element_spans(text: str, start: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of every top-level element of the JSON array opening at ``start``, found by a
+    scan of strings and brackets (no recursion, so no element can be too deep to delimit)."""
+    depth, begin = 0, None
+    for match in _TOKENS.finditer(text, start + 1):
+        token = match.group()
+        if token in "[{":
+            if depth == 0 and begin is None:
+                begin = match.start()
+            depth += 1
+        elif token in "]}":
+            if depth == 0:  # the array's own closing bracket
+                if begin is not None:
+                    yield begin, match.start()
+                return
+            depth -= 1
+        elif token == ",":
+            if depth == 0:
+                yield begin if begin is not None else match.start(), match.start()
+                begin = None
+        elif depth == 0 and begin is None:  # a string or scalar element
+            begin = match.start()
+
+
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]|[^\s"\[\]{},]+')
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
@@ -77,9 +113,30 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RawDataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except UNPARSABLE_VALUE:  # the file is JSON, but some row holds a value json will not build
+        yield from _iter_json_elements(path, text)
+        return
     if not isinstance(doc, list):
         raise RawDataError(f"{path}: expected a JSON array of records, found {type(doc).__name__}")
     yield from enumerate(doc)
+
+
+def _iter_json_elements(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """Row by row, for an array in which some rows cannot be parsed: those become rejects."""
+    opening = len(text) - len(text.lstrip())
+    if text[opening : opening + 1] != "[":
+        raise RawDataError(f"{path}: expected a JSON array of records")
+    for index, (begin, end) in enumerate(_element_spans(text, opening)):
+        try:
+            yield index, json.loads(text[begin:end])
+        except UNPARSABLE_VALUE as exc:
+            yield index, RowProblem("", "invalid_json", f"element {index}: {_unparsable(exc)}")
+
+
+def _unparsable(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to parse"
+    return str(exc).split("; use sys.set_int_max_str_digits")[0][:200]
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -91,6 +148,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             yield index, json.loads(text)
         except json.JSONDecodeError as exc:
             yield index, RowProblem("", "invalid_json", f"line {index + 1}: {exc.msg} at column {exc.colno}")
+        except UNPARSABLE_VALUE as exc:
+            yield index, RowProblem("", "invalid_json", f"line {index + 1}: {_unparsable(exc)}")
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -217,6 +276,8 @@ def load_source(spec: SourceSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
         first_row_of[sid] = row_index
         for key, value in zip(RAW_SCHEMA, (sid, spec.name, row_index, instruction, input_text, output), strict=True):
             samples[key].append(value)
+    if not samples["sample_id"] and not rejects["row_index"]:
+        raise RawDataError(f"{path}: the file holds no records")
     return pl.DataFrame(samples, schema=RAW_SCHEMA), pl.DataFrame(rejects, schema=REJECT_SCHEMA)
 
 

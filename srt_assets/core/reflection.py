@@ -1,4 +1,4 @@
-"""Teacher prompts and parsing for instruction and response reflection (METHOD.md).
+"""Teacher prompts and parsing for instruction and response reflection (docs/method.md).
 
 The default prompts are the project's own words; they ask for the analysis criteria of the paper and
 for its output markers (``[New Instruction] … [End]``, ``[New Answer] … [End]``,

@@ -1,4 +1,4 @@
-"""The student's selection (METHOD.md, "Selection"): one auditable decision per raw sample.
+"""The student's selection (docs/method.md, "Selection"): one auditable decision per raw sample.
 
 Phase 1 compares IFD(Q) with IFD(ori); phase 2 compares r-IFD of the reflected answer with its
 source on the branch phase 1 took; then both scores of the candidate must be below 1. Comparisons

@@ -124,15 +124,18 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
     fields_raw = raw.get("fields") or {}
     if not isinstance(fields_raw, dict) or set(fields_raw) - _FIELD_KEYS:
         raise fail(f"'fields' must map some of {sorted(_FIELD_KEYS)} to record keys")
+    for key, value in fields_raw.items():
+        if not (isinstance(value, str) and value) and not (key == "input" and value is None):
+            raise fail(f"'fields.{key}' must name one record key (a string), got {value!r}")
     if "conversations" in fields_raw:
         mapping = FieldMapping(conversations=fields_raw["conversations"])
     else:
         mapping = FieldMapping(**{k: v for k, v in fields_raw.items() if k != "conversations"})
     limit = raw.get("limit")
-    if limit is not None and (not isinstance(limit, int) or limit <= 0):
-        raise fail("'limit' must be a positive integer")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise fail(f"'limit' must be a positive integer, got {limit!r}")
     ratio = raw.get("max_reject_ratio", defaults.get("max_reject_ratio", DEFAULT_MAX_REJECT_RATIO))
-    if not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
         raise fail("'max_reject_ratio' must be a number between 0 and 1")
     return SourceSpec(
         name=name,
@@ -167,11 +170,30 @@ class SourceCatalog:
             raise KeyError(f"unknown source '{name}' (declared in {self.file}: {', '.join(self.names)})") from None
 
 
+MAX_NAME_LENGTH = 64
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently, which
+    would drop a source without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_catalog(path: str | os.PathLike[str]) -> SourceCatalog:
     """Read and validate a sources YAML file; relative data paths resolve against its folder."""
     file = Path(path).resolve()
     try:
-        doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        doc = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise SourceConfigError(f"sources file not found: {file}") from None
     except yaml.YAMLError as exc:
@@ -184,7 +206,12 @@ def load_catalog(path: str | os.PathLike[str]) -> SourceCatalog:
         raise SourceConfigError(f"{file}: 'shards' must be an integer from 1 to 1024, got {shards!r}")
     sources = {}
     for name, raw in doc["sources"].items():
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            raise SourceConfigError(f"{file}: source name {name!r} must be letters, digits, '_' or '-'")
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum() or not name.isascii():
+            raise SourceConfigError(f"{file}: source name {name!r} must be ASCII letters, digits, '_' or '-'")
+        if len(name) > MAX_NAME_LENGTH:
+            raise SourceConfigError(
+                f"{file}: source name '{name[:40]}…' is {len(name)} characters long; the limit is {MAX_NAME_LENGTH} "
+                "(it names partitions and files)"
+            )
         sources[name] = _parse_source(name, raw, file.parent, defaults, str(file))
     return SourceCatalog(file=file, sources=sources, shards=shards)

@@ -1,4 +1,4 @@
-"""Training prompt templates and the reverse-IFD prompt (METHOD.md, "Templates").
+"""Training prompt templates and the reverse-IFD prompt (docs/method.md, "Templates").
 
 The template texts are formats (facts) shared by the Alpaca, WizardLM and Vicuna projects; the
 reverse prompt is the one sentence that defines r-IFD. ``chat`` defers to the student tokenizer's
@@ -45,6 +45,12 @@ ChatFormatter = Callable[[str], str]
 """Turns a user message into the prompt text that precedes the assistant's answer."""
 
 
+def merged_instruction(instruction: str, input_text: str) -> str:
+    """The deterministic merge of instruction and input (docs/method.md, "Records"): the text that
+    stands for the instruction where there is no separate input field."""
+    return f"{instruction}\n{input_text}" if input_text else instruction
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     name: str
@@ -55,7 +61,7 @@ class PromptTemplate:
     def render(self, instruction: str, input_text: str = "") -> str:
         """T(x): the prompt the student is trained with, up to where the response starts."""
         if self.chat is not None:
-            return self.chat(f"{instruction}\n{input_text}" if input_text else instruction)
+            return self.chat(merged_instruction(instruction, input_text))
         if input_text:
             return self.with_input.format_map({"instruction": instruction, "input": input_text})
         return self.no_input.format_map({"instruction": instruction})

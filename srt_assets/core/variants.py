@@ -1,4 +1,4 @@
-"""The four variants of a raw sample (METHOD.md, "Four variants") as rows of one table."""
+"""The four variants of a raw sample (docs/method.md, "Four variants") as rows of one table."""
 
 from __future__ import annotations
 

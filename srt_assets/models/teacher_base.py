@@ -28,6 +28,7 @@ from srt_assets.core.teacher import (
     TeacherBackend,
 )
 from srt_assets.models.compute import ComputeSettings
+from srt_assets.models.identity import BUNDLED_MODEL, model_identity
 
 SMALL_TEACHER_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "small_teacher.yaml"
 
@@ -111,6 +112,21 @@ class TeacherSettings(BaseModel, ABC):
         finally:
             backend.close()
             cache.close()
+
+
+class LocalTeacherSettings(TeacherSettings, ABC):
+    """A teacher whose weights this process loads: the cache identity is the weights' fingerprint."""
+
+    model: str = Field(BUNDLED_MODEL, description="'bundled:smollm2-135m-instruct', a model directory or hub id")
+
+    def model_id(self, models_dir: Path) -> str:
+        return f"{self.backend}:{model_identity(self.model, models_dir).fingerprint}"
+
+    def model_path(self, models_dir: Path) -> str:
+        return model_identity(self.model, models_dir).path
+
+    def is_small_bundled_model(self) -> bool:
+        return self.model == BUNDLED_MODEL
 
 
 class LazyTeacher:

@@ -15,28 +15,20 @@ from pydantic import Field
 from srt_assets.core.reflection import Messages, continues_reply
 from srt_assets.core.teacher import Generation, GenerationParams, OnDone
 from srt_assets.models.compute import ComputeSettings
-from srt_assets.models.identity import BUNDLED_MODEL, model_identity
-from srt_assets.models.teacher_base import TeacherSettings
+from srt_assets.models.teacher_base import LocalTeacherSettings
 
 
-class TransformersTeacherSettings(TeacherSettings):
+class TransformersTeacherSettings(LocalTeacherSettings):
     """A local Hugging Face causal LM (the bundled SmolLM2-135M-Instruct by default) on the ``gpu``
     resource's device."""
 
     backend = "transformers"
 
-    model: str = Field(BUNDLED_MODEL, description="'bundled:smollm2-135m-instruct', a model directory or hub id")
     batch_size: int = Field(16, description="prompts per generate() batch")
-
-    def model_id(self, models_dir: Path) -> str:
-        return f"{self.backend}:{model_identity(self.model, models_dir).fingerprint}"
-
-    def is_small_bundled_model(self) -> bool:
-        return self.model == BUNDLED_MODEL
 
     def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> TransformersTeacher:
         return TransformersTeacher(
-            model_identity(self.model, models_dir).path,
+            self.model_path(models_dir),
             model_id=model_id,
             device=compute.resolved_device(),
             dtype=compute.dtype,

