@@ -167,7 +167,7 @@ def failure_reason(error) -> str:
 
 
 def _report(results: list, source: str, started: float) -> int:
-    from dagster import DagsterEventType
+    from dagster import AssetCheckSeverity, DagsterEventType
 
     for result in results:
         partition = result.dagster_run.tags.get("dagster/partition", source)
@@ -181,7 +181,8 @@ def _report(results: list, source: str, started: float) -> int:
             elif event.event_type == DagsterEventType.STEP_FAILURE:
                 print(f"  FAILED step {event.step_key}: {failure_reason(event.step_failure_data.error)}")
         for evaluation in result.get_asset_check_evaluations():
-            mark = "ok  " if evaluation.passed else "FAIL"
+            warns = evaluation.severity == AssetCheckSeverity.WARN  # a result check: it informs, it does not block
+            mark = "ok  " if evaluation.passed else ("warn" if warns else "FAIL")
             print(f"  check {mark} {evaluation.asset_key.to_user_string()}:{evaluation.check_name}")
     success = bool(results) and all(result.success for result in results)
     print(f"\nsource '{source}': {'SUCCESS' if success else 'FAILURE'} in {time.perf_counter() - started:.1f}s")

@@ -106,8 +106,18 @@ class StudentModelResource(ConfigurableResource, StudentSettings):
             yield session
 
 
+TEACHER_BACKENDS: dict[str, type[TeacherResource]] = {}  # backend name → resource class, as they are declared
+
+
 class TeacherResource(ConfigurableResource, TeacherSettings):
-    """A teacher LLM (or judge): one subclass per backend, each declaring only its own fields."""
+    """A teacher LLM (or judge): one subclass per backend, each declaring only its own fields.
+    Declaring the subclass registers it in TEACHER_BACKENDS under its settings' ``backend`` name."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if getattr(cls, "backend", None):
+            TEACHER_BACKENDS[cls.backend] = cls
 
     @contextmanager
     def session(
@@ -128,11 +138,6 @@ class VLLMTeacherResource(TeacherResource, VLLMTeacherSettings):
 
 class OpenAITeacherResource(TeacherResource, OpenAITeacherSettings):
     """Any OpenAI-compatible endpoint as the teacher: hosted APIs, ``vllm serve`` replicas."""
-
-
-TEACHER_BACKENDS: dict[str, type[TeacherResource]] = {
-    cls.backend: cls for cls in (TransformersTeacherResource, VLLMTeacherResource, OpenAITeacherResource)
-}
 
 
 class TrainingResource(ConfigurableResource, TrainingHyperparameters):

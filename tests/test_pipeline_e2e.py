@@ -194,3 +194,28 @@ def test_demo_partition_to_selected_dataset_with_the_paper_rule(tmp_path, studen
     assert ((selected["ifd"] < 1) & (selected["rifd"] < 1)).all()
     counts = latest_metadata(dagster_instance, "sample_decisions")["branch_counts"]
     assert sum(counts[b] for b in ("QA", "Q", "A", "ori")) == 40
+
+
+def test_explain_sample_job_tells_the_story_in_the_ui(pipeline):
+    """The launchpad's way in: the explain_sample job with a sample_id shows what `srt explain` shows."""
+    store, defs, instance = pipeline["store"], pipeline["defs"], pipeline["instance"]
+    selected = pl.read_parquet(store / "selected_dataset" / "tiny.parquet")
+    sample = selected["sample_id"][0]
+    job = defs.get_job_def("explain_sample")
+    config = {"ops": {"explain_sample_op": {"config": {"sample_id": sample}}}}
+    result = job.execute_in_process(run_config=config, instance=instance)
+    assert result.success
+    (output,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    metadata = {k: v.value for k, v in output.step_output_data.metadata.items()}
+    assert metadata["in_selected_dataset"] is True and metadata["source"] == "tiny"
+    raw = pl.read_parquet(store / "raw_samples" / "tiny.parquet").filter(pl.col("sample_id") == sample)
+    assert raw["instruction"][0][:30].replace("\n", "⏎ ") in metadata["raw_samples"]
+    assert "| variant | ifd | rifd |" in metadata["student_scores"] and "| branch |" in metadata["sample_decisions"]
+    logs = [e.message for e in instance.all_logs(result.run_id) if "== raw row" in (e.message or "")]
+    assert logs  # the whole story, readable in the run's log
+    bad = job.execute_in_process(
+        run_config={"ops": {"explain_sample_op": {"config": {"sample_id": "tiny-0000000000000000"}}}},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not bad.success

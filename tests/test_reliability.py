@@ -307,3 +307,43 @@ def test_the_sensor_frees_the_slots_of_a_run_whose_process_died(tmp_path, monkey
     assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE
     assert free_dead_runs(instance) == []  # nothing left to do
+
+
+def test_a_step_waiting_for_the_pool_says_so_and_who_holds_it(tmp_path, capsys):
+    """Another live run holds the only gpu slot: `srt materialize` says which step waits and who
+    holds the slot, then proceeds as soon as the slot is free."""
+    import threading
+
+    from dagster import DagsterEvent, DagsterEventType, instance_for_test, job, op
+
+    from srt_assets.cli import materialize_partition
+
+    @op
+    def step():
+        pass
+
+    @job
+    def holder_job():
+        step()
+
+    write_jsonl(tmp_path / "s.jsonl", alpaca_rows(1, with_input=0))
+    catalog = write_catalog(tmp_path, {"s": {"path": "s.jsonl"}})
+    with (
+        ScriptedOpenAIServer() as server,
+        instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance,
+    ):
+        holder = instance.create_run_for_job(holder_job)
+        start = DagsterEvent(DagsterEventType.RUN_START.value, job_name="holder_job", pid=os.getpid())
+        instance.report_dagster_event(start, holder.run_id)  # alive: this very process
+        instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")
+        instance.event_log_storage.claim_concurrency_slot("gpu", holder.run_id, "step")
+        release = threading.Timer(8, instance.event_log_storage.free_concurrency_slots_for_run, [holder.run_id])
+        release.start()
+        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url)
+        defs = build_definitions(sources_file=catalog, storage_dir=tmp_path / "store", resources={"teacher": teacher})
+        results = materialize_partition("s", "+new_instructions", defs=defs, instance=instance)
+        release.join()
+    assert all(r.success for r in results)
+    err = capsys.readouterr().err
+    assert "step new_instructions waits for a slot of pool 'gpu' (limit 1)" in err
+    assert f"held by run {holder.run_id} step step" in err

@@ -32,7 +32,7 @@ from srt_assets.core.cache import SqliteCache
 from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set, loss_comparisons
 from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, pairwise_summary, parse_judge_reply
 from srt_assets.core.quality import CheckOutcome
-from srt_assets.core.teacher import CachedTeacher, GenerationParams
+from srt_assets.core.teacher import CachedTeacher, CallStats, GenerationParams
 from srt_assets.core.training import read_manifest
 from srt_assets.models.generation import CheckpointGenerator
 from srt_assets.plots import markdown_table
@@ -105,7 +105,14 @@ class JudgeConfig(Config):
 
 
 def answer_rows(
-    prompts: pl.DataFrame, dataset: str, model_path: str, student, gpu, cache, params, batch_size: int
+    prompts: pl.DataFrame,
+    dataset: str,
+    model_path: str,
+    student: StudentModelResource,
+    gpu: GPUResource,
+    cache: SqliteCache,
+    params: GenerationParams,
+    batch_size: int,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """One checkpoint's answers to the prompts, through the call cache."""
     generator = CheckpointGenerator(model_path, student.template, gpu, batch_size)
@@ -120,7 +127,14 @@ def answer_rows(
     return rows, {"generated": cached.stats.calls, "from_cache": cached.stats.cache_hits}
 
 
-def judge_pairs(context, answers: pl.DataFrame, config: JudgeConfig, judge: TeacherResource, gpu, storage):
+def judge_pairs(
+    context: AssetExecutionContext,
+    answers: pl.DataFrame,
+    config: JudgeConfig,
+    judge: TeacherResource,
+    gpu: GPUResource,
+    storage: StorageResource,
+) -> tuple[pl.DataFrame, CallStats]:
     """Judge every configured pair on every prompt in both orders through the cached judge;
     returns the verdict table and the call statistics."""
     prompt = JudgePrompt()

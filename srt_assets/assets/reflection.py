@@ -223,7 +223,14 @@ def build_reflection_assets(layout: Partitioning):
     return [new_instructions, better_responses]
 
 
-def lazy_branches(context, ori: pl.DataFrame, q: pl.DataFrame, gpu, student, storage):
+def lazy_branches(
+    context: AssetExecutionContext,
+    ori: pl.DataFrame,
+    q: pl.DataFrame,
+    gpu: GPUResource,
+    student: StudentModelResource,
+    storage: StorageResource,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Phase-1 student choice for lazy mode. The losses land in the shared cache, so
     ``student_scores`` later reuses them instead of computing them again."""
     from srt_assets.core.ifd import ScoringItem

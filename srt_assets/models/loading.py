@@ -8,10 +8,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from srt_assets.models.identity import BUNDLED_MODEL, bundled_gguf_path, file_sha256
 
 log = logging.getLogger(__name__)
+
+# Loading and converting print tqdm bars to stderr, which fill Dagster's compute logs: the steps say
+# what they do in the run's log instead.
+transformers_logging.disable_progress_bar()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

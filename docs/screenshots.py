@@ -1,0 +1,50 @@
+"""Take the README's screenshots from a running Dagster UI (after `make demo`).
+
+    make ui &   # or: dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+    python docs/screenshots.py http://127.0.0.1:3000 [good_partition bad_partition]
+
+Writes docs/asset_graph.png (the whole graph), docs/source_files.png (the catalog as the UI shows it)
+and, given a partition whose raw_samples checks passed and one whose reject-ratio check failed,
+docs/checks_per_partition.png. Uses the machine's Chromium (/usr/bin/chromium); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+DOCS = Path(__file__).resolve().parent
+
+
+def main(base_url: str, good: str | None, bad: str | None) -> None:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
+        context = browser.new_context(viewport={"width": 1600, "height": 900})
+        context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
+        page = context.new_page()
+        # the report's upstream lineage is the whole graph, every asset a node
+        page.goto(f"{base_url}/assets/experiment_report?view=lineage&lineageScope=upstream&lineageDepth=20")
+        page.wait_for_timeout(5000)
+        page.screenshot(path=str(DOCS / "asset_graph.png"))
+        page.goto(f"{base_url}/assets/source_files")
+        page.get_by_text("file present").first.wait_for()
+        page.screenshot(path=str(DOCS / "source_files.png"))
+        if good and bad:
+            page.goto(f"{base_url}/assets/raw_samples?view=checks&checkDetail=reject_ratio_below_bound")
+            page.get_by_text("Execution history", exact=True).wait_for()
+            page.get_by_text("Partitions", exact=True).last.click()
+            search = page.get_by_placeholder("Filter by partition…")
+            search.wait_for()
+            column = page.locator("div", has=search).filter(has=page.get_by_text(bad, exact=True)).last
+            next(e for e in column.get_by_text(good, exact=True).all() if e.is_visible()).click()
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(DOCS / "checks_per_partition.png"))
+        browser.close()
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(args[0] if args else "http://127.0.0.1:3000", *(args[1:3] if len(args) >= 3 else (None, None)))
