@@ -83,7 +83,7 @@ def materialize_partition(
 
     from dagster import AssetSelection, DagsterInstance
 
-    from srt_assets.recovery import HOST_TAG, free_dead_runs, this_host
+    from srt_assets.recovery import HOST_TAG, PoolWatcher, free_dead_runs, this_host
 
     if defs is None:
         _ensure_dagster_home()
@@ -113,47 +113,6 @@ def materialize_partition(
         if not result.success:
             break
     return results
-
-
-class PoolWatcher:
-    """While a run executes, say once when one of its steps waits for a slot of a pool, and who
-    holds the slots (Dagster notes it only at debug level, so a waiting run looked hung)."""
-
-    def __init__(self, instance, run_id: str, interval_s: float = 5.0):
-        import threading
-
-        self.instance, self.run_id, self.interval_s = instance, run_id, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self.reported: set[str] = set()
-
-    def _watch(self) -> None:
-        from srt_assets.recovery import pool_holders
-
-        storage = self.instance.event_log_storage
-        while not self._stop.wait(self.interval_s):
-            try:
-                for pool in storage.get_concurrency_keys():
-                    info = storage.get_concurrency_info(pool)
-                    mine = [s for s in info.pending_steps if s.run_id == self.run_id and not s.assigned_timestamp]
-                    waiting = [s.step_key for s in mine]
-                    for step in waiting:
-                        if step not in self.reported:
-                            self.reported.add(step)
-                            holders = ", ".join(pool_holders(self.instance, pool)) or "nobody yet"
-                            print(f"srt: step {step} waits for a slot of pool '{pool}' (limit {info.slot_count}); "
-                                  f"held by {holders}", file=sys.stderr, flush=True)  # fmt: skip
-            except Exception as error:
-                print(f"srt: cannot inspect the pools: {error}", file=sys.stderr)
-                return
-
-    def __enter__(self) -> PoolWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def failure_reason(error) -> str:

@@ -7,6 +7,8 @@ failed and its pool slots are freed. ``srt materialize`` does this before it run
 
 import os
 import socket
+import sys
+import threading
 
 from dagster import (
     DagsterEventType,
@@ -98,3 +100,40 @@ def free_dead_runs_sensor(context: SensorEvaluationContext):
     for line in done:
         context.log.warning(line)
     return SkipReason("; ".join(done) if done else "no dead run holds a slot")
+
+
+class PoolWatcher:
+    """While a run executes, say once when one of its steps waits for a slot of a pool, and who
+    holds the slots (Dagster notes it only at debug level, so a waiting run looked hung)."""
+
+    def __init__(self, instance: DagsterInstance, run_id: str, interval_s: float = 5.0):
+        self.instance, self.run_id, self.interval_s = instance, run_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self.reported: set[str] = set()
+
+    def _watch(self) -> None:
+        storage = self.instance.event_log_storage
+        while not self._stop.wait(self.interval_s):
+            try:
+                for pool in storage.get_concurrency_keys():
+                    info = storage.get_concurrency_info(pool)
+                    for pending in info.pending_steps:
+                        step = pending.step_key
+                        if pending.run_id != self.run_id or pending.assigned_timestamp or step in self.reported:
+                            continue
+                        self.reported.add(step)
+                        holders = ", ".join(pool_holders(self.instance, pool)) or "nobody yet"
+                        print(f"srt: step {step} waits for a slot of pool '{pool}' (limit {info.slot_count}); "
+                              f"held by {holders}", file=sys.stderr, flush=True)  # fmt: skip
+            except Exception as error:  # a watcher must never break the run it watches
+                print(f"srt: cannot inspect the pools: {error}", file=sys.stderr)
+                return
+
+    def __enter__(self) -> "PoolWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -169,6 +169,8 @@ class OpenAICompatibleTeacher:
                 failure = (f"request timed out after {self.settings.timeout_s:g}s", "timeout")
             except openai.APIConnectionError as exc:
                 cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+                if cause == "DecodingError":  # the body arrived but cannot be decoded (the client retried it)
+                    return self._failure(f"the reply body cannot be decoded ({cause})", "unusable_reply")
                 failure = (f"connection failed: {cause}", "connection_error")
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, UnusableReply) else f"invalid reply body ({type(exc).__name__})"
