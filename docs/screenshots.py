@@ -26,9 +26,11 @@ def main(base_url: str, good: str | None, bad: str | None) -> None:
         context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
         page = context.new_page()
         # the report's upstream lineage is the whole graph, every asset a node
+        page.set_viewport_size({"width": 1600, "height": 1150})
         page.goto(f"{base_url}/assets/experiment_report?view=lineage&lineageScope=upstream&lineageDepth=20")
         page.wait_for_timeout(5000)
         page.screenshot(path=str(DOCS / "asset_graph.png"))
+        page.set_viewport_size({"width": 1600, "height": 900})
         page.goto(f"{base_url}/assets/source_files")
         page.get_by_text("file present").first.wait_for()
         page.screenshot(path=str(DOCS / "source_files.png"))
