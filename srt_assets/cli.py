@@ -82,6 +82,7 @@ def materialize_partition(
     import uuid
 
     from dagster import AssetSelection, DagsterInstance
+    from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
 
     from srt_assets.recovery import HOST_TAG, PoolWatcher, free_dead_runs, this_host
 
@@ -89,11 +90,20 @@ def materialize_partition(
         _ensure_dagster_home()
         from srt_assets.definitions import defs
     instance = instance or DagsterInstance.get()
-    for line in free_dead_runs(instance):  # a killed earlier run must not hold the gpu pool forever
-        print(f"srt: {line}", file=sys.stderr)
+    try:  # a killed earlier run must not hold the gpu pool forever
+        for line in free_dead_runs(instance):
+            print(f"srt: {line}", file=sys.stderr)
+    except Exception as error:
+        print(f"srt: could not look for dead runs ({type(error).__name__}: {error}); going on", file=sys.stderr)
     job = defs.resolve_implicit_global_asset_job_def()
     graph = defs.resolve_asset_graph()
-    chosen = AssetSelection.from_string(selection) if selection else AssetSelection.all()
+    try:
+        chosen = AssetSelection.from_string(selection) if selection else AssetSelection.all()
+    except DagsterInvalidAssetSelectionError:
+        raise SystemExit(
+            f"srt: cannot read the selection {selection!r}: name assets (raw_samples), add + for upstream "
+            "(+selected_dataset), or combine with 'key:a or key:b'"
+        ) from None
     asset_keys = chosen.required_multi_asset_neighbors().resolve(graph) & graph.materializable_asset_keys
     results = []
     for partition_key, keys in plan_partition_runs(graph, asset_keys, source, shard, skip_shards):
@@ -134,7 +144,7 @@ def _report(results: list, source: str, started: float) -> int:
         for event in result.all_events:
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                 mat = event.step_materialization_data.materialization
-                rows = mat.metadata.get("row_count") or mat.metadata.get("dagster/row_count")
+                rows = mat.metadata.get("dagster/row_count")
                 rows_text = f" ({rows.value} rows)" if rows is not None else ""
                 print(f"  materialized {mat.asset_key.to_user_string()}{rows_text}")
             elif event.event_type == DagsterEventType.STEP_FAILURE:

@@ -35,6 +35,7 @@ from srt_assets.resources import (
 # both on purpose, so their notices would only be noise in every log.
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 warnings.filterwarnings("ignore", message=".*observable_source_asset.* is currently in beta.*")
+warnings.filterwarnings("ignore", message=".*DataVersionsByPartition.* is currently in beta.*")
 
 
 def build_definitions(

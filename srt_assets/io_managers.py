@@ -33,6 +33,13 @@ def column_schema(schema: Mapping[str, pl.DataType], descriptions: Mapping[str, 
     )
 
 
+def declared_descriptions(context: OutputContext) -> dict[str, str]:
+    """Column descriptions the asset's definition declares, kept when the stored schema replaces it."""
+    declared = (context.definition_metadata or {}).get("dagster/column_schema")
+    schema = getattr(declared, "schema", declared)
+    return {c.name: c.description for c in getattr(schema, "columns", []) if c.description}
+
+
 class _ParquetTableIOManager(UPathIOManager):
     extension = ".parquet"
 
@@ -55,7 +62,7 @@ class _ParquetTableIOManager(UPathIOManager):
         context.add_output_metadata(
             {
                 "dagster/row_count": obj.height,
-                "dagster/column_schema": column_schema(obj.schema),
+                "dagster/column_schema": column_schema(obj.schema, declared_descriptions(context)),
             }
         )
 

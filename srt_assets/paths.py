@@ -14,11 +14,11 @@ def sources_file() -> Path:
 
 
 def models_file() -> Path | None:
-    """Model settings (teacher, judge, student, gpu, training): ``$SRT_MODELS_FILE``, else
-    ``models.yaml`` at the repository root when there is one; None: the embedded defaults."""
+    """Model settings (teacher, judge, student, gpu, training): ``$SRT_MODELS_FILE`` (set but empty:
+    none), else ``models.yaml`` at the repository root when there is one; None: the embedded defaults."""
     named = os.environ.get("SRT_MODELS_FILE")
-    if named:
-        return Path(named).resolve()
+    if named is not None:
+        return Path(named).resolve() if named.strip() else None
     default = REPO_ROOT / "models.yaml"
     return default if default.is_file() else None
 

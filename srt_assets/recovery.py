@@ -30,13 +30,18 @@ def this_host() -> str:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this machine; a zombie (killed, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by someone else
         return True
-    return True
+    try:
+        stat = open(f"/proc/{pid}/stat", encoding="ascii", errors="replace").read()  # noqa: SIM115
+    except OSError:
+        return True  # no /proc here: trust the signal check
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def run_process(instance: DagsterInstance, run_id: str) -> int | None:
@@ -48,10 +53,12 @@ def run_process(instance: DagsterInstance, run_id: str) -> int | None:
 
 def judged_here(instance: DagsterInstance, tags: dict) -> bool:
     """Only runs whose process lives on this machine can be judged by looking for it: CLI runs that
-    name this host, and runs the local launcher started."""
+    name this host, and runs without a host tag (launched from the UI) only on an instance that
+    cannot be shared between machines (SQLite storage) with the local launcher."""
     if HOST_TAG in tags:
         return tags[HOST_TAG] == this_host()
-    return isinstance(instance.run_launcher, DefaultRunLauncher)
+    local_storage = type(instance.run_storage).__name__.startswith(("Sqlite", "InMemory"))
+    return local_storage and isinstance(instance.run_launcher, DefaultRunLauncher)
 
 
 def free_dead_runs(instance: DagsterInstance) -> list[str]:
@@ -124,7 +131,7 @@ class PoolWatcher:
                             continue
                         self.reported.add(step)
                         holders = ", ".join(pool_holders(self.instance, pool)) or "nobody yet"
-                        print(f"srt: step {step} waits for a slot of pool '{pool}' (limit {info.slot_count}); "
+                        print(f"srt: step {step} waits for a slot of pool '{pool}' (limit {info.limit}); "
                               f"held by {holders}", file=sys.stderr, flush=True)  # fmt: skip
             except Exception as error:  # a watcher must never break the run it watches
                 print(f"srt: cannot inspect the pools: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,15 @@ from srt_assets.core.judging import pairwise_summary
 from srt_assets.plots import _pyplot, figure_png, line_figure, markdown_table, png_markdown
 
 VERDICT_COLOURS = {"win": "#3f8f4f", "tie": "#b0b0b0", "lose": "#b04040"}
+
+
+@dataclass(frozen=True)
+class Section:
+    """One more part of the report: a title, a sentence that says what it shows, a table."""
+
+    title: str
+    note: str
+    table: pl.DataFrame | None = None
 
 
 @dataclass
@@ -89,7 +99,10 @@ def build_report(
     reference_losses: pl.DataFrame,
     manifests: dict[str, dict | None],
     out_dir: Path,
+    extra: Sequence[Section] = (),
 ) -> Report:
+    """The report; ``extra`` sections (data quality, the student's diagnostics, more metrics) come first,
+    so a reader sees what the comparison rests on before the comparison."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = pairwise_summary(judgements) if judgements.height else pl.DataFrame()
     training_rows = []
@@ -123,11 +136,13 @@ def build_report(
     intro = (
         f"# srt experiment report: source `{source}`\n\n_{stamp}._ The student fine-tuned on its selected data "
         "(`selected`) against the same student fine-tuned on a random sample of equal size (`random`) and on all "
-        "original rows (`full`). Verdicts are from the first model's side, judged by the teacher in both answer "
+        "original rows (`full`). Verdicts are from the first model's side, judged by the judge in both answer "
         "orders; winning score = (wins − losses) / judged + 1 (above 1: the first model is better).\n"
     )
     notes = {"Pairwise judging (all test sets)": verdict_note(judgements, judged)}
+    notes.update({section.title: section.note for section in extra})
     sections = [
+        *((section.title, section.table, None) for section in extra),
         ("Pairwise judging (all test sets)", overall, "verdicts.png"),
         ("Pairwise judging per test set", summary, None),
         ("Training and reference-answer loss (lower is better)", training_table, "reference_loss.png"),
@@ -165,5 +180,6 @@ def build_report(
     results = {
         "pairwise": overall.to_dicts() if overall.height else [],
         "training": training_table.to_dicts(),
+        **{section.title: section.table.to_dicts() for section in extra if section.table is not None},
     }
     return Report(markdown_path, html_path, "".join(md_inline), results)

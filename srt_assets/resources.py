@@ -116,8 +116,8 @@ class TeacherResource(ConfigurableResource, TeacherSettings):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        if getattr(cls, "backend", None):
-            TEACHER_BACKENDS[cls.backend] = cls
+        if getattr(cls, "backend", None):  # the first class of a backend name is the one configs mean
+            TEACHER_BACKENDS.setdefault(cls.backend, cls)
 
     @contextmanager
     def session(
@@ -191,6 +191,9 @@ def resources_from_file(path: str | Path) -> dict[str, ConfigurableResource]:
                     f"{file}: {section}.backend '{backend}' is not one of {', '.join(TEACHER_BACKENDS)}"
                 )
             cls: type[ConfigurableResource] = TEACHER_BACKENDS[backend]
+            if section == "judge" and "api_key_env" in cls.model_fields:
+                # a judge is often another provider: never send it the teacher's key by default
+                fields.setdefault("api_key_env", "SRT_JUDGE_API_KEY")
         else:
             cls = SETTINGS_SECTIONS[section]
         allowed = set(cls.model_fields)

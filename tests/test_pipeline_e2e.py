@@ -69,7 +69,8 @@ def test_whole_graph_materializes_with_checks_passing(pipeline):
     checks = result.get_asset_check_evaluations()
     blocking = [c for c in checks if c.blocking]
     assert len(blocking) == 18 and all(c.passed for c in blocking), [c.check_name for c in blocking if not c.passed]
-    assert {c.check_name for c in checks if not c.blocking} == {"selected_beats_random", "selected_beats_base"}
+    warn_only = {"selected_beats_random", "selected_beats_base", "student_tells_matched_pairs"}
+    assert {c.check_name for c in checks if not c.blocking} == warn_only
     assert all(c.partition == "tiny" for c in checks)  # every result belongs to the partition it checked
     materialized = {e.asset_key for e in result.get_asset_materialization_events() if e.asset_key}
     assert {AssetKey("experiment_report"), AssetKey("finetuned_selected")} <= materialized

@@ -103,3 +103,31 @@ def test_full_alpaca_materializes_every_row(tmp_path: Path, dagster_instance, sh
     assert set(rejects.get_column("reason")) == {"empty_field"}
     assert set(rejects.get_column("field")) == {"output"}
     assert samples.get_column("sample_id").is_unique().all()
+
+
+def test_observing_the_source_files_records_each_source(tmp_path: Path, dagster_instance):
+    """The `source_files` observation (the UI's Observe button): per partition, whether the file is
+    there, its details, and a data version that changes when the file does."""
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "input": "", "output": "a"}])
+    catalog = write_catalog(
+        tmp_path,
+        {"a": {"path": "a.jsonl", "license": "MIT", "description": "one row"}, "gone": {"path": "nowhere.jsonl"}},
+    )
+    defs = build_definitions(sources_file=catalog, storage_dir=tmp_path / "store")
+    job = defs.resolve_implicit_global_asset_job_def()
+
+    def observe() -> dict:
+        result = job.execute_in_process(instance=dagster_instance, asset_selection=[AssetKey("source_files")])
+        assert result.success
+        events = [e.event_specific_data.asset_observation for e in result.all_events if e.is_asset_observation]
+        return {o.partition: o for o in events}
+
+    first = observe()
+    assert set(first) == {"a", "gone"}
+    a, gone = first["a"].metadata, first["gone"].metadata
+    assert a["file_present"].value is True and a["license"].value == "MIT" and a["description"].value == "one row"
+    assert gone["file_present"].value is False and "set" not in gone["how_to_fix"].value  # no variable to name
+    assert str(tmp_path / "nowhere.jsonl") in gone["how_to_fix"].value
+    assert first["gone"].tags["dagster/data_version"] == "missing"
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "input": "", "output": "a longer answer"}])
+    assert observe()["a"].tags["dagster/data_version"] != first["a"].tags["dagster/data_version"]

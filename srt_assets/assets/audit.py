@@ -51,7 +51,8 @@ def explain_sample_op(
         metadata[name] = MetadataValue.md(markdown_table(frame, max_chars=400))
     metadata["in_selected_dataset"] = story["in_selected_dataset"]
     metadata["in_baseline_random"] = story.get("in_baseline_random", False)
-    metadata["in_baseline_full"] = True  # the full baseline holds every raw sample
+    # the full baseline holds every raw sample, once it is materialized
+    metadata["in_baseline_full"] = (Path(storage.base_dir) / "baseline_full" / f"{source}.parquet").is_file()
     return Output(None, metadata=metadata)
 
 

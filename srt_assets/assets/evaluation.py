@@ -29,6 +29,7 @@ from srt_assets.assets.common import (
 )
 from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
 from srt_assets.core.cache import SqliteCache
+from srt_assets.core.candidate_quality import FLAGS
 from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set, loss_comparisons
 from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, pairwise_summary, parse_judge_reply
 from srt_assets.core.quality import CheckOutcome
@@ -36,7 +37,7 @@ from srt_assets.core.teacher import CachedTeacher, CallStats, GenerationParams
 from srt_assets.core.training import read_manifest
 from srt_assets.models.generation import CheckpointGenerator
 from srt_assets.plots import markdown_table
-from srt_assets.report import build_report, finite_mean
+from srt_assets.report import Section, build_report, finite_mean
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
 
 ANSWER_SCHEMA: dict[str, pl.DataType] = {
@@ -182,10 +183,42 @@ def judge_pairs(
     return pl.DataFrame(records, schema=VERDICT_SCHEMA), cached.stats
 
 
+def diagnostics_section(diagnostics: pl.DataFrame) -> Section:
+    return Section(
+        "Can the student judge? (student_diagnosis)",
+        "How often the student's IFD and r-IFD prefer a true instruction–response pair to one made worse on "
+        "purpose (0.5 is chance, 1 always). Near chance on the swaps, the student cannot tell good data from "
+        "noise, and its selection is a coin toss.",
+        diagnostics.select("probe", "statistic", "auc", "ci_low", "ci_high", "pairs"),
+    )
+
+
+def quality_section(*candidates: pl.DataFrame) -> Section:
+    """Teacher rewrites per variant: usable, parse or call failures, and each quality flag raised."""
+    table = pl.concat([c.select("variant", "status", "quality_flags") for c in candidates])
+    rows = []
+    for variant in sorted(table["variant"].unique()):
+        part = table.filter(pl.col("variant") == variant)
+        ok = part.filter(pl.col("status") == "ok")
+        flagged = ok.filter(pl.col("quality_flags").list.len() > 0)
+        counts = dict(flagged.select(pl.col("quality_flags").explode()).group_by("quality_flags").len().iter_rows())
+        rows.append(
+            {"variant": variant, "rows": part.height, "ok": ok.height, "ok_and_unflagged": ok.height - flagged.height}
+            | {name: counts.get(name, 0) for name in FLAGS}
+        )
+    return Section(
+        "Teacher rewrites and their quality flags",
+        "Per variant: rows, replies that parsed, and those that also raised no quality flag; then how many "
+        "candidates raised each flag (core/candidate_quality.py). A candidate with a rejecting flag is a "
+        "failed reflection for the selection.",
+        pl.DataFrame(rows),
+    )
+
+
 def verdict_checks(table: pl.DataFrame, answers: pl.DataFrame, config: JudgeConfig) -> list[CheckOutcome]:
-    expected = answers["prompt_id"].n_unique() if answers.height else 0
+    expected = answers.select("prompt_set", "prompt_id").n_unique() if answers.height else 0
     per_pair = table.group_by("model", "opponent").agg(pl.struct("prompt_set", "prompt_id").n_unique().alias("n"))
-    short = per_pair.filter(pl.col("n") < per_pair["n"].max()).height if per_pair.height else 0
+    short = per_pair.filter(pl.col("n") < expected).height
     return [
         CheckOutcome(
             "verdict_per_prompt_and_pair",
@@ -202,7 +235,7 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
         "partitions_def": source_partitions,
         "group_name": "evaluation",
         "kinds": {"pytorch", "polars"},
-        "deps": CHECKPOINT_KEYS,
+        "deps": [*CHECKPOINT_KEYS, "student_base_model"],  # the base student is answered and scored too
         **GPU_STEP,
     }
 
@@ -344,13 +377,18 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
         context: AssetExecutionContext,
         pairwise_verdicts: pl.DataFrame,
         reference_loss: pl.DataFrame,
+        student_diagnosis: pl.DataFrame,
+        new_instructions: pl.DataFrame,
+        better_responses: pl.DataFrame,
         storage: StorageResource,
     ) -> MaterializeResult:
-        """Selected vs random vs full: win/tie/lose per test set, reference-answer loss, training
-        curves; shown here and written as Markdown and HTML with PNG figures."""
+        """What the comparison rests on (can the student judge, how many rewrites were usable), then
+        selected vs random vs full: win/tie/lose per test set, reference-answer loss, training curves;
+        shown here and written as Markdown and HTML with PNG figures."""
         source = context.partition_key
         manifests = {d: read_manifest(checkpoint_dir(storage, source, d)) for d in DATASETS}
-        report = build_report(source, pairwise_verdicts, reference_loss, manifests, storage.reports_dir / source)
+        extra = [diagnostics_section(student_diagnosis), quality_section(new_instructions, better_responses)]
+        report = build_report(source, pairwise_verdicts, reference_loss, manifests, storage.reports_dir / source, extra)
         return MaterializeResult(
             metadata={
                 "report_markdown": MetadataValue.path(str(report.markdown_path)),

@@ -23,7 +23,6 @@ from srt_assets.resources import GPUResource, StorageResource, StudentModelResou
 
 # checkpoint name → the training dataset asset it is fine-tuned on
 DATASETS = {"selected": "selected_dataset", "random": "baseline_random", "full": "baseline_full"}
-TRAINING_FIGURES = ("wall_seconds", "tokens_per_second", "compute")
 
 
 def checkpoint_key(dataset: str) -> AssetKey:
@@ -60,7 +59,7 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         "with the same inputs reuses it; an interrupted training resumes from its last save.",
         **GPU_STEP,
     )
-    def finetuned_checkpoint(
+    def finetuned(
         context: AssetExecutionContext,
         rows: pl.DataFrame,
         student: StudentModelResource,
@@ -123,4 +122,4 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
             }
         )
 
-    return finetuned_checkpoint
+    return finetuned

@@ -86,7 +86,7 @@ def build_raw_assets(partitions_def: StaticPartitionsDefinition, catalog: Source
         group_name="raw",
         description="The source files of sources.yaml, one partition each. Observe them (the asset's "
         "**Observe** button) to record per partition whether the file is there, its size and time, its "
-        "licence and description; a changed file marks `raw_samples` of that source as changed.\n\n"
+        "licence and description, with a data version (size and time) that changes when the file does.\n\n"
         f"Catalog `{catalog.file}` when the code location loaded:\n\n{catalog_table(catalog)}",
     )
     def source_files(context, sources: SourceCatalogResource) -> DataVersionsByPartition:

@@ -3,7 +3,7 @@ reflection (``better_responses``, variants A and QA), every call cached."""
 
 import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from srt_assets.assets.common import (
     GPU_STEP,
@@ -14,8 +14,10 @@ from srt_assets.assets.common import (
     production_figures,
     to_check_results,
 )
+from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
+from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
 from srt_assets.plots import markdown_table
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
@@ -29,6 +31,9 @@ CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     "attempts": pl.Int64(),
     "prompt_tokens": pl.Int64(),
     "completion_tokens": pl.Int64(),
+    "finish_reason": pl.String(),
+    "quality_flags": pl.List(pl.String()),
+    "rejecting_flags": pl.List(pl.String()),
 }
 CANDIDATE_COLUMNS = {
     "status": "ok | parse_failed | call_failed (the texts fall back to the original where not ok)",
@@ -36,12 +41,14 @@ CANDIDATE_COLUMNS = {
     "raw_text": "the teacher's reply as the parser saw it",
     "cache_key": "the call's key in the model-call cache (and in selected_dataset's provenance)",
     "attempts": "requests sent for this row: parse retries, HTTP retries and failover included",
+    "finish_reason": "how the teacher's reply ended: stop, or length (out of tokens)",
+    "quality_flags": "what is wrong with the rewrite (core/candidate_quality.py), for ok rows",
+    "rejecting_flags": "the flags set to 'reject': the selection treats the candidate as a failed reflection",
 }
 CANDIDATE_CHECKS = {
     "failure_ratio_below_bound": "the share of rows that are not ok is at most max_failure_ratio",
     "one_candidate_per_input": "exactly one candidate row per input row",
 }
-TEACHER_FIGURES = ("teacher_seconds", "calls_per_second")
 
 
 class ReflectionConfig(Config):
@@ -51,6 +58,21 @@ class ReflectionConfig(Config):
         "raises it for the bundled 135M teacher, which breaks the markers often",
     )
     chunk_size: int = Field(32, description="calls handed to the backend at once (local batches, progress)")
+    flag_severity: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_SEVERITY),
+        description="per quality flag: reject (the selection treats the candidate as a failed reflection), warn "
+        f"(recorded only) or off (not checked). Flags: {', '.join(FLAGS)}",
+    )
+
+    @field_validator("flag_severity")
+    @classmethod
+    def _known_flags(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, severity in value.items():
+            if name not in FLAGS:
+                raise ValueError(f"unknown quality flag '{name}'; flags: {', '.join(FLAGS)}")
+            if severity not in ("reject", "warn", "off"):
+                raise ValueError(f"flag '{name}': severity must be reject, warn or off, not '{severity}'")
+        return {**DEFAULT_SEVERITY, **value}
 
 
 def run_reflection(
@@ -62,6 +84,7 @@ def run_reflection(
     gpu: GPUResource,
     storage: StorageResource,
     chunk_size: int,
+    severity: dict[str, str],
 ) -> tuple[pl.DataFrame, CallStats, bool]:
     """Reflect ``rows`` (variant-schema rows): candidate rows, call statistics, whether a model loaded."""
     prompts, settings = teacher.reflection_settings()
@@ -69,21 +92,33 @@ def run_reflection(
     triples = [(r["instruction"], r["input"], r["output"]) for r in rows.iter_rows(named=True)]
     with teacher.session(gpu, storage, progress, chunk_size) as cached:
         outcomes = reflect(cached, triples, kind, prompts, settings)
-    return candidates_frame(rows, outcomes, kind, produced_variants), cached.stats, cached.backend.was_loaded
+    table = candidates_frame(rows, outcomes, kind, produced_variants, severity)
+    return table, cached.stats, cached.backend.was_loaded
 
 
 def candidates_frame(
-    rows: pl.DataFrame, outcomes: list[ReflectionOutcome], kind: str, produced_variants: list[str]
+    rows: pl.DataFrame,
+    outcomes: list[ReflectionOutcome],
+    kind: str,
+    produced_variants: list[str],
+    severity: dict[str, str] | None = None,
 ) -> pl.DataFrame:
+    severity = severity or DEFAULT_SEVERITY
     records = []
     for row, outcome, variant in zip(rows.iter_rows(named=True), outcomes, produced_variants, strict=True):
+        # Instruction reflection writes a self-contained instruction (no separate input); its
+        # fallback is the original pair, input merged as in docs/method.md "Records".
+        instruction = outcome.instruction if kind == "instruction" else row["instruction"]
+        flags = []
+        if outcome.status == "ok":
+            source = merged_instruction(row["instruction"], row["input"])
+            candidate = Candidate(variant, instruction, outcome.answer, source, row["output"], outcome.finish_reason)
+            flags = candidate_flags(candidate, severity)
         records.append(
             {
                 "sample_id": row["sample_id"],
                 "variant": variant,
-                # Instruction reflection writes a self-contained instruction (no separate input);
-                # its fallback is the original pair, input merged as in docs/method.md "Records".
-                "instruction": outcome.instruction if kind == "instruction" else row["instruction"],
+                "instruction": instruction,
                 "input": "" if kind == "instruction" and outcome.status == "ok" else row["input"],
                 "output": outcome.answer,
                 "status": outcome.status,
@@ -93,9 +128,30 @@ def candidates_frame(
                 "attempts": outcome.attempts,
                 "prompt_tokens": outcome.prompt_tokens,
                 "completion_tokens": outcome.completion_tokens,
+                "finish_reason": outcome.finish_reason,
+                "quality_flags": flags,
+                "rejecting_flags": [name for name in flags if severity.get(name) == "reject"],
             }
         )
     return pl.DataFrame(records, schema=CANDIDATE_SCHEMA)
+
+
+def flag_metadata(table: pl.DataFrame) -> dict:
+    """How many candidates raise each flag, and a few of them to look at."""
+    counts = dict.fromkeys(FLAGS, 0)
+    counts.update(
+        dict(table.select(pl.col("quality_flags").explode()).drop_nulls().group_by("quality_flags").len().iter_rows())
+    )
+    flagged = table.filter(pl.col("quality_flags").list.len() > 0)
+    examples = flagged.select(
+        "sample_id", "variant", pl.col("quality_flags").list.join(", ").alias("flags"), "instruction", "output"
+    ).head(4)
+    return {
+        "flagged_rows": flagged.height,
+        "rejected_by_flags": int((table["rejecting_flags"].list.len() > 0).sum()),
+        "flags": json_value(counts),
+        "flagged_examples": MetadataValue.md(markdown_table(examples, max_chars=100)),
+    }
 
 
 def candidate_metadata(
@@ -127,6 +183,7 @@ def candidate_metadata(
         "cache_hits": stats.cache_hits,
         "model_loaded": model_loaded,
         "failures_by_kind": json_value(stats.failures),
+        **flag_metadata(table),
         "tokens_in": stats.prompt_tokens,
         "tokens_out": stats.completion_tokens,
         "estimated_cost": round(teacher.estimated_cost(stats.prompt_tokens, stats.completion_tokens), 4),
@@ -168,7 +225,9 @@ def build_reflection_assets(layout: Partitioning):
         import time
 
         started = time.perf_counter()
-        table, stats, loaded = run_reflection(context, rows, kind, produced, teacher, gpu, storage, config.chunk_size)
+        table, stats, loaded = run_reflection(
+            context, rows, kind, produced, teacher, gpu, storage, config.chunk_size, config.flag_severity
+        )
         seconds = time.perf_counter() - started
         metadata = candidate_metadata(context, asset_name, table, stats, loaded, seconds, teacher, rows)
         yield Output(table, metadata=metadata | layout.shard_metadata(context.partition_key) | (extra or {}))

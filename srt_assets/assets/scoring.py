@@ -3,7 +3,16 @@
 import time
 
 import polars as pl
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field
 
 from srt_assets.assets.common import (
@@ -16,6 +25,7 @@ from srt_assets.assets.common import (
     quantiles,
     to_check_results,
 )
+from srt_assets.core.diagnostics import AUC, PROBES, REQUIRED, Pair, aucs, build_probes
 from srt_assets.core.ifd import ScoringItem, score_schema, scores_frame
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.variants import all_variants
@@ -28,7 +38,27 @@ SCORE_CHECKS = {
     "null_ratio_below_bound": "the share of rows without IFD or r-IFD is at most max_null_ratio",
     "row_count_matches_input": "one score row per input variant row",
 }
-STUDENT_FIGURES = ("tokens_per_second", "compute_seconds", "compute")
+
+
+DIAGNOSTIC_SCHEMA: dict[str, pl.DataType] = {
+    "probe": pl.String(),
+    "statistic": pl.String(),
+    "auc": pl.Float64(),
+    "ci_low": pl.Float64(),
+    "ci_high": pl.Float64(),
+    "pairs": pl.Int64(),
+    "probe_meaning": pl.String(),
+}
+DIAGNOSTIC_CHECKS = {
+    "student_tells_matched_pairs": "IFD and r-IFD prefer true pairs to swapped ones clearly above chance "
+    "(AUC at least min_auc, 95% interval above 0.5); a WARN: the student may not be able to select data",
+}
+
+
+class StudentDiagnosticsConfig(Config):
+    rows: int = Field(64, description="raw rows sampled for the probes")
+    seed: int = Field(0, description="seed of the sample, the swaps and the bootstrap")
+    min_auc: float = Field(0.6, description="the check warns when a required AUC is below this")
 
 
 class StudentScoresConfig(Config):
@@ -144,4 +174,89 @@ def build_scoring_assets(layout: Partitioning):
         yield Output(scores, metadata=metadata | layout.shard_metadata(context.partition_key))
         yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
 
-    return [student_base_model, student_scores]
+    @asset(
+        partitions_def=layout.sources,
+        group_name="student",
+        kinds={"pytorch", "polars"},
+        deps=[student_base_model],
+        metadata={"dagster/column_schema": column_schema(DIAGNOSTIC_SCHEMA)},
+        check_specs=[
+            AssetCheckSpec(name, asset="student_diagnosis", description=text, partitions_def=layout.sources)
+            for name, text in DIAGNOSTIC_CHECKS.items()
+        ],
+        **GPU_STEP,
+    )
+    def student_diagnosis(
+        context: AssetExecutionContext,
+        config: StudentDiagnosticsConfig,
+        raw_samples: pl.DataFrame,
+        gpu: GPUResource,
+        student: StudentModelResource,
+        storage: StorageResource,
+    ):
+        """Can this student judge? Before any teacher call: on a seeded sample of raw rows, how often its
+        IFD and r-IFD prefer each true pair to one made worse on purpose (another row's response or
+        instruction, a shuffled response), as a paired AUC with a bootstrap interval (0.5 is chance)."""
+        pairs = [Pair(*row) for row in raw_samples.select("instruction", "input", "output").rows()]
+        chosen, probes = build_probes(pairs, config.rows, config.seed)
+        texts = [p.true for p in probes] + [p.fake for p in probes]
+        items = [ScoringItem(t.instruction, t.input, t.output) for t in texts]
+        with student.session(gpu, storage) as session:
+            results, _ = session.score(items)
+        scores = [{"ifd": r.ifd, "rifd": r.rifd} for r in results]
+        table = pl.DataFrame(
+            [
+                {
+                    "probe": a.probe,
+                    "statistic": a.statistic,
+                    "auc": a.auc,
+                    "ci_low": a.low,
+                    "ci_high": a.high,
+                    "pairs": a.pairs,
+                    "probe_meaning": PROBES[a.probe],
+                }
+                for a in aucs(probes, scores[: len(probes)], scores[len(probes) :], config.seed)
+            ],
+            schema=DIAGNOSTIC_SCHEMA,
+        )
+        yield Output(
+            table,
+            metadata={
+                "rows_sampled": len(chosen),
+                "probes": len(probes),
+                "aucs": MetadataValue.md(auc_markdown(table)),
+                "student": json_value({"model": student.model, "fingerprint": session.identity.fingerprint}),
+                "compute": json_value(gpu.describe()),
+            },
+        )
+        yield from to_check_results(
+            "student_diagnosis", [diagnostics_check(table, config.min_auc)], severity=AssetCheckSeverity.WARN
+        )
+
+    return [student_base_model, student_scores, student_diagnosis]
+
+
+def auc_markdown(table: pl.DataFrame) -> str:
+    """AUCs as a short table the UI shows inline."""
+    rows = ["| probe | statistic | AUC | 95% interval | pairs |", "|---|---|---:|---|---:|"]
+    for r in table.iter_rows(named=True):
+        auc = "n/a" if r["auc"] is None else f"{r['auc']:.2f}"
+        interval = "" if r["ci_low"] is None else f"{r['ci_low']:.2f}–{r['ci_high']:.2f}"
+        rows.append(f"| {r['probe']} | {r['statistic']} | {auc} | {interval} | {r['pairs']} |")
+    return "\n".join(rows)
+
+
+def diagnostics_check(table: pl.DataFrame, min_auc: float) -> CheckOutcome:
+    by_key = {(r["probe"], r["statistic"]): r for r in table.iter_rows(named=True)}
+    weak = []
+    for key in REQUIRED:
+        row = by_key[key]
+        auc = AUC(row["probe"], row["statistic"], row["auc"], row["ci_low"], row["ci_high"], row["pairs"])
+        if auc.near_chance(min_auc):
+            weak.append(f"{key[1]} on {key[0]}: {'n/a' if auc.auc is None else f'{auc.auc:.2f}'}")
+    return CheckOutcome(
+        "student_tells_matched_pairs",
+        not weak,
+        "the student prefers true pairs clearly above chance" if not weak else "near chance: " + "; ".join(weak),
+        {"min_auc": min_auc, "near_chance": weak},
+    )

@@ -63,6 +63,16 @@ def decision_examples(decisions: pl.DataFrame, variants: pl.DataFrame, accepted:
     return markdown_table(table, max_chars=100)
 
 
+def rejecting_flags(*candidates: pl.DataFrame) -> dict[str, dict[str, list[str]]]:
+    """sample id → variant → the rejecting quality flags of that candidate (only flagged ones)."""
+    flagged: dict[str, dict[str, list[str]]] = {}
+    for table in candidates:
+        rows = table.filter(pl.col("rejecting_flags").list.len() > 0).select("sample_id", "variant", "rejecting_flags")
+        for sample_id, variant, flags in rows.iter_rows():
+            flagged.setdefault(sample_id, {})[variant] = list(flags)
+    return flagged
+
+
 def branch_table(counts: dict[str, int]) -> str:
     rows = {"branch": list(BRANCHES), "meaning": list(BRANCHES.values()), "samples": [counts[b] for b in BRANCHES]}
     return markdown_table(pl.DataFrame(rows))
@@ -77,6 +87,7 @@ def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants
         "branches": MetadataValue.md(branch_table(counts)),
         "kept": counts["kept"],
         "selected": counts["selected"],
+        "samples_with_flags": int(decisions["flags"].is_not_null().sum()),
         "ifd_before": json_value(quantiles(decisions["ifd_ori"])),
         "rifd_before": json_value(quantiles(decisions["rifd_ori"])),
         "ifd_after": json_value(quantiles(chosen["chosen_ifd"])),
@@ -153,7 +164,8 @@ def build_selection_assets(layout: Partitioning):
     ):
         """One decision record per raw sample: the branch the student took, the scores it compared,
         the chosen variant (or none) and why, and whether the top-k stage selected it."""
-        decisions = select(raw_samples["sample_id"].to_list(), student_scores, config)
+        flagged = rejecting_flags(new_instructions, better_responses)
+        decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged)
         context.log.info(f"selection: {branch_counts(decisions)}")
         variants = all_variants(raw_samples, new_instructions, better_responses)
         yield Output(decisions, metadata=decision_metadata(config, decisions, variants))

@@ -26,10 +26,12 @@ JUDGE_USER = (
     "(higher is better). On the first line write only the two ratings, Assistant 1's first, separated by "
     "a space. From the second line on, explain your ratings briefly and without favouring either position."
 )
-JUDGE_JSON_SCHEMA = {
+JUDGE_JSON_SCHEMA = {  # strict-mode compatible: every property required, no others
+    "title": "pairwise_judgement",
     "type": "object",
     "properties": {"score_1": {"type": "integer"}, "score_2": {"type": "integer"}, "explanation": {"type": "string"}},
-    "required": ["score_1", "score_2"],
+    "required": ["score_1", "score_2", "explanation"],
+    "additionalProperties": False,
 }
 OUTCOMES = ("win", "tie", "lose")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
+from srt_assets.core.sharding import shard_names
+
 PROVENANCE_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String(),
     "source_file": pl.String(),
@@ -94,7 +96,7 @@ def load_partition_tables(storage: Path, source: str, shards: int = 1) -> dict[s
     for name in EXPLAINED_TABLES:
         files = [storage / name / f"{source}.parquet"]
         if name in SHARDED_TABLES and shards > 1:
-            files = [storage / name / source / f"{shard}.parquet" for shard in range(shards)]
+            files = [storage / name / source / f"{shard}.parquet" for shard in shard_names(shards)]
         present = [pl.read_parquet(file) for file in files if file.is_file()]
         if present:
             tables[name] = pl.concat(present, how="vertical_relaxed")

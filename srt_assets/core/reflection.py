@@ -151,19 +151,25 @@ def parse_response_reflection(text: str) -> Parsed:
     return Parsed(answer=answer)
 
 
+# Strict-mode compatible (every property required, no others allowed), so hosted APIs accept them as
+# they are; the parser still rejects an empty text.
 INSTRUCTION_JSON_SCHEMA = {
+    "title": "instruction_reflection",
     "type": "object",
     "properties": {
         "analysis": {"type": "string"},
-        "new_instruction": {"type": "string", "minLength": 1},
-        "new_answer": {"type": "string", "minLength": 1},
+        "new_instruction": {"type": "string"},
+        "new_answer": {"type": "string"},
     },
     "required": ["analysis", "new_instruction", "new_answer"],
+    "additionalProperties": False,
 }
 RESPONSE_JSON_SCHEMA = {
+    "title": "response_reflection",
     "type": "object",
-    "properties": {"analysis": {"type": "string"}, "better_answer": {"type": "string", "minLength": 1}},
+    "properties": {"analysis": {"type": "string"}, "better_answer": {"type": "string"}},
     "required": ["analysis", "better_answer"],
+    "additionalProperties": False,
 }
 JSON_FORMAT_NOTE = (
     "\nReply with one JSON object only, with the keys described by the schema you are given, instead of "

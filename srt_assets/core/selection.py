@@ -9,6 +9,7 @@ stage keeps the top k (or top p%) of the kept samples by IFD, following Cherry L
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -32,6 +33,7 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
     "kept": pl.Boolean(),
     "selected": pl.Boolean(),
     "reason": pl.String(),
+    "flags": pl.String(),  # the rejecting quality flags of the sample's candidates, e.g. "QA: repetition"
     **{f"ifd_{v}": pl.Float64() for v in VARIANTS},
     **{f"rifd_{v}": pl.Float64() for v in VARIANTS},
     "chosen_ifd": pl.Float64(),
@@ -53,6 +55,9 @@ class SelectionRule(BaseModel):
     rifd_below: float = Field(1.0, description="keep a candidate only if its r-IFD is below this")
     top_k: int | None = Field(None, description="second stage: keep the k kept samples with the highest IFD")
     top_percent: float | None = Field(None, description="second stage: keep the top p% of them by IFD")
+    respect_quality_flags: bool = Field(
+        True, description="treat a candidate with a rejecting quality flag as a failed reflection (srt's addition)"
+    )
 
     @model_validator(mode="after")
     def _one_top_stage(self) -> SelectionRule:
@@ -85,15 +90,35 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if _known(value) else "missing"
 
 
-def decide(ifd: dict[str, float | None], rifd: dict[str, float | None], rule: SelectionRule) -> Decision:
-    """The decision for one raw sample from its per-variant IFD and r-IFD (missing variants: None)."""
-    if _less(ifd.get("ori"), ifd.get("Q")):
+def decide(
+    ifd: dict[str, float | None],
+    rifd: dict[str, float | None],
+    rule: SelectionRule,
+    flagged: Mapping[str, Sequence[str]] | None = None,
+) -> Decision:
+    """The decision for one raw sample from its per-variant IFD and r-IFD (missing variants: None).
+    A variant in ``flagged`` (variant → its rejecting quality flags) is not eligible: the rule runs as
+    the authors wrote it on the candidates that are."""
+    flagged = flagged or {}
+
+    def not_eligible(variant: str) -> str:
+        return f"{variant} flagged ({', '.join(flagged[variant])}), not eligible"
+
+    if "Q" in flagged:
+        instruction, source, reflected = "ori", "ori", "A"
+        why = not_eligible("Q")
+    elif _less(ifd.get("ori"), ifd.get("Q")):
         instruction, source, reflected = "Q", "Q", "QA"
         why = f"IFD(Q)={_fmt(ifd.get('Q'))} > IFD(ori)={_fmt(ifd.get('ori'))}"
     else:
         instruction, source, reflected = "ori", "ori", "A"
         why = f"IFD(Q)={_fmt(ifd.get('Q'))} not > IFD(ori)={_fmt(ifd.get('ori'))}"
-    if _less(rifd.get(reflected), rifd.get(source)):
+    if reflected in flagged:
+        branch = instruction
+        why += f"; {not_eligible(reflected)}"
+        if not rule.keep_unreflected:
+            return Decision(branch, None, why + "; reflected answer rejected (keep_unreflected is off)")
+    elif _less(rifd.get(reflected), rifd.get(source)):
         branch = reflected
         why += f"; rIFD({reflected})={_fmt(rifd.get(reflected))} < rIFD({source})={_fmt(rifd.get(source))}"
     else:
@@ -120,12 +145,19 @@ def wide_scores(scores: pl.DataFrame) -> pl.DataFrame:
     return base
 
 
-def select(sample_ids: list[str], scores: pl.DataFrame, rule: SelectionRule) -> pl.DataFrame:
+def select(
+    sample_ids: list[str],
+    scores: pl.DataFrame,
+    rule: SelectionRule,
+    flagged: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+) -> pl.DataFrame:
     """Decision records (DECISION_SCHEMA) for every sample id, in the given order.
 
     ``scores`` holds (sample_id, variant, ifd, rifd) rows; a sample without scores gets branch ``ori``
-    and no choice, with the reason saying so.
+    and no choice, with the reason saying so. ``flagged`` maps sample id → variant → the rejecting
+    quality flags of that candidate; it is ignored when ``rule.respect_quality_flags`` is off.
     """
+    flagged = (flagged or {}) if rule.respect_quality_flags else {}
     wide = wide_scores(scores)
     lookup = {row["sample_id"]: row for row in wide.iter_rows(named=True)}
     records = []
@@ -133,7 +165,8 @@ def select(sample_ids: list[str], scores: pl.DataFrame, rule: SelectionRule) -> 
         row = lookup.get(sample_id, {})
         ifd = {v: row.get(f"ifd_{v}") for v in VARIANTS}
         rifd = {v: row.get(f"rifd_{v}") for v in VARIANTS}
-        decision = decide(ifd, rifd, rule)
+        sample_flags = flagged.get(sample_id, {})
+        decision = decide(ifd, rifd, rule, sample_flags)
         reason = decision.reason if row else "no student scores for this sample; " + decision.reason
         chosen = decision.chosen_variant
         records.append(
@@ -144,6 +177,7 @@ def select(sample_ids: list[str], scores: pl.DataFrame, rule: SelectionRule) -> 
                 "kept": chosen is not None,
                 "selected": chosen is not None,
                 "reason": reason,
+                "flags": "; ".join(f"{v}: {', '.join(names)}" for v, names in sample_flags.items()) or None,
                 **{f"ifd_{v}": ifd[v] for v in VARIANTS},
                 **{f"rifd_{v}": rifd[v] for v in VARIANTS},
                 "chosen_ifd": ifd[chosen] if chosen else None,

@@ -46,6 +46,7 @@ class Generation:
     error: str | None = None  # the call failed for good (after the backend's own retries)
     error_kind: str | None = None  # timeout | rate_limited | server_error | unusable_reply | deadline | ...
     attempts: int = 1  # requests sent for this call (retries and failover included)
+    finish_reason: str | None = None  # "stop", or "length" when the reply ran out of tokens
 
     @property
     def usable(self) -> bool:
@@ -112,22 +113,28 @@ class CachedTeacher:
         results: list[Generation | None] = [Generation(**known[k]) if k in known else None for k in keys]
         self.stats.cache_hits += sum(r is not None for r in results)
         missing = [i for i, r in enumerate(results) if r is None]
-        for begin in range(0, len(missing), self.chunk_size):
-            chunk = missing[begin : begin + self.chunk_size]
+        # A streaming backend (HTTP) gets every call at once, so its concurrency is never capped by a
+        # chunk and no chunk waits for its slowest call; a batching one (local models) gets chunks.
+        step = max(len(missing) if getattr(self.backend, "streams", False) else self.chunk_size, 1)
+        done = 0
+        for begin in range(0, len(missing), step):
+            chunk = missing[begin : begin + step]
             recorded: set[int] = set()
 
             def on_done(position: int, generation: Generation, chunk: list[int] = chunk, recorded=recorded) -> None:
+                nonlocal done
                 index = chunk[position]
                 results[index] = generation
                 recorded.add(position)
                 self._record(keys[index], generation)
+                done += 1
+                if self.progress and (done % self.chunk_size == 0 or done == len(missing)):
+                    self.progress(done, len(missing))
 
             generations = self.backend.generate([conversations[i] for i in chunk], params, on_done)
             for position, generation in enumerate(generations):  # a backend that reported nothing
                 if position not in recorded:
                     on_done(position, generation)
-            if self.progress:
-                self.progress(begin + len(chunk), len(missing))
         return list(zip(keys, results, strict=True))  # type: ignore[arg-type]
 
 
@@ -152,6 +159,7 @@ class ReflectionOutcome:
     attempts: int  # requests sent for this row (parse retries, HTTP retries and failover included)
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str | None = None  # of the reply the row's texts come from
 
 
 def _with_format_note(messages: Messages) -> Messages:
@@ -220,6 +228,7 @@ def reflect(
                 attempts=usage[i][2],
                 prompt_tokens=usage[i][0],
                 completion_tokens=usage[i][1],
+                finish_reason=generation.finish_reason,
             )
             outcomes[i] = outcome
             if status == "parse_failed":

@@ -22,7 +22,6 @@ class CheckpointGenerator:
         self._compute = compute
         self._batch_size = batch_size
         self._model = None
-        self.was_loaded = False
 
     def generate(
         self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None
@@ -39,6 +38,5 @@ class CheckpointGenerator:
                 batch_size=self._batch_size,
             )
             self._render = build_text_builder(self._model.tokenizer, self._template, ScoringConfig()).template.render
-            self.was_loaded = True
         prompts = [self._render(messages[-1]["content"]) for messages in conversations]
         return self._model.generate_texts(prompts, params, on_done)

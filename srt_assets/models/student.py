@@ -27,8 +27,6 @@ from srt_assets.core.templates import get_template
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import BUNDLED_MODEL, ModelIdentity, model_identity
 
-STUDENT_BACKENDS = ("transformers", "vllm")
-
 
 class StudentSettings(BaseModel):
     """The student: the model being fine-tuned, whose perplexities select the data."""
@@ -80,10 +78,6 @@ class LazyStudent:
     """A LossScorer that loads its backend on first use, so a fully cached run loads no model."""
 
     def __init__(self, model_path: str, compute: ComputeSettings, max_length: int = 2048):
-        if compute.backend not in STUDENT_BACKENDS:
-            raise ValueError(
-                f"unknown student backend '{compute.backend}'; choose one of {', '.join(STUDENT_BACKENDS)}"
-            )
         self.compute = compute
         self.model_path = model_path
         self.max_length = max_length

@@ -38,6 +38,7 @@ class TeacherSettings(BaseModel, ABC):
     2048 tokens, with ChatGPT)."""
 
     backend: ClassVar[str]  # the name used in configuration files and metadata
+    streams: ClassVar[bool] = False  # True: takes any number of calls at once and reports each as it ends
 
     temperature: float = Field(0.0, description="sampling temperature (the authors: 0)")
     top_p: float = Field(1.0, description="nucleus sampling (the authors: 1)")
@@ -105,7 +106,7 @@ class TeacherSettings(BaseModel, ABC):
         """This teacher behind the durable call cache: the backend is built on the first cache miss
         and released on exit."""
         model_id = self.model_id(models_dir)
-        backend = LazyTeacher(model_id, lambda: self.build(compute, models_dir, model_id))
+        backend = LazyTeacher(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
         cache = SqliteCache(cache_file, "teacher_calls")
         try:
             yield CachedTeacher(backend, cache, chunk_size=chunk_size, progress=progress)
@@ -132,8 +133,9 @@ class LocalTeacherSettings(TeacherSettings, ABC):
 class LazyTeacher:
     """Builds the backend on the first cache miss: a rerun served from the cache loads no model."""
 
-    def __init__(self, model_id: str, build: Callable[[], TeacherBackend]):
+    def __init__(self, model_id: str, build: Callable[[], TeacherBackend], streams: bool = False):
         self.model_id = model_id
+        self.streams = streams
         self._build = build
         self._backend: TeacherBackend | None = None
         self.was_loaded = False  # whether any call needed the model (kept after close, for metadata)

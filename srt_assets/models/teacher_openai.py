@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 
@@ -42,6 +43,7 @@ class OpenAITeacherSettings(TeacherSettings):
     name the variable in ``api_key_env``: the key is read at run time and never logged or stored."""
 
     backend = "openai"
+    streams = True
 
     model: str = Field(description="the served model name, e.g. meta-llama/Llama-3.1-70B-Instruct")
     base_url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1; several replicas comma-separated")
@@ -59,6 +61,10 @@ class OpenAITeacherSettings(TeacherSettings):
     def model_id(self, models_dir: Path) -> str:
         return f"openai-compatible:{self.model}"  # the cache key names the model, not the server
 
+    def describe(self) -> dict[str, Any]:
+        """As the base says, with credentials in the URLs (user:password@, ?key=) left out."""
+        return super().describe() | {"base_url": ",".join(public_url(u) for u in self.base_url.split(","))}
+
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(self.api_key_env) or None
 
@@ -67,6 +73,14 @@ class OpenAITeacherSettings(TeacherSettings):
 
     def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> OpenAICompatibleTeacher:
         return OpenAICompatibleTeacher(self, api_key=self.resolved_api_key(), model_id=model_id)
+
+
+def public_url(url: str) -> str:
+    """A URL as it may be shown: scheme, host, port and path; no userinfo, query or fragment."""
+    parts = urlsplit(url.strip())
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class UnusableReply(Exception):
@@ -81,6 +95,8 @@ class _Replica:
 
 class OpenAICompatibleTeacher:
     """``TeacherBackend`` over one or more OpenAI-compatible servers."""
+
+    streams = True  # any number of calls at once, each reported (and stored) as it ends
 
     def __init__(self, settings: OpenAITeacherSettings, api_key: str | None = None, model_id: str | None = None):
         urls = [u.strip().rstrip("/") for u in settings.base_url.split(",") if u.strip()]
@@ -110,7 +126,11 @@ class OpenAICompatibleTeacher:
         if params.json_schema is not None:
             request["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "reflection", "schema": params.json_schema, "strict": True},
+                "json_schema": {
+                    "name": params.json_schema.get("title", "srt_output"),
+                    "schema": params.json_schema,
+                    "strict": True,
+                },
             }
         return request
 
@@ -123,7 +143,7 @@ class OpenAICompatibleTeacher:
         return sorted(order, key=lambda i: now - self._replicas[i].failed_at < REPLICA_COOLDOWN_S)
 
     @staticmethod
-    def _reply(completion: Any) -> tuple[str, int, int]:
+    def _reply(completion: Any) -> tuple[str, int, int, str | None]:
         """The text and token counts of a completion, or UnusableReply saying what is wrong."""
         choices = getattr(completion, "choices", None)
         if not isinstance(choices, list):
@@ -142,7 +162,8 @@ class OpenAICompatibleTeacher:
             value = getattr(usage, name, 0)
             return value if isinstance(value, int) and value >= 0 else 0
 
-        return text, tokens("prompt_tokens"), tokens("completion_tokens")
+        finish = getattr(choices[0], "finish_reason", None)
+        return text, tokens("prompt_tokens"), tokens("completion_tokens"), finish if isinstance(finish, str) else None
 
     async def _call(self, clients: list, messages: Messages, params: GenerationParams) -> Generation:
         """One call: the client retries failed requests on a replica; a replica that still fails
@@ -157,8 +178,10 @@ class OpenAICompatibleTeacher:
             position += 1
             try:
                 completion = await clients[index].chat.completions.create(**request)
-                text, prompt_tokens, completion_tokens = self._reply(completion)
-                return Generation(text, prompt_tokens, completion_tokens, attempts=_requests_of_call.get()[0])
+                text, prompt_tokens, completion_tokens, finish = self._reply(completion)
+                return Generation(
+                    text, prompt_tokens, completion_tokens, attempts=_requests_of_call.get()[0], finish_reason=finish
+                )
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status not in (408, 409, 429) and status < 500:  # the request itself is wrong
@@ -169,10 +192,14 @@ class OpenAICompatibleTeacher:
                 failure = (f"request timed out after {self.settings.timeout_s:g}s", "timeout")
             except openai.APIConnectionError as exc:
                 cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
-                if cause == "DecodingError":  # the body arrived but cannot be decoded (the client retried it)
+                # httpx's DecodingError (by name: the client bundles its own httpx): the body arrived but cannot
+                # be decoded, and the client has already retried it as a connection error
+                if cause == "DecodingError":
                     return self._failure(f"the reply body cannot be decoded ({cause})", "unusable_reply")
                 failure = (f"connection failed: {cause}", "connection_error")
-            except Exception as exc:
+            except (UnusableReply, openai.APIResponseValidationError, ValueError) as exc:
+                # ValueError covers a body that is not JSON and a JSON body the client cannot validate;
+                # anything else (a TypeError from the client, say) is a bug and must not pass as a reply.
                 reason = str(exc) if isinstance(exc, UnusableReply) else f"invalid reply body ({type(exc).__name__})"
                 unusable += 1
                 if unusable > self.settings.max_retries:
@@ -184,9 +211,8 @@ class OpenAICompatibleTeacher:
             failed_replicas += 1
             if failed_replicas >= len(order):
                 return self._failure(*failure)
-            log.info(
-                "teacher call failed on %s (%s); trying the next replica", self._replicas[index].base_url, failure[0]
-            )
+            url = public_url(self._replicas[index].base_url)
+            log.info("teacher call failed on %s (%s); trying the next replica", url, failure[0])
 
     @staticmethod
     def _failure(error: str, kind: str) -> Generation:

@@ -99,6 +99,7 @@ class TransformersTeacher:
                     text=self.tokenizer.decode(tokens[:used], skip_special_tokens=True).strip(),
                     prompt_tokens=lengths[i],
                     completion_tokens=used,
+                    finish_reason="stop" if len(finished) else "length",
                 )
                 if on_done:
                     on_done(i, results[i])

@@ -73,6 +73,7 @@ class VLLMTeacher:
                 text=out.outputs[0].text.strip(),
                 prompt_tokens=len(out.prompt_token_ids or []),
                 completion_tokens=len(out.outputs[0].token_ids),
+                finish_reason=out.outputs[0].finish_reason,
             )
             for out in outputs
         ]
