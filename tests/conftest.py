@@ -10,6 +10,9 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The tests build the models they need themselves: a models.yaml a user keeps at the repository root
+# (say, a 7B student on vLLM) must not reach them, nor the subprocesses they start. Empty means none.
+os.environ["SRT_MODELS_FILE"] = ""
 # The full data sets (CI has them beside the repository; a clone does not): $SRT_SHARED_DATA or ../shared/data.
 SHARED_DATA = Path(os.environ.get("SRT_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 

@@ -349,3 +349,12 @@ def test_a_step_waiting_for_the_pool_says_so_and_who_holds_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step new_instructions waits for a slot of pool 'gpu' (limit 1)" in err
     assert f"held by run {holder.run_id} step step" in err
+
+
+def test_an_empty_models_file_variable_means_no_settings_file(tmp_path, monkeypatch):
+    from srt_assets import paths
+
+    monkeypatch.setenv("SRT_MODELS_FILE", "")
+    assert paths.models_file() is None
+    monkeypatch.setenv("SRT_MODELS_FILE", str(tmp_path / "m.yaml"))
+    assert paths.models_file() == tmp_path / "m.yaml"
