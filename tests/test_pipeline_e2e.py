@@ -125,6 +125,11 @@ def test_checkpoints_evaluation_and_report(pipeline):
     report_dir = store / "reports" / "tiny"
     markdown = (report_dir / "report.md").read_text()
     assert "selected" in markdown and "Pairwise judging" in markdown
+    assert "## Can the student judge?" in markdown and "## Teacher rewrites and their quality flags" in markdown
+    diagnosis = pl.read_parquet(store / "student_diagnosis" / "tiny.parquet")
+    assert diagnosis.height == 6 and diagnosis["auc"].is_between(0, 1).all() and (diagnosis["pairs"] > 0).all()
+    candidates = pl.read_parquet(store / "new_instructions" / "tiny.parquet")
+    assert candidates["finish_reason"].is_in(["stop", "length"]).all()  # the teacher says how each reply ended
     assert (report_dir / "report.html").is_file() and (report_dir / "training_curves.png").stat().st_size > 1000
 
 
