@@ -2,6 +2,10 @@
 ways teachers fail are caught, good rewrites are left alone, and a flagged candidate is a failed
 reflection unless the config says otherwise."""
 
+import gzip
+import itertools
+import json
+
 import polars as pl
 import pytest
 
@@ -11,8 +15,8 @@ from srt_assets.core.selection import SelectionRule, decide, select
 GOOD_ANSWER = "Red, blue and yellow are the primary colors of paint; mixing them gives the other colors."
 
 
-def answer(output: str, finish: str | None = "stop", source_output: str = "Red.") -> Candidate:
-    return Candidate("A", "Name the primary colors.", output, "Name the primary colors.", source_output, finish)
+def answer(output: str, finish: str | None = "stop", source_output: str = "Red.", closed: bool = True) -> Candidate:
+    return Candidate("A", "Name the primary colors.", output, "Name the primary colors.", source_output, finish, closed)
 
 
 def new_instruction(instruction: str, output: str = GOOD_ANSWER) -> Candidate:
@@ -28,15 +32,22 @@ def new_instruction(instruction: str, output: str = GOOD_ANSWER) -> Candidate:
         (answer("Here is a better answer: red, blue and yellow."), "talks_about_rewrite"),
         (new_instruction("The new instruction is harder than the original one."), "talks_about_rewrite"),
         (answer("Name the primary colors. Red, blue and yellow."), "instruction_in_output"),
-        (new_instruction("The essay argues that the meaning of life is subjective."), "answer_as_instruction"),
+        (
+            new_instruction(
+                "Red, blue and yellow are the primary colors of paint.",
+                output="Red, blue and yellow are the primary colors of paint, and mixing them gives the rest.",
+            ),
+            "answer_as_instruction",
+        ),
         (new_instruction("Name the primary colors."), "copy_of_original"),
         (answer("Red.", source_output="Red."), "copy_of_original"),
-        (answer("Red, blue and yellow are the primary colors and", finish="length"), "cut_off"),
+        (answer("Red, blue and yellow are the primary colors and", finish="length", closed=False), "cut_off"),
         (answer("Москва — столица России и крупнейший город страны."), "language_switch"),
         (
             answer(
                 "Le rouge, le bleu et le jaune sont les couleurs primaires, et on les mélange pour faire "
-                "les autres couleurs de la peinture."
+                "les autres couleurs de la peinture.",
+                source_output="The primary colors are red, blue and yellow.",
             ),
             "language_switch",
         ),
@@ -56,6 +67,29 @@ def test_each_way_a_teacher_fails_is_flagged(candidate, flag):
         new_instruction("Your task is to write a short poem about the three primary colors."),
         new_instruction("A haiku about the colors of autumn, with a seasonal word in the first line."),
         new_instruction("What would change if printers used red, green and blue instead of cyan, magenta, yellow?"),
+        # a statement that sets a scene is a task when its words are not its answer's
+        new_instruction("The essay argues that the meaning of life is subjective."),
+        # the answer closed at its marker and the reply rambled on past it: nothing was cut
+        answer(GOOD_ANSWER, finish="length", closed=True),
+        # markers and role prefixes the source already has are the task's own, not a leak
+        Candidate(
+            "A",
+            "Fix the bug: return array[end] reads past the end.",
+            "Use array[end - 1]: the last index is one less than the length.",
+            "Fix the bug: return array[end] reads past the end.",
+            "Use array[end].",
+            "stop",
+        ),
+        Candidate(
+            "QA",
+            "Write a short dialogue between a user and an assistant about colors.",
+            "User: What are the primary colors?\nAssistant: Red, blue and yellow.",
+            "Write a dialogue.",
+            "User: Hi.\nAssistant: Hello.",
+            "stop",
+        ),
+        # a long structured answer is not a loop
+        answer("\n".join(f"| {color} | primary | paint pigment |" for color in ["red", "blue", "yellow", "red"])),
         Candidate(
             "A",
             "Translate to French: the cat sleeps.",
@@ -134,4 +168,32 @@ def test_the_flags_can_be_turned_off_for_the_selection():
     strict = select(["s"], SCORES, SelectionRule(), flagged).row(0, named=True)
     assert strict["selected"] is False and strict["flags"] == "QA: repetition"
     authors = select(["s"], SCORES, SelectionRule(respect_quality_flags=False), flagged).row(0, named=True)
-    assert authors["chosen_variant"] == "QA" and authors["flags"] is None
+    assert authors["chosen_variant"] == "QA" and authors["flags"] == "QA: repetition"  # still on record
+
+
+def test_keep_unreflected_keeps_the_original_when_both_rewrites_are_flagged():
+    ifd = {"ori": 0.5, "Q": 0.6, "A": 0.4, "QA": 0.7}
+    rifd = {"ori": 0.9, "Q": 0.8, "A": 0.7, "QA": 0.6}
+    both = {"Q": ["answer_as_instruction"], "A": ["leaked_markers"]}
+    kept = decide(ifd, rifd, SelectionRule(keep_unreflected=True), both)
+    assert kept.branch == "ori" and kept.chosen_variant == "ori"
+    assert "keep_unreflected: ori stands" in kept.reason
+    assert decide(ifd, rifd, SelectionRule(), both).chosen_variant is None
+    assert decide(ifd, rifd, SelectionRule(), {"QA": []}).chosen_variant == "QA"  # no flags: not flagged
+
+
+def test_the_flags_stay_quiet_on_real_alpaca_pairs(shared_data):
+    """Human-written pairs are what good rewrites look like. Each Alpaca pair, taken as a new task for
+    the pair before it (Q) and as an answer to its own instruction (A: copying is what it is, so that
+    flag is off), may raise a flag for at most 0.1% of the 52k."""
+    rows = json.loads(gzip.decompress((shared_data / "alpaca_data.json.gz").read_bytes()))
+    no_copy_check = dict.fromkeys(FLAGS, "reject") | {"copy_of_original": "off"}
+    raised = []
+    for before, row in itertools.pairwise(rows):
+        shown = row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
+        shown_before = before["instruction"] + (f"\n{before['input']}" if before["input"] else "")
+        new_task = Candidate("Q", shown, row["output"], shown_before, before["output"])
+        own_answer = Candidate("A", row["instruction"], row["output"], shown, row["output"], input=row["input"])
+        if candidate_flags(new_task) or candidate_flags(own_answer, no_copy_check):
+            raised.append(row["instruction"])
+    assert len(rows) > 50_000 and len(raised) <= 0.001 * len(rows), raised[:20]

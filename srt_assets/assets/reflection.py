@@ -109,17 +109,21 @@ def candidates_frame(
         # Instruction reflection writes a self-contained instruction (no separate input); its
         # fallback is the original pair, input merged as in docs/method.md "Records".
         instruction = outcome.instruction if kind == "instruction" else row["instruction"]
+        input_text = "" if kind == "instruction" and outcome.status == "ok" else row["input"]
         flags = []
         if outcome.status == "ok":
             source = merged_instruction(row["instruction"], row["input"])
-            candidate = Candidate(variant, instruction, outcome.answer, source, row["output"], outcome.finish_reason)
+            candidate = Candidate(
+                variant, instruction, outcome.answer, source, row["output"], outcome.finish_reason, outcome.closed,
+                input_text,
+            )  # fmt: skip
             flags = candidate_flags(candidate, severity)
         records.append(
             {
                 "sample_id": row["sample_id"],
                 "variant": variant,
                 "instruction": instruction,
-                "input": "" if kind == "instruction" and outcome.status == "ok" else row["input"],
+                "input": input_text,
                 "output": outcome.answer,
                 "status": outcome.status,
                 "error": outcome.error,
@@ -149,6 +153,10 @@ def flag_metadata(table: pl.DataFrame) -> dict:
     return {
         "flagged_rows": flagged.height,
         "rejected_by_flags": int((table["rejecting_flags"].list.len() > 0).sum()),
+        # a backend that reports no finish reason leaves `cut_off` blind for these
+        "replies_without_finish_reason": table.filter(
+            (pl.col("status") == "ok") & pl.col("finish_reason").is_null()
+        ).height,
         "flags": json_value(counts),
         "flagged_examples": MetadataValue.md(markdown_table(examples, max_chars=100)),
     }

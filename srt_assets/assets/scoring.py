@@ -56,9 +56,9 @@ DIAGNOSTIC_CHECKS = {
 
 
 class StudentDiagnosticsConfig(Config):
-    rows: int = Field(64, description="raw rows sampled for the probes")
+    rows: int = Field(64, ge=2, description="raw rows sampled for the probes")
     seed: int = Field(0, description="seed of the sample, the swaps and the bootstrap")
-    min_auc: float = Field(0.6, description="the check warns when a required AUC is below this")
+    min_auc: float = Field(0.6, ge=0.5, le=1.0, description="the check warns when a required AUC is below this")
 
 
 class StudentScoresConfig(Config):
@@ -199,11 +199,11 @@ def build_scoring_assets(layout: Partitioning):
         instruction, a shuffled response), as a paired AUC with a bootstrap interval (0.5 is chance)."""
         pairs = [Pair(*row) for row in raw_samples.select("instruction", "input", "output").rows()]
         chosen, probes = build_probes(pairs, config.rows, config.seed)
-        texts = [p.true for p in probes] + [p.fake for p in probes]
-        items = [ScoringItem(t.instruction, t.input, t.output) for t in texts]
+        texts = list(dict.fromkeys([p.true for p in probes] + [p.fake for p in probes]))  # each pair once
         with student.session(gpu, storage) as session:
-            results, _ = session.score(items)
-        scores = [{"ifd": r.ifd, "rifd": r.rifd} for r in results]
+            results, _ = session.score([ScoringItem(t.instruction, t.input, t.output) for t in texts])
+        by_pair = {text: {"ifd": r.ifd, "rifd": r.rifd} for text, r in zip(texts, results, strict=True)}
+        true_scores, fake_scores = [by_pair[p.true] for p in probes], [by_pair[p.fake] for p in probes]
         table = pl.DataFrame(
             [
                 {
@@ -215,7 +215,7 @@ def build_scoring_assets(layout: Partitioning):
                     "pairs": a.pairs,
                     "probe_meaning": PROBES[a.probe],
                 }
-                for a in aucs(probes, scores[: len(probes)], scores[len(probes) :], config.seed)
+                for a in aucs(probes, true_scores, fake_scores, config.seed)
             ],
             schema=DIAGNOSTIC_SCHEMA,
         )
@@ -252,11 +252,14 @@ def diagnostics_check(table: pl.DataFrame, min_auc: float) -> CheckOutcome:
     for key in REQUIRED:
         row = by_key[key]
         auc = AUC(row["probe"], row["statistic"], row["auc"], row["ci_low"], row["ci_high"], row["pairs"])
-        if auc.near_chance(min_auc):
-            weak.append(f"{key[1]} on {key[0]}: {'n/a' if auc.auc is None else f'{auc.auc:.2f}'}")
+        if not auc.pairs:
+            weak.append(f"{key[1]} on {key[0]}: no pairs (too few rows)")
+        elif not auc.clearly_above_chance(min_auc):
+            weak.append(f"{key[1]} on {key[0]}: AUC {auc.auc:.2f}, interval from {auc.low:.2f}")
+    verdict = "clearly above chance" if not weak else "not clearly above chance: " + "; ".join(weak)
     return CheckOutcome(
         "student_tells_matched_pairs",
         not weak,
-        "the student prefers true pairs clearly above chance" if not weak else "near chance: " + "; ".join(weak),
-        {"min_auc": min_auc, "near_chance": weak},
+        f"the student prefers true pairs to swapped ones {verdict}",
+        {"min_auc": min_auc, "not_clearly_above_chance": weak},
     )

@@ -52,7 +52,7 @@ def _sentences(text: str) -> list[str]:
 def corrupt(text: str, rng: random.Random) -> str:
     """The same words made worse: sentences shuffled into another order, or the second half cut."""
     sentences = _sentences(text)
-    if len(sentences) >= 2:
+    if len(set(sentences)) >= 2:  # at least two different sentences, so some order differs
         shuffled = sentences[:]
         while shuffled == sentences:
             rng.shuffle(shuffled)
@@ -62,18 +62,23 @@ def corrupt(text: str, rng: random.Random) -> str:
 
 
 def build_probes(rows: Sequence[Pair], count: int, seed: int) -> tuple[list[int], list[Probe]]:
-    """The sampled row indices and the probes built on them (another row's text comes from the next
-    row in a seeded shuffle, so no row is paired with itself)."""
+    """The sampled row indices and the probes built on them. Another row's text comes from a seeded
+    cyclic shift of the sample, so no row is paired with itself; a donor text that equals the true
+    one (duplicated outputs are common) makes no probe, since it is no worse."""
     rng = random.Random(seed)
     chosen = sorted(rng.sample(range(len(rows)), min(count, len(rows))))
     if len(chosen) < 2:
         return chosen, []
-    partner = chosen[1:] + chosen[:1]
+    order = chosen[:]
+    rng.shuffle(order)
+    partner = dict(zip(order, order[1:] + order[:1], strict=True))
     probes = []
-    for position, (index, other) in enumerate(zip(chosen, partner, strict=True)):
-        true, donor = rows[index], rows[other]
-        probes.append(Probe("response_swap", position, true, Pair(true.instruction, true.input, donor.output)))
-        probes.append(Probe("instruction_swap", position, true, Pair(donor.instruction, donor.input, true.output)))
+    for position, index in enumerate(chosen):
+        true, donor = rows[index], rows[partner[index]]
+        if donor.output != true.output:
+            probes.append(Probe("response_swap", position, true, Pair(true.instruction, true.input, donor.output)))
+        if (donor.instruction, donor.input) != (true.instruction, true.input):
+            probes.append(Probe("instruction_swap", position, true, Pair(donor.instruction, donor.input, true.output)))
         broken = corrupt(true.output, rng)
         if broken != true.output:
             probes.append(Probe("corrupted_response", position, true, Pair(true.instruction, true.input, broken)))
@@ -96,8 +101,8 @@ class AUC:
     high: float | None
     pairs: int
 
-    def near_chance(self, min_auc: float) -> bool:
-        return self.auc is None or self.auc < min_auc or (self.low is not None and self.low <= 0.5)
+    def clearly_above_chance(self, min_auc: float) -> bool:
+        return self.auc is not None and self.auc >= min_auc and self.low is not None and self.low > 0.5
 
 
 def paired_auc(probe: str, statistic: str, wins: Sequence[float], seed: int, resamples: int = 1000) -> AUC:
@@ -106,7 +111,7 @@ def paired_auc(probe: str, statistic: str, wins: Sequence[float], seed: int, res
         return AUC(probe, statistic, None, None, None, 0)
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(wins, k=len(wins))) / len(wins) for _ in range(resamples))
-    low, high = means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    low, high = means[math.floor(0.025 * (resamples - 1))], means[math.ceil(0.975 * (resamples - 1))]
     return AUC(probe, statistic, sum(wins) / len(wins), low, high, len(wins))
 
 

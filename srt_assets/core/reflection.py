@@ -13,7 +13,17 @@ from pathlib import Path
 
 import yaml
 
-PLACEHOLDERS = ("your instruction", "your answer", "n/a")
+# The authors' placeholders, and the ones our own prompts show the format with: a reply that only
+# copies one is no rewrite.
+PLACEHOLDERS = (
+    "your instruction",
+    "your answer",
+    "n/a",
+    "the new instruction",
+    "the answer",
+    "the better answer",
+    "the answer to the new instruction",
+)
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class Parsed:
     instruction: str | None = None
     answer: str | None = None
     error: str | None = None
+    closed: bool = False  # the answer ended at a closing marker (or a whole JSON object): not cut off
 
     @property
     def ok(self) -> bool:
@@ -111,14 +122,20 @@ class Parsed:
 def _between(text: str, starts: tuple[str, ...], ends: tuple[str, ...]) -> str | None:
     """The text after the first start marker found (in order of preference) up to the earliest end
     marker after it, or to the end of the text; None when no start marker occurs."""
+    segment, _ = _segment(text, starts, ends)
+    return segment
+
+
+def _segment(text: str, starts: tuple[str, ...], ends: tuple[str, ...]) -> tuple[str | None, bool]:
+    """``_between``, and whether an end marker closed the segment."""
     for marker in starts:
         begin = text.find(marker)
         if begin < 0:
             continue
         begin += len(marker)
         stops = [i for i in (text.find(end, begin) for end in ends) if i >= 0]
-        return text[begin : min(stops) if stops else len(text)].strip()
-    return None
+        return text[begin : min(stops) if stops else len(text)].strip(), bool(stops)
+    return None, False
 
 
 def _usable(segment: str | None) -> bool:
@@ -133,22 +150,22 @@ def parse_instruction_reflection(text: str) -> Parsed:
     ``[New Answer]``, ``New Answer:``; y1 after ``[New Answer]`` (fallback ``New Answer:``) up to
     ``[End]`` or the end of the text."""
     instruction = _between(text, ("[New Instruction]", "New Instruction:"), ("[End]", "[New Answer]", "New Answer:"))
-    answer = _between(text, ("[New Answer]", "New Answer:"), ("[End]",))
+    answer, closed = _segment(text, ("[New Answer]", "New Answer:"), ("[End]",))
     if not _usable(instruction):
         return Parsed(error="no new instruction" if instruction is None else "empty or placeholder instruction")
     if not _usable(answer):
         return Parsed(
             instruction=instruction, error="no new answer" if answer is None else "empty or placeholder answer"
         )
-    return Parsed(instruction=instruction, answer=answer)
+    return Parsed(instruction=instruction, answer=answer, closed=closed)
 
 
 def parse_response_reflection(text: str) -> Parsed:
     """y' after ``[Better Answer]`` (fallback ``Better Answer:``) up to ``[End]`` or the end."""
-    answer = _between(text, ("[Better Answer]", "Better Answer:"), ("[End]",))
+    answer, closed = _segment(text, ("[Better Answer]", "Better Answer:"), ("[End]",))
     if not _usable(answer):
         return Parsed(error="no better answer" if answer is None else "empty or placeholder answer")
-    return Parsed(answer=answer)
+    return Parsed(answer=answer, closed=closed)
 
 
 # Strict-mode compatible (every property required, no others allowed), so hosted APIs accept them as
@@ -193,8 +210,8 @@ def parse_structured(text: str, kind: str) -> Parsed:
             return Parsed(error="empty or placeholder instruction")
         if not (isinstance(answer, str) and _usable(answer)):
             return Parsed(instruction=instruction, error="empty or placeholder answer")
-        return Parsed(instruction=instruction.strip(), answer=answer.strip())
+        return Parsed(instruction=instruction.strip(), answer=answer.strip(), closed=True)
     answer = data.get("better_answer")
     if not (isinstance(answer, str) and _usable(answer)):
         return Parsed(error="empty or placeholder answer")
-    return Parsed(answer=answer.strip())
+    return Parsed(answer=answer.strip(), closed=True)

@@ -99,7 +99,7 @@ def decide(
     """The decision for one raw sample from its per-variant IFD and r-IFD (missing variants: None).
     A variant in ``flagged`` (variant → its rejecting quality flags) is not eligible: the rule runs as
     the authors wrote it on the candidates that are."""
-    flagged = flagged or {}
+    flagged = {variant: flags for variant, flags in (flagged or {}).items() if flags}
 
     def not_eligible(variant: str) -> str:
         return f"{variant} flagged ({', '.join(flagged[variant])}), not eligible"
@@ -118,6 +118,7 @@ def decide(
         why += f"; {not_eligible(reflected)}"
         if not rule.keep_unreflected:
             return Decision(branch, None, why + "; reflected answer rejected (keep_unreflected is off)")
+        why += f"; keep_unreflected: {branch} stands"
     elif _less(rifd.get(reflected), rifd.get(source)):
         branch = reflected
         why += f"; rIFD({reflected})={_fmt(rifd.get(reflected))} < rIFD({source})={_fmt(rifd.get(source))}"
@@ -155,9 +156,10 @@ def select(
 
     ``scores`` holds (sample_id, variant, ifd, rifd) rows; a sample without scores gets branch ``ori``
     and no choice, with the reason saying so. ``flagged`` maps sample id → variant → the rejecting
-    quality flags of that candidate; it is ignored when ``rule.respect_quality_flags`` is off.
+    quality flags of that candidate: recorded in ``flags`` always, binding when
+    ``rule.respect_quality_flags`` is on.
     """
-    flagged = (flagged or {}) if rule.respect_quality_flags else {}
+    flagged = flagged or {}
     wide = wide_scores(scores)
     lookup = {row["sample_id"]: row for row in wide.iter_rows(named=True)}
     records = []
@@ -165,8 +167,8 @@ def select(
         row = lookup.get(sample_id, {})
         ifd = {v: row.get(f"ifd_{v}") for v in VARIANTS}
         rifd = {v: row.get(f"rifd_{v}") for v in VARIANTS}
-        sample_flags = flagged.get(sample_id, {})
-        decision = decide(ifd, rifd, rule, sample_flags)
+        sample_flags = flagged.get(sample_id, {})  # recorded either way; they bind when the rule respects them
+        decision = decide(ifd, rifd, rule, sample_flags if rule.respect_quality_flags else None)
         reason = decision.reason if row else "no student scores for this sample; " + decision.reason
         chosen = decision.chosen_variant
         records.append(

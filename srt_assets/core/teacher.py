@@ -160,6 +160,7 @@ class ReflectionOutcome:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None  # of the reply the row's texts come from
+    closed: bool = False  # the parsed answer ended at its closing marker, whatever came after it
 
 
 def _with_format_note(messages: Messages) -> Messages:
@@ -229,6 +230,7 @@ def reflect(
                 prompt_tokens=usage[i][0],
                 completion_tokens=usage[i][1],
                 finish_reason=generation.finish_reason,
+                closed=parsed.closed,
             )
             outcomes[i] = outcome
             if status == "parse_failed":

@@ -53,6 +53,11 @@ class TransformersTeacher:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).to(self.device).eval()
+        # generate() stops at any of the generation config's end ids (a chat model may end its turn on
+        # another token than the tokenizer's EOS); a reply without one of them ran out of tokens
+        ends = self.model.generation_config.eos_token_id
+        ends = ends if isinstance(ends, list) else [ends] if ends is not None else []
+        self.end_ids = sorted({*ends, self.tokenizer.eos_token_id} - {None})
 
     def _prompt(self, messages: Messages) -> str:
         if continues_reply(messages):  # a prefilled reply: continue it rather than open a new turn
@@ -71,6 +76,7 @@ class TransformersTeacher:
         import torch
 
         lengths = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+        end_ids = torch.tensor(self.end_ids, device=self.device)
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         results: list[Generation | None] = [None] * len(prompts)
         sampling = params.temperature > 0
@@ -93,7 +99,7 @@ class TransformersTeacher:
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             for row, i in enumerate(batch):
                 tokens = new_tokens[row]
-                finished = (tokens == self.tokenizer.eos_token_id).nonzero()
+                finished = torch.isin(tokens, end_ids).nonzero()
                 used = int(finished[0]) + 1 if len(finished) else len(tokens)
                 results[i] = Generation(
                     text=self.tokenizer.decode(tokens[:used], skip_special_tokens=True).strip(),
