@@ -56,6 +56,13 @@ class Partitioning:
             {SOURCE_DIMENSION: self.sources, SHARD_DIMENSION: StaticPartitionsDefinition(shard_names(self.shards))}
         )
 
+    def source_name(self, partition_key: str) -> str:
+        """The source of a row-stage partition key ('alpaca' or 'alpaca|3')."""
+        if self.shards == 1:
+            return str(partition_key)
+        key = self.rows.get_partition_key_from_str(str(partition_key))
+        return str(key.keys_by_dimension[SOURCE_DIMENSION])
+
     def shard_index(self, partition_key: str) -> int:
         """The shard number in a row-stage partition key such as 'alpaca|3'."""
         key = self.rows.get_partition_key_from_str(str(partition_key))

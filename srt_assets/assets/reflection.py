@@ -15,12 +15,19 @@ from srt_assets.assets.common import (
     to_check_results,
 )
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
+from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
 from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
 from srt_assets.plots import markdown_table
-from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
+from srt_assets.resources import (
+    GPUResource,
+    SourceCatalogResource,
+    StorageResource,
+    StudentModelResource,
+    TeacherResource,
+)
 
 CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     **VARIANT_SCHEMA,
@@ -36,10 +43,12 @@ CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     "rejecting_flags": pl.List(pl.String()),
 }
 CANDIDATE_COLUMNS = {
-    "status": "ok | parse_failed | call_failed (the texts fall back to the original where not ok)",
+    "status": "ok | parse_failed | call_failed | missing (not in the source's reflection files); the texts fall "
+    "back to the original where not ok",
     "error": "why the row is not ok",
     "raw_text": "the teacher's reply as the parser saw it",
-    "cache_key": "the call's key in the model-call cache (and in selected_dataset's provenance)",
+    "cache_key": "the call's key in the model-call cache, or file#row=N for candidates read from files (and in "
+    "selected_dataset's provenance)",
     "attempts": "requests sent for this row: parse retries, HTTP retries and failover included",
     "finish_reason": "how the teacher's reply ended: stop, or length (out of tokens)",
     "quality_flags": "what is wrong with the rewrite (core/candidate_quality.py), for ok rows",
@@ -162,17 +171,34 @@ def flag_metadata(table: pl.DataFrame) -> dict:
     }
 
 
-def candidate_metadata(
+def teacher_metadata(
     context: AssetExecutionContext,
     asset: str,
-    table: pl.DataFrame,
+    teacher: TeacherResource,
     stats: CallStats,
     model_loaded: bool,
     seconds: float,
-    teacher: TeacherResource,
-    before: pl.DataFrame,
 ) -> dict:
-    """What a person reads on the materialization: outcomes, calls, tokens, cost, examples."""
+    """Who wrote the candidates, what it cost and how fast it went."""
+    figures = {"teacher_seconds": round(seconds, 1), "calls_per_second": round(stats.calls / max(seconds, 1e-9), 2)}
+    return {
+        "teacher": json_value(teacher.describe()),
+        "prompts_file": teacher.prompts_path() or "(built-in full prompts)",
+        "calls_made": stats.calls,
+        "requests_sent": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "model_loaded": model_loaded,
+        "failures_by_kind": json_value(stats.failures),
+        "tokens_in": stats.prompt_tokens,
+        "tokens_out": stats.completion_tokens,
+        "estimated_cost": round(teacher.estimated_cost(stats.prompt_tokens, stats.completion_tokens), 4),
+        **production_figures(context, asset, stats.calls > 0, figures),
+    }
+
+
+def candidate_metadata(table: pl.DataFrame, origin: dict, before: pl.DataFrame) -> dict:
+    """What a person reads on the materialization: outcomes, where the candidates came from, flags,
+    examples."""
     statuses = dict(table.group_by("status").len().sort("status").iter_rows()) if table.height else {}
     examples = (
         before.select("sample_id", pl.col("instruction").alias("before_instruction"), pl.col("output").alias("before"))
@@ -180,22 +206,11 @@ def candidate_metadata(
         .select("sample_id", "variant", "before_instruction", "instruction", "before", "output")
         .head(3)
     )
-    figures = {"teacher_seconds": round(seconds, 1), "calls_per_second": round(stats.calls / max(seconds, 1e-9), 2)}
     return {
-        "teacher": json_value(teacher.describe()),
-        "prompts_file": teacher.prompts_path() or "(built-in full prompts)",
         "ok_rows": statuses.get("ok", 0),
         "outcomes": json_value(statuses),
-        "calls_made": stats.calls,
-        "requests_sent": stats.requests,
-        "cache_hits": stats.cache_hits,
-        "model_loaded": model_loaded,
-        "failures_by_kind": json_value(stats.failures),
+        **origin,
         **flag_metadata(table),
-        "tokens_in": stats.prompt_tokens,
-        "tokens_out": stats.completion_tokens,
-        "estimated_cost": round(teacher.estimated_cost(stats.prompt_tokens, stats.completion_tokens), 4),
-        **production_figures(context, asset, stats.calls > 0, figures),
         "examples": MetadataValue.md(markdown_table(examples, max_chars=120)),
     }
 
@@ -229,6 +244,12 @@ def build_reflection_assets(layout: Partitioning):
             **GPU_STEP,
         )
 
+    def report(context, config, table: pl.DataFrame, rows: pl.DataFrame, produced: list[str], asset_name, origin):
+        metadata = candidate_metadata(table, origin, rows) | layout.shard_metadata(context.partition_key)
+        yield Output(table, metadata=metadata)
+        expected = rows.select("sample_id").with_columns(pl.Series("variant", produced, dtype=pl.String))
+        yield from to_check_results(asset_name, candidate_checks(table, expected, config.max_failure_ratio))
+
     def reflect_and_report(context, config, rows, kind, produced, teacher, gpu, storage, asset_name, extra=None):
         import time
 
@@ -237,15 +258,30 @@ def build_reflection_assets(layout: Partitioning):
             context, rows, kind, produced, teacher, gpu, storage, config.chunk_size, config.flag_severity
         )
         seconds = time.perf_counter() - started
-        metadata = candidate_metadata(context, asset_name, table, stats, loaded, seconds, teacher, rows)
-        yield Output(table, metadata=metadata | layout.shard_metadata(context.partition_key) | (extra or {}))
-        expected = rows.select("sample_id").with_columns(pl.Series("variant", produced, dtype=pl.String))
-        yield from to_check_results(asset_name, candidate_checks(table, expected, config.max_failure_ratio))
+        origin = teacher_metadata(context, asset_name, teacher, stats, loaded, seconds) | (extra or {})
+        yield from report(context, config, table, rows, produced, asset_name, origin)
+
+    def read_and_report(context, config, parts: list[tuple[str, pl.DataFrame, list]], spec, asset_name: str):
+        """Candidates from the source's reflection files: (variant, rows, outcomes) per declared file."""
+        kind = "instruction" if asset_name == "new_instructions" else "response"
+        tables = [
+            candidates_frame(rows, outcomes, kind, [variant] * rows.height, config.flag_severity)
+            for variant, rows, outcomes in parts
+        ]
+        rows = pl.concat([rows for _, rows, _ in parts]) if parts else pl.DataFrame(schema=VARIANT_SCHEMA)
+        produced = [variant for variant, part, _ in parts for _ in range(part.height)]
+        origin = {
+            "candidates_from": json_value({variant: str(spec.reflections[variant].path) for variant, _, _ in parts}),
+            "calls_made": 0,
+            "model_loaded": False,
+        }
+        table = pl.concat(tables) if tables else pl.DataFrame(schema=CANDIDATE_SCHEMA)
+        yield from report(context, config, table, rows, produced, asset_name, origin)
 
     @candidates_asset(
         "new_instructions",
         "Variant Q: the teacher's new instruction x1 and its answer y1 for every raw sample, with the call's "
-        "status, raw reply and cache key.",
+        "status, raw reply and cache key (or, for a source with reflection files, the file and row).",
     )
     def new_instructions(
         context: AssetExecutionContext,
@@ -254,8 +290,16 @@ def build_reflection_assets(layout: Partitioning):
         teacher: TeacherResource,
         gpu: GPUResource,
         storage: StorageResource,
+        sources: SourceCatalogResource,
     ):
-        rows = original_variants(layout.shard_rows(context.partition_key, raw_samples))
+        raw = layout.shard_rows(context.partition_key, raw_samples)
+        rows = original_variants(raw)
+        spec = sources.source(layout.source_name(context.partition_key))
+        if spec.reflections:
+            files = load_reflections(spec)
+            parts = [("Q", rows, file_outcomes(files["Q"], raw, "instruction"))] if "Q" in files else []
+            yield from read_and_report(context, config, parts, spec, "new_instructions")
+            return
         yield from reflect_and_report(
             context, config, rows, "instruction", ["Q"] * rows.height, teacher, gpu, storage, "new_instructions"
         )
@@ -264,7 +308,7 @@ def build_reflection_assets(layout: Partitioning):
         "better_responses",
         "Variants A (a better answer to the original instruction x0) and QA (a better answer to the new "
         "instruction x1). Eager mode reflects both, as the authors do; lazy mode only the branch the student "
-        "kept (IFD(Q) > IFD(ori) → QA, else A).",
+        "kept (IFD(Q) > IFD(ori) → QA, else A). A source with reflection files reads both from them.",
     )
     def better_responses(
         context: AssetExecutionContext,
@@ -275,9 +319,24 @@ def build_reflection_assets(layout: Partitioning):
         gpu: GPUResource,
         student: StudentModelResource,
         storage: StorageResource,
+        sources: SourceCatalogResource,
     ):
-        ori = original_variants(layout.shard_rows(context.partition_key, raw_samples))
+        raw = layout.shard_rows(context.partition_key, raw_samples)
+        ori = original_variants(raw)
         q = new_instructions.select(*VARIANT_SCHEMA)
+        spec = sources.source(layout.source_name(context.partition_key))
+        if spec.reflections:
+            files = load_reflections(spec)
+            parts = [("A", ori, file_outcomes(files["A"], raw, "response"))] if "A" in files else []
+            if "QA" in files:
+                # a QA answer belongs to its new instruction: where the Q row is missing, so is the QA row
+                q_rows = new_instructions.join(
+                    raw.select("sample_id", "row_index"), on="sample_id", maintain_order="left"
+                )
+                usable = (q_rows["status"] == "ok").to_list()
+                parts.append(("QA", q, file_outcomes(files["QA"], q_rows, "response", usable)))
+            yield from read_and_report(context, config, parts, spec, "better_responses")
+            return
         if teacher.mode == "lazy":
             ori, q = lazy_branches(context, ori, q, gpu, student, storage)
         rows = pl.concat([ori, q])

@@ -26,12 +26,14 @@ from srt_assets.assets.common import (
     to_check_results,
 )
 from srt_assets.core.diagnostics import AUC, PROBES, REQUIRED, Pair, aucs, build_probes
+from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import ScoringItem, score_schema, scores_frame
 from srt_assets.core.quality import CheckOutcome, ratio_check
+from srt_assets.core.sources import SourceSpec
 from srt_assets.core.variants import all_variants
 from srt_assets.models.identity import BUNDLED_MODEL
 from srt_assets.plots import text_histogram
-from srt_assets.resources import GPUResource, StorageResource, StudentModelResource
+from srt_assets.resources import GPUResource, SourceCatalogResource, StorageResource, StudentModelResource
 
 SCORE_CHECKS = {
     "scores_finite": "every score that is not null is a finite number",
@@ -111,6 +113,13 @@ def score_metadata(
         "texts_computed": computed,
         "model_loaded": session.model_loaded,
         **production_figures(context, "student_scores", computed > 0, figures),
+        **score_summary(scores),
+    }
+
+
+def score_summary(scores: pl.DataFrame) -> dict:
+    """The scores' distribution, whoever computed them."""
+    return {
         "null_scores": int(scores["ifd"].is_null().sum()),
         "truncated": int(scores["truncated"].sum()),
         "ifd": json_value(quantiles(scores["ifd"])),
@@ -118,6 +127,21 @@ def score_metadata(
         "ifd_histogram": MetadataValue.md(text_histogram(scores["ifd"].to_list(), "IFD")),
         "rifd_histogram": MetadataValue.md(text_histogram(scores["rifd"].to_list(), "r-IFD")),
     }
+
+
+def scores_from_files(spec: SourceSpec, variants: pl.DataFrame, raw: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    """A student's statistics made elsewhere, for the same variant rows (no model is loaded)."""
+    assert spec.statistics is not None
+    wanted = variants.join(raw.select("sample_id", "row_index"), on="sample_id", how="left", maintain_order="left")
+    scores = load_statistics(spec, wanted, score_schema())
+    metadata = {
+        "statistics_from": json_value({variant: str(f.path) for variant, f in spec.statistics.files.items()}),
+        "statistics_label": spec.statistics.label or "(unlabelled)",
+        "texts_computed": 0,
+        "model_loaded": False,
+        **score_summary(scores),
+    }
+    return scores, metadata
 
 
 def build_scoring_assets(layout: Partitioning):
@@ -157,20 +181,25 @@ def build_scoring_assets(layout: Partitioning):
         gpu: GPUResource,
         student: StudentModelResource,
         storage: StorageResource,
+        sources: SourceCatalogResource,
     ):
-        """IFD and r-IFD (docs/method.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant)."""
-        variants = all_variants(
-            layout.shard_rows(context.partition_key, raw_samples), new_instructions, better_responses
-        )
-        context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
-        items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
-        progress = lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed")  # noqa: E731
-        started = time.perf_counter()
-        with student.session(gpu, storage, progress=progress, chunk_size=config.chunk_size) as session:
-            results, work = session.score(items)
-        seconds = time.perf_counter() - started
-        scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
-        metadata = score_metadata(context, scores, work, session, student, gpu, seconds)
+        """IFD and r-IFD (docs/method.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant);
+        read from the source's statistics files instead where it declares them with `use: instead`."""
+        raw = layout.shard_rows(context.partition_key, raw_samples)
+        variants = all_variants(raw, new_instructions, better_responses)
+        spec = sources.source(layout.source_name(context.partition_key))
+        if spec.statistics is not None and spec.statistics.use == "instead":
+            scores, metadata = scores_from_files(spec, variants, raw)
+        else:
+            context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
+            items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
+            progress = lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed")  # noqa: E731
+            started = time.perf_counter()
+            with student.session(gpu, storage, progress=progress, chunk_size=config.chunk_size) as session:
+                results, work = session.score(items)
+            seconds = time.perf_counter() - started
+            scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
+            metadata = score_metadata(context, scores, work, session, student, gpu, seconds)
         yield Output(scores, metadata=metadata | layout.shard_metadata(context.partition_key))
         yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
 

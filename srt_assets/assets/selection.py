@@ -1,7 +1,7 @@
 """Stage 6: the student's selection, the datasets it produces, and the baselines they are compared with."""
 
 import polars as pl
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, AssetKey, AssetRecordsFilter, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from srt_assets.assets.common import (
@@ -12,6 +12,7 @@ from srt_assets.assets.common import (
     quantiles,
     to_check_results,
 )
+from srt_assets.core.agreement import AGREEMENT_SCHEMA, decision_agreement, rank_agreement
 from srt_assets.core.datasets import (
     TRAINING_SCHEMA,
     chosen_training_rows,
@@ -19,6 +20,8 @@ from srt_assets.core.datasets import (
     original_training_rows,
     random_baseline,
 )
+from srt_assets.core.from_files import load_statistics
+from srt_assets.core.ifd import score_schema
 from srt_assets.core.provenance import PROVENANCE_SCHEMA, provenance_columns
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.selection import BRANCHES, DECISION_SCHEMA, SelectionRule, branch_counts, select
@@ -145,6 +148,24 @@ def selected_checks(
     ]
 
 
+def rule_of_latest_decisions(context: AssetExecutionContext) -> tuple[SelectionRule, str]:
+    """The rule the partition's latest ``sample_decisions`` ran with (its metadata records it), so a
+    comparison decides by the same rule without the user saying it twice."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("sample_decisions"), asset_partitions=[context.partition_key]), limit=1
+    ).records
+    for record in records:
+        rule = record.asset_materialization.metadata.get("rule") if record.asset_materialization else None
+        if rule is not None:
+            return SelectionRule(**rule.value), "the rule of the latest sample_decisions"
+    return SelectionRule(), "the default rule (no sample_decisions materialization on record)"
+
+
+def agreement_markdown(table: pl.DataFrame) -> str:
+    rounded = table.with_columns(pl.col("spearman", "kendall").round(3))
+    return markdown_table(rounded)
+
+
 def build_selection_assets(layout: Partitioning):
     common = {"partitions_def": layout.sources, "group_name": "selection", "kinds": {"polars"}}
     training_table = {"dagster/column_schema": column_schema(TRAINING_SCHEMA)}
@@ -177,6 +198,46 @@ def build_selection_assets(layout: Partitioning):
             {"rows": decisions.height, "raw_rows": raw_samples.height},
         )
         yield from to_check_results("sample_decisions", [outcome])
+
+    @asset(**common, metadata={"dagster/column_schema": column_schema(AGREEMENT_SCHEMA)})
+    def score_agreement(
+        context: AssetExecutionContext,
+        raw_samples: pl.DataFrame,
+        new_instructions: pl.DataFrame,
+        better_responses: pl.DataFrame,
+        student_scores: pl.DataFrame,
+        sample_decisions: pl.DataFrame,
+        sources: SourceCatalogResource,
+    ):
+        """Our student against statistics made elsewhere (the source's `statistics` files, e.g. the
+        authors' Llama-2-7B): Spearman and Kendall per statistic and variant, and the decisions each
+        leads to under the same rule. Empty for a source that declares no statistics."""
+        spec = sources.source(context.partition_key)
+        if spec.statistics is None:
+            note = f"source '{spec.name}' declares no statistics files (sources.yaml: statistics), nothing to compare"
+            return Output(pl.DataFrame(schema=AGREEMENT_SCHEMA), metadata={"note": note})
+        variants = all_variants(raw_samples, new_instructions, better_responses)
+        wanted = variants.join(raw_samples.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
+        theirs = load_statistics(spec, wanted, score_schema())
+        table = rank_agreement(student_scores, theirs)
+        rule, rule_from = rule_of_latest_decisions(context)
+        flagged = rejecting_flags(new_instructions, better_responses)
+        their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged)
+        summary = decision_agreement(sample_decisions, their_decisions)
+        label = spec.statistics.label or "their statistics"
+        context.log.info(f"selection: ours {summary['selected_ours']}, {label} {summary['selected_theirs']}")
+        return Output(
+            table,
+            metadata={
+                "theirs": label,
+                "statistics_use": spec.statistics.use,
+                "rule": json_value({name: getattr(rule, name) for name in SelectionRule.model_fields}),
+                "rule_from": rule_from,
+                **{name: value for name, value in summary.items() if value is not None},
+                "their_branch_counts": json_value(branch_counts(their_decisions)),
+                "correlations": MetadataValue.md(agreement_markdown(table)),
+            },
+        )
 
     @asset(
         **common,
@@ -236,4 +297,4 @@ def build_selection_assets(layout: Partitioning):
         exports = export_metadata(rows, storage, "baseline_random", context.partition_key)
         return Output(rows, metadata={"seed": str(config.seed), **exports})
 
-    return [sample_decisions, selected_dataset, baseline_full, baseline_random]
+    return [sample_decisions, score_agreement, selected_dataset, baseline_full, baseline_random]

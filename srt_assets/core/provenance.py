@@ -153,7 +153,8 @@ def format_story(story: dict) -> str:
     for name in ("new_instructions", "better_responses"):
         section(f"teacher: {name}")
         for row in story.get(name) or []:
-            lines.append(f"-- variant {row['variant']}: status {row['status']}, call {row['cache_key']}")
+            origin = "from" if "#row=" in (row["cache_key"] or "") else "call"  # a reflection file's row, or a call
+            lines.append(f"-- variant {row['variant']}: status {row['status']}, {origin} {row['cache_key']}")
             if row.get("error"):
                 text("error", row["error"])
             text("instruction", row.get("instruction"))

@@ -45,6 +45,34 @@ class FieldMapping:
 
 
 @dataclass(frozen=True)
+class VariantFile:
+    """A file that holds one variant's rows, row-aligned with the source file (row i of one is row i
+    of the other): the teacher's candidates, or a student's statistics, made elsewhere."""
+
+    variant: str
+    path: Path
+    format: str
+    fields: dict[str, str]  # role (instruction, input, output; or data) -> record key
+
+    def where(self, row: int) -> str:
+        """How a row is named in provenance and errors: the file and its row number (0-based)."""
+        return f"{self.path}#row={row}"
+
+
+STATISTICS_USES = ("instead", "compare")
+
+
+@dataclass(frozen=True)
+class StatisticsFiles:
+    """A student's precomputed statistics per variant (the authors' layout: a ``data`` record with
+    ``loss`` and ``ppl`` lists in the order Q_direct, A_direct, Q_condition, A_condition)."""
+
+    use: str  # instead: student_scores reads them, no model; compare: score_agreement sets ours against them
+    files: dict[str, VariantFile]
+    label: str = ""  # who made them, e.g. "Llama-2-7B (authors)"
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     name: str
     path: Path
@@ -56,6 +84,8 @@ class SourceSpec:
     license: str = ""
     path_env: str | None = None
     missing_hint: str = ""
+    reflections: dict[str, VariantFile] = field(default_factory=dict)  # variant -> file, instead of the teacher
+    statistics: StatisticsFiles | None = None
 
     def missing_message(self) -> str:
         """What to do when the data file is not there: the path, the hint, the variable to set."""
@@ -98,8 +128,78 @@ _SOURCE_KEYS = {
     "license",
     "path_env",
     "missing_hint",
+    "reflections",
+    "statistics",
 }
 _FIELD_KEYS = {"instruction", "input", "output", "conversations"}
+REFLECTED_VARIANTS = ("Q", "A", "QA")
+SCORED_VARIANTS = ("ori", "Q", "A", "QA")
+_REFLECTION_ROLES = {"instruction": "instruction", "input": "input", "output": "output"}
+_STATISTICS_ROLES = {"data": "data"}
+
+
+def _path(text: str, base_dir: Path) -> Path:
+    path = Path(os.path.expanduser(text))
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _variant_file(variant: str, raw: Any, roles: dict[str, str], base_dir: Path, fail) -> VariantFile:
+    """One entry of ``reflections`` or ``statistics``: a path, or {path, format, fields}."""
+    what = f"'{variant}'"
+    if isinstance(raw, str) and raw:
+        raw = {"path": raw}
+    if not isinstance(raw, dict) or not isinstance(raw.get("path"), str) or not raw["path"]:
+        raise fail(f"{what} must be a file path or a mapping with 'path' (and optional 'format', 'fields')")
+    unknown = set(raw) - {"path", "format", "fields"}
+    if unknown:
+        raise fail(f"{what}: unknown key(s) {sorted(unknown)}; allowed: format, fields, path")
+    path = _path(raw["path"], base_dir)
+    fmt = raw.get("format") or infer_format(path)
+    if fmt not in FORMATS:
+        raise fail(f"{what}: format '{fmt}' is not one of {', '.join(FORMATS)}")
+    fields = raw.get("fields") or {}
+    if not isinstance(fields, dict) or set(fields) - set(roles):
+        raise fail(f"{what}: 'fields' must map some of {sorted(roles)} to record keys")
+    for key, value in fields.items():
+        if not (isinstance(value, str) and value):
+            raise fail(f"{what}: 'fields.{key}' must name one record key (a string), got {value!r}")
+    return VariantFile(variant, path, fmt, {**roles, **fields})
+
+
+def _variant_files(block: dict[str, Any], allowed: tuple[str, ...], roles: dict[str, str], base_dir: Path, fail):
+    unknown = set(block) - set(allowed)
+    if unknown:
+        raise fail(f"unknown variant(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
+    return {
+        variant: _variant_file(variant, block[variant], roles, base_dir, fail)
+        for variant in allowed
+        if variant in block
+    }
+
+
+def _reflections(raw: Any, base_dir: Path, fail) -> dict[str, VariantFile]:
+    if not isinstance(raw, dict) or not raw:
+        raise fail("'reflections' must map variants (Q, A, QA) to files")
+    files = _variant_files(raw, REFLECTED_VARIANTS, _REFLECTION_ROLES, base_dir, lambda m: fail(f"reflections: {m}"))
+    if "QA" in files and "Q" not in files:
+        raise fail("reflections: 'QA' answers the new instruction of 'Q': give the Q file too")
+    return files
+
+
+def _statistics(raw: Any, base_dir: Path, fail) -> StatisticsFiles:
+    if not isinstance(raw, dict):
+        raise fail("'statistics' must be a mapping: use, label and the files of ori, Q, A, QA")
+    use = raw.get("use", "compare")
+    if use not in STATISTICS_USES:
+        raise fail(f"statistics: 'use' must be one of {', '.join(STATISTICS_USES)}, got {use!r}")
+    label = raw.get("label", "")
+    if not isinstance(label, str):
+        raise fail(f"statistics: 'label' must be a string, got {label!r}")
+    block = {k: v for k, v in raw.items() if k not in ("use", "label")}
+    files = _variant_files(block, SCORED_VARIANTS, _STATISTICS_ROLES, base_dir, lambda m: fail(f"statistics: {m}"))
+    if "ori" not in files:
+        raise fail("statistics: the 'ori' file is required (every decision compares against the original)")
+    return StatisticsFiles(use=use, files=files, label=label)
 
 
 def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict[str, Any], where: str):
@@ -115,9 +215,7 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
         raise fail("'path' is required")
     path_env = raw.get("path_env")
     path_text = os.environ.get(path_env) if path_env and os.environ.get(path_env) else str(raw["path"])
-    path = Path(os.path.expanduser(path_text))
-    if not path.is_absolute():
-        path = (base_dir / path).resolve()
+    path = _path(path_text, base_dir)
     fmt = raw.get("format") or infer_format(path)
     if fmt not in FORMATS:
         raise fail(f"format '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -148,6 +246,8 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
         license=str(raw.get("license", "")),
         path_env=path_env,
         missing_hint=str(raw.get("missing_hint", "")),
+        reflections=_reflections(raw["reflections"], base_dir, fail) if "reflections" in raw else {},
+        statistics=_statistics(raw["statistics"], base_dir, fail) if "statistics" in raw else None,
     )
 
 
