@@ -82,6 +82,10 @@ mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParam
 BACKFILL_STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
   ... on PartitionBackfill { status } } }"""
 BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+MATERIALIZATION_METADATA = """
+query($keys: [AssetKeyInput!]) { assetNodes(assetKeys: $keys) { assetMaterializations(limit: 1) {
+  metadataEntries { label ... on IntMetadataEntry { intValue } ... on FloatMetadataEntry { floatValue }
+    ... on BoolMetadataEntry { boolValue } } } } }"""
 CHECK_RESULTS = """
 query($keys: [AssetKeyInput!]) { assetNodes(assetKeys: $keys) { assetKey { path }
   assetChecksOrError { ... on AssetChecks { checks { name
@@ -118,12 +122,17 @@ def poll(port: int, query: str, variables: dict, status_of, done: set[str], time
 
 def run_raw_partition(port: int, partition: str) -> str | None:
     """Launch raw_samples and raw_rejects of one source partition, as the UI's Materialize does."""
+    return run_partition(port, partition, ["raw_samples", "raw_rejects"])
+
+
+def run_partition(port: int, partition: str, assets: list[str], timeout_s: float = 600) -> str | None:
+    """Launch ``assets`` of one source partition, as the UI's Materialize does; wait for the end."""
     params = {
         "selector": {
             "repositoryLocationName": "srt_assets",
             "repositoryName": "__repository__",
             "jobName": "__ASSET_JOB",
-            "assetSelection": [{"path": ["raw_samples"]}, {"path": ["raw_rejects"]}],
+            "assetSelection": [{"path": [name]} for name in assets],
         },
         "runConfigData": {},
         "mode": "default",
@@ -132,4 +141,4 @@ def run_raw_partition(port: int, partition: str) -> str | None:
     launched = graphql(port, LAUNCH, {"params": params})["data"]["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     variables = {"id": launched["run"]["runId"]}
-    return poll(port, RUN_STATUS, variables, lambda d: d["runOrError"]["status"], RUN_DONE, 240)
+    return poll(port, RUN_STATUS, variables, lambda d: d["runOrError"]["status"], RUN_DONE, timeout_s)

@@ -1,5 +1,6 @@
 """Stage 7: the student fine-tuned on each training dataset of a source (selected, random, full)."""
 
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -16,7 +17,8 @@ from dagster import (
 from srt_assets.assets.common import GPU_STEP, json_value, production_figures
 from srt_assets.core.cache import content_key
 from srt_assets.core.ifd import ScoringConfig
-from srt_assets.core.training import MANIFEST, run_identity, sft_examples
+from srt_assets.core.training import MANIFEST, read_manifest, run_identity, sft_examples
+from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
 from srt_assets.plots import text_curve
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TrainingResource
@@ -56,7 +58,8 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         ins={"rows": AssetIn(DATASETS[dataset])},
         description=f"The student fine-tuned on `{DATASETS[dataset]}` (loss on response tokens only): a "
         "directory `from_pretrained` loads, with a manifest of base model, data and hyperparameters. A rerun "
-        "with the same inputs reuses it; an interrupted training resumes from its last save.",
+        "with the same inputs reuses it; an interrupted training resumes from its last save. Trained by TRL's "
+        "SFTTrainer under `accelerate launch` (training.processes ranks), through Dagster Pipes.",
         **GPU_STEP,
     )
     def finetuned(
@@ -67,58 +70,72 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         storage: StorageResource,
         training: TrainingResource,
     ) -> MaterializeResult:
-        from srt_assets.models.trainer import train_sft
-
         source = context.partition_key
-        hp = training  # the resource is the hyperparameters model
         base = student.identity_in(storage)
         tokenizer = load_tokenizer(base.path)
-        builder = build_text_builder(tokenizer, student.template, ScoringConfig(max_length=hp.max_length))
+        builder = build_text_builder(tokenizer, student.template, ScoringConfig(max_length=training.max_length))
         examples = sft_examples(builder, rows.select("instruction", "input", "output").rows(), tokenizer.eos_token_id)
         if not examples:
             raise ValueError(f"dataset '{DATASETS[dataset]}' of source '{source}' has no trainable rows")
         data_hash = dataset_fingerprint(rows)
-        identity = run_identity(base.fingerprint, data_hash, student.template, hp)
+        identity = run_identity(base.fingerprint, data_hash, student.template, training, training.processes)
         out_dir = checkpoint_dir(storage, source, dataset)
-        context.log.info(f"fine-tuning on {len(examples)} rows of {DATASETS[dataset]}[{source}] → {out_dir}")
-        result = train_sft(
-            base.path,
-            examples,
-            hp,
-            out_dir,
-            identity,
-            device=gpu.resolved_device(),
-            dtype=gpu.dtype,
-            on_step=lambda step, total, loss: context.log.info(f"step {step}/{total}: loss {loss:.4f}"),
-            manifest_extra={
-                "base_model": student.model,
-                "dataset_asset": DATASETS[dataset],
-                "source": source,
-                "rows": rows.height,
-            },
-        )
-        if result.reused:
+        existing = read_manifest(out_dir)
+        if existing and existing.get("identity") == identity:
             context.log.info("an identical finished checkpoint exists: reused, no training")
+            result = {**existing["training"], "reused": True}
+        else:
+            context.log.info(
+                f"fine-tuning on {len(examples)} rows of {DATASETS[dataset]}[{source}] → {out_dir} "
+                f"({training.processes} process(es), {training.launcher})"
+            )
+            job_dir = write_job(
+                out_dir.with_name(f".{out_dir.name}.job"),
+                model_path=base.path,
+                examples=examples,
+                hp=training,
+                out_dir=out_dir,
+                identity=identity,
+                device=gpu.resolved_device(),
+                dtype=gpu.dtype,
+                manifest_extra={
+                    "base_model": student.model,
+                    "dataset_asset": DATASETS[dataset],
+                    "source": source,
+                    "rows": rows.height,
+                },
+            )
+            result = training.launch(context, job_dir, on_gpu=gpu.resolved_device() != "cpu")
+            shutil.rmtree(job_dir, ignore_errors=True)
         figures = {
-            "wall_seconds": result.seconds,
-            "tokens_per_second": round(result.tokens_trained / max(result.seconds, 1e-9), 1),
+            "wall_seconds": result["seconds"],
+            "tokens_per_second": round(result["tokens_trained"] / max(result["seconds"], 1e-9), 1),
+            "processes": result["processes"],
             "compute": json_value(gpu.describe()),
         }
+        losses = result["losses"]
         return MaterializeResult(
             metadata={
                 "path": MetadataValue.path(str(out_dir)),
                 "manifest": MetadataValue.path(str(out_dir / MANIFEST)),
                 "dataset": json_value({"asset": DATASETS[dataset], "fingerprint": data_hash, "rows": rows.height}),
                 "base_model": json_value({"model": student.model, "fingerprint": base.fingerprint}),
-                "hyperparameters": json_value(hp.as_dict()),
-                "steps": result.steps,
-                "final_loss": result.final_loss if result.final_loss is not None else None,
-                "tokens_trained": result.tokens_trained,
-                "response_tokens_trained": result.target_tokens,
-                "resumed_from_step": result.resumed_from_step,
-                "reused_existing": result.reused,
-                **production_figures(context, checkpoint_key(dataset), not result.reused, figures),
-                "loss_curve": MetadataValue.md(text_curve(result.losses, "step", "training loss")),
+                "hyperparameters": json_value(training.as_dict()),
+                "launch": json_value(
+                    {
+                        "processes": training.processes,
+                        "accelerate_config": training.accelerate_config,
+                        "launcher": training.launcher,
+                    }
+                ),
+                "steps": result["steps"],
+                "final_loss": losses[-1] if losses else None,
+                "tokens_trained": result["tokens_trained"],
+                "response_tokens_per_epoch": result["target_tokens"],
+                "resumed_from_step": result["resumed_from_step"],
+                "reused_existing": result["reused"],
+                **production_figures(context, checkpoint_key(dataset), not result["reused"], figures),
+                "loss_curve": MetadataValue.md(text_curve(losses, "step", "training loss")),
             }
         )
 

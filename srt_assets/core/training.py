@@ -1,11 +1,10 @@
-"""Fine-tuning plan: hyperparameters, the deterministic batch order, the learning-rate schedule and
-the checkpoint manifest. Pure logic; the torch loop lives in ``srt_assets.models.trainer``."""
+"""Fine-tuning plan: hyperparameters, the training examples, the launch command and the checkpoint
+manifest. Pure logic; the training itself (TRL's SFTTrainer) lives in ``srt_assets.models.trainer``."""
 
 from __future__ import annotations
 
 import json
-import math
-import random
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +21,9 @@ class TrainingHyperparameters(BaseModel):
 
     learning_rate: float = Field(5e-5, description="peak learning rate (the paper: 2e-5 for 7B)")
     epochs: float = Field(1.0, description="passes over the data; fractions allowed")
-    batch_size: int = Field(4, description="sequences per micro-batch (global batch = this x grad_accumulation)")
+    batch_size: int = Field(
+        4, description="sequences per micro-batch and process (global batch = this x grad_accumulation x processes)"
+    )
     grad_accumulation: int = Field(1, description="micro-batches per optimizer step")
     max_length: int = Field(512, description="tokens per training sequence (the paper: 2048)")
     warmup_ratio: float = Field(0.03, description="share of the steps with linear warmup, then cosine decay")
@@ -32,6 +33,8 @@ class TrainingHyperparameters(BaseModel):
     lora_r: int = Field(0, description="> 0: train LoRA adapters (peft) of this rank, merged into the checkpoint")
     lora_alpha: int = Field(16, description="LoRA scaling")
     save_every: int = Field(20, description="optimizer steps between resumable progress saves")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    packing: bool = Field(False, description="pack several rows into each max_length sequence (TRL's best-fit)")
 
     def as_dict(self) -> dict:
         """Only the hyperparameters (a subclass, such as the Dagster resource, may carry more)."""
@@ -58,46 +61,53 @@ def read_manifest(checkpoint: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def batch_plan(n_examples: int, hp: TrainingHyperparameters) -> list[list[int]]:
-    """Example indices of every micro-batch, in training order: each epoch a fresh permutation from
-    the seed, so a resumed run sees exactly the batches the interrupted one would have."""
-    if n_examples == 0:
-        return []
-    rng = random.Random(hp.seed)
-    whole_epochs = math.ceil(hp.epochs)
-    order: list[int] = []
-    for _ in range(whole_epochs):
-        permutation = list(range(n_examples))
-        rng.shuffle(permutation)
-        order.extend(permutation)
-    order = order[: max(1, round(n_examples * hp.epochs))]
-    micro = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
-    if hp.max_steps is not None:
-        micro = micro[: hp.max_steps * hp.grad_accumulation]
-    return micro
-
-
-def optimizer_steps(n_micro_batches: int, grad_accumulation: int) -> int:
-    return math.ceil(n_micro_batches / grad_accumulation)
-
-
-def learning_rate(step: int, total_steps: int, hp: TrainingHyperparameters) -> float:
-    """Linear warmup over ``warmup_ratio`` of the steps, then cosine decay to zero."""
-    warmup = math.ceil(total_steps * hp.warmup_ratio)
-    if step < warmup:
-        return hp.learning_rate * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return hp.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def run_identity(base_fingerprint: str, dataset_fingerprint: str, template: str, hp: TrainingHyperparameters) -> dict:
-    """What makes two trainings the same: a saved progress state is resumed only if this matches."""
+def run_identity(
+    base_fingerprint: str, dataset_fingerprint: str, template: str, hp: TrainingHyperparameters, processes: int = 1
+) -> dict:
+    """What makes two trainings the same: a saved progress state is resumed only if this matches.
+    The process count is part of it, because it multiplies the global batch."""
     return {
         "base_model_fingerprint": base_fingerprint,
         "dataset_fingerprint": dataset_fingerprint,
         "template": template,
         "hyperparameters": hp.as_dict(),
+        "processes": processes,
     }
+
+
+SHIPPED_ACCELERATE_CONFIGS = ("ddp", "fsdp_full_shard", "deepspeed_zero3")
+
+
+def accelerate_config_path(name_or_path: str) -> Path:
+    """A shipped accelerate config by name (``srt_assets/accelerate/<name>.yaml``) or a YAML path."""
+    if name_or_path in SHIPPED_ACCELERATE_CONFIGS:
+        return Path(__file__).resolve().parent.parent / "accelerate" / f"{name_or_path}.yaml"
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"accelerate config '{name_or_path}': no such file, and not one of {', '.join(SHIPPED_ACCELERATE_CONFIGS)}"
+        )
+    return path
+
+
+def launch_command(
+    job_dir: Path, processes: int, accelerate_config: str | None, on_gpu: bool, python: str = sys.executable
+) -> list[str]:
+    """``accelerate launch`` of the training worker on ``job_dir`` (through ``sft_launch launch``, which
+    ties the launcher's life to its parent's): ``processes`` ranks (one per GPU, or gloo ranks on CPU),
+    distributed as the accelerate config says (DDP when none is named)."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, not {processes}")
+    command = [python, "-m", "srt_assets.models.sft_launch", "launch", "--num_processes", str(processes)]
+    if accelerate_config:  # precision comes from the trainer's own bf16 flag either way
+        command += ["--config_file", str(accelerate_config_path(accelerate_config))]
+    else:
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if not accelerate_config and processes > 1:
+        command.append("--multi_gpu")  # accelerate's torchrun launcher; on a CPU-only host the ranks use gloo
+    if not on_gpu and processes == 1:
+        command.append("--cpu")
+    return [*command, "-m", "srt_assets.models.sft_launch", str(job_dir)]
 
 
 def sft_examples(

@@ -1,9 +1,10 @@
-"""Supervised fine-tuning of a causal LM on (prompt, response) token sequences, loss on the response.
+"""Supervised fine-tuning through TRL's SFTTrainer, loss on the response tokens of our template.
 
-A plain torch loop rather than a trainer framework, because it must do four things exactly: follow
-the deterministic batch plan of ``core.training`` (so a resumed run sees the same batches), save a
-resumable state every few steps, write a checkpoint directory that ``from_pretrained`` loads, and
-report per-step losses for the loss curve.
+The same function runs in one process or in every rank that ``accelerate launch`` starts (DDP,
+FSDP, DeepSpeed: the Trainer reads the distributed setup from the environment). Around TRL it adds
+what the checkpoint asset needs: a finished checkpoint with the same identity is reused, a killed
+training resumes from its last save (only a save of the same identity), the result is written
+atomically with a manifest, and every optimizer step's loss is reported.
 """
 
 from __future__ import annotations
@@ -12,59 +13,101 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from srt_assets.core.training import (
-    MANIFEST,
-    TrainingHyperparameters,
-    batch_plan,
-    learning_rate,
-    optimizer_steps,
-    read_manifest,
-)
-from srt_assets.models.loading import DTYPES, resolve_device
+from srt_assets.core.training import MANIFEST, TrainingHyperparameters, read_manifest
 
 __all__ = ["MANIFEST", "TrainingResult", "read_manifest", "train_sft"]
 
-IGNORE = -100
+IDENTITY_FILE = "srt_identity.json"  # in the progress folder: which training its saves belong to
 
 
 @dataclass
 class TrainingResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # mean response-token loss per optimizer step
-    tokens_trained: int = 0  # all tokens that went through the model
-    target_tokens: int = 0  # the response tokens the loss was taken on
+    tokens_trained: int = 0  # non-padding tokens that went through the model, all processes
+    target_tokens: int = 0  # response tokens the loss is taken on, per pass over the data
     seconds: float = 0.0
     resumed_from_step: int = 0
     reused: bool = False  # an identical finished checkpoint was already there
+    processes: int = 1
 
     @property
     def final_loss(self) -> float | None:
         return self.losses[-1] if self.losses else None
 
 
-def _collate(examples: Sequence[tuple[Sequence[int], int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, start) in enumerate(examples):
-        tensor = torch.tensor(ids, dtype=torch.long)
-        input_ids[row, : len(ids)] = tensor
-        attention[row, : len(ids)] = 1
-        labels[row, start : len(ids)] = tensor[start:]
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
+def last_complete_save(progress_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` folder whose trainer state was written (a save cut short by a
+    kill has none, and is skipped)."""
+    saves = [p for p in progress_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(saves, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def _dataset(examples: Sequence[tuple[Sequence[int], int]]):
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "input_ids": [list(ids) for ids, _ in examples],
+            "completion_mask": [[0] * start + [1] * (len(ids) - start) for ids, start in examples],
+        }
+    )
+
+
+def _config(hp: TrainingHyperparameters, progress_dir: Path, device: str, dtype: str):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(progress_dir),
+        learning_rate=hp.learning_rate,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps if hp.max_steps is not None else -1,
+        per_device_train_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.grad_accumulation,
+        warmup_steps=min(hp.warmup_ratio, 0.999),  # below 1: a share of the steps
+        weight_decay=hp.weight_decay,
+        lr_scheduler_type="cosine",
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        max_length=hp.max_length,
+        packing=hp.packing,
+        completion_only_loss=True,
+        gradient_checkpointing=hp.gradient_checkpointing,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        use_cpu=device == "cpu",
+        save_strategy="steps",
+        save_steps=max(hp.save_every, 1),
+        save_total_limit=1,
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device != "cpu",
+        # full fine-tuning keeps fp32 master weights (bf16 autocast); LoRA freezes the base in bf16
+        model_init_kwargs={"dtype": "bfloat16" if hp.lora_r > 0 and dtype == "bfloat16" else "float32"},
+    )
+
+
+def _step_reporter(on_step: Callable[[int, int, float], None] | None):
+    from transformers import TrainerCallback
+
+    class ReportSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False  # the finished model is written by train_sft, not as a progress save
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_step and state.is_world_process_zero and logs and "loss" in logs:
+                on_step(state.global_step, state.max_steps, float(logs["loss"]))
+
+    return ReportSteps()
 
 
 def train_sft(
@@ -80,96 +123,87 @@ def train_sft(
 ) -> TrainingResult:
     """Fine-tune ``model_path`` on ``examples`` (token ids, first response position) into ``out_dir``.
 
-    ``identity`` describes the run (base model, data, hyperparameters): a finished checkpoint with
-    the same identity is reused as is, and a saved progress state with the same identity is resumed.
-    ``on_step(step, total, loss)`` is called after every optimizer step; ``manifest_extra`` goes
-    into the checkpoint's manifest (names of the base model and dataset, for people reading it).
+    ``identity`` describes the run (base model, data, hyperparameters, processes): a finished
+    checkpoint with the same identity is reused as is, and saved progress with the same identity is
+    resumed. ``on_step(step, total, loss)`` is called on rank 0 after every optimizer step;
+    ``manifest_extra`` goes into the checkpoint's manifest (for people reading it).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from accelerate import PartialState
+    from transformers import AutoTokenizer, PrinterCallback
+    from trl import SFTTrainer
 
     out_dir = Path(out_dir)
     existing = read_manifest(out_dir)
     if existing and existing.get("identity") == identity:
-        saved = existing["training"]
-        return TrainingResult(**{**saved, "reused": True})
+        return TrainingResult(**{**existing["training"], "reused": True})
+    state = PartialState(cpu=device == "cpu")
     progress_dir = out_dir.with_name(f".{out_dir.name}.progress")
-    state_file = progress_dir / "state.pt"
+    identity_file = progress_dir / IDENTITY_FILE
+    same_run = identity_file.is_file() and json.loads(identity_file.read_text()) == identity
+    resume_from = last_complete_save(progress_dir) if same_run else None
+    state.wait_for_everyone()  # every rank has decided before rank 0 changes the folder
+    if state.is_main_process:
+        if not same_run:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        identity_file.write_text(json.dumps(identity))
+    state.wait_for_everyone()
+
     started = time.perf_counter()
-    torch_device = resolve_device(device)
-    torch.manual_seed(hp.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(torch_device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    peft_config = None
     if hp.lora_r > 0:
         try:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig
         except ImportError as exc:
             raise RuntimeError("lora_r > 0 needs peft: pip install 'srt-assets[lora]'") from exc
-        model = get_peft_model(
-            model, LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=hp.lora_r, lora_alpha=hp.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM"
         )
-    model.train()
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate, weight_decay=hp.weight_decay
+    trainer = SFTTrainer(
+        model=model_path,
+        args=_config(hp, progress_dir, device, dtype),
+        train_dataset=_dataset(examples),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_step_reporter(on_step)],
     )
-    plan = batch_plan(len(examples), hp)
-    total = optimizer_steps(len(plan), hp.grad_accumulation)
-    result = TrainingResult(steps=total)
-    if state_file.is_file():
-        state = torch.load(state_file, map_location=torch_device, weights_only=False)
-        if state["identity"] == identity:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            result.losses = state["losses"]
-            result.tokens_trained, result.target_tokens = state["tokens"]
-            result.resumed_from_step = len(result.losses)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    autocast = (
-        torch.autocast(device_type=torch_device.type, dtype=DTYPES[dtype]) if dtype != "float32" else nullcontext()
+    trainer.remove_callback(PrinterCallback)  # steps are reported through on_step
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    history = trainer.state.log_history
+    result = TrainingResult(
+        steps=trainer.state.max_steps,
+        losses=[float(entry["loss"]) for entry in history if "loss" in entry],
+        tokens_trained=int(trainer.state.num_input_tokens_seen),
+        target_tokens=sum(len(ids) - start for ids, start in examples),
+        seconds=round(time.perf_counter() - started, 2),
+        resumed_from_step=int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0,
+        processes=state.num_processes,
     )
-    for step in range(result.resumed_from_step, total):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, total, hp)
-        micro_batches = plan[step * hp.grad_accumulation : (step + 1) * hp.grad_accumulation]
-        step_loss = 0.0
-        for batch_indices in micro_batches:
-            batch = _collate([examples[i] for i in batch_indices], pad_id, torch_device)
-            with autocast:
-                loss = model(**batch).loss / len(micro_batches)
-            loss.backward()
-            step_loss += float(loss.detach())
-            result.tokens_trained += int(batch["attention_mask"].sum())
-            result.target_tokens += int((batch["labels"] != IGNORE).sum())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(step_loss)
-        done = step + 1
-        if done < total and done % max(hp.save_every, 1) == 0:
-            progress_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(
-                {
-                    "identity": identity,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "losses": result.losses,
-                    "tokens": (result.tokens_trained, result.target_tokens),
-                },
-                state_file,
-            )
-        if on_step:
-            on_step(done, total, step_loss)
-    result.seconds = round(time.perf_counter() - started, 2)
-    if hp.lora_r > 0:
-        model = model.merge_and_unload()
-    model.eval()
     staging = out_dir.with_name(f".{out_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    training = asdict(result) | {"reused": False}
-    manifest = {**(manifest_extra or {}), "identity": identity, "training": training, "final_loss": result.final_loss}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
-    shutil.rmtree(progress_dir, ignore_errors=True)
+    if state.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    state.wait_for_everyone()
+    if peft_config is not None:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if state.is_main_process:
+            merged.save_pretrained(staging)
+    else:
+        trainer.save_model(str(staging))  # every rank takes part (FSDP/DeepSpeed gather the weights)
+    if state.is_main_process:
+        tokenizer.save_pretrained(staging)
+        training = asdict(result) | {"reused": False}
+        manifest = {
+            **(manifest_extra or {}),
+            "identity": identity,
+            "training": training,
+            "final_loss": result.final_loss,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    state.wait_for_everyone()
     return result
