@@ -67,6 +67,19 @@ def student_tokenizer(student_model_dir: Path):
     return load_tokenizer(str(student_model_dir))
 
 
+def training_examples(model_dir: Path, max_length: int, n: int, with_input: int) -> list:
+    """(token ids, response start) of the first Alpaca rows in the chat template, as the checkpoint
+    asset builds them."""
+    from srt_assets.core.ifd import ScoringConfig
+    from srt_assets.core.training import sft_examples
+    from srt_assets.models.student import build_text_builder, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    builder = build_text_builder(tokenizer, "chat", ScoringConfig(max_length=max_length))
+    rows = [(r["instruction"], r["input"], r["output"]) for r in alpaca_rows(n, with_input=with_input)]
+    return sft_examples(builder, rows, tokenizer.eos_token_id)
+
+
 def alpaca_rows(n: int, with_input: int = 2) -> list[dict]:
     """The first ``n`` Alpaca rows plus ``with_input`` rows that have an input (shared data, else demo)."""
     path = SHARED_DATA / "alpaca_data.json.gz"

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, alpaca_rows, write_catalog, write_jsonl
+from conftest import REPO_ROOT, alpaca_rows, training_examples, write_catalog, write_jsonl
 from dagster._core.instance.ref import InstanceRef
 from dagster_ui import MATERIALIZATION_METADATA, dagster_dev, graphql, run_partition, wait_for_location
 
-from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.training import (
     MANIFEST,
     SHIPPED_ACCELERATE_CONFIGS,
@@ -27,23 +26,18 @@ from srt_assets.core.training import (
     accelerate_config_path,
     launch_command,
     run_identity,
-    sft_examples,
 )
 from srt_assets.models.sft_launch import write_job
-from srt_assets.models.student import build_text_builder, load_tokenizer
 from srt_assets.resources import TrainingResource, resources_from_file
 
 # 8 rows, global batch 2, 2 epochs: 8 optimizer steps, a resumable save after step 4
-HP = TrainingHyperparameters(learning_rate=2e-4, epochs=2, batch_size=1, max_length=128, warmup_ratio=0.0, save_every=2)
+HP = TrainingHyperparameters(learning_rate=2e-4, epochs=2, batch_size=1, max_length=128, warmup_ratio=0.0, save_every=4)
 TOLERANCE = 1e-4  # relative, per step: the ranks sum the same tokens in another order
 
 
 @pytest.fixture(scope="module")
 def examples(student_model_dir):
-    tokenizer = load_tokenizer(str(student_model_dir))
-    builder = build_text_builder(tokenizer, "chat", ScoringConfig(max_length=HP.max_length))
-    rows = [(r["instruction"], r["input"], r["output"]) for r in alpaca_rows(6, with_input=2)]
-    return sft_examples(builder, rows, tokenizer.eos_token_id)
+    return training_examples(student_model_dir, HP.max_length, 6, with_input=2)
 
 
 def start(student_model_dir, examples, hp, processes: int, out: Path) -> subprocess.Popen:
@@ -173,7 +167,7 @@ def test_the_k8s_launcher_asks_for_one_gpu_per_process(tmp_path):
     assert container.command[container.command.index("--num_processes") + 1] == "4"
 
 
-def checkpoint_inputs(root: Path, student_model_dir) -> dict[str, str]:
+def checkpoint_inputs(root: Path, student_model_dir, **training) -> dict[str, str]:
     """A source whose selected_dataset table is already on disk, and a models file that trains the
     bundled student with two processes: the environment of a user who runs only the checkpoint."""
     import polars as pl
@@ -191,7 +185,7 @@ def checkpoint_inputs(root: Path, student_model_dir) -> dict[str, str]:
     models = {
         "student": {"model": str(student_model_dir)},
         "gpu": {"device": "cpu"},
-        "training": {"processes": 2, "max_steps": 2, "batch_size": 1, "max_length": 128},
+        "training": {"processes": 2, "max_steps": 2, "batch_size": 1, "max_length": 128, **training},
     }
     (root / "models.yaml").write_text(yaml.safe_dump(models), encoding="utf-8")
     return {
@@ -201,33 +195,43 @@ def checkpoint_inputs(root: Path, student_model_dir) -> dict[str, str]:
     }
 
 
-def assert_two_process_checkpoint(root: Path, metadata: dict) -> None:
+def assert_two_process_checkpoint(root: Path, metadata: dict, steps: int = 2) -> None:
     manifest = json.loads((root / "data" / "checkpoints" / "tiny" / "selected" / MANIFEST).read_text())
     assert manifest["training"]["processes"] == 2 and manifest["identity"]["processes"] == 2
-    assert metadata["processes"] == 2 and metadata["steps"] == 2  # reported by rank 0 through Pipes
+    assert metadata["processes"] == 2 and metadata["steps"] == steps  # reported by rank 0 through Pipes
     assert metadata["final_loss"] == pytest.approx(manifest["final_loss"])
     assert metadata["reused_existing"] is False
 
 
 @pytest.mark.slow
-def test_the_checkpoint_asset_trains_with_two_processes_from_the_cli(tmp_path, student_model_dir):
+def test_the_cli_run_killed_mid_training_takes_its_ranks_along_and_resumes(tmp_path, student_model_dir):
+    """`srt materialize` of the two-process checkpoint, killed with SIGKILL after the first save:
+    the launcher and both ranks die with it, and the rerun resumes from that save."""
     from dagster import AssetKey, DagsterInstance
 
-    env = checkpoint_inputs(tmp_path, student_model_dir)
-    home = tmp_path / "home"
-    home.mkdir()
+    env = checkpoint_inputs(tmp_path, student_model_dir, max_steps=8, save_every=4)
+    env = {**os.environ, **env, "DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
     command = [sys.executable, "-m", "srt_assets.cli", "materialize", "--source", "tiny"]
     command += ["--select", "finetuned_selected"]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=900, env={**os.environ, **env, "DAGSTER_HOME": str(home)}
-    )
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = tmp_path / "data" / "checkpoints" / "tiny" / ".selected.job"
+    saved = job.with_name(".selected.progress") / "checkpoint-4" / "trainer_state.json"
+    assert wait_until(lambda: saved.is_file() or first.poll() is not None, 600) and first.poll() is None
+    first.kill()  # SIGKILL to the Dagster process alone, as a crash or an OOM kill would
+    first.wait(timeout=60)
+    assert wait_until(lambda: not ranks_running(job)), "the training outlived the Dagster process"
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+    with DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"])) as instance:
         event = instance.get_latest_materialization_event(AssetKey("finetuned_selected"))
         metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
         logs = [e.message for e in instance.all_logs(event.run_id)]
-    assert_two_process_checkpoint(tmp_path, metadata)
-    assert any("step 2/2: loss" in message for message in logs)  # rank 0's log lines, through Pipes
+    assert_two_process_checkpoint(tmp_path, metadata, steps=8)
+    assert metadata["resumed_from_step"] == 4
+    assert any("step 8/8: loss" in message for message in logs)  # rank 0's log lines, through Pipes
+    assert not any("step 4/8: loss" in message for message in logs)  # steps before the save are not redone
 
 
 @pytest.mark.slow

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import alpaca_rows
+from conftest import alpaca_rows, training_examples
 
-from srt_assets.core.ifd import ScoringConfig
-from srt_assets.core.training import TrainingHyperparameters, run_identity, sft_examples
-from srt_assets.models.student import build_text_builder, load_tokenizer
+from srt_assets.core.training import TrainingHyperparameters, run_identity
+from srt_assets.models.student import load_tokenizer
 from srt_assets.models.student_hf import TransformersStudent
 from srt_assets.models.trainer import MANIFEST, train_sft
 
@@ -25,10 +24,7 @@ HP = TrainingHyperparameters(
 
 @pytest.fixture(scope="module")
 def examples(student_model_dir):
-    tokenizer = load_tokenizer(str(student_model_dir))
-    builder = build_text_builder(tokenizer, "chat", ScoringConfig(max_length=HP.max_length))
-    rows = [(r["instruction"], r["input"], r["output"]) for r in alpaca_rows(3, with_input=1)]
-    return sft_examples(builder, rows, tokenizer.eos_token_id)
+    return training_examples(student_model_dir, HP.max_length, 3, with_input=1)
 
 
 def mean_loss(model_dir, examples) -> float:
