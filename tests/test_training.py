@@ -94,3 +94,19 @@ def test_lora_training_merges_into_a_plain_checkpoint(examples, student_model_di
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # merged: no peft needed to load
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert mean_loss(tmp_path / "lora", examples) < mean_loss(student_model_dir, examples)
+
+
+def test_bf16_gradient_checkpointing_and_packing_train_together(examples, student_model_dir, tmp_path):
+    """The memory settings of the shipped 7B configurations, on the small student."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    hp = HP.model_copy(update=dict(max_steps=2, gradient_checkpointing=True, packing=True))
+    result = train_sft(
+        str(student_model_dir), examples, hp, tmp_path / "packed", run_identity("b", "d", "chat", hp), dtype="bfloat16"
+    )
+    assert result.steps == 2 and all(math.isfinite(loss) and loss > 0 for loss in result.losses)
+    # 2 steps x 2 sequences: unpacked that is the 4 rows; packed, the sequences carry more than 4 rows
+    assert len(examples) == 4 and result.tokens_trained > sum(len(ids) for ids, _ in examples)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "packed").num_parameters() > 100_000_000

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from srt_assets.core.training import MANIFEST, TrainingHyperparameters, read_manifest
+from srt_assets.models.loading import resolve_device
 
 __all__ = ["MANIFEST", "TrainingResult", "read_manifest", "train_sft"]
 
@@ -136,6 +137,7 @@ def train_sft(
     existing = read_manifest(out_dir)
     if existing and existing.get("identity") == identity:
         return TrainingResult(**{**existing["training"], "reused": True})
+    device = resolve_device(device).type  # "cpu" or "cuda": each rank takes its own GPU
     state = PartialState(cpu=device == "cpu")
     progress_dir = out_dir.with_name(f".{out_dir.name}.progress")
     identity_file = progress_dir / IDENTITY_FILE
