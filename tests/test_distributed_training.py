@@ -112,6 +112,18 @@ def test_a_killed_two_process_training_resumes_from_its_last_save(two_processes,
     assert not progress.exists()  # progress saves are removed once the checkpoint is written
 
 
+def test_resume_takes_the_newest_complete_save_and_drops_cut_ones(tmp_path):
+    from srt_assets.models.trainer import last_complete_save, prune_incomplete_saves
+
+    for step, complete in ((2, True), (4, True), (6, False)):  # step 6 was being written when killed
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_save(tmp_path) == tmp_path / "checkpoint-4"
+    prune_incomplete_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_the_launch_command_follows_the_training_resource(tmp_path):
     cpu = launch_command(tmp_path, 2, None, on_gpu=False)
     assert cpu[1:4] == ["-m", "srt_assets.models.sft_launch", "launch"] and "--multi_gpu" in cpu

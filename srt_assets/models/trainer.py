@@ -47,6 +47,14 @@ def last_complete_save(progress_dir: Path) -> Path | None:
     return max(saves, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
+def prune_incomplete_saves(progress_dir: Path) -> None:
+    """Remove saves cut short by a kill: the Trainer's rotation counts them as the newest and would
+    delete a complete one in their favour."""
+    for save in progress_dir.glob("checkpoint-*"):
+        if not (save / "trainer_state.json").is_file():
+            shutil.rmtree(save, ignore_errors=True)
+
+
 def _dataset(examples: Sequence[tuple[Sequence[int], int]]):
     from datasets import Dataset
 
@@ -148,6 +156,7 @@ def train_sft(
         if not same_run:
             shutil.rmtree(progress_dir, ignore_errors=True)
         progress_dir.mkdir(parents=True, exist_ok=True)
+        prune_incomplete_saves(progress_dir)
         identity_file.write_text(json.dumps(identity))
     state.wait_for_everyone()
 
