@@ -17,7 +17,7 @@ from dagster import (
 from srt_assets.assets.common import GPU_STEP, json_value, production_figures
 from srt_assets.core.cache import content_key
 from srt_assets.core.ifd import ScoringConfig
-from srt_assets.core.training import MANIFEST, read_manifest, run_identity, sft_examples
+from srt_assets.core.training import MANIFEST, finished_training, run_identity, sft_examples
 from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
 from srt_assets.plots import text_curve
@@ -80,11 +80,11 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         data_hash = dataset_fingerprint(rows)
         identity = run_identity(base.fingerprint, data_hash, student.template, training, training.processes)
         out_dir = checkpoint_dir(storage, source, dataset)
-        existing = read_manifest(out_dir)
-        if existing and existing.get("identity") == identity:
+        result = finished_training(out_dir, identity)
+        if result:
             context.log.info("an identical finished checkpoint exists: reused, no training")
-            result = {**existing["training"], "reused": True}
         else:
+            device = gpu.resolved_device()
             context.log.info(
                 f"fine-tuning on {len(examples)} rows of {DATASETS[dataset]}[{source}] → {out_dir} "
                 f"({training.processes} process(es), {training.launcher})"
@@ -96,7 +96,7 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
                 hp=training,
                 out_dir=out_dir,
                 identity=identity,
-                device=gpu.resolved_device(),
+                device=device,
                 dtype=gpu.dtype,
                 manifest_extra={
                     "base_model": student.model,
@@ -105,7 +105,7 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
                     "rows": rows.height,
                 },
             )
-            result = training.launch(context, job_dir, on_gpu=gpu.resolved_device() != "cpu")
+            result = training.launch(context, job_dir, on_gpu=device != "cpu")
             shutil.rmtree(job_dir, ignore_errors=True)
         figures = {
             "wall_seconds": result["seconds"],

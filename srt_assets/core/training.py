@@ -15,8 +15,8 @@ from srt_assets.core.ifd import TextBuilder
 
 class TrainingHyperparameters(BaseModel):
     """SFT settings, shared by every checkpoint of a source so the comparison is fair. Defaults are
-    small, for a CPU demo; the paper's Llama-2 setting is ``PAPER_SETTING`` (Adam, lr 2e-5, global
-    batch 128, 3 epochs, max length 2048, warmup 3%, weight decay 0, cosine decay as in FastChat).
+    small, for a CPU demo; the paper's Llama-2 setting is ``configs/training/paper_fsdp_8gpu.yaml``
+    (Adam, lr 2e-5, global batch 128, 3 epochs, max length 2048, warmup 3%, weight decay 0, cosine).
     The Dagster resource ``training`` is this model, so each setting is defined here only."""
 
     learning_rate: float = Field(5e-5, description="peak learning rate (the paper: 2e-5 for 7B)")
@@ -41,17 +41,6 @@ class TrainingHyperparameters(BaseModel):
         return {name: getattr(self, name) for name in TrainingHyperparameters.model_fields}
 
 
-PAPER_SETTING = TrainingHyperparameters(
-    learning_rate=2e-5,
-    epochs=3,
-    batch_size=4,
-    grad_accumulation=32,
-    max_length=2048,
-    warmup_ratio=0.03,
-    weight_decay=0.0,
-)
-
-
 MANIFEST = "srt_manifest.json"  # written into every checkpoint directory
 
 
@@ -59,6 +48,15 @@ def read_manifest(checkpoint: Path) -> dict | None:
     """A checkpoint's manifest (base model, data, hyperparameters, losses), or None if unfinished."""
     path = Path(checkpoint) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_training(checkpoint: Path, identity: dict) -> dict | None:
+    """The training record of a finished checkpoint made by the same training, marked reused; None
+    when there is none and it must be trained."""
+    manifest = read_manifest(checkpoint)
+    if manifest and manifest.get("identity") == identity:
+        return {**manifest["training"], "reused": True}
+    return None
 
 
 def run_identity(

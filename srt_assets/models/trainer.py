@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from srt_assets.core.training import MANIFEST, TrainingHyperparameters, read_manifest
+from srt_assets.core.training import MANIFEST, TrainingHyperparameters, finished_training, read_manifest
 from srt_assets.models.loading import resolve_device
 
 __all__ = ["MANIFEST", "TrainingResult", "read_manifest", "train_sft"]
@@ -142,9 +142,9 @@ def train_sft(
     from trl import SFTTrainer
 
     out_dir = Path(out_dir)
-    existing = read_manifest(out_dir)
-    if existing and existing.get("identity") == identity:
-        return TrainingResult(**{**existing["training"], "reused": True})
+    finished = finished_training(out_dir, identity)
+    if finished:
+        return TrainingResult(**finished)
     device = resolve_device(device).type  # "cpu" or "cuda": each rank takes its own GPU
     state = PartialState(cpu=device == "cpu")
     progress_dir = out_dir.with_name(f".{out_dir.name}.progress")
