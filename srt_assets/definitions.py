@@ -13,6 +13,7 @@ from srt_assets.assets.audit import explain_sample
 from srt_assets.assets.common import Partitioning
 from srt_assets.assets.evaluation import build_evaluation_assets
 from srt_assets.assets.finetuning import build_finetuning_assets
+from srt_assets.assets.leaderboards import build_leaderboard_assets
 from srt_assets.assets.raw import build_raw_assets
 from srt_assets.assets.reflection import build_reflection_assets
 from srt_assets.assets.scoring import build_scoring_assets
@@ -76,6 +77,7 @@ def build_definitions(
             *build_selection_assets(layout),
             *build_finetuning_assets(source_partitions),
             *build_evaluation_assets(source_partitions),
+            *build_leaderboard_assets(source_partitions),
         ],
         jobs=[explain_sample],
         sensors=[free_dead_runs_sensor],

@@ -100,9 +100,11 @@ def build_report(
     manifests: dict[str, dict | None],
     out_dir: Path,
     extra: Sequence[Section] = (),
+    closing: Sequence[Section] = (),
 ) -> Report:
     """The report; ``extra`` sections (data quality, the student's diagnostics, more metrics) come first,
-    so a reader sees what the comparison rests on before the comparison."""
+    so a reader sees what the comparison rests on before the comparison; ``closing`` ones (the
+    field's benchmarks) end it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = pairwise_summary(judgements) if judgements.height else pl.DataFrame()
     training_rows = []
@@ -140,13 +142,14 @@ def build_report(
         "orders; winning score = (wins − losses) / judged + 1 (above 1: the first model is better).\n"
     )
     notes = {"Pairwise judging (all test sets)": verdict_note(judgements, judged)}
-    notes.update({section.title: section.note for section in extra})
+    notes.update({section.title: section.note for section in (*extra, *closing)})
     sections = [
         *((section.title, section.table, None) for section in extra),
         ("Pairwise judging (all test sets)", overall, "verdicts.png"),
         ("Pairwise judging per test set", summary, None),
         ("Training and reference-answer loss (lower is better)", training_table, "reference_loss.png"),
         ("Training curves", None, "training_curves.png"),
+        *((section.title, section.table, None) for section in closing),
     ]
     md_file, md_inline, html_parts = [intro], [intro], [f"<p>{html.escape(intro.split(chr(10), 2)[2])}</p>"]
     for title, table, figure in sections:
@@ -180,6 +183,6 @@ def build_report(
     results = {
         "pairwise": overall.to_dicts() if overall.height else [],
         "training": training_table.to_dicts(),
-        **{section.title: section.table.to_dicts() for section in extra if section.table is not None},
+        **{section.title: section.table.to_dicts() for section in (*extra, *closing) if section.table is not None},
     }
     return Report(markdown_path, html_path, "".join(md_inline), results)

@@ -28,6 +28,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 INSTRUCTION_RE = re.compile(r"\[Instruction\]\n(.*?)\n\n", re.S)
@@ -71,7 +72,14 @@ class _Server(ThreadingHTTPServer):
 
 
 class ScriptedOpenAIServer:
-    def __init__(self, api_key: str | None = None, latency: float = 0.0, retry_after: float = 0.2):
+    def __init__(
+        self,
+        api_key: str | None = None,
+        latency: float = 0.0,
+        retry_after: float = 0.2,
+        reply: Callable[[list[dict]], str] = scripted_reply,
+    ):
+        self.reply = reply  # messages → reply text (a judge with a known preference, say)
         self.api_key = api_key
         self.latency = latency
         self.retry_after = retry_after
@@ -150,7 +158,7 @@ class ScriptedOpenAIServer:
                 return match.group(1)
 
             def _completion(self, payload: dict, user: str, attempt: int, content=None, usage=None) -> bytes:
-                text = scripted_reply(payload["messages"]) if content is None else content
+                text = outer.reply(payload["messages"]) if content is None else content
                 body = {
                     "id": f"cmpl-{attempt}",
                     "object": "chat.completion",

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+import yaml
 from conftest import REPO_ROOT
 
 from srt_assets.definitions import build_definitions
@@ -110,3 +112,13 @@ def test_dagsters_own_cli_materializes_one_raw_asset(tmp_path):
 def test_asset_names_fit_the_nodes_of_a_zoomed_out_graph():
     """Dagster's lineage graph shortens names longer than 18 characters in its zoomed-out nodes."""
     assert [name for name in live_shape() if len(name) > 18] == []
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_run_config_is_valid_for_the_graph(name):
+    """configs/*.yaml are launchpad run configs: a renamed asset or field must not leave them stale."""
+    from dagster import validate_run_config
+
+    run_config = yaml.safe_load((REPO_ROOT / "configs" / name).read_text(encoding="utf-8"))
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    assert validate_run_config(job, run_config)

@@ -31,6 +31,10 @@ def run_config(**selection) -> dict:
         "evaluation_prompts": {"config": {"sets": ["vicuna", "koala"], "per_set": 1, "reference_count": 3}},
         "evaluation_answers": {"config": {"max_new_tokens": 12}},
         "pairwise_verdicts": {"config": {"max_tokens": 12}},
+        "alpacaeval_outputs": {"config": {"count": 2, "max_new_tokens": 12}},
+        "alpacaeval_results": {"config": {"max_tokens": 12}},
+        "mt_bench_answers": {"config": {"count": 1, "max_new_tokens": 12}},
+        "mt_bench_scores": {"config": {"max_tokens": 12}},
     }
     return {"ops": ops}
 
@@ -133,6 +137,25 @@ def test_checkpoints_evaluation_and_report(pipeline):
     assert (report_dir / "report.html").is_file() and (report_dir / "training_curves.png").stat().st_size > 1000
 
 
+def test_alpaca_eval_and_mt_bench_end_the_report(pipeline):
+    store = pipeline["store"]
+    outputs = pl.read_parquet(store / "alpacaeval_outputs" / "tiny.parquet")
+    assert outputs.height == 2 * 3 and set(outputs["checkpoint"]) == set(CHECKPOINTS)
+    exported = json.loads(
+        (store / "exports" / "alpacaeval_outputs" / "tiny" / "selected" / "model_outputs.json").read_text()
+    )
+    assert len(exported) == 2 and set(exported[0]) == {"instruction", "output", "generator", "dataset"}
+    results = pl.read_parquet(store / "alpacaeval_results" / "tiny.parquet")
+    assert results.height == 3 * 2 and set(results["reference"]) == {"text_davinci_003", "gpt4_1106_preview"}
+    assert (results["n_total"] + results["unjudged"] == 2).all() and (results["judge_calls"] <= 2).all()
+    scores = pl.read_parquet(store / "mt_bench_scores" / "tiny.parquet")
+    assert scores.height == 3 * 2 and set(scores["turn"]) == {1, 2}
+    assert scores["score"].drop_nulls().is_between(1, 10).all() and scores["judge_reply"].is_not_null().all()
+    markdown = (store / "reports" / "tiny" / "report.md").read_text()
+    assert markdown.index("## AlpacaEval win rate") > markdown.index("## Training curves")
+    assert "## MT-Bench" in markdown and "unjudged" in markdown
+
+
 def test_unchanged_rerun_makes_no_model_calls(pipeline):
     instance = pipeline["instance"]
     result = materialize(pipeline["defs"], "tiny", instance, run_config=run_config())
@@ -145,6 +168,9 @@ def test_unchanged_rerun_makes_no_model_calls(pipeline):
         assert latest_metadata(instance, AssetKey(f"finetuned_{dataset}"))["reused_existing"] is True
     assert latest_metadata(instance, "evaluation_answers")["generated"] == 0
     assert latest_metadata(instance, "pairwise_verdicts")["calls_made"] == 0
+    assert latest_metadata(instance, "alpacaeval_results")["calls_made"] == 0
+    assert latest_metadata(instance, "mt_bench_scores")["calls_made"] == 0
+    assert {c["generated"] for c in latest_metadata(instance, "mt_bench_answers")["calls"].values()} == {0}
 
 
 def test_selection_change_reruns_only_what_it_affects(pipeline):

@@ -28,6 +28,7 @@ from srt_assets.assets.common import (
     to_check_results,
 )
 from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
+from srt_assets.assets.leaderboards import alpaca_eval_section, mt_bench_section
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.candidate_quality import FLAGS
 from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set, loss_comparisons
@@ -380,15 +381,21 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
         student_diagnosis: pl.DataFrame,
         new_instructions: pl.DataFrame,
         better_responses: pl.DataFrame,
+        alpacaeval_results: pl.DataFrame,
+        mt_bench_scores: pl.DataFrame,
         storage: StorageResource,
     ) -> MaterializeResult:
         """What the comparison rests on (can the student judge, how many rewrites were usable), then
         selected vs random vs full: win/tie/lose per test set, reference-answer loss, training curves;
-        shown here and written as Markdown and HTML with PNG figures."""
+        ending with AlpacaEval win rates and MT-Bench scores; shown here and written as Markdown and
+        HTML with PNG figures."""
         source = context.partition_key
         manifests = {d: read_manifest(checkpoint_dir(storage, source, d)) for d in DATASETS}
         extra = [diagnostics_section(student_diagnosis), quality_section(new_instructions, better_responses)]
-        report = build_report(source, pairwise_verdicts, reference_loss, manifests, storage.reports_dir / source, extra)
+        closing = [alpaca_eval_section(alpacaeval_results), mt_bench_section(mt_bench_scores)]
+        report = build_report(
+            source, pairwise_verdicts, reference_loss, manifests, storage.reports_dir / source, extra, closing
+        )
         return MaterializeResult(
             metadata={
                 "report_markdown": MetadataValue.path(str(report.markdown_path)),

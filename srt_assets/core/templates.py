@@ -77,3 +77,17 @@ def get_template(name: str, chat: ChatFormatter | None = None) -> PromptTemplate
     except KeyError:
         raise ValueError(f"unknown template '{name}'; choose one of {', '.join(TEMPLATE_NAMES)}") from None
     return PromptTemplate(name=name, no_input=no_input, with_input=with_input)
+
+
+def render_conversation(render: ChatFormatter, messages: list[dict[str, str]]) -> str:
+    """A conversation in a single-turn training template: each user turn rendered by the template,
+    each earlier answer right after its prompt and closed by a blank line (MT-Bench's second turn).
+    System messages are dropped: the student was trained without them. One user turn renders
+    exactly as ``render`` does."""
+    parts = []
+    for message in messages:
+        if message["role"] == "user":
+            parts.append(render(message["content"]))
+        elif message["role"] == "assistant":
+            parts.append(f" {message['content']}\n\n")
+    return "".join(parts)

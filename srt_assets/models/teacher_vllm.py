@@ -49,16 +49,7 @@ class VLLMTeacher:
     def generate(
         self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None
     ) -> list[Generation]:
-        from vllm import SamplingParams
-
-        extra = {}
-        if params.json_schema is not None:
-            from vllm.sampling_params import StructuredOutputsParams
-
-            extra["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
-        sampling = SamplingParams(
-            temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed, **extra
-        )
+        sampling = self._sampling(params)
         prefilled = bool(conversations) and bool(continues_reply(conversations[0]))
         outputs = self.llm.chat(
             list(conversations),
@@ -68,18 +59,39 @@ class VLLMTeacher:
             continue_final_message=prefilled,
         )
         # all calls finish together: the caller records them from the returned list
-        return [
-            Generation(
-                text=out.outputs[0].text.strip(),
-                prompt_tokens=len(out.prompt_token_ids or []),
-                completion_tokens=len(out.outputs[0].token_ids),
-                finish_reason=out.outputs[0].finish_reason,
-            )
-            for out in outputs
-        ]
+        return [_generation(out) for out in outputs]
+
+    def generate_texts(
+        self, prompts: Sequence[str], params: GenerationParams, on_done: OnDone | None = None
+    ) -> list[Generation]:
+        """Continue ready-made prompt texts (e.g. a training template) in one batched call."""
+        outputs = self.llm.generate(list(prompts), self._sampling(params), use_tqdm=False)
+        return [_generation(out) for out in outputs]
+
+    @staticmethod
+    def _sampling(params: GenerationParams):
+        from vllm import SamplingParams
+
+        extra = {}
+        if params.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
+        return SamplingParams(
+            temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed, **extra
+        )
 
     def close(self) -> None:
         engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del self.llm
+
+
+def _generation(out) -> Generation:
+    return Generation(
+        text=out.outputs[0].text.strip(),
+        prompt_tokens=len(out.prompt_token_ids or []),
+        completion_tokens=len(out.outputs[0].token_ids),
+        finish_reason=out.outputs[0].finish_reason,
+    )

@@ -1,0 +1,384 @@
+"""The field's benchmarks next to the authors' protocol: AlpacaEval win rates (computed by the
+``alpaca-eval`` package, offline, judged by the judge resource) and MT-Bench single-answer grading.
+Answers and judge calls go through the durable call cache, so a rerun only pays for what changed."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, PartitionsDefinition, asset
+from pydantic import Field
+
+from srt_assets import paths
+from srt_assets.assets.common import GPU_STEP, column_schema, json_value
+from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
+from srt_assets.core.cache import SqliteCache
+from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
+from srt_assets.core.reflection import Messages
+from srt_assets.core.teacher import CachedTeacher, CallStats, Generation, GenerationParams
+from srt_assets.core.winrates import REFERENCES, RESULT_SCHEMA, draw_instructions, load_reference, win_rate
+from srt_assets.models.generation import CheckpointGenerator
+from srt_assets.plots import markdown_table
+from srt_assets.report import Section
+from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
+
+OUTPUT_SCHEMA: dict[str, pl.DataType] = {  # alpaca_eval's model_outputs fields, then ours
+    "instruction": pl.String(),
+    "output": pl.String(),
+    "generator": pl.String(),
+    "dataset": pl.String(),  # AlpacaEval's subset (helpful_base, koala, oasst, selfinstruct, vicuna)
+    "checkpoint": pl.String(),  # selected | random | full
+    "answer_tokens": pl.Int64(),
+    "cache_key": pl.String(),
+}
+MT_ANSWER_SCHEMA: dict[str, pl.DataType] = {
+    "checkpoint": pl.String(),
+    "question_id": pl.Int64(),
+    "category": pl.String(),
+    "answer_1": pl.String(),
+    "answer_2": pl.String(),
+    "answer_tokens": pl.Int64(),
+    "cache_key_1": pl.String(),
+    "cache_key_2": pl.String(),
+}
+
+
+class BenchmarkAnswerConfig(Config):
+    """The benchmark files are read from $SRT_EVAL_DATA_DIR (else the samples in data/eval)."""
+
+    count: int | None = Field(4, description="instructions/questions drawn (None: all; the published numbers use all)")
+    seed: int = 0
+    max_new_tokens: int = Field(96, description="greedy answer length per turn (CPU demo size; the paper: 1024)")
+    batch_size: int = 8
+
+
+class AlpacaEvalConfig(Config):
+    references: list[str] = Field(
+        default=list(REFERENCES), description="reference outputs: text_davinci_003 (1.0) and/or gpt4_1106_preview (2.0)"
+    )
+    annotator: str = Field("alpaca_eval_gpt4", description="alpaca_eval annotator config (a text-parsing one)")
+    max_tokens: int = Field(64, description="judge reply length (the ranking list takes about 30 tokens)")
+    length_controlled: bool = Field(
+        False, description="also alpaca_eval's length-controlled win rate: full 805 set only, reads hub files"
+    )
+
+
+class MTBenchJudgeConfig(Config):
+    max_tokens: int = Field(128, description="judge reply length (FastChat: 2048; the rating comes last)")
+
+
+def answer_conversations(
+    conversations: list[Messages],
+    model_path: str,
+    student: StudentModelResource,
+    gpu: GPUResource,
+    cache: SqliteCache,
+    params: GenerationParams,
+    batch_size: int,
+) -> tuple[list[tuple[str, Generation]], CallStats]:
+    """One checkpoint's greedy answers through the call cache (vLLM or transformers, per ``gpu``)."""
+    generator = CheckpointGenerator(model_path, student.template, gpu, batch_size)
+    cached = CachedTeacher(generator, cache, chunk_size=32)
+    try:
+        return cached.generate(conversations, params), cached.stats
+    finally:
+        generator.close()
+
+
+def export_model_outputs(table: pl.DataFrame, folder: Path) -> dict[str, str]:
+    """Each checkpoint's answers as alpaca_eval's model_outputs.json, ready to submit anywhere."""
+    written = {}
+    for checkpoint in table["checkpoint"].unique(maintain_order=True):
+        part = table.filter(pl.col("checkpoint") == checkpoint).select("instruction", "output", "generator", "dataset")
+        path = folder / checkpoint / "model_outputs.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(part.to_dicts(), indent=2, ensure_ascii=False), encoding="utf-8")
+        written[checkpoint] = str(path)
+    return written
+
+
+def build_leaderboard_assets(source_partitions: PartitionsDefinition):
+    checkpoint_step = {
+        "partitions_def": source_partitions,
+        "group_name": "evaluation",
+        "kinds": {"pytorch", "polars"},
+        "deps": CHECKPOINT_KEYS,
+        **GPU_STEP,
+    }
+    judge_step = {"partitions_def": source_partitions, "group_name": "evaluation", "kinds": {"polars"}, **GPU_STEP}
+
+    @asset(**checkpoint_step, metadata={"dagster/column_schema": column_schema(OUTPUT_SCHEMA)})
+    def alpacaeval_outputs(
+        context: AssetExecutionContext,
+        config: BenchmarkAnswerConfig,
+        student: StudentModelResource,
+        gpu: GPUResource,
+        storage: StorageResource,
+    ) -> Output[pl.DataFrame]:
+        """Each checkpoint's answers to the AlpacaEval instructions (a seeded subset on CPU), in
+        alpaca_eval's model_outputs format and exported as model_outputs.json per checkpoint."""
+        source = context.partition_key
+        reference = load_reference(paths.eval_data_dir(), "text_davinci_003")
+        records = draw_instructions(reference, config.count, config.seed)
+        conversations = [[{"role": "user", "content": r["instruction"]}] for r in records]
+        params = GenerationParams(temperature=0.0, max_tokens=config.max_new_tokens)
+        parts, stats = [], {}
+        cache = SqliteCache(storage.cache_file, "answers")
+        try:
+            for checkpoint in DATASETS:
+                model_path = str(checkpoint_dir(storage, source, checkpoint))
+                replies, calls = answer_conversations(
+                    conversations, model_path, student, gpu, cache, params, config.batch_size
+                )
+                stats[checkpoint] = {"generated": calls.calls, "from_cache": calls.cache_hits}
+                parts.append(
+                    pl.DataFrame(
+                        {
+                            "instruction": [r["instruction"] for r in records],
+                            "output": [g.text or "" for _, g in replies],
+                            "generator": f"srt-{source}-{checkpoint}",
+                            "dataset": [r["dataset"] for r in records],
+                            "checkpoint": checkpoint,
+                            "answer_tokens": [g.completion_tokens for _, g in replies],
+                            "cache_key": [k for k, _ in replies],
+                        },
+                        schema=OUTPUT_SCHEMA,
+                    )
+                )
+        finally:
+            cache.close()
+        table = pl.concat(parts)
+        exported = export_model_outputs(table, storage.exports_dir / "alpacaeval_outputs" / source)
+        return Output(
+            table,
+            metadata={
+                "instructions": len(records),
+                "calls": json_value(stats),
+                "model_outputs_json": json_value(exported),
+                "examples": MetadataValue.md(
+                    markdown_table(table.select("checkpoint", "instruction", "output").head(6))
+                ),
+            },
+        )
+
+    @asset(**judge_step, metadata={"dagster/column_schema": column_schema(RESULT_SCHEMA)})
+    def alpacaeval_results(
+        context: AssetExecutionContext,
+        config: AlpacaEvalConfig,
+        alpacaeval_outputs: pl.DataFrame,
+        judge: TeacherResource,
+        gpu: GPUResource,
+        storage: StorageResource,
+    ) -> Output[pl.DataFrame]:
+        """Each checkpoint's AlpacaEval win rate against each reference, computed by alpaca_eval with
+        the judge resource as its annotator's model. Pairs whose judge reply alpaca_eval cannot
+        parse are counted as unjudged and left out of the rate."""
+        source = context.partition_key
+        data_dir = paths.eval_data_dir()
+        instructions = set(alpacaeval_outputs["instruction"])
+        params = GenerationParams(temperature=0.0, max_tokens=config.max_tokens)
+        rows, files = [], {}
+        progress = lambda done, total: context.log.info(f"judge: {done}/{total} calls done")  # noqa: E731
+        with judge.session(gpu, storage, progress) as cached:
+            for reference in config.references:
+                reference_outputs = [r for r in load_reference(data_dir, reference) if r["instruction"] in instructions]
+                for checkpoint in alpacaeval_outputs["checkpoint"].unique(maintain_order=True):
+                    outputs = alpacaeval_outputs.filter(pl.col("checkpoint") == checkpoint)
+                    work_dir = storage.reports_dir / source / "alpaca_eval" / reference / checkpoint
+                    metrics, _, ledger = win_rate(
+                        outputs.select("instruction", "output", "generator", "dataset").to_dicts(),
+                        reference_outputs,
+                        lambda conversations: cached.generate(conversations, params),
+                        config.annotator,
+                        work_dir,
+                        config.length_controlled,
+                    )
+                    files[f"{reference}/{checkpoint}"] = str(work_dir / "annotations.json")
+                    rows.append(
+                        metrics
+                        | {
+                            "checkpoint": checkpoint,
+                            "reference": reference,
+                            "annotator": config.annotator,
+                            "judge_calls": ledger.calls,
+                            "judge_prompt_tokens": ledger.prompt_tokens,
+                            "judge_completion_tokens": ledger.completion_tokens,
+                            "note": None if metrics["length_controlled_winrate"] is not None
+                            else "length-controlled: full 805 set and length_controlled=true only",
+                        }
+                    )  # fmt: skip
+        table = pl.DataFrame(rows, schema=RESULT_SCHEMA)
+        context.log.info(f"judge calls: {cached.stats.calls} made, {cached.stats.cache_hits} from cache")
+        return Output(
+            table,
+            metadata={
+                "results": MetadataValue.md(markdown_table(alpaca_eval_table(table))),
+                "unjudged": int(table["unjudged"].sum()),
+                "judge": json_value(judge.describe()),
+                "calls_made": cached.stats.calls,
+                "cache_hits": cached.stats.cache_hits,
+                "failures_by_kind": json_value(cached.stats.failures),
+                "annotations_json": json_value(files),
+            },
+        )
+
+    @asset(**checkpoint_step, metadata={"dagster/column_schema": column_schema(MT_ANSWER_SCHEMA)})
+    def mt_bench_answers(
+        context: AssetExecutionContext,
+        config: BenchmarkAnswerConfig,
+        student: StudentModelResource,
+        gpu: GPUResource,
+        storage: StorageResource,
+    ) -> Output[pl.DataFrame]:
+        """Each checkpoint's two-turn answers to the MT-Bench questions (a seeded subset on CPU): the
+        second turn is asked with the first question and the checkpoint's own first answer before it."""
+        source = context.partition_key
+        questions = load_questions(paths.eval_data_dir(), config.count, config.seed)
+        params = GenerationParams(temperature=0.0, max_tokens=config.max_new_tokens)
+        parts, stats = [], {}
+        cache = SqliteCache(storage.cache_file, "answers")
+        try:
+            for checkpoint in DATASETS:
+                model_path = str(checkpoint_dir(storage, source, checkpoint))
+                first_turns = [[{"role": "user", "content": q}] for q in questions["turn_1"]]
+                first, calls_1 = answer_conversations(
+                    first_turns, model_path, student, gpu, cache, params, config.batch_size
+                )
+                second_turns = [
+                    [*conversation, {"role": "assistant", "content": g.text or ""}, {"role": "user", "content": q}]
+                    for conversation, (_, g), q in zip(first_turns, first, questions["turn_2"], strict=True)
+                ]
+                second, calls_2 = answer_conversations(
+                    second_turns, model_path, student, gpu, cache, params, config.batch_size
+                )
+                stats[checkpoint] = {"generated": calls_1.calls + calls_2.calls,
+                                     "from_cache": calls_1.cache_hits + calls_2.cache_hits}  # fmt: skip
+                parts.append(
+                    questions.select("question_id", "category").with_columns(
+                        pl.lit(checkpoint).alias("checkpoint"),
+                        pl.Series("answer_1", [g.text or "" for _, g in first], dtype=pl.String),
+                        pl.Series("answer_2", [g.text or "" for _, g in second], dtype=pl.String),
+                        pl.Series(
+                            "answer_tokens",
+                            [
+                                g.completion_tokens + h.completion_tokens
+                                for (_, g), (_, h) in zip(first, second, strict=True)
+                            ],
+                            dtype=pl.Int64,
+                        ),
+                        pl.Series("cache_key_1", [k for k, _ in first], dtype=pl.String),
+                        pl.Series("cache_key_2", [k for k, _ in second], dtype=pl.String),
+                    )
+                )
+        finally:
+            cache.close()
+        table = pl.concat(parts).select(*MT_ANSWER_SCHEMA)
+        return Output(
+            table,
+            metadata={
+                "questions": questions.height,
+                "calls": json_value(stats),
+                "examples": MetadataValue.md(
+                    markdown_table(table.select("checkpoint", "category", "answer_1").head(6))
+                ),
+            },
+        )
+
+    @asset(**judge_step, metadata={"dagster/column_schema": column_schema(SCORE_SCHEMA)})
+    def mt_bench_scores(
+        context: AssetExecutionContext,
+        config: MTBenchJudgeConfig,
+        mt_bench_answers: pl.DataFrame,
+        judge: TeacherResource,
+        gpu: GPUResource,
+        storage: StorageResource,
+    ) -> Output[pl.DataFrame]:
+        """MT-Bench single-answer grading by the judge: 1–10 per turn, FastChat's prompts and GPT-4
+        reference answers. A reply without a readable ``[[rating]]`` is unjudged, never scored."""
+        data_dir = paths.eval_data_dir()
+        params = GenerationParams(temperature=0.0, max_tokens=config.max_tokens)
+        progress = lambda done, total: context.log.info(f"judge: {done}/{total} calls done")  # noqa: E731
+        with judge.session(gpu, storage, progress) as cached:
+            table = grade(
+                mt_bench_answers,
+                load_questions(data_dir),
+                load_judge_templates(data_dir),
+                lambda conversations: cached.generate(conversations, params),
+            )
+        summary = score_summary(table)
+        return Output(
+            table,
+            metadata={
+                "summary": MetadataValue.md(markdown_table(summary.filter(pl.col("category") == "all"))),
+                "per_category": MetadataValue.md(markdown_table(summary, max_chars=40)),
+                "unjudged": int(table["score"].is_null().sum()),
+                "judge": json_value(judge.describe()),
+                "calls_made": cached.stats.calls,
+                "cache_hits": cached.stats.cache_hits,
+                "judge_tokens": json_value(
+                    {"prompt": cached.stats.prompt_tokens, "completion": cached.stats.completion_tokens}
+                ),
+                "failures_by_kind": json_value(cached.stats.failures),
+            },
+        )
+
+    return [alpacaeval_outputs, alpacaeval_results, mt_bench_answers, mt_bench_scores]
+
+
+def alpaca_eval_table(results: pl.DataFrame) -> pl.DataFrame:
+    """The report's view: one row per checkpoint and reference."""
+    return results.select(
+        "checkpoint",
+        "reference",
+        pl.col("win_rate").round(2),
+        pl.col("standard_error").round(2),
+        pl.col("discrete_win_rate").round(2),
+        pl.col("length_controlled_winrate").round(2),
+        pl.col("n_total").alias("judged"),
+        "unjudged",
+        "judge_calls",
+    )
+
+
+def _unjudged_sentence(unjudged: int, total: int, what: str, fix: str) -> str:
+    if total == 0:
+        return "Nothing was judged."
+    if unjudged == total:
+        return (
+            f"Every {what} is unjudged: the judge never wrote {fix}. A small model (the bundled 135M one) "
+            "cannot follow that format; these numbers need a capable judge, such as a GPT-4-class endpoint "
+            '(README, "AlpacaEval and MT-Bench"). Unjudged pairs are left out, never guessed.'
+        )
+    if unjudged:
+        return f"{unjudged} of {total} {what}s are unjudged (no {fix}) and left out, never guessed."
+    return f"All {total} {what}s were judged."
+
+
+def alpaca_eval_section(results: pl.DataFrame) -> Section:
+    """AlpacaEval win rates of selected, random and full side by side, with what 'unjudged' means."""
+    pairs = int(results["instructions"].sum()) if results.height else 0
+    sentence = _unjudged_sentence(
+        int(results["unjudged"].sum()) if results.height else 0, pairs, "pair", "a ranking alpaca_eval could parse"
+    )
+    return Section(
+        "AlpacaEval win rate (%)",
+        "Each checkpoint's answers against a reference model's on the same AlpacaEval instructions "
+        "(text_davinci_003: AlpacaEval 1.0, the paper's setting; gpt4_1106_preview: the 2.0 reference), "
+        "computed by the alpaca-eval package with the judge resource as its annotator; 50 is parity. "
+        f"{sentence} The length-controlled rate is alpaca_eval's, on the full 805 set only.",
+        alpaca_eval_table(results) if results.height else None,
+    )
+
+
+def mt_bench_section(scores: pl.DataFrame) -> Section:
+    """MT-Bench mean scores per checkpoint and turn, with what 'unjudged' means."""
+    summary = score_summary(scores) if scores.height else pl.DataFrame()
+    sentence = _unjudged_sentence(
+        int(scores["score"].is_null().sum()) if scores.height else 0, scores.height, "answer", "a [[rating]]"
+    )
+    return Section(
+        "MT-Bench (single-answer grading, 1–10)",
+        "The judge grades each turn of each checkpoint's two-turn answers with FastChat's prompts (GPT-4 "
+        f"reference answers for math, reasoning and coding). {sentence} Per category: mt_bench_scores.",
+        summary.filter(pl.col("category") == "all").drop("category") if summary.height else None,
+    )

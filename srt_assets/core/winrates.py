@@ -1,0 +1,222 @@
+"""AlpacaEval win rates, computed by the ``alpaca-eval`` package itself, offline.
+
+alpaca_eval brings the annotator (its prompt template and reply parser, its random order swap) and
+the metrics (win rate, standard error, discrete win rate). We bring three things it would otherwise
+fetch or own: the reference outputs from local files, no precomputed leaderboard, and the completion
+function, which routes every judge prompt through our judge session (the call cache, retries,
+failure accounting; any backend: an OpenAI-compatible endpoint, vLLM, a local model). Nothing
+here asks a hub for anything; the length-controlled win rate, whose GLM needs
+``tatsu-lab/alpaca_eval``'s hub files, is computed only on request and only on the full set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from srt_assets.core.reflection import Messages
+from srt_assets.core.teacher import Generation
+
+FULL_SET = 805
+REFERENCES: dict[str, tuple[str, str]] = {  # name → (file, what it stands for)
+    "text_davinci_003": ("alpaca_eval_text_davinci_003_reference_outputs.json", "AlpacaEval 1.0"),
+    "gpt4_1106_preview": ("alpaca_eval_gpt4_1106_preview_reference_outputs.json", "AlpacaEval 2.0 reference"),
+}
+MODEL_OUTPUT_FIELDS = ("instruction", "output", "generator", "dataset")
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "checkpoint": pl.String(),
+    "reference": pl.String(),
+    "annotator": pl.String(),
+    "win_rate": pl.Float64(),
+    "standard_error": pl.Float64(),
+    "discrete_win_rate": pl.Float64(),
+    "length_controlled_winrate": pl.Float64(),
+    "n_wins": pl.Int64(),
+    "n_wins_base": pl.Int64(),
+    "n_draws": pl.Int64(),
+    "n_total": pl.Int64(),  # pairs with a preference (alpaca_eval's count)
+    "unjudged": pl.Int64(),  # pairs whose judge reply had no readable preference: left out, never guessed
+    "instructions": pl.Int64(),
+    "judge_calls": pl.Int64(),
+    "judge_prompt_tokens": pl.Int64(),
+    "judge_completion_tokens": pl.Int64(),
+    "note": pl.String(),
+}
+Judge = Callable[[list[Messages]], list[tuple[str, Generation]]]
+
+
+class AlpacaEvalError(ValueError):
+    pass
+
+
+def load_reference(data_dir: Path, reference: str) -> list[dict]:
+    """One reference model's outputs on the AlpacaEval instructions, from a local file."""
+    if reference not in REFERENCES:
+        raise AlpacaEvalError(f"unknown AlpacaEval reference '{reference}'; choose from {', '.join(REFERENCES)}")
+    path = Path(data_dir) / REFERENCES[reference][0]
+    if not path.is_file():
+        raise AlpacaEvalError(
+            f"AlpacaEval reference '{reference}': file not found: {path}. Set $SRT_EVAL_DATA_DIR (or the "
+            "asset's data_dir) to a folder holding it; the repository ships the first 24 records in data/eval."
+        )
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        for number, record in enumerate(records):
+            missing = [f for f in MODEL_OUTPUT_FIELDS if not isinstance(record.get(f), str)]
+            if missing:
+                raise AlpacaEvalError(f"{path}: record {number}: field {missing[0]} missing or not text")
+    except json.JSONDecodeError as exc:
+        raise AlpacaEvalError(f"{path}: not JSON: {exc}") from exc
+    return records
+
+
+def draw_instructions(records: Sequence[dict], count: int | None, seed: int) -> list[dict]:
+    """``count`` records drawn with ``seed``, kept in file order (all when None or more than there are)."""
+    frame = pl.DataFrame(list(records)).with_row_index("_i")
+    if count is not None and count < frame.height:
+        frame = frame.sample(n=count, seed=seed).sort("_i")
+    return frame.drop("_i").to_dicts()
+
+
+@dataclass
+class JudgeLedger:
+    """What the judge did for one alpaca_eval run: its calls, tokens and raw replies by prompt."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def completion_function(judge: Judge, ledger: JudgeLedger) -> Callable[..., dict]:
+    """alpaca_eval's ``fn_completions`` contract over our judge: ChatML prompt texts in, reply texts
+    out (an empty text where the call failed, which alpaca_eval's parser leaves unannotated)."""
+    from alpaca_eval.utils import prompt_to_chatml
+
+    def complete(prompts: Sequence[str], **_decoding) -> dict[str, list]:
+        conversations = [prompt_to_chatml(p) for p in prompts]
+        replies = judge(conversations)
+        ledger.calls += len(replies)
+        ledger.prompt_tokens += sum(g.prompt_tokens for _, g in replies)
+        ledger.completion_tokens += sum(g.completion_tokens for _, g in replies)
+        ledger.keys.extend(k for k, _ in replies)
+        return {
+            "completions": [g.text or "" for _, g in replies],
+            "price_per_example": [0.0] * len(replies),
+            "time_per_example": [0.0] * len(replies),
+        }
+
+    return complete
+
+
+def annotator_folder(annotator: str, work_dir: Path) -> Path:
+    """A copy of alpaca_eval's configuration of ``annotator`` whose completion function is left
+    open (we pass ours) and whose prompt template is alpaca_eval's own file, by absolute path."""
+    from alpaca_eval import constants
+
+    source = Path(constants.EVALUATORS_CONFIG_DIR) / annotator / "configs.yaml"
+    if not source.is_file():
+        raise AlpacaEvalError(f"alpaca_eval has no annotator '{annotator}' ({source} not found)")
+    settings = yaml.safe_load(source.read_text())[annotator]
+    if settings.get("completion_key", "completions") != "completions" or "logprobs" in settings.get(
+        "completions_kwargs", {}
+    ):
+        raise AlpacaEvalError(
+            f"annotator '{annotator}' reads token log-probabilities; the judge resource returns text. "
+            "Choose a text-parsing annotator such as alpaca_eval_gpt4 (AlpacaEval 1.0's judge)."
+        )
+    settings = {k: v for k, v in settings.items() if k not in ("fn_completions", "completions_kwargs")}
+    template = Path(settings["prompt_template"])
+    settings["prompt_template"] = str(template if template.is_absolute() else source.parent.parent / template)
+    folder = Path(work_dir) / annotator
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "configs.yaml").write_text(yaml.safe_dump({annotator: settings}, sort_keys=False))
+    return folder
+
+
+def win_rate(
+    model_outputs: list[dict],
+    reference_outputs: list[dict],
+    judge: Judge,
+    annotator: str,
+    work_dir: Path,
+    length_controlled: bool = False,
+) -> tuple[dict, pl.DataFrame, JudgeLedger]:
+    """alpaca_eval's head-to-head of ``model_outputs`` against ``reference_outputs`` (same
+    instructions), judged through ``judge``. Writes alpaca_eval's leaderboard.csv and
+    annotations.json into ``work_dir``; returns its metrics (plus ``unjudged``), the annotations
+    and the judge's ledger."""
+    from alpaca_eval import main as alpaca_eval_main
+
+    ours = {r["instruction"] for r in model_outputs}
+    if ours != {r["instruction"] for r in reference_outputs}:
+        raise AlpacaEvalError("model and reference outputs must cover the same instructions")
+    ledger = JudgeLedger()
+    work_dir = Path(work_dir)
+    folder = annotator_folder(annotator, work_dir)
+    quiet = logging.getLogger().level
+    leaderboard, annotations = alpaca_eval_main.evaluate(
+        model_outputs=model_outputs,
+        reference_outputs=reference_outputs,
+        annotators_config=str(folder / "configs.yaml"),
+        output_path=str(work_dir),
+        precomputed_leaderboard=None,
+        is_cache_leaderboard=False,
+        is_return_instead_of_print=True,
+        fn_metric=judged_winrate,
+        sort_by="win_rate",
+        caching_path=None,
+        fn_completions=completion_function(judge, ledger),
+    )
+    logging.getLogger().setLevel(quiet)
+    row = leaderboard.iloc[0].to_dict()
+    metrics = {k: _number(row.get(k)) for k in ("win_rate", "standard_error", "discrete_win_rate",
+                                                 "n_wins", "n_wins_base", "n_draws", "n_total")}  # fmt: skip
+    metrics["instructions"] = len(model_outputs)
+    metrics["unjudged"] = len(model_outputs) - int(metrics["n_total"] or 0)
+    metrics["length_controlled_winrate"] = None
+    if length_controlled:
+        metrics["length_controlled_winrate"] = _length_controlled(annotations, len(model_outputs))
+    table = pl.DataFrame(
+        [{"instruction": a["instruction"], "preference": _number(a.get("preference")),
+          "judge_reply": a.get("preference_raw_completion")} for a in annotations],
+        schema={"instruction": pl.String(), "preference": pl.Float64(), "judge_reply": pl.String()},
+    )  # fmt: skip
+    return metrics, table, ledger
+
+
+def judged_winrate(annotations) -> dict:
+    """alpaca_eval's ``get_winrate`` over the pairs that have a preference; when none has (every
+    reply unparseable), no rate at all, where alpaca_eval itself would fail on an empty series."""
+    from alpaca_eval.metrics import get_winrate
+
+    judged = [a for a in annotations if _number(a.get("preference")) is not None]
+    if not judged:
+        empty = dict.fromkeys(("win_rate", "standard_error", "discrete_win_rate"))
+        return empty | {"n_wins": 0, "n_wins_base": 0, "n_draws": 0, "n_total": 0}
+    return get_winrate(judged)
+
+
+def _length_controlled(annotations, instructions: int) -> float | None:
+    """alpaca_eval's length-controlled win rate: defined on the full 805 set, and its GLM reads
+    instruction difficulties from the hub (network, or a filled Hugging Face cache)."""
+    if instructions != FULL_SET:
+        return None
+    from alpaca_eval.metrics import get_length_controlled_winrate
+
+    return _number(get_length_controlled_winrate(annotations, save_weights_dir=None)["length_controlled_winrate"])
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
