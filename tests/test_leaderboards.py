@@ -245,3 +245,129 @@ def test_a_second_turn_is_rendered_after_the_first_in_the_training_template():
     text = render_conversation(template.render, conversation)
     assert text == f"{template.render('Q1')} A1\n\n{template.render('Q2')}"
     assert render_conversation(template.render, conversation[1:2]) == template.render("Q1")
+
+
+def test_report_puts_checkpoints_side_by_side_and_says_why_all_is_unjudged():
+    from srt_assets.assets.leaderboards import alpaca_eval_section, mt_bench_section
+    from srt_assets.core.winrates import RESULT_SCHEMA
+
+    def result(checkpoint, reference, rate, judged, unjudged):
+        empty = dict.fromkeys(RESULT_SCHEMA)
+        return empty | {"checkpoint": checkpoint, "reference": reference, "win_rate": rate, "standard_error": 0.0,
+                        "n_total": judged, "unjudged": unjudged, "instructions": 4, "judge_calls": 4}  # fmt: skip
+
+    rows = [result("full", "text_davinci_003", None, 0, 4), result("selected", "text_davinci_003", 75.0, 4, 0)]
+    section = alpaca_eval_section(pl.DataFrame(rows, schema=RESULT_SCHEMA))
+    assert section.table.columns[:3] == ["reference", "selected", "full"]  # checkpoint order, not row order
+    assert section.table.row(0, named=True) == {
+        "reference": "text_davinci_003", "selected": "75.0 ± 0.0 (4 judged)", "full": "unjudged",
+        "judged": 4, "unjudged": 4, "judge_calls": 8,
+    }  # fmt: skip
+    assert "4 of 8 pairs are unjudged" in section.note
+    silent = [result(c, "text_davinci_003", None, 0, 4) for c in ("selected", "random", "full")]
+    assert "Every pair is unjudged" in alpaca_eval_section(pl.DataFrame(silent, schema=RESULT_SCHEMA)).note
+    scores = pl.DataFrame(
+        {"model": ["selected", "random"], "question_id": [81, 81], "category": ["writing"] * 2, "turn": [1, 1],
+         "score": [None, None], "judge_reply": ["hm", "hm"], "judge_status": ["ok", "ok"], "cache_key": ["a", "b"]},
+        schema_overrides={"score": pl.Float64},
+    )  # fmt: skip
+    mt = mt_bench_section(scores)
+    assert "Every answer is unjudged" in mt.note and mt.table["selected"].to_list() == ["unjudged"] * 2
+    assert "bundled 135M" in mt.note
+    cut = mt_bench_section(scores.with_columns(pl.Series("judge_status", ["truncated", "failed"])))
+    assert "1 judge calls failed" in cut.note and "1 judge replies ran out of tokens" in cut.note
+    assert "bundled 135M" not in cut.note  # a failing endpoint is not blamed on the model
+
+
+def test_a_judge_that_answers_401_makes_failed_calls_not_a_format_complaint(tmp_path):
+    reference = reference_records(3)
+    outputs = [dict(r, output=r["output"] + " More.", generator="srt-test") for r in reference]
+    with ScriptedOpenAIServer(reply=longer_wins_ranking, api_key="right-key") as server:
+        judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)  # no key
+        params = GenerationParams(temperature=0.0, max_tokens=64)
+        with judge.session(GPUResource(), StorageResource(base_dir=str(tmp_path / "s"))) as cached:
+            metrics, _, ledger = win_rate(
+                outputs, reference, lambda c: cached.generate(c, params), "alpaca_eval_gpt4", tmp_path / "w"
+            )
+    assert metrics["unjudged"] == 3 and ledger.failed == 3 and metrics["win_rate"] is None
+
+
+def test_repeated_instructions_pair_row_by_row_not_as_a_cross_product(tmp_path):
+    reference = reference_records(4)
+    reference = [*reference, dict(reference[0], output=reference[0]["output"] + " (second copy)")]
+    outputs = [dict(r, output=r["output"] + " Plus more.", generator="srt-test") for r in reference]
+    with ScriptedOpenAIServer(reply=longer_wins_ranking) as server:
+        metrics, _, ledger = run_win_rate(server, tmp_path, outputs, reference)
+    assert (metrics["n_total"], metrics["unjudged"], ledger.calls) == (5, 0, 5)
+    assert metrics["win_rate"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="1 outputs have no reference"):
+        run_win_rate(server, tmp_path, [*outputs, dict(outputs[1], instruction="unknown")], reference, name="x")
+
+
+@pytest.mark.parametrize("annotator", ["weighted_alpaca_eval_gpt4_turbo", "alpaca_eval_gpt4_fn", "alpaca_farm"])
+def test_annotators_that_need_more_than_text_are_refused_with_a_reason(tmp_path, annotator):
+    from srt_assets.core.winrates import annotator_folder
+
+    with pytest.raises(ValueError, match=r"log-probabilities or a tool call|several annotators"):
+        annotator_folder(annotator, tmp_path)
+
+
+def test_length_controlled_rate_without_the_hub_is_null_with_a_reason(monkeypatch):
+    import alpaca_eval.metrics
+
+    from srt_assets.core.winrates import FULL_SET, length_controlled_rate
+
+    def offline(*args, **kwargs):
+        raise OSError("hub unreachable")
+
+    monkeypatch.setattr(alpaca_eval.metrics, "get_length_controlled_winrate", offline)
+    assert length_controlled_rate([], FULL_SET) == (None, "length-controlled: alpaca_eval could not compute it "
+                                                    "(OSError: hub unreachable)")  # fmt: skip
+    rate, note = length_controlled_rate([], 24)
+    assert rate is None and "full 805 set" in note
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "broken", "message"),
+    [
+        (
+            "mt_bench_question.jsonl",
+            3,
+            {"question_id": 83, "category": "writing", "turns": "ab"},
+            "'turns' must be list",
+        ),
+        (
+            "mt_bench_question.jsonl",
+            2,
+            {"question_id": 82, "category": "writing", "turns": [None, "x"]},
+            "two non-empty",
+        ),
+        ("mt_bench_question.jsonl", 1, {"category": "writing", "turns": ["a", "b"]}, "'question_id' must be int"),
+        ("mt_bench_reference_answer_gpt-4.jsonl", 1, {"question_id": 101}, "'choices' must be list, found missing"),
+        ("mt_bench_judge_prompts.jsonl", 5, {"type": "single"}, "'name' must be str"),
+    ],
+)
+def test_broken_mt_bench_files_name_the_file_line_and_field(tmp_path, file, line, broken, message):
+    import json
+    import shutil
+
+    from srt_assets.core.mt_bench import MTBenchError
+
+    for name in ("mt_bench_question.jsonl", "mt_bench_reference_answer_gpt-4.jsonl", "mt_bench_judge_prompts.jsonl"):
+        shutil.copy(paths.BUNDLED_EVAL_DIR / name, tmp_path / name)
+    lines = (tmp_path / file).read_text().splitlines()
+    lines[line - 1] = json.dumps(broken)
+    (tmp_path / file).write_text("\n".join(lines) + "\n")
+    load = load_judge_templates if "judge" in file else load_questions
+    with pytest.raises(MTBenchError, match=re.escape(f"{tmp_path / file}: line {line}: ") + ".*" + re.escape(message)):
+        load(tmp_path)
+
+
+def test_missing_judge_prompt_is_named_when_the_file_is_read(tmp_path):
+    from srt_assets.core.mt_bench import MTBenchError
+
+    kept = [x for x in (paths.BUNDLED_EVAL_DIR / "mt_bench_judge_prompts.jsonl").read_text().splitlines()
+            if '"single-math-v1-multi-turn"' not in x]  # fmt: skip
+    (tmp_path / "mt_bench_judge_prompts.jsonl").write_text("\n".join(kept))
+    with pytest.raises(MTBenchError, match="single-math-v1-multi-turn missing"):
+        load_judge_templates(tmp_path)

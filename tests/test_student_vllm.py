@@ -66,3 +66,33 @@ def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
     assert scores.height == 3 * 4 and scores["ifd"].is_not_null().all()
     event = dagster_instance.get_latest_materialization_event(dagster.AssetKey("student_scores"))
     assert event.asset_materialization.metadata["compute"].value["backend"] == "vllm"
+
+
+@pytest.mark.slow
+def test_checkpoint_answers_from_vllm_match_batched_transformers(student_model_dir):
+    """Evaluation answers on the vLLM backend: vLLM's batched generation, greedy, the same texts as
+    batched transformers generate, and a cache identity of their own."""
+    from srt_assets.core.teacher import GenerationParams
+    from srt_assets.models.compute import ComputeSettings
+    from srt_assets.models.generation import CheckpointGenerator
+
+    conversations = [
+        [{"role": "user", "content": "Name three primary colors."}],
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "user", "content": "Give me a word for happy."},
+            {"role": "assistant", "content": "Joyful."},
+            {"role": "user", "content": "And one for sad?"},
+        ],
+    ]
+    params = GenerationParams(temperature=0.0, max_tokens=16)
+    answers, ids = {}, {}
+    for backend in ("transformers", "vllm"):
+        generator = CheckpointGenerator(str(student_model_dir), "alpaca", ComputeSettings(backend=backend), 4)
+        try:
+            answers[backend] = [g.text for g in generator.generate(conversations, params)]
+            ids[backend] = generator.model_id
+        finally:
+            generator.close()
+    assert answers["vllm"] == answers["transformers"] and all(answers["vllm"])
+    assert ids["vllm"] == ids["transformers"] + "|vllm"

@@ -16,7 +16,14 @@ from srt_assets.core.cache import SqliteCache
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
 from srt_assets.core.reflection import Messages
 from srt_assets.core.teacher import CachedTeacher, CallStats, Generation, GenerationParams
-from srt_assets.core.winrates import REFERENCES, RESULT_SCHEMA, draw_instructions, load_reference, win_rate
+from srt_assets.core.winrates import (
+    LENGTH_CONTROLLED_REFERENCE,
+    REFERENCES,
+    RESULT_SCHEMA,
+    draw_instructions,
+    load_reference,
+    win_rate,
+)
 from srt_assets.models.generation import CheckpointGenerator
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section
@@ -185,15 +192,20 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
                 for checkpoint in alpacaeval_outputs["checkpoint"].unique(maintain_order=True):
                     outputs = alpacaeval_outputs.filter(pl.col("checkpoint") == checkpoint)
                     work_dir = storage.reports_dir / source / "alpaca_eval" / reference / checkpoint
+                    made_before = cached.stats.calls
                     metrics, _, ledger = win_rate(
                         outputs.select("instruction", "output", "generator", "dataset").to_dicts(),
                         reference_outputs,
                         lambda conversations: cached.generate(conversations, params),
                         config.annotator,
                         work_dir,
-                        config.length_controlled,
+                        config.length_controlled and reference == LENGTH_CONTROLLED_REFERENCE,
                     )
                     files[f"{reference}/{checkpoint}"] = str(work_dir / "annotations.json")
+                    if config.length_controlled and reference != LENGTH_CONTROLLED_REFERENCE:
+                        metrics["note"] = (
+                            f"length-controlled: alpaca_eval defines it against {LENGTH_CONTROLLED_REFERENCE}"
+                        )
                     rows.append(
                         metrics
                         | {
@@ -201,18 +213,19 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
                             "reference": reference,
                             "annotator": config.annotator,
                             "judge_calls": ledger.calls,
+                            "judge_calls_made": cached.stats.calls - made_before,
+                            "judge_failed": ledger.failed,
+                            "judge_truncated": ledger.truncated,
                             "judge_prompt_tokens": ledger.prompt_tokens,
                             "judge_completion_tokens": ledger.completion_tokens,
-                            "note": None if metrics["length_controlled_winrate"] is not None
-                            else "length-controlled: full 805 set and length_controlled=true only",
                         }
-                    )  # fmt: skip
+                    )
         table = pl.DataFrame(rows, schema=RESULT_SCHEMA)
         context.log.info(f"judge calls: {cached.stats.calls} made, {cached.stats.cache_hits} from cache")
         return Output(
             table,
             metadata={
-                "results": MetadataValue.md(markdown_table(alpaca_eval_table(table))),
+                "results": MetadataValue.md(markdown_table(alpaca_eval_table(table), max_chars=40)),
                 "unjudged": int(table["unjudged"].sum()),
                 "judge": json_value(judge.describe()),
                 "calls_made": cached.stats.calls,
@@ -325,47 +338,71 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
     return [alpacaeval_outputs, alpacaeval_results, mt_bench_answers, mt_bench_scores]
 
 
+def side_by_side(frame: pl.DataFrame, row: str, column: str, cell: pl.Expr) -> pl.DataFrame:
+    """One row per ``row`` value, one column per checkpoint (selected, random, full in that order)."""
+    cells = frame.select(row, column, cell.alias("cell"))
+    wide = cells.pivot(on=column, index=row, values="cell", maintain_order=True)
+    return wide.select(row, *[c for c in DATASETS if c in wide.columns])
+
+
 def alpaca_eval_table(results: pl.DataFrame) -> pl.DataFrame:
-    """The report's view: one row per checkpoint and reference."""
-    return results.select(
-        "checkpoint",
-        "reference",
-        pl.col("win_rate").round(2),
-        pl.col("standard_error").round(2),
-        pl.col("discrete_win_rate").round(2),
-        pl.col("length_controlled_winrate").round(2),
-        pl.col("n_total").alias("judged"),
-        "unjudged",
-        "judge_calls",
+    """The report's view: win rate ± standard error per reference, the checkpoints side by side;
+    'unjudged' where no pair had a preference, and how many pairs each rate rests on."""
+    rate = (
+        pl.when(pl.col("win_rate").is_null())
+        .then(pl.lit("unjudged"))
+        .otherwise(
+            pl.format("{} ± {} ({} judged)", pl.col("win_rate").round(1), pl.col("standard_error").round(1), "n_total")
+        )
     )
+    table = side_by_side(results, "reference", "checkpoint", rate)
+    counts = results.group_by("reference", maintain_order=True).agg(
+        pl.col("n_total").sum().alias("judged"), pl.col("unjudged").sum(), pl.col("judge_calls").sum()
+    )
+    return table.join(counts, on="reference", how="left", maintain_order="left")
 
 
-def _unjudged_sentence(unjudged: int, total: int, what: str, fix: str) -> str:
+def _unjudged_sentence(unjudged: int, total: int, what: str, fix: str, failed: int = 0, truncated: int = 0) -> str:
+    """What 'unjudged' means here, with its causes: failed calls, replies cut at max_tokens, or
+    replies without a verdict (the bundled 135M judge's usual case)."""
     if total == 0:
         return "Nothing was judged."
-    if unjudged == total:
-        return (
-            f"Every {what} is unjudged: the judge never wrote {fix}. A small model (the bundled 135M one) "
-            "cannot follow that format; these numbers need a capable judge, such as a GPT-4-class endpoint "
-            '(README, "AlpacaEval and MT-Bench"). Unjudged pairs are left out, never guessed.'
+    if unjudged == 0:
+        return f"All {total} {what}s were judged."
+    head = f"Every {what} is unjudged" if unjudged == total else f"{unjudged} of {total} {what}s are unjudged"
+    parts = [f"{head}: left out, never guessed."]
+    if failed:
+        parts.append(f"{failed} judge calls failed for good (their kinds: the asset's failures_by_kind).")
+    if truncated:
+        parts.append(f"{truncated} judge replies ran out of tokens first (raise the asset's max_tokens).")
+    if unjudged > failed:
+        parts.append(f"The judge's replies held no {fix}.")
+    if unjudged == total and not failed:
+        parts.append(
+            "A small judge (the bundled 135M model) cannot follow that format: these numbers need a capable "
+            'one, such as a GPT-4-class endpoint (README, "AlpacaEval and MT-Bench").'
         )
-    if unjudged:
-        return f"{unjudged} of {total} {what}s are unjudged (no {fix}) and left out, never guessed."
-    return f"All {total} {what}s were judged."
+    return " ".join(parts)
 
 
 def alpaca_eval_section(results: pl.DataFrame) -> Section:
     """AlpacaEval win rates of selected, random and full side by side, with what 'unjudged' means."""
     pairs = int(results["instructions"].sum()) if results.height else 0
     sentence = _unjudged_sentence(
-        int(results["unjudged"].sum()) if results.height else 0, pairs, "pair", "a ranking alpaca_eval could parse"
+        int(results["unjudged"].sum()) if results.height else 0,
+        pairs,
+        "pair",
+        "ranking alpaca_eval could parse",
+        int(results["judge_failed"].sum()) if results.height else 0,
+        int(results["judge_truncated"].sum()) if results.height else 0,
     )
     return Section(
         "AlpacaEval win rate (%)",
         "Each checkpoint's answers against a reference model's on the same AlpacaEval instructions "
         "(text_davinci_003: AlpacaEval 1.0, the paper's setting; gpt4_1106_preview: the 2.0 reference), "
         "computed by the alpaca-eval package with the judge resource as its annotator; 50 is parity. "
-        f"{sentence} The length-controlled rate is alpaca_eval's, on the full 805 set only.",
+        f"{sentence} The length-controlled rate is alpaca_eval's: full 805 set, against gpt4_1106_preview, "
+        "on request.",
         alpaca_eval_table(results) if results.height else None,
     )
 
@@ -374,11 +411,27 @@ def mt_bench_section(scores: pl.DataFrame) -> Section:
     """MT-Bench mean scores per checkpoint and turn, with what 'unjudged' means."""
     summary = score_summary(scores) if scores.height else pl.DataFrame()
     sentence = _unjudged_sentence(
-        int(scores["score"].is_null().sum()) if scores.height else 0, scores.height, "answer", "a [[rating]]"
+        int(scores["score"].is_null().sum()),
+        scores.height,
+        "answer",
+        "[[rating]]",
+        int((scores["judge_status"] == "failed").sum()),
+        int((scores["judge_status"] == "truncated").sum()),
     )
+    table = None
+    if summary.height:
+        overall = summary.filter(pl.col("category") == "all")
+        cell = (
+            pl.when(pl.col("mean_score").is_null())
+            .then(pl.lit("unjudged"))
+            .otherwise(pl.format("{} ({} judged)", pl.col("mean_score").round(2), "judged"))
+        )
+        table = side_by_side(overall, "turn", "model", cell).join(
+            overall.group_by("turn", maintain_order=True).agg(pl.col("unjudged").sum()), on="turn", how="left"
+        )
     return Section(
         "MT-Bench (single-answer grading, 1–10)",
         "The judge grades each turn of each checkpoint's two-turn answers with FastChat's prompts (GPT-4 "
         f"reference answers for math, reasoning and coding). {sentence} Per category: mt_bench_scores.",
-        summary.filter(pl.col("category") == "all").drop("category") if summary.height else None,
+        table,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from srt_assets.core.reflection import Messages
+from srt_assets.core.teacher import Generation
 
 QUESTION_FILE = "mt_bench_question.jsonl"
 REFERENCE_FILE = "mt_bench_reference_answer_gpt-4.jsonl"
@@ -47,41 +48,63 @@ class JudgeTemplate:
     prompt_template: str
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs of a JSON Lines file; errors name the file and the line."""
     if not path.is_file():
         raise MTBenchError(
             f"MT-Bench file not found: {path}. Set the evaluation data folder ($SRT_EVAL_DATA_DIR) "
             "to a folder holding it (the repository ships it in data/eval)."
         )
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise MTBenchError(f"{path}: line {number} is not JSON: {exc}") from exc
+            if not isinstance(record, dict):
+                raise MTBenchError(f"{path}: line {number}: expected an object, found a {type(record).__name__}")
+            records.append((number, record))
     return records
 
 
+def _field(record: dict, name: str, kind: type, path: Path, line: int):
+    value = record.get(name)
+    if kind is int and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        found = "missing" if name not in record else f"a {type(value).__name__}"
+        raise MTBenchError(f"{path}: line {line}: field '{name}' must be {kind.__name__}, found {found}")
+    return value
+
+
+def _two_texts(value: list, name: str, path: Path, line: int) -> list[str]:
+    if len(value) != 2 or not all(isinstance(t, str) and t.strip() for t in value):
+        raise MTBenchError(f"{path}: line {line}: field '{name}' must hold two non-empty texts")
+    return value
+
+
 def load_questions(data_dir: Path, count: int | None = None, seed: int = 0) -> pl.DataFrame:
-    """The questions with their reference answers; ``count`` drawn with ``seed`` (stratified by
-    nothing: a plain seeded sample kept in file order), all when None."""
+    """The questions with their reference answers; ``count`` drawn with ``seed`` (a plain seeded
+    sample kept in file order), all when None."""
+    reference_path, question_path = Path(data_dir) / REFERENCE_FILE, Path(data_dir) / QUESTION_FILE
     references = {}
-    for record in _jsonl(Path(data_dir) / REFERENCE_FILE):
-        turns = record["choices"][0]["turns"]
-        references[int(record["question_id"])] = [*turns, None, None][:2]
+    for line, record in _jsonl(reference_path):
+        choices = _field(record, "choices", list, reference_path, line)
+        if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("turns"), list):
+            raise MTBenchError(f"{reference_path}: line {line}: field 'choices' must hold an object with 'turns'")
+        turns = choices[0]["turns"]
+        references[_field(record, "question_id", int, reference_path, line)] = [*turns, None, None][:2]
     rows = []
-    for number, record in enumerate(_jsonl(Path(data_dir) / QUESTION_FILE), start=1):
-        try:
-            turns, category, qid = record["turns"], record["category"], int(record["question_id"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MTBenchError(f"{Path(data_dir) / QUESTION_FILE}: line {number}: field {exc} missing") from exc
-        if len(turns) != 2:
-            raise MTBenchError(f"{Path(data_dir) / QUESTION_FILE}: line {number}: expected 2 turns, found {len(turns)}")
+    for line, record in _jsonl(question_path):
+        qid = _field(record, "question_id", int, question_path, line)
+        category = _field(record, "category", str, question_path, line)
+        turns = _two_texts(_field(record, "turns", list, question_path, line), "turns", question_path, line)
         reference = references.get(qid, [None, None]) if category in NEEDS_REFERENCE else [None, None]
-        if category in NEEDS_REFERENCE and reference[0] is None:
+        if category in NEEDS_REFERENCE and not isinstance(reference[0], str):
             raise MTBenchError(
-                f"MT-Bench question {qid} ({category}) needs a reference answer: none in {REFERENCE_FILE}"
+                f"{question_path}: line {line}: question {qid} ({category}) needs a reference answer; "
+                f"{reference_path} has none"
             )
         rows.append({"question_id": qid, "category": category, "turn_1": turns[0], "turn_2": turns[1],
                      "reference_1": reference[0], "reference_2": reference[1]})  # fmt: skip
@@ -92,10 +115,18 @@ def load_questions(data_dir: Path, count: int | None = None, seed: int = 0) -> p
 
 
 def load_judge_templates(data_dir: Path) -> dict[str, JudgeTemplate]:
-    return {
-        r["name"]: JudgeTemplate(r["name"], r["system_prompt"], r["prompt_template"])
-        for r in _jsonl(Path(data_dir) / JUDGE_PROMPT_FILE)
-    }
+    """FastChat's judge prompts by name; the four that single-answer grading uses must be there."""
+    path = Path(data_dir) / JUDGE_PROMPT_FILE
+    templates = {}
+    for line, record in _jsonl(path):
+        name = _field(record, "name", str, path, line)
+        fields = (_field(record, f, str, path, line) for f in ("system_prompt", "prompt_template"))
+        templates[name] = JudgeTemplate(name, *fields)
+    needed = [template_name(c, t) for c in ("writing", "math") for t in TURNS]
+    missing = [n for n in needed if n not in templates]
+    if missing:
+        raise MTBenchError(f"{path}: judge prompt(s) {', '.join(missing)} missing (single-answer grading needs them)")
+    return templates
 
 
 def template_name(category: str, turn: int) -> str:
@@ -141,6 +172,7 @@ SCORE_SCHEMA: dict[str, pl.DataType] = {
     "turn": pl.Int64(),
     "score": pl.Float64(),  # 1–10; null where the judge wrote no readable [[rating]] (unjudged)
     "judge_reply": pl.String(),
+    "judge_status": pl.String(),  # ok | failed (the call failed for good) | truncated (cut at max_tokens)
     "cache_key": pl.String(),
 }
 
@@ -163,9 +195,16 @@ def grade(answers: pl.DataFrame, questions: pl.DataFrame, templates: dict[str, J
         category = by_id[row["question_id"]]["category"]
         rows.append(
             {"model": row["checkpoint"], "question_id": row["question_id"], "category": category, "turn": turn,
-             "score": parse_rating(reply.text), "judge_reply": reply.text, "cache_key": key}
+             "score": parse_rating(reply.text), "judge_reply": reply.text, "judge_status": judge_status(reply),
+             "cache_key": key}
         )  # fmt: skip
     return pl.DataFrame(rows, schema=SCORE_SCHEMA)
+
+
+def judge_status(reply: Generation) -> str:
+    if not reply.usable:
+        return "failed"
+    return "truncated" if reply.finish_reason == "length" else "ok"
 
 
 def score_summary(scores: pl.DataFrame) -> pl.DataFrame:

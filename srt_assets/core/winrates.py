@@ -12,7 +12,6 @@ here asks a hub for anything; the length-controlled win rate, whose GLM needs
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ REFERENCES: dict[str, tuple[str, str]] = {  # name → (file, what it stands for
     "text_davinci_003": ("alpaca_eval_text_davinci_003_reference_outputs.json", "AlpacaEval 1.0"),
     "gpt4_1106_preview": ("alpaca_eval_gpt4_1106_preview_reference_outputs.json", "AlpacaEval 2.0 reference"),
 }
+LENGTH_CONTROLLED_REFERENCE = "gpt4_1106_preview"  # the baseline alpaca_eval's length-control GLM was fitted for
 MODEL_OUTPUT_FIELDS = ("instruction", "output", "generator", "dataset")
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "checkpoint": pl.String(),
@@ -44,12 +44,16 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "n_total": pl.Int64(),  # pairs with a preference (alpaca_eval's count)
     "unjudged": pl.Int64(),  # pairs whose judge reply had no readable preference: left out, never guessed
     "instructions": pl.Int64(),
-    "judge_calls": pl.Int64(),
+    "judge_calls": pl.Int64(),  # judge replies (new calls and call-cache hits)
+    "judge_calls_made": pl.Int64(),  # of them, calls made in this run
+    "judge_failed": pl.Int64(),  # calls that failed for good: their pairs are unjudged
+    "judge_truncated": pl.Int64(),  # replies cut off at max_tokens
     "judge_prompt_tokens": pl.Int64(),
     "judge_completion_tokens": pl.Int64(),
     "note": pl.String(),
 }
 Judge = Callable[[list[Messages]], list[tuple[str, Generation]]]
+NEEDS_MORE_THAN_TEXT = frozenset({"logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call"})
 
 
 class AlpacaEvalError(ValueError):
@@ -67,13 +71,17 @@ def load_reference(data_dir: Path, reference: str) -> list[dict]:
             "asset's data_dir) to a folder holding it; the repository ships the first 24 records in data/eval."
         )
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-        for number, record in enumerate(records):
-            missing = [f for f in MODEL_OUTPUT_FIELDS if not isinstance(record.get(f), str)]
-            if missing:
-                raise AlpacaEvalError(f"{path}: record {number}: field {missing[0]} missing or not text")
-    except json.JSONDecodeError as exc:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AlpacaEvalError(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(records, list):
+        raise AlpacaEvalError(f"{path}: expected a JSON array of records, found a {type(records).__name__}")
+    for number, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AlpacaEvalError(f"{path}: record {number}: expected an object, found a {type(record).__name__}")
+        missing = [f for f in MODEL_OUTPUT_FIELDS if not isinstance(record.get(f), str)]
+        if missing:
+            raise AlpacaEvalError(f"{path}: record {number}: field '{missing[0]}' missing or not text")
     return records
 
 
@@ -89,7 +97,9 @@ def draw_instructions(records: Sequence[dict], count: int | None, seed: int) -> 
 class JudgeLedger:
     """What the judge did for one alpaca_eval run: its calls, tokens and raw replies by prompt."""
 
-    calls: int = 0
+    calls: int = 0  # replies, whether new or from the call cache
+    failed: int = 0  # calls that failed for good (the reply is empty, so the pair is unjudged)
+    truncated: int = 0  # replies cut off at max_tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
     keys: list[str] = field(default_factory=list)
@@ -104,6 +114,8 @@ def completion_function(judge: Judge, ledger: JudgeLedger) -> Callable[..., dict
         conversations = [prompt_to_chatml(p) for p in prompts]
         replies = judge(conversations)
         ledger.calls += len(replies)
+        ledger.failed += sum(not g.usable for _, g in replies)
+        ledger.truncated += sum(g.finish_reason == "length" for _, g in replies)
         ledger.prompt_tokens += sum(g.prompt_tokens for _, g in replies)
         ledger.completion_tokens += sum(g.completion_tokens for _, g in replies)
         ledger.keys.extend(k for k, _ in replies)
@@ -124,13 +136,19 @@ def annotator_folder(annotator: str, work_dir: Path) -> Path:
     source = Path(constants.EVALUATORS_CONFIG_DIR) / annotator / "configs.yaml"
     if not source.is_file():
         raise AlpacaEvalError(f"alpaca_eval has no annotator '{annotator}' ({source} not found)")
-    settings = yaml.safe_load(source.read_text())[annotator]
-    if settings.get("completion_key", "completions") != "completions" or "logprobs" in settings.get(
-        "completions_kwargs", {}
-    ):
+    configured = yaml.safe_load(source.read_text())
+    if list(configured) != [annotator]:
         raise AlpacaEvalError(
-            f"annotator '{annotator}' reads token log-probabilities; the judge resource returns text. "
-            "Choose a text-parsing annotator such as alpaca_eval_gpt4 (AlpacaEval 1.0's judge)."
+            f"alpaca_eval's '{annotator}' configures several annotators ({', '.join(configured)}); "
+            "choose a single-annotator config such as alpaca_eval_gpt4"
+        )
+    settings = configured[annotator]
+    needs = set(settings.get("completions_kwargs", {})) & NEEDS_MORE_THAN_TEXT
+    if needs or settings.get("completion_key", "completions") != "completions":
+        raise AlpacaEvalError(
+            f"annotator '{annotator}' needs {', '.join(sorted(needs)) or 'the raw API reply'} from the judge "
+            "(log-probabilities or a tool call); the judge resource returns text. Choose a text-parsing "
+            "annotator such as alpaca_eval_gpt4 (AlpacaEval 1.0's judge)."
         )
     settings = {k: v for k, v in settings.items() if k not in ("fn_completions", "completions_kwargs")}
     template = Path(settings["prompt_template"])
@@ -155,16 +173,14 @@ def win_rate(
     and the judge's ledger."""
     from alpaca_eval import main as alpaca_eval_main
 
-    ours = {r["instruction"] for r in model_outputs}
-    if ours != {r["instruction"] for r in reference_outputs}:
-        raise AlpacaEvalError("model and reference outputs must cover the same instructions")
+    reference_outputs = aligned(model_outputs, reference_outputs)
     ledger = JudgeLedger()
     work_dir = Path(work_dir)
     folder = annotator_folder(annotator, work_dir)
-    quiet = logging.getLogger().level
     leaderboard, annotations = alpaca_eval_main.evaluate(
         model_outputs=model_outputs,
         reference_outputs=reference_outputs,
+        annotation_kwargs={"is_ordered": True},  # pair row i with row i: a repeated instruction is not a cross product
         annotators_config=str(folder / "configs.yaml"),
         output_path=str(work_dir),
         precomputed_leaderboard=None,
@@ -175,15 +191,17 @@ def win_rate(
         caching_path=None,
         fn_completions=completion_function(judge, ledger),
     )
-    logging.getLogger().setLevel(quiet)
     row = leaderboard.iloc[0].to_dict()
     metrics = {k: _number(row.get(k)) for k in ("win_rate", "standard_error", "discrete_win_rate",
                                                  "n_wins", "n_wins_base", "n_draws", "n_total")}  # fmt: skip
+    judged = sum(_number(a.get("preference")) is not None for a in annotations)
+    if judged > len(model_outputs):
+        raise AlpacaEvalError(f"alpaca_eval returned {judged} judged pairs for {len(model_outputs)} outputs")
     metrics["instructions"] = len(model_outputs)
-    metrics["unjudged"] = len(model_outputs) - int(metrics["n_total"] or 0)
-    metrics["length_controlled_winrate"] = None
+    metrics["unjudged"] = len(model_outputs) - judged
+    metrics["length_controlled_winrate"], metrics["note"] = None, None
     if length_controlled:
-        metrics["length_controlled_winrate"] = _length_controlled(annotations, len(model_outputs))
+        metrics["length_controlled_winrate"], metrics["note"] = length_controlled_rate(annotations, len(model_outputs))
     table = pl.DataFrame(
         [{"instruction": a["instruction"], "preference": _number(a.get("preference")),
           "judge_reply": a.get("preference_raw_completion")} for a in annotations],
@@ -204,14 +222,42 @@ def judged_winrate(annotations) -> dict:
     return get_winrate(judged)
 
 
-def _length_controlled(annotations, instructions: int) -> float | None:
-    """alpaca_eval's length-controlled win rate: defined on the full 805 set, and its GLM reads
-    instruction difficulties from the hub (network, or a filled Hugging Face cache)."""
+def aligned(model_outputs: list[dict], reference_outputs: list[dict]) -> list[dict]:
+    """The reference records in the order of ``model_outputs``, one per output (a repeated
+    instruction takes its copies in file order); an error names what does not match."""
+    by_instruction: dict[str, list[dict]] = {}
+    for record in reference_outputs:
+        by_instruction.setdefault(record["instruction"], []).append(record)
+    ordered, missing = [], []
+    for record in model_outputs:
+        copies = by_instruction.get(record["instruction"])
+        if copies:
+            ordered.append(copies.pop(0))
+        else:
+            missing.append(record["instruction"])
+    extra = [r["instruction"] for copies in by_instruction.values() for r in copies]
+    if missing or extra:
+        shown = "; ".join(repr(t[:60]) for t in (missing or extra)[:3])
+        raise AlpacaEvalError(
+            f"model and reference outputs must pair up by instruction: {len(missing)} outputs have no "
+            f"reference and {len(extra)} references no output (e.g. {shown})"
+        )
+    return ordered
+
+
+def length_controlled_rate(annotations, instructions: int) -> tuple[float | None, str | None]:
+    """alpaca_eval's length-controlled win rate, or None and why. alpaca_eval defines it on the full
+    805 set; its GLM reads instruction difficulties from the Hugging Face hub (network, or a filled
+    HF cache), and was fitted for the 2.0 setting, so it means most against gpt4_1106_preview."""
     if instructions != FULL_SET:
-        return None
+        return None, f"length-controlled: defined on the full {FULL_SET} set, this run has {instructions}"
     from alpaca_eval.metrics import get_length_controlled_winrate
 
-    return _number(get_length_controlled_winrate(annotations, save_weights_dir=None)["length_controlled_winrate"])
+    try:
+        rate = get_length_controlled_winrate(annotations, save_weights_dir=None)["length_controlled_winrate"]
+    except Exception as exc:  # the hub unreachable, or the GLM failing on degenerate preferences
+        return None, f"length-controlled: alpaca_eval could not compute it ({type(exc).__name__}: {str(exc)[:120]})"
+    return _number(rate), None
 
 
 def _number(value) -> float | None:

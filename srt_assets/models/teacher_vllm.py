@@ -64,8 +64,12 @@ class VLLMTeacher:
     def generate_texts(
         self, prompts: Sequence[str], params: GenerationParams, on_done: OnDone | None = None
     ) -> list[Generation]:
-        """Continue ready-made prompt texts (e.g. a training template) in one batched call."""
-        outputs = self.llm.generate(list(prompts), self._sampling(params), use_tqdm=False)
+        """Continue ready-made prompt texts (e.g. a training template) in one batched call. The texts
+        are tokenized as the transformers path does, without added special tokens (vLLM would add a
+        BOS to each), so both engines see the same tokens."""
+        tokenizer = self.llm.get_tokenizer()
+        token_prompts = [{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
+        outputs = self.llm.generate(token_prompts, self._sampling(params), use_tqdm=False)
         return [_generation(out) for out in outputs]
 
     @staticmethod
