@@ -28,15 +28,13 @@ from srt_assets.assets.common import (
     to_check_results,
 )
 from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
-from srt_assets.assets.leaderboards import alpaca_eval_section, mt_bench_section
-from srt_assets.core.cache import SqliteCache
+from srt_assets.assets.leaderboards import alpaca_eval_section, answer_with_checkpoints, mt_bench_section
 from srt_assets.core.candidate_quality import FLAGS
 from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set, loss_comparisons
 from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, pairwise_summary, parse_judge_reply
 from srt_assets.core.quality import CheckOutcome
-from srt_assets.core.teacher import CachedTeacher, CallStats, GenerationParams
+from srt_assets.core.teacher import CallStats, GenerationParams
 from srt_assets.core.training import read_manifest
-from srt_assets.models.generation import CheckpointGenerator
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section, build_report, finite_mean
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
@@ -104,29 +102,6 @@ class JudgeConfig(Config):
         default=[["selected", "full"], ["selected", "random"]], description="[model, opponent] dataset pairs"
     )
     max_tokens: int = Field(48, description="judge reply length; the scores are on its first line")
-
-
-def answer_rows(
-    prompts: pl.DataFrame,
-    dataset: str,
-    model_path: str,
-    student: StudentModelResource,
-    gpu: GPUResource,
-    cache: SqliteCache,
-    params: GenerationParams,
-    batch_size: int,
-) -> tuple[pl.DataFrame, dict[str, int]]:
-    """One checkpoint's answers to the prompts, through the call cache."""
-    generator = CheckpointGenerator(model_path, student.template, gpu, batch_size)
-    cached = CachedTeacher(generator, cache, chunk_size=32)
-    replies = cached.generate([[{"role": "user", "content": p}] for p in prompts["prompt"]], params)
-    rows = prompts.select("prompt_set", "prompt_id", "prompt").with_columns(
-        pl.lit(dataset).alias("dataset"),
-        pl.Series("answer", [g.text or "" for _, g in replies], dtype=pl.String),
-        pl.Series("answer_tokens", [g.completion_tokens for _, g in replies], dtype=pl.Int64),
-        pl.Series("cache_key", [k for k, _ in replies], dtype=pl.String),
-    )
-    return rows, {"generated": cached.stats.calls, "from_cache": cached.stats.cache_hits}
 
 
 def judge_pairs(
@@ -273,19 +248,26 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
         """Greedy answers of every checkpoint to the held-out prompts. Cached per checkpoint content,
         so retraining one checkpoint regenerates only its answers."""
         prompts = evaluation_prompts.filter(pl.col("reference").is_null())
+        conversations = [[{"role": "user", "content": p}] for p in prompts["prompt"]]
         params = GenerationParams(temperature=0.0, max_tokens=config.max_new_tokens)
-        parts, stats = [], {}
-        cache = SqliteCache(storage.cache_file, "answers")
-        try:
-            for dataset in DATASETS:
-                model_path = str(checkpoint_dir(storage, context.partition_key, dataset))
-                rows, stats[dataset] = answer_rows(
-                    prompts, dataset, model_path, student, gpu, cache, params, config.batch_size
-                )
-                context.log.info(f"answers of checkpoint '{dataset}': {stats[dataset]}")
-                parts.append(rows)
-        finally:
-            cache.close()
+        answers, stats = answer_with_checkpoints(
+            storage,
+            context.partition_key,
+            student,
+            gpu,
+            config.batch_size,
+            lambda answer: answer(conversations, params),
+        )
+        context.log.info(f"answers per checkpoint: {stats}")
+        parts = [
+            prompts.select("prompt_set", "prompt_id", "prompt").with_columns(
+                pl.lit(dataset).alias("dataset"),
+                pl.Series("answer", [g.text or "" for _, g in replies], dtype=pl.String),
+                pl.Series("answer_tokens", [g.completion_tokens for _, g in replies], dtype=pl.Int64),
+                pl.Series("cache_key", [k for k, _ in replies], dtype=pl.String),
+            )
+            for dataset, replies in answers.items()
+        ]
         table = pl.concat(parts).select(*ANSWER_SCHEMA)
         return Output(
             table,

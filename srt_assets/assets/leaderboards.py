@@ -3,7 +3,9 @@
 Answers and judge calls go through the durable call cache, so a rerun only pays for what changed."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, PartitionsDefinition, asset
@@ -15,7 +17,7 @@ from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_d
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
 from srt_assets.core.reflection import Messages
-from srt_assets.core.teacher import CachedTeacher, CallStats, Generation, GenerationParams
+from srt_assets.core.teacher import CachedTeacher, Generation, GenerationParams
 from srt_assets.core.winrates import (
     LENGTH_CONTROLLED_REFERENCE,
     REFERENCES,
@@ -50,6 +52,10 @@ MT_ANSWER_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+T = TypeVar("T")
+Answer = Callable[[list[Messages], GenerationParams], list[tuple[str, Generation]]]
+
+
 class BenchmarkAnswerConfig(Config):
     """The benchmark files are read from $SRT_EVAL_DATA_DIR (else the samples in data/eval)."""
 
@@ -74,22 +80,33 @@ class MTBenchJudgeConfig(Config):
     max_tokens: int = Field(128, description="judge reply length (FastChat: 2048; the rating comes last)")
 
 
-def answer_conversations(
-    conversations: list[Messages],
-    model_path: str,
+def answer_with_checkpoints(
+    storage: StorageResource,
+    source: str,
     student: StudentModelResource,
     gpu: GPUResource,
-    cache: SqliteCache,
-    params: GenerationParams,
     batch_size: int,
-) -> tuple[list[tuple[str, Generation]], CallStats]:
-    """One checkpoint's greedy answers through the call cache (vLLM or transformers, per ``gpu``)."""
-    generator = CheckpointGenerator(model_path, student.template, gpu, batch_size)
-    cached = CachedTeacher(generator, cache, chunk_size=32)
+    ask: Callable[[Answer], T],
+) -> tuple[dict[str, T], dict[str, dict[str, int]]]:
+    """``ask(answer)`` once per checkpoint of ``source``, where ``answer(conversations, params)``
+    gives that checkpoint's greedy replies through the call cache (vLLM or transformers, per
+    ``gpu``; the engine loads on the first miss and is released after). Returns what ``ask``
+    returned and the calls made and served from the cache, per checkpoint."""
+    results, stats = {}, {}
+    cache = SqliteCache(storage.cache_file, "answers")
     try:
-        return cached.generate(conversations, params), cached.stats
+        for checkpoint in DATASETS:
+            model_path = str(checkpoint_dir(storage, source, checkpoint))
+            generator = CheckpointGenerator(model_path, student.template, gpu, batch_size)
+            cached = CachedTeacher(generator, cache, chunk_size=32)
+            try:
+                results[checkpoint] = ask(cached.generate)
+            finally:
+                generator.close()
+            stats[checkpoint] = {"generated": cached.stats.calls, "from_cache": cached.stats.cache_hits}
     finally:
-        generator.close()
+        cache.close()
+    return results, stats
 
 
 def export_model_outputs(table: pl.DataFrame, folder: Path) -> dict[str, str]:
@@ -129,31 +146,24 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
         records = draw_instructions(reference, config.count, config.seed)
         conversations = [[{"role": "user", "content": r["instruction"]}] for r in records]
         params = GenerationParams(temperature=0.0, max_tokens=config.max_new_tokens)
-        parts, stats = [], {}
-        cache = SqliteCache(storage.cache_file, "answers")
-        try:
-            for checkpoint in DATASETS:
-                model_path = str(checkpoint_dir(storage, source, checkpoint))
-                replies, calls = answer_conversations(
-                    conversations, model_path, student, gpu, cache, params, config.batch_size
-                )
-                stats[checkpoint] = {"generated": calls.calls, "from_cache": calls.cache_hits}
-                parts.append(
-                    pl.DataFrame(
-                        {
-                            "instruction": [r["instruction"] for r in records],
-                            "output": [g.text or "" for _, g in replies],
-                            "generator": f"srt-{source}-{checkpoint}",
-                            "dataset": [r["dataset"] for r in records],
-                            "checkpoint": checkpoint,
-                            "answer_tokens": [g.completion_tokens for _, g in replies],
-                            "cache_key": [k for k, _ in replies],
-                        },
-                        schema=OUTPUT_SCHEMA,
-                    )
-                )
-        finally:
-            cache.close()
+        answers, stats = answer_with_checkpoints(
+            storage, source, student, gpu, config.batch_size, lambda answer: answer(conversations, params)
+        )
+        parts = [
+            pl.DataFrame(
+                {
+                    "instruction": [r["instruction"] for r in records],
+                    "output": [g.text or "" for _, g in replies],
+                    "generator": f"srt-{source}-{checkpoint}",
+                    "dataset": [r["dataset"] for r in records],
+                    "checkpoint": checkpoint,
+                    "answer_tokens": [g.completion_tokens for _, g in replies],
+                    "cache_key": [k for k, _ in replies],
+                },
+                schema=OUTPUT_SCHEMA,
+            )
+            for checkpoint, replies in answers.items()
+        ]
         table = pl.concat(parts)
         exported = export_model_outputs(table, storage.exports_dir / "alpacaeval_outputs" / source)
         return Output(
@@ -248,43 +258,32 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
         source = context.partition_key
         questions = load_questions(paths.eval_data_dir(), config.count, config.seed)
         params = GenerationParams(temperature=0.0, max_tokens=config.max_new_tokens)
-        parts, stats = [], {}
-        cache = SqliteCache(storage.cache_file, "answers")
-        try:
-            for checkpoint in DATASETS:
-                model_path = str(checkpoint_dir(storage, source, checkpoint))
-                first_turns = [[{"role": "user", "content": q}] for q in questions["turn_1"]]
-                first, calls_1 = answer_conversations(
-                    first_turns, model_path, student, gpu, cache, params, config.batch_size
-                )
-                second_turns = [
-                    [*conversation, {"role": "assistant", "content": g.text or ""}, {"role": "user", "content": q}]
-                    for conversation, (_, g), q in zip(first_turns, first, questions["turn_2"], strict=True)
-                ]
-                second, calls_2 = answer_conversations(
-                    second_turns, model_path, student, gpu, cache, params, config.batch_size
-                )
-                stats[checkpoint] = {"generated": calls_1.calls + calls_2.calls,
-                                     "from_cache": calls_1.cache_hits + calls_2.cache_hits}  # fmt: skip
-                parts.append(
-                    questions.select("question_id", "category").with_columns(
-                        pl.lit(checkpoint).alias("checkpoint"),
-                        pl.Series("answer_1", [g.text or "" for _, g in first], dtype=pl.String),
-                        pl.Series("answer_2", [g.text or "" for _, g in second], dtype=pl.String),
-                        pl.Series(
-                            "answer_tokens",
-                            [
-                                g.completion_tokens + h.completion_tokens
-                                for (_, g), (_, h) in zip(first, second, strict=True)
-                            ],
-                            dtype=pl.Int64,
-                        ),
-                        pl.Series("cache_key_1", [k for k, _ in first], dtype=pl.String),
-                        pl.Series("cache_key_2", [k for k, _ in second], dtype=pl.String),
-                    )
-                )
-        finally:
-            cache.close()
+        first_turns = [[{"role": "user", "content": q}] for q in questions["turn_1"]]
+
+        def both_turns(answer: Answer) -> tuple[list, list]:
+            first = answer(first_turns, params)
+            second_turns = [
+                [*conversation, {"role": "assistant", "content": g.text or ""}, {"role": "user", "content": q}]
+                for conversation, (_, g), q in zip(first_turns, first, questions["turn_2"], strict=True)
+            ]
+            return first, answer(second_turns, params)
+
+        answers, stats = answer_with_checkpoints(storage, source, student, gpu, config.batch_size, both_turns)
+        parts = [
+            questions.select("question_id", "category").with_columns(
+                pl.lit(checkpoint).alias("checkpoint"),
+                pl.Series("answer_1", [g.text or "" for _, g in first], dtype=pl.String),
+                pl.Series("answer_2", [g.text or "" for _, g in second], dtype=pl.String),
+                pl.Series(
+                    "answer_tokens",
+                    [g.completion_tokens + h.completion_tokens for (_, g), (_, h) in zip(first, second, strict=True)],
+                    dtype=pl.Int64,
+                ),
+                pl.Series("cache_key_1", [k for k, _ in first], dtype=pl.String),
+                pl.Series("cache_key_2", [k for k, _ in second], dtype=pl.String),
+            )
+            for checkpoint, (first, second) in answers.items()
+        ]
         table = pl.concat(parts).select(*MT_ANSWER_SCHEMA)
         return Output(
             table,
