@@ -12,6 +12,7 @@ here asks a hub for anything; the length-controlled win rate, whose GLM needs
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ class JudgeLedger:
 def completion_function(judge: Judge, ledger: JudgeLedger) -> Callable[..., dict]:
     """alpaca_eval's ``fn_completions`` contract over our judge: ChatML prompt texts in, reply texts
     out (an empty text where the call failed, which alpaca_eval's parser leaves unannotated)."""
-    from alpaca_eval.utils import prompt_to_chatml
+    prompt_to_chatml = _import_quietly("alpaca_eval.utils").prompt_to_chatml
 
     def complete(prompts: Sequence[str], **_decoding) -> dict[str, list]:
         conversations = [prompt_to_chatml(p) for p in prompts]
@@ -131,7 +132,7 @@ def completion_function(judge: Judge, ledger: JudgeLedger) -> Callable[..., dict
 def annotator_folder(annotator: str, work_dir: Path) -> Path:
     """A copy of alpaca_eval's configuration of ``annotator`` whose completion function is left
     open (we pass ours) and whose prompt template is alpaca_eval's own file, by absolute path."""
-    from alpaca_eval import constants
+    constants = _import_quietly("alpaca_eval.constants")
 
     source = Path(constants.EVALUATORS_CONFIG_DIR) / annotator / "configs.yaml"
     if not source.is_file():
@@ -171,26 +172,31 @@ def win_rate(
     instructions), judged through ``judge``. Writes alpaca_eval's leaderboard.csv and
     annotations.json into ``work_dir``; returns its metrics (plus ``unjudged``), the annotations
     and the judge's ledger."""
-    from alpaca_eval import main as alpaca_eval_main
-
+    alpaca_eval_main = _import_quietly("alpaca_eval.main")
     reference_outputs = aligned(model_outputs, reference_outputs)
     ledger = JudgeLedger()
     work_dir = Path(work_dir)
     folder = annotator_folder(annotator, work_dir)
-    leaderboard, annotations = alpaca_eval_main.evaluate(
-        model_outputs=model_outputs,
-        reference_outputs=reference_outputs,
-        annotation_kwargs={"is_ordered": True},  # pair row i with row i: a repeated instruction is not a cross product
-        annotators_config=str(folder / "configs.yaml"),
-        output_path=str(work_dir),
-        precomputed_leaderboard=None,
-        is_cache_leaderboard=False,
-        is_return_instead_of_print=True,
-        fn_metric=judged_winrate,
-        sort_by="win_rate",
-        caching_path=None,
-        fn_completions=completion_function(judge, ledger),
-    )
+    root = logging.getLogger()
+    root.addFilter(_unjudged_chatter)
+    try:
+        leaderboard, annotations = alpaca_eval_main.evaluate(
+            model_outputs=model_outputs,
+            reference_outputs=reference_outputs,
+            # pair row i with row i: a repeated instruction is not a cross product
+            annotation_kwargs={"is_ordered": True},
+            annotators_config=str(folder / "configs.yaml"),
+            output_path=str(work_dir),
+            precomputed_leaderboard=None,
+            is_cache_leaderboard=False,
+            is_return_instead_of_print=True,
+            fn_metric=judged_winrate,
+            sort_by="win_rate",
+            caching_path=None,
+            fn_completions=completion_function(judge, ledger),
+        )
+    finally:
+        root.removeFilter(_unjudged_chatter)
     row = leaderboard.iloc[0].to_dict()
     metrics = {k: _number(row.get(k)) for k in ("win_rate", "standard_error", "discrete_win_rate",
                                                  "n_wins", "n_wins_base", "n_draws", "n_total")}  # fmt: skip
@@ -213,13 +219,40 @@ def win_rate(
 def judged_winrate(annotations) -> dict:
     """alpaca_eval's ``get_winrate`` over the pairs that have a preference; when none has (every
     reply unparseable), no rate at all, where alpaca_eval itself would fail on an empty series."""
-    from alpaca_eval.metrics import get_winrate
+    get_winrate = _import_quietly("alpaca_eval.metrics").get_winrate
 
     judged = [a for a in annotations if _number(a.get("preference")) is not None]
     if not judged:
         empty = dict.fromkeys(("win_rate", "standard_error", "discrete_win_rate"))
         return empty | {"n_wins": 0, "n_wins_base": 0, "n_draws": 0, "n_total": 0}
     return get_winrate(judged)
+
+
+def _unjudged_chatter(record: logging.LogRecord) -> bool:
+    """Drop alpaca_eval's per-reply parse errors (each with the whole reply) and its 'no auto
+    annotation' warning: srt counts those pairs as unjudged and reports them once."""
+    path = Path(record.pathname)
+    if path.parent.name != "alpaca_eval" and path.parent.parent.name != "alpaca_eval":
+        return True
+    message = record.getMessage()
+    return not (
+        path.name == "completion_parsers.py"
+        or "no auto annotation" in message
+        or message.startswith("Error while parsing completion")
+    )
+
+
+def _import_quietly(module: str):
+    """Import an alpaca_eval module without its side effect on logging: it sets the root logger
+    to INFO at import, which would flood every log of the process with its chatter."""
+    import importlib
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        return importlib.import_module(module)
+    finally:
+        root.setLevel(level)
 
 
 def aligned(model_outputs: list[dict], reference_outputs: list[dict]) -> list[dict]:
@@ -251,7 +284,7 @@ def length_controlled_rate(annotations, instructions: int) -> tuple[float | None
     HF cache), and was fitted for the 2.0 setting, so it means most against gpt4_1106_preview."""
     if instructions != FULL_SET:
         return None, f"length-controlled: defined on the full {FULL_SET} set, this run has {instructions}"
-    from alpaca_eval.metrics import get_length_controlled_winrate
+    get_length_controlled_winrate = _import_quietly("alpaca_eval.metrics").get_length_controlled_winrate
 
     try:
         rate = get_length_controlled_winrate(annotations, save_weights_dir=None)["length_controlled_winrate"]
