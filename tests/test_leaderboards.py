@@ -371,3 +371,22 @@ def test_missing_judge_prompt_is_named_when_the_file_is_read(tmp_path):
     (tmp_path / "mt_bench_judge_prompts.jsonl").write_text("\n".join(kept))
     with pytest.raises(MTBenchError, match="single-math-v1-multi-turn missing"):
         load_judge_templates(tmp_path)
+
+
+def test_reference_files_with_a_bom_load_and_broken_ones_name_file_record_and_field(tmp_path):
+    import json
+
+    from srt_assets.core.winrates import REFERENCES, AlpacaEvalError
+
+    path = tmp_path / REFERENCES["text_davinci_003"][0]
+    records = load_reference(paths.BUNDLED_EVAL_DIR, "text_davinci_003")
+    path.write_text(json.dumps(records), encoding="utf-8-sig")
+    assert load_reference(tmp_path, "text_davinci_003") == records
+    path.write_text(json.dumps({"instruction": "x"}))
+    with pytest.raises(AlpacaEvalError, match=re.escape(f"{path}: expected a JSON array of records, found a dict")):
+        load_reference(tmp_path, "text_davinci_003")
+    path.write_text(json.dumps([records[0], {k: v for k, v in records[1].items() if k != "output"}]))
+    with pytest.raises(AlpacaEvalError, match=re.escape(f"{path}: record 1: field 'output' missing or not text")):
+        load_reference(tmp_path, "text_davinci_003")
+    with pytest.raises(AlpacaEvalError, match=r"file not found: .*SRT_EVAL_DATA_DIR"):
+        load_reference(tmp_path, "gpt4_1106_preview")

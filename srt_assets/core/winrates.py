@@ -68,8 +68,8 @@ def load_reference(data_dir: Path, reference: str) -> list[dict]:
     path = Path(data_dir) / REFERENCES[reference][0]
     if not path.is_file():
         raise AlpacaEvalError(
-            f"AlpacaEval reference '{reference}': file not found: {path}. Set $SRT_EVAL_DATA_DIR (or the "
-            "asset's data_dir) to a folder holding it; the repository ships the first 24 records in data/eval."
+            f"AlpacaEval reference '{reference}': file not found: {path}. Set $SRT_EVAL_DATA_DIR to a folder "
+            "holding it (e.g. ../shared/data); the repository ships the first 24 records in data/eval."
         )
     try:
         records = json.loads(path.read_text(encoding="utf-8-sig"))
