@@ -378,7 +378,7 @@ def test_reference_files_with_a_bom_load_and_broken_ones_name_file_record_and_fi
 
     from srt_assets.core.winrates import REFERENCES, AlpacaEvalError
 
-    path = tmp_path / REFERENCES["text_davinci_003"][0]
+    path = tmp_path / REFERENCES["text_davinci_003"]
     records = load_reference(paths.BUNDLED_EVAL_DIR, "text_davinci_003")
     path.write_text(json.dumps(records), encoding="utf-8-sig")
     assert load_reference(tmp_path, "text_davinci_003") == records

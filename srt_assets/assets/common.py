@@ -162,3 +162,19 @@ def production_figures(
             carried = {name: metadata[name] for name in figures if name in metadata}
             return {**carried, "served_from_cache": True, PRODUCED_BY: metadata[PRODUCED_BY]}
     return {"served_from_cache": True, "figures": "computed in a run this instance has no record of"}
+
+
+def calls_progress(context, label: str):
+    """A session's progress callback: one log line per finished chunk of model calls."""
+    return lambda done, total: context.log.info(f"{label}: {done}/{total} calls done")
+
+
+def judge_metadata(judge, stats) -> dict[str, Any]:
+    """What every judging asset shows: which judge, the calls it made or took from the cache, and
+    the failures by kind (never a key: ``describe`` hides it)."""
+    return {
+        "judge": json_value(judge.describe()),
+        "calls_made": stats.calls,
+        "cache_hits": stats.cache_hits,
+        "failures_by_kind": json_value(stats.failures),
+    }

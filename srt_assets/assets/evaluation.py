@@ -22,8 +22,10 @@ from srt_assets import paths
 from srt_assets.assets.common import (
     GPU_STEP,
     blocking_checks,
+    calls_progress,
     column_schema,
     json_value,
+    judge_metadata,
     quantiles,
     to_check_results,
 )
@@ -133,8 +135,7 @@ def judge_pairs(
     params = GenerationParams(
         temperature=0.0, max_tokens=config.max_tokens, json_schema=JUDGE_JSON_SCHEMA if structured else None
     )
-    progress = lambda done, total: context.log.info(f"judge: {done}/{total} calls done")  # noqa: E731
-    with judge.session(gpu, storage, progress) as cached:
+    with judge.session(gpu, storage, calls_progress(context, "judge")) as cached:
         replies = cached.generate(conversations, params)
     context.log.info(f"judge calls: {cached.stats.calls} made, {cached.stats.cache_hits} from cache")
     records = []
@@ -347,10 +348,7 @@ def build_evaluation_assets(source_partitions: PartitionsDefinition):
                 "summary": MetadataValue.md(markdown_table(summary)),
                 "summary_json": json_value(summary.to_dicts()),
                 "unjudged": int((table["verdict"] == "unjudged").sum()),
-                "judge": json_value(judge.describe()),
-                "calls_made": stats.calls,
-                "cache_hits": stats.cache_hits,
-                "failures_by_kind": json_value(stats.failures),
+                **judge_metadata(judge, stats),
             },
         )
         yield from to_check_results("pairwise_verdicts", verdict_checks(table, evaluation_answers, config))

@@ -12,7 +12,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, Partit
 from pydantic import Field
 
 from srt_assets import paths
-from srt_assets.assets.common import GPU_STEP, column_schema, json_value
+from srt_assets.assets.common import GPU_STEP, calls_progress, column_schema, json_value, judge_metadata
 from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
@@ -195,8 +195,7 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
         instructions = set(alpacaeval_outputs["instruction"])
         params = GenerationParams(temperature=0.0, max_tokens=config.max_tokens)
         rows, files = [], {}
-        progress = lambda done, total: context.log.info(f"judge: {done}/{total} calls done")  # noqa: E731
-        with judge.session(gpu, storage, progress) as cached:
+        with judge.session(gpu, storage, calls_progress(context, "judge")) as cached:
             for reference in config.references:
                 reference_outputs = [r for r in load_reference(data_dir, reference) if r["instruction"] in instructions]
                 for checkpoint in alpacaeval_outputs["checkpoint"].unique(maintain_order=True):
@@ -237,10 +236,7 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
             metadata={
                 "results": MetadataValue.md(markdown_table(alpaca_eval_table(table), max_chars=40)),
                 "unjudged": int(table["unjudged"].sum()),
-                "judge": json_value(judge.describe()),
-                "calls_made": cached.stats.calls,
-                "cache_hits": cached.stats.cache_hits,
-                "failures_by_kind": json_value(cached.stats.failures),
+                **judge_metadata(judge, cached.stats),
                 "annotations_json": json_value(files),
             },
         )
@@ -309,8 +305,7 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
         reference answers. A reply without a readable ``[[rating]]`` is unjudged, never scored."""
         data_dir = paths.eval_data_dir()
         params = GenerationParams(temperature=0.0, max_tokens=config.max_tokens)
-        progress = lambda done, total: context.log.info(f"judge: {done}/{total} calls done")  # noqa: E731
-        with judge.session(gpu, storage, progress) as cached:
+        with judge.session(gpu, storage, calls_progress(context, "judge")) as cached:
             table = grade(
                 mt_bench_answers,
                 load_questions(data_dir),
@@ -324,13 +319,10 @@ def build_leaderboard_assets(source_partitions: PartitionsDefinition):
                 "summary": MetadataValue.md(markdown_table(summary.filter(pl.col("category") == "all"))),
                 "per_category": MetadataValue.md(markdown_table(summary, max_chars=40)),
                 "unjudged": int(table["score"].is_null().sum()),
-                "judge": json_value(judge.describe()),
-                "calls_made": cached.stats.calls,
-                "cache_hits": cached.stats.cache_hits,
+                **judge_metadata(judge, cached.stats),
                 "judge_tokens": json_value(
                     {"prompt": cached.stats.prompt_tokens, "completion": cached.stats.completion_tokens}
                 ),
-                "failures_by_kind": json_value(cached.stats.failures),
             },
         )
 

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -25,9 +25,9 @@ from srt_assets.core.reflection import Messages
 from srt_assets.core.teacher import Generation
 
 FULL_SET = 805
-REFERENCES: dict[str, tuple[str, str]] = {  # name → (file, what it stands for)
-    "text_davinci_003": ("alpaca_eval_text_davinci_003_reference_outputs.json", "AlpacaEval 1.0"),
-    "gpt4_1106_preview": ("alpaca_eval_gpt4_1106_preview_reference_outputs.json", "AlpacaEval 2.0 reference"),
+REFERENCES: dict[str, str] = {  # reference model → its outputs file
+    "text_davinci_003": "alpaca_eval_text_davinci_003_reference_outputs.json",  # AlpacaEval 1.0
+    "gpt4_1106_preview": "alpaca_eval_gpt4_1106_preview_reference_outputs.json",  # the 2.0 reference
 }
 LENGTH_CONTROLLED_REFERENCE = "gpt4_1106_preview"  # the baseline alpaca_eval's length-control GLM was fitted for
 MODEL_OUTPUT_FIELDS = ("instruction", "output", "generator", "dataset")
@@ -65,7 +65,7 @@ def load_reference(data_dir: Path, reference: str) -> list[dict]:
     """One reference model's outputs on the AlpacaEval instructions, from a local file."""
     if reference not in REFERENCES:
         raise AlpacaEvalError(f"unknown AlpacaEval reference '{reference}'; choose from {', '.join(REFERENCES)}")
-    path = Path(data_dir) / REFERENCES[reference][0]
+    path = Path(data_dir) / REFERENCES[reference]
     if not path.is_file():
         raise AlpacaEvalError(
             f"AlpacaEval reference '{reference}': file not found: {path}. Set $SRT_EVAL_DATA_DIR to a folder "
@@ -96,14 +96,13 @@ def draw_instructions(records: Sequence[dict], count: int | None, seed: int) -> 
 
 @dataclass
 class JudgeLedger:
-    """What the judge did for one alpaca_eval run: its calls, tokens and raw replies by prompt."""
+    """What the judge did for one alpaca_eval run: its replies, failures and tokens."""
 
     calls: int = 0  # replies, whether new or from the call cache
     failed: int = 0  # calls that failed for good (the reply is empty, so the pair is unjudged)
     truncated: int = 0  # replies cut off at max_tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    keys: list[str] = field(default_factory=list)
 
 
 def completion_function(judge: Judge, ledger: JudgeLedger) -> Callable[..., dict]:
@@ -119,7 +118,6 @@ def completion_function(judge: Judge, ledger: JudgeLedger) -> Callable[..., dict
         ledger.truncated += sum(g.finish_reason == "length" for _, g in replies)
         ledger.prompt_tokens += sum(g.prompt_tokens for _, g in replies)
         ledger.completion_tokens += sum(g.completion_tokens for _, g in replies)
-        ledger.keys.extend(k for k, _ in replies)
         return {
             "completions": [g.text or "" for _, g in replies],
             "price_per_example": [0.0] * len(replies),
