@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: setup demo test ui lint bench clean-data
+.PHONY: setup demo test test-fast ui lint bench clean-data
 
 setup: $(VENV)/.installed
 
@@ -24,8 +24,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/srt demo
 
+# Everything, as CI runs it (about 20 minutes on 2 cores).
 test: setup
 	$(VENV)/bin/python -m pytest
+
+# The unit tier for the edit loop: no model, no Dagster run, no server, no Python subprocess (under a
+# minute). tests/tier_guard.py fails any unmarked test that starts one of those.
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not integration and not slow"
 
 ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytest_plugins = ["tier_guard", "pytester"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The tests build the models they need themselves: a models.yaml a user keeps at the repository root
 # (say, a 7B student on vLLM) must not reach them, nor the subprocesses they start. Empty means none.

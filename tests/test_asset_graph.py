@@ -71,6 +71,7 @@ def test_the_gpu_pool_holds_the_model_steps_and_they_carry_the_gpu_tags():
         assert bool(node["gpu_tags"]) == (node["pool"] == "gpu"), name
 
 
+@pytest.mark.integration
 def test_the_code_location_loads_without_model_libraries():
     """The webserver's code server and every step process import the definitions: torch,
     transformers and vLLM are imported only inside the sessions that use them."""
@@ -96,6 +97,7 @@ def test_every_asset_can_be_selected_alone():
         assert not (subset.asset_layer.executable_asset_keys - {key}), key  # nothing else comes along
 
 
+@pytest.mark.integration
 def test_dagsters_own_cli_materializes_one_raw_asset(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "SRT_STORAGE_DIR": str(tmp_path / "store")}
     dagster = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "srt_assets.definitions"]

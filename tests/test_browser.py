@@ -12,9 +12,12 @@ from dagster_ui import dagster_dev, poll, run_raw_partition, wait_for_location
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install -e '.[dev]'")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Debian's Chromium: apt-get install chromium (.ci/run installs it)"
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="needs Debian's Chromium: apt-get install chromium (.ci/run installs it)"
+    ),
+]
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",

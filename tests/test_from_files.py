@@ -240,6 +240,7 @@ def pipeline_defs(tmp_path: Path, entry: dict, server: ScriptedOpenAIServer, stu
 SELECTION = ["raw_samples", "raw_rejects", "new_instructions", "better_responses", "student_scores"]
 
 
+@pytest.mark.integration
 def test_released_reflections_and_statistics_reproduce_a_known_selection(tmp_path, dagster_instance):
     """The issue's bar: reflections in the four-split layout run through the selection with zero
     teacher calls, and statistics in the authors' layout reproduce the selection they were built for."""

@@ -65,6 +65,7 @@ def run_win_rate(server, tmp_path, outputs, reference, name="run", **kwargs):
     ],
     ids=["always-preferred", "never-preferred", "identical"],
 )
+@pytest.mark.integration
 def test_alpaca_eval_win_rate_is_the_judges_known_preference(tmp_path, change, expected_rate, wins, losses, draws):
     reference = reference_records()
     outputs = [dict(r, output=change(r["output"]), generator="srt-test") for r in reference]
@@ -80,6 +81,7 @@ def test_alpaca_eval_win_rate_is_the_judges_known_preference(tmp_path, change, e
     assert (tmp_path / "run" / "annotations.json").is_file() and (tmp_path / "run" / "leaderboard.csv").is_file()
 
 
+@pytest.mark.integration
 def test_unparseable_alpaca_eval_replies_are_counted_and_never_guessed_and_reruns_hit_the_cache(tmp_path):
     reference = reference_records()
     outputs = [dict(r, output=r["output"] + " More detail.", generator="srt-test") for r in reference]
@@ -95,6 +97,7 @@ def test_unparseable_alpaca_eval_replies_are_counted_and_never_guessed_and_rerun
     assert again == metrics and ledger.calls == 6  # the unparseable replies are cached too, and stay unjudged
 
 
+@pytest.mark.integration
 def test_when_no_reply_parses_every_pair_is_unjudged_and_there_is_no_rate(tmp_path):
     reference = reference_records(3)
     outputs = [dict(r, output=f"{r['output']} {NO_VERDICT}", generator="srt-test") for r in reference]
@@ -105,6 +108,7 @@ def test_when_no_reply_parses_every_pair_is_unjudged_and_there_is_no_rate(tmp_pa
     assert annotations["preference"].is_null().all()
 
 
+@pytest.mark.integration
 def test_alpaca_eval_runs_offline_without_a_single_hub_request(tmp_path, monkeypatch):
     attempts = []
     real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
@@ -149,6 +153,7 @@ def rating_by_content(messages: list[dict]) -> str:
     return f"The answer is {'fine' if 'GOOD' in answer else 'weak'}. Rating: [[{9 if 'GOOD' in answer else 2}]]"
 
 
+@pytest.mark.integration
 def test_mt_bench_scores_are_the_judges_known_ratings(tmp_path):
     questions = load_questions(paths.BUNDLED_EVAL_DIR)
     picked = pl.concat([questions.filter(pl.col("category") == c).head(1) for c in ("writing", "math")])
@@ -211,6 +216,7 @@ def longer_scores_higher(messages: list[dict]) -> str:
     ("selected_answer", "verdict", "winning_score"),
     [("a long and detailed answer", "win", 2.0), ("ok", "lose", 0.0), ("same", "tie", 1.0)],
 )
+@pytest.mark.integration
 def test_pairwise_protocol_gives_the_judges_known_verdicts(tmp_path, selected_answer, verdict, winning_score):
     prompts = [("vicuna", "1"), ("vicuna", "2"), ("koala", "k1"), ("koala", "k2")]
     rows = [
@@ -279,6 +285,7 @@ def test_report_puts_checkpoints_side_by_side_and_says_why_all_is_unjudged():
     assert "bundled 135M" not in cut.note  # a failing endpoint is not blamed on the model
 
 
+@pytest.mark.integration
 def test_a_judge_that_answers_401_makes_failed_calls_not_a_format_complaint(tmp_path):
     reference = reference_records(3)
     outputs = [dict(r, output=r["output"] + " More.", generator="srt-test") for r in reference]
@@ -292,6 +299,7 @@ def test_a_judge_that_answers_401_makes_failed_calls_not_a_format_complaint(tmp_
     assert metrics["unjudged"] == 3 and ledger.failed == 3 and metrics["win_rate"] is None
 
 
+@pytest.mark.integration
 def test_repeated_instructions_pair_row_by_row_not_as_a_cross_product(tmp_path):
     reference = reference_records(4)
     reference = [*reference, dict(reference[0], output=reference[0]["output"] + " (second copy)")]

@@ -25,6 +25,7 @@ def checks_by_name(result) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
 
+@pytest.mark.integration
 def test_demo_partition_materializes_through_the_real_definitions(tmp_path: Path, dagster_instance):
     defs = build_definitions(sources_file=REPO_ROOT / "sources.yaml", storage_dir=tmp_path)
     result = run_partition(
@@ -54,6 +55,7 @@ def bad_catalog(tmp_path: Path) -> Path:
     return write_catalog(tmp_path, {"bad": {"path": "bad.jsonl", "max_reject_ratio": 0.1}})
 
 
+@pytest.mark.integration
 def test_failed_blocking_check_stops_downstream(tmp_path: Path, bad_catalog: Path, dagster_instance):
     base = build_definitions(sources_file=bad_catalog, storage_dir=tmp_path / "store")
     defs = Definitions.merge(base, Definitions(assets=[_partitioned_probe(base)]))
@@ -78,6 +80,7 @@ def _partitioned_probe(base: Definitions):
     return probe_after_raw
 
 
+@pytest.mark.integration
 def test_missing_source_file_fails_the_asset_naming_the_path(tmp_path: Path, dagster_instance, monkeypatch):
     monkeypatch.delenv("SRT_TEST_WIZ", raising=False)
     catalog = write_catalog(tmp_path, {"wiz": {"path": "nowhere/wiz.json", "path_env": "SRT_TEST_WIZ"}})
@@ -90,6 +93,7 @@ def test_missing_source_file_fails_the_asset_naming_the_path(tmp_path: Path, dag
     assert str(tmp_path / "nowhere" / "wiz.json") in message and "SRT_TEST_WIZ" in message
 
 
+@pytest.mark.integration
 @pytest.mark.shared_data
 def test_full_alpaca_materializes_every_row(tmp_path: Path, dagster_instance, shared_data: Path, monkeypatch):
     monkeypatch.setenv("SRT_ALPACA_PATH", str(shared_data / "alpaca_data.json.gz"))
@@ -105,6 +109,7 @@ def test_full_alpaca_materializes_every_row(tmp_path: Path, dagster_instance, sh
     assert samples.get_column("sample_id").is_unique().all()
 
 
+@pytest.mark.integration
 def test_observing_the_source_files_records_each_source(tmp_path: Path, dagster_instance):
     """The `source_files` observation (the UI's Observe button): per partition, whether the file is
     there, its details, and a data version that changes when the file does."""

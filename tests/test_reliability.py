@@ -47,6 +47,7 @@ def faulty_source(tmp_path: Path) -> Path:
     return write_catalog(tmp_path, {"f": {"path": "f.jsonl"}})
 
 
+@pytest.mark.integration
 def test_teacher_faults_end_in_recorded_rows_and_a_mended_endpoint_repeats_only_failures(
     tmp_path, dagster_instance, monkeypatch
 ):
@@ -91,6 +92,7 @@ def test_teacher_faults_end_in_recorded_rows_and_a_mended_endpoint_repeats_only_
         assert again["status"].to_list() == ["ok"] * 6
 
 
+@pytest.mark.integration
 def test_a_strict_failure_bound_is_the_default(tmp_path, dagster_instance):
     with ScriptedOpenAIServer() as server:
         teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url, max_retries=0, parse_retries=0)
@@ -103,6 +105,7 @@ def test_a_strict_failure_bound_is_the_default(tmp_path, dagster_instance):
     assert checks["failure_ratio_below_bound"].metadata["bound"].value == 0.1
 
 
+@pytest.mark.integration
 def test_two_instances_sharing_one_storage_share_the_call_cache(tmp_path):
     """A second Dagster instance (another machine's DAGSTER_HOME) over the same storage makes no
     teacher call that the first one already stored."""
@@ -178,6 +181,7 @@ def test_a_directory_is_not_reported_as_missing(tmp_path):
         load_source(SourceSpec(name="t", path=tmp_path / "data.jsonl", format="jsonl"))
 
 
+@pytest.mark.integration
 def test_the_cli_prints_the_cause_in_one_line(tmp_path):
     corpus = write_corpus(tmp_path)
     catalog = write_catalog(tmp_path, {"odd": {"path": str(corpus["corrupt.json.gz"])}})
@@ -243,6 +247,7 @@ def stored_calls(store: Path) -> int:
         return connection.execute("SELECT COUNT(*) FROM teacher_calls").fetchone()[0]
 
 
+@pytest.mark.integration
 def test_a_killed_run_neither_wedges_the_instance_nor_repeats_stored_calls(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "s.jsonl", alpaca_rows(7, with_input=1))
     catalog = write_catalog(tmp_path, {"s": {"path": "s.jsonl"}})
@@ -275,6 +280,7 @@ def test_a_killed_run_neither_wedges_the_instance_nor_repeats_stored_calls(tmp_p
         assert instance.get_run_by_id(dead.run_id).status == DagsterRunStatus.FAILURE
 
 
+@pytest.mark.integration
 def test_the_sensor_frees_the_slots_of_a_run_whose_process_died(tmp_path, monkeypatch):
     """Under `dagster dev`, runs are launched by the daemon; the free_dead_runs sensor (running by
     default) finds a started run whose process is gone and frees what it held."""
@@ -311,6 +317,7 @@ def test_the_sensor_frees_the_slots_of_a_run_whose_process_died(tmp_path, monkey
     assert free_dead_runs(instance) == []  # nothing left to do
 
 
+@pytest.mark.integration
 def test_a_step_waiting_for_the_pool_says_so_and_who_holds_it(tmp_path, capsys):
     """Another live run holds the only gpu slot: `srt materialize` says which step waits and who
     holds the slot, then proceeds as soon as the slot is free."""

@@ -47,6 +47,7 @@ def rows_with(*faults: str) -> list[tuple[str, str, str]]:
     return [(f"Name a color. {fault}".strip(), "", f"Blue. ({i})") for i, fault in enumerate(faults)]
 
 
+@pytest.mark.integration
 def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failures(tmp_path):
     rows = rows_with(*FAULTS)
     cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
@@ -88,6 +89,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
         assert all(o.status == "ok" for m, o in zip(FAULTS, second, strict=True) if m != "FAULT:nomarkers")
 
 
+@pytest.mark.integration
 def test_unusable_replies_are_never_cached(tmp_path):
     cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
     with ScriptedOpenAIServer() as server:
@@ -96,6 +98,7 @@ def test_unusable_replies_are_never_cached(tmp_path):
     assert generation.error_kind == "unusable_reply" and len(cache) == 0
 
 
+@pytest.mark.integration
 def test_concurrency_limit_is_used_and_respected(tmp_path):
     rows = [(f"Question {i}?", "", f"Answer {i}.") for i in range(12)]
     with ScriptedOpenAIServer(latency=0.2) as server:
@@ -107,6 +110,7 @@ def test_concurrency_limit_is_used_and_respected(tmp_path):
     assert server.max_in_flight == 4
 
 
+@pytest.mark.integration
 def test_each_reply_is_stored_as_its_call_finishes(tmp_path):
     """A crash loses at most the calls in flight: the replies that arrived are in the cache."""
     rows = [(f"Task {i}.", "", f"Done {i}.") for i in range(10)]
@@ -152,6 +156,7 @@ def test_structured_output_requests_a_json_schema(tmp_path):
     assert seen["schema"]["required"] == ["analysis", "better_answer"] and "JSON" in seen["note"]
 
 
+@pytest.mark.integration
 def test_structured_output_reaches_the_server_as_response_format(tmp_path):
     with ScriptedOpenAIServer() as server:
         backend = OpenAICompatibleTeacher(settings(server))
@@ -159,6 +164,7 @@ def test_structured_output_reaches_the_server_as_response_format(tmp_path):
     assert server.payloads[-1]["response_format"]["json_schema"]["schema"] == {"type": "object"}
 
 
+@pytest.mark.integration
 def test_prefilled_reply_is_continued_and_parsed(tmp_path):
     prompts = ReflectionPrompts(response_prefill="[Better Answer]")
     with ScriptedOpenAIServer() as server:
@@ -171,6 +177,7 @@ def test_prefilled_reply_is_continued_and_parsed(tmp_path):
     assert outcome.answer == "Blue. (0) Here is more detail and an example."
 
 
+@pytest.mark.integration
 def test_replicas_share_the_calls_and_cover_for_a_dead_one(tmp_path):
     import socket
 

@@ -36,6 +36,7 @@ EXPECTED_ASSETS = set(json.loads(SNAPSHOT.read_text())["assets"])
 UNPARTITIONED = {"student_base_model", "evaluation_prompts"}
 
 
+@pytest.mark.integration
 def test_ui_lists_everything_and_runs_a_partition(webserver: int):
     entry = wait_for_location(webserver)
     assert entry["name"] == "srt_assets"
@@ -64,6 +65,7 @@ def test_ui_lists_everything_and_runs_a_partition(webserver: int):
     assert all(e["status"] == "SUCCEEDED" and e["evaluation"]["success"] for e in executions.values()), executions
 
 
+@pytest.mark.integration
 def test_ui_backfills_the_shards_of_a_source(tmp_path: Path):
     """With ``shards: 2`` the UI shows the row stages as a source x shard grid, and a backfill of
     one source's shards (what a user launches from the grid) runs one run per shard through the
