@@ -129,7 +129,9 @@ def test_the_launch_command_follows_the_training_resource(tmp_path):
     assert cpu[1:4] == ["-m", "srt_assets.models.sft_launch", "launch"] and "--multi_gpu" in cpu
     assert cpu[cpu.index("--num_processes") + 1] == "2"
     assert cpu[-3:] == ["-m", "srt_assets.models.sft_launch", str(tmp_path)]
-    assert "--cpu" in launch_command(tmp_path, 1, None, on_gpu=False)
+    assert cpu[cpu.index("--num_cpu_threads_per_process") + 1] == str(max(1, (os.cpu_count() or 1) // 2))
+    # one process needs no launcher: the worker itself, still bound to its parent and talking Pipes
+    assert launch_command(tmp_path, 1, None, on_gpu=False) == [sys.executable, *cpu[-3:]]
     fsdp = launch_command(tmp_path, 8, "fsdp_full_shard", on_gpu=True)
     assert fsdp[fsdp.index("--config_file") + 1] == str(accelerate_config_path("fsdp_full_shard"))
     with pytest.raises(FileNotFoundError, match="not one of ddp, fsdp_full_shard"):

@@ -21,6 +21,7 @@ from dagster import (
     StaticPartitionsDefinition,
 )
 
+from srt_assets.core.progress import ThrottledProgress
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.sharding import shard_names, take_shard
 from srt_assets.executors import GPU_POOL, GPU_STEP_TAGS
@@ -164,9 +165,9 @@ def production_figures(
     return {"served_from_cache": True, "figures": "computed in a run this instance has no record of"}
 
 
-def calls_progress(context, label: str):
-    """A session's progress callback: one log line per finished chunk of model calls."""
-    return lambda done, total: context.log.info(f"{label}: {done}/{total} calls done")
+def calls_progress(context, label: str, unit: str = "calls") -> ThrottledProgress:
+    """A session's progress callback: a log line every few seconds (done, rate, ETA) and at the end."""
+    return ThrottledProgress(label, context.log.info, unit=unit)
 
 
 def judge_metadata(judge, stats) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         description=f"The student fine-tuned on `{DATASETS[dataset]}` (loss on response tokens only): a "
         "directory `from_pretrained` loads, with a manifest of base model, data and hyperparameters. A rerun "
         "with the same inputs reuses it; an interrupted training resumes from its last save. Trained by TRL's "
-        "SFTTrainer under `accelerate launch` (training.processes ranks), through Dagster Pipes.",
+        "SFTTrainer in a worker process that reports through Dagster Pipes: the worker alone for one process, "
+        "under `accelerate launch` for training.processes ranks.",
         **GPU_STEP,
     )
     def finetuned(

@@ -9,6 +9,7 @@ from srt_assets.assets.common import (
     GPU_STEP,
     Partitioning,
     blocking_checks,
+    calls_progress,
     column_schema,
     json_value,
     production_figures,
@@ -97,7 +98,7 @@ def run_reflection(
 ) -> tuple[pl.DataFrame, CallStats, bool]:
     """Reflect ``rows`` (variant-schema rows): candidate rows, call statistics, whether a model loaded."""
     prompts, settings = teacher.reflection_settings()
-    progress = lambda done, total: context.log.info(f"teacher ({kind}): {done}/{total} calls done")  # noqa: E731
+    progress = calls_progress(context, f"teacher ({kind})")
     triples = [(r["instruction"], r["input"], r["output"]) for r in rows.iter_rows(named=True)]
     with teacher.session(gpu, storage, progress, chunk_size) as cached:
         outcomes = reflect(cached, triples, kind, prompts, settings)

@@ -19,6 +19,7 @@ from srt_assets.assets.common import (
     GPU_STEP,
     Partitioning,
     blocking_checks,
+    calls_progress,
     column_schema,
     json_value,
     production_figures,
@@ -193,7 +194,7 @@ def build_scoring_assets(layout: Partitioning):
         else:
             context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
             items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
-            progress = lambda done, total: context.log.info(f"student losses: {done}/{total} texts computed")  # noqa: E731
+            progress = calls_progress(context, "student losses", unit="texts")
             started = time.perf_counter()
             with student.session(gpu, storage, progress=progress, chunk_size=config.chunk_size) as session:
                 results, work = session.score(items)

@@ -128,7 +128,7 @@ class CachedTeacher:
                 recorded.add(position)
                 self._record(keys[index], generation)
                 done += 1
-                if self.progress and (done % self.chunk_size == 0 or done == len(missing)):
+                if self.progress:  # it decides how often to write (ThrottledProgress)
                     self.progress(done, len(missing))
 
             generations = self.backend.generate([conversations[i] for i in chunk], params, on_done)

@@ -4,6 +4,7 @@ manifest. Pure logic; the training itself (TRL's SFTTrainer) lives in ``srt_asse
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,21 +92,24 @@ def accelerate_config_path(name_or_path: str) -> Path:
 def launch_command(
     job_dir: Path, processes: int, accelerate_config: str | None, on_gpu: bool, python: str = sys.executable
 ) -> list[str]:
-    """``accelerate launch`` of the training worker on ``job_dir`` (through ``sft_launch launch``, which
-    ties the launcher's life to its parent's): ``processes`` ranks (one per GPU, or gloo ranks on CPU),
+    """The command that trains on ``job_dir``. One process with no accelerate config: the worker
+    itself (``accelerate launch`` would only add its own start-up, about half a minute on a CPU).
+    Otherwise ``accelerate launch`` of the worker (through ``sft_launch launch``, which ties the
+    launcher's life to its parent's): ``processes`` ranks (one per GPU, or gloo ranks on CPU),
     distributed as the accelerate config says (DDP when none is named)."""
     if processes < 1:
         raise ValueError(f"processes must be at least 1, not {processes}")
+    worker = ["-m", "srt_assets.models.sft_launch", str(job_dir)]
+    if processes == 1 and not accelerate_config:
+        return [python, *worker]
     command = [python, "-m", "srt_assets.models.sft_launch", "launch", "--num_processes", str(processes)]
     if accelerate_config:  # precision comes from the trainer's own bf16 flag either way
         command += ["--config_file", str(accelerate_config_path(accelerate_config))]
     else:
-        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if not accelerate_config and processes > 1:
-        command.append("--multi_gpu")  # accelerate's torchrun launcher; on a CPU-only host the ranks use gloo
-    if not on_gpu and processes == 1:
-        command.append("--cpu")
-    return [*command, "-m", "srt_assets.models.sft_launch", str(job_dir)]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
+    if not on_gpu:  # said explicitly, so accelerate does not warn that it picked a default
+        command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // processes))]
+    return [*command, *worker]
 
 
 def sft_examples(
