@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from srt_assets.core.reflection import Messages, continues_reply
 from srt_assets.core.teacher import Generation, GenerationParams, OnDone
@@ -57,6 +57,20 @@ class OpenAITeacherSettings(TeacherSettings):
     )
     cost_per_1k_input: float = Field(0.0, description="price per 1,000 prompt tokens, for the cost estimate")
     cost_per_1k_output: float = Field(0.0, description="price per 1,000 completion tokens")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        """Resource config reaches every UI viewer and the run storage: a URL carrying a key would
+        leak it (and httpx would send userinfo as Basic auth, a query would mangle the path)."""
+        for url in value.split(","):
+            parts = urlsplit(url.strip())
+            if parts.username or parts.password or parts.query or parts.fragment:
+                raise ValueError(
+                    "base_url must not carry credentials or a query (user:password@, ?api-key=...): it is shown "
+                    "in the UI and stored with every run; put the key in an environment variable named by api_key_env"
+                )
+        return value
 
     def model_id(self, models_dir: Path) -> str:
         return f"openai-compatible:{self.model}"  # the cache key names the model, not the server
