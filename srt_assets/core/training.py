@@ -99,10 +99,11 @@ def launch_command(
     distributed as the accelerate config says (DDP when none is named)."""
     if processes < 1:
         raise ValueError(f"processes must be at least 1, not {processes}")
-    worker = ["-m", "srt_assets.models.sft_launch", str(job_dir)]
+    module = ["-m", "srt_assets.models.sft_launch"]
+    worker = [*module, str(job_dir)]
     if processes == 1 and not accelerate_config:
         return [python, *worker]
-    command = [python, "-m", "srt_assets.models.sft_launch", "launch", "--num_processes", str(processes)]
+    command = [python, *module, "launch", "--num_processes", str(processes)]
     if accelerate_config:  # precision comes from the trainer's own bf16 flag either way
         command += ["--config_file", str(accelerate_config_path(accelerate_config))]
     else:

@@ -63,8 +63,8 @@ class OpenAITeacherSettings(TeacherSettings):
     def _no_credentials_in_url(cls, value: str) -> str:
         """Resource config reaches every UI viewer and the run storage: a URL carrying a key would
         leak it (and httpx would send userinfo as Basic auth, a query would mangle the path)."""
-        for url in value.split(","):
-            parts = urlsplit(url.strip())
+        for url in replica_urls(value):
+            parts = urlsplit(url)
             if parts.username or parts.password or parts.query or parts.fragment:
                 raise ValueError(
                     "base_url must not carry credentials or a query (user:password@, ?api-key=...): it is shown "
@@ -77,7 +77,7 @@ class OpenAITeacherSettings(TeacherSettings):
 
     def describe(self) -> dict[str, Any]:
         """As the base says, with credentials in the URLs (user:password@, ?key=) left out."""
-        return super().describe() | {"base_url": ",".join(public_url(u) for u in self.base_url.split(","))}
+        return super().describe() | {"base_url": ",".join(public_url(u) for u in replica_urls(self.base_url))}
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(self.api_key_env) or None
@@ -87,6 +87,11 @@ class OpenAITeacherSettings(TeacherSettings):
 
     def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> OpenAICompatibleTeacher:
         return OpenAICompatibleTeacher(self, api_key=self.resolved_api_key(), model_id=model_id)
+
+
+def replica_urls(base_url: str) -> list[str]:
+    """The servers a comma-separated ``base_url`` names, each without its trailing slash."""
+    return [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
 
 
 def public_url(url: str) -> str:
@@ -113,7 +118,7 @@ class OpenAICompatibleTeacher:
     streams = True  # any number of calls at once, each reported (and stored) as it ends
 
     def __init__(self, settings: OpenAITeacherSettings, api_key: str | None = None, model_id: str | None = None):
-        urls = [u.strip().rstrip("/") for u in settings.base_url.split(",") if u.strip()]
+        urls = replica_urls(settings.base_url)
         if not urls:
             raise ValueError("the OpenAI-compatible teacher needs a base_url (e.g. http://127.0.0.1:8000/v1)")
         self.settings = settings
