@@ -29,3 +29,13 @@ def test_a_single_call_still_reports_its_end_and_durations_read_well():
     progress(1, 1)
     assert lines == ["judge: 1/1 calls done in 2m05s (0.0/s)"]
     assert [duration(s) for s in (0.4, 59, 61, 3600 * 2 + 7 * 60)] == ["0s", "59s", "1m01s", "2h07m"]
+
+
+def test_a_second_pass_of_the_same_session_is_timed_from_the_end_of_the_first():
+    clock, lines = Clock(), []
+    progress = ThrottledProgress("teacher", lines.append, clock=clock)
+    clock.now += 60
+    progress(4, 4)
+    clock.now += 10
+    progress(2, 2)  # the parse retries: 10 s, not 70
+    assert lines[-1] == "teacher: 2/2 calls done in 10s (0.2/s)"

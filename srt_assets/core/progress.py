@@ -41,6 +41,7 @@ class ThrottledProgress:
         rate = done / elapsed if elapsed > 0 else 0.0
         if done >= total:
             self.write(f"{self.label}: {done}/{total} {self.unit} done in {duration(elapsed)} ({rate:.1f}/s)")
+            self.started = now  # a session may run another pass (parse retries): it is timed from here
         else:
             eta = f"ETA {duration((total - done) / rate)}" if rate > 0 else "ETA unknown"
             self.write(f"{self.label}: {done}/{total} {self.unit} done ({rate:.1f}/s, {eta})")
