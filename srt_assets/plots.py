@@ -4,6 +4,7 @@ PNG bytes or inline Markdown."""
 from __future__ import annotations
 
 import math
+import re
 
 import polars as pl
 
@@ -103,8 +104,34 @@ def line_plot_markdown(series: dict[str, list[float]], xlabel: str) -> str:
     return png_markdown(figure_png(line_figure(series, xlabel)), "curve")
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # ASCII punctuation: CommonMark can escape each one
+# What GitHub-flavoured Markdown turns into a link by itself, escaped or not: URLs, www. names, e-mails
+_AUTOLINKED = re.compile(r"(?:[a-z][a-z0-9+.-]*://|www\.)[^\s<>]*|[\w.+-]+@[\w-]+\.[\w.-]+", re.IGNORECASE)
+
+
+def _code_span(text: str) -> str:
+    """``text`` as inline code, which renders no link: fenced by one backtick more than it holds."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    return f"{fence} {text.replace('|', chr(92) + '|')} {fence}"
+
+
+def markdown_text(text: str) -> str:
+    """Untrusted text (data, model replies) as literal Markdown text on one line: every ASCII
+    punctuation mark backslash-escaped, so no image (a beacon that loads in the viewer's browser), link,
+    HTML tag or emphasis renders, and URLs and e-mail addresses as inline code, so the renderer's
+    autolinking makes no live link of them; the reader sees the characters themselves."""
+    text = text.replace("\r\n", "\n").replace("\n", "⏎ ")
+    parts, last = [], 0
+    for match in _AUTOLINKED.finditer(text):
+        parts += [_MARKDOWN_SPECIAL.sub(r"\\\1", text[last : match.start()]), _code_span(match.group())]
+        last = match.end()
+    return "".join([*parts, _MARKDOWN_SPECIAL.sub(r"\\\1", text[last:])])
+
+
 def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:
-    """Render a few rows as a Markdown table for the Dagster UI, long texts shortened."""
+    """Render a few rows as a Markdown table for the Dagster UI, long texts shortened; cells are
+    untrusted text (see ``markdown_text``)."""
     if frame.is_empty():
         return "_(no rows)_"
 
@@ -112,10 +139,9 @@ def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:
         if isinstance(value, float):
             return "n/a" if math.isnan(value) else f"{value:.4g}"
         text = "" if value is None else str(value)
-        text = text.replace("\n", "⏎ ").replace("|", "\\|")
-        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+        return markdown_text(text if len(text) <= max_chars else text[: max_chars - 1] + "…")
 
-    header = "| " + " | ".join(frame.columns) + " |"
+    header = "| " + " | ".join(markdown_text(name) for name in frame.columns) + " |"
     rule = "|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
     return "\n".join([header, rule, *rows])

@@ -107,3 +107,71 @@ def test_a_person_launches_a_partition_and_sees_its_own_checks(tmp_path: Path, c
                     other = "Passed" if expected == "Failed" else "Failed"
                     assert panel.locator(f'[data-tooltip="{other}"]').count() == 0, (check, partition)
             browser.close()
+
+
+class BeaconServer:
+    """A real HTTP server on 127.0.0.1 that records every request: the place a Markdown image, an
+    HTML tag or a link in a hostile row would call home to."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Record(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/gif")
+                self.end_headers()
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_markdown_beacons_in_rows_load_nothing_in_the_viewers_browser(tmp_path: Path):
+    beacon = BeaconServer()
+    payloads = [
+        f"Describe ![logo]({beacon.url}/image?leak=md) the picture.",
+        f'Explain <img src="{beacon.url}/html?leak=tag"> this tag.',
+        f"Visit [the docs]({beacon.url}/link?leak=link) and {beacon.url}/auto?leak=autolink today.",
+    ]
+    rows = [{"instruction": text, "input": "", "output": f"Answer {i}."} for i, text in enumerate(payloads)]
+    write_jsonl(tmp_path / "hostile.jsonl", rows)
+    catalog = tmp_path / "sources.yaml"
+    catalog.write_text("sources:\n  hostile:\n    path: hostile.jsonl\n", encoding="utf-8")
+    try:
+        with dagster_dev(tmp_path, SRT_SOURCES_FILE=str(catalog)) as port:
+            assert wait_for_location(port)["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+            assert run_raw_partition(port, "hostile") == "SUCCESS"
+            with playwright.sync_playwright() as driver:
+                browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+                context = browser.new_context(viewport={"width": 1600, "height": 1000})
+                context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
+                page = context.new_page()
+                page.goto(f"http://127.0.0.1:{port}/assets/raw_samples?partition=hostile")
+                page.get_by_text("preview", exact=True).first.wait_for()
+                # the preview table, rendered inline by Dagster's Markdown renderer
+                table = page.locator(".dagster-markdown", has_text="logo").first
+                table.scroll_into_view_if_needed()
+                page.wait_for_timeout(1500)  # time for any image request to go out
+                page.screenshot(path=str(tmp_path / "beacon.png"))
+                shown = table.inner_text()
+                to_beacon = f'[src*="{beacon.url}"], [href*="{beacon.url}"]'
+                links = page.locator(to_beacon).count() + table.locator("a, img").count()
+                browser.close()
+    finally:
+        beacon.close()
+    assert beacon.paths == [], f"the browser called the beacon server: {beacon.paths}"
+    assert links == 0, "an image or a link to the beacon server is in the page"
+    assert "![logo](" in shown and "<img src=" in shown  # the reader sees the characters themselves

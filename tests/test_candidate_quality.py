@@ -185,15 +185,18 @@ def test_keep_unreflected_keeps_the_original_when_both_rewrites_are_flagged():
 def test_the_flags_stay_quiet_on_real_alpaca_pairs(shared_data):
     """Human-written pairs are what good rewrites look like. Each Alpaca pair, taken as a new task for
     the pair before it (Q) and as an answer to its own instruction (A: copying is what it is, so that
-    flag is off), may raise a flag for at most 0.1% of the 52k."""
+    flag is off), may raise a flag for at most 0.1% of the 52k. adds_markup is off for the unrelated
+    pairs (Q): about 0.2% of Alpaca's rows carry image URLs or audio tags (imgur, freesound), exactly
+    what that flag is for when a rewrite brings them into a pair that had none."""
     rows = json.loads(gzip.decompress((shared_data / "alpaca_data.json.gz").read_bytes()))
     no_copy_check = dict.fromkeys(FLAGS, "reject") | {"copy_of_original": "off"}
+    unrelated = dict.fromkeys(FLAGS, "reject") | {"adds_markup": "off"}
     raised = []
     for before, row in itertools.pairwise(rows):
         shown = row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
         shown_before = before["instruction"] + (f"\n{before['input']}" if before["input"] else "")
         new_task = Candidate("Q", shown, row["output"], shown_before, before["output"])
         own_answer = Candidate("A", row["instruction"], row["output"], shown, row["output"], input=row["input"])
-        if candidate_flags(new_task) or candidate_flags(own_answer, no_copy_check):
+        if candidate_flags(new_task, unrelated) or candidate_flags(own_answer, no_copy_check):
             raised.append(row["instruction"])
     assert len(rows) > 50_000 and len(raised) <= 0.001 * len(rows), raised[:20]

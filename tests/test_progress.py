@@ -18,7 +18,7 @@ def test_a_line_every_few_seconds_and_one_at_the_end():
         clock.now += 0.25
         progress(done, 100)
     assert len(lines) == 5  # at 5, 10, 15, 20 s and at the end, not 100 lines
-    assert lines[0] == "teacher (instruction): 20/100 calls done (4.0/s, ETA 20s)"
+    assert lines[0] == "teacher (instruction): 19/100 calls done (4.0/s, ETA 20s)"
     assert lines[-1] == "teacher (instruction): 100/100 calls done in 25s (4.0/s)"
 
 
@@ -27,7 +27,7 @@ def test_a_single_call_still_reports_its_end_and_durations_read_well():
     progress = ThrottledProgress("judge", lines.append, unit="calls", clock=clock)
     clock.now += 125
     progress(1, 1)
-    assert lines == ["judge: 1/1 calls done in 2m05s (0.0/s)"]
+    assert lines == ["judge: 1/1 calls done in 2m05s (0.5/min)"]  # not "0.0/s"
     assert [duration(s) for s in (0.4, 59, 61, 3600 * 2 + 7 * 60)] == ["0s", "59s", "1m01s", "2h07m"]
 
 
@@ -39,3 +39,25 @@ def test_a_second_pass_of_the_same_session_is_timed_from_the_end_of_the_first():
     clock.now += 10
     progress(2, 2)  # the parse retries: 10 s, not 70
     assert lines[-1] == "teacher: 2/2 calls done in 10s (0.2/s)"
+
+
+def test_the_first_call_of_a_burst_quotes_no_rate():
+    """A batched teacher ends 16 calls at once after 12 s: the first of them alone would promise an
+    ETA of 8 minutes for 40 calls; the next burst tells the true rate."""
+    clock, lines = Clock(), []
+    progress = ThrottledProgress("teacher", lines.append, clock=clock)
+    for burst_end in (12, 24, 30):
+        clock.now = 100 + burst_end
+        for done in range(1 + (burst_end // 12 - 1) * 16, min(40, burst_end // 12 * 16) + 1):
+            progress(done, 40)
+    assert lines[0] == "teacher: 16/40 calls done (1.3/s, ETA 18s)"
+
+
+def test_a_steady_stream_without_pauses_still_shows_progress():
+    clock, lines = Clock(), []
+    progress = ThrottledProgress("scores", lines.append, unit="texts", clock=clock)
+    for done in range(1, 3001):  # 100 texts a second for 30 s, never a pause
+        clock.now += 0.01
+        progress(done, 3000)
+    assert len(lines) == 5  # at 10, 15, 20, 25 s (once the stream has run 2 × every_s) and at the end
+    assert lines[0].startswith("scores: 1000/3000 texts done (100.0/s, ETA 20s)")

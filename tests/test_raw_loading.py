@@ -161,3 +161,45 @@ def test_unparsable_file_fails_naming_it(tmp_path: Path, name: str, payload: byt
     path.write_bytes(payload)
     with pytest.raises(RawDataError, match=pattern):
         load_source(spec_for(path))
+
+
+def test_an_over_long_field_is_a_reject_naming_file_row_field_and_the_limit(tmp_path: Path):
+    """A 10-million-character instruction (a broken export, or an attack on the teacher's bill and the
+    student's memory) goes to rejects, its preview short; the other rows load."""
+    huge = "why " * 2_500_000
+    rows = [
+        {"instruction": "q0", "input": "", "output": "a0"},
+        {"instruction": huge, "input": "", "output": "a1"},
+        {"instruction": "q2", "input": "x" * 300, "output": "a2"},
+    ]
+    path = write_jsonl(tmp_path / "huge.jsonl", rows)
+    samples, rejects = load_source(SourceSpec(name="s", path=path, format="jsonl"))
+    assert samples["row_index"].to_list() == [0, 2]
+    reject = rejects.row(0, named=True)
+    assert (reject["file"], reject["row_index"], reject["field"], reject["reason"]) == (
+        str(path),
+        1,
+        "instruction",
+        "too_long",
+    )
+    assert "10,000,000 characters" in reject["detail"] and "100,000" in reject["detail"]
+    assert len(reject["raw_preview"]) <= 200
+    strict = SourceSpec(name="s", path=path, format="jsonl", max_field_chars=200)
+    _, rejects = load_source(strict)
+    assert rejects["row_index"].to_list() == [1, 2] and rejects["field"].to_list() == ["instruction", "input"]
+
+
+def test_max_field_chars_is_read_from_the_catalog(tmp_path: Path):
+    from srt_assets.core.sources import SourceConfigError, load_catalog
+
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    catalog = tmp_path / "sources.yaml"
+    catalog.write_text(
+        "defaults:\n  max_field_chars: 5000\nsources:\n  a:\n    path: d.jsonl\n"
+        "  b:\n    path: d.jsonl\n    max_field_chars: 70\n"
+    )
+    loaded = load_catalog(catalog)
+    assert (loaded.get("a").max_field_chars, loaded.get("b").max_field_chars) == (5000, 70)
+    catalog.write_text("sources:\n  a:\n    path: d.jsonl\n    max_field_chars: -1\n")
+    with pytest.raises(SourceConfigError, match="max_field_chars"):
+        load_catalog(catalog)

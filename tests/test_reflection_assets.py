@@ -5,7 +5,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
-from dagster import EnvVar
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
@@ -25,7 +24,7 @@ def pipeline(tmp_path: Path, server: ScriptedOpenAIServer, student_dir: Path, **
         resources={
             "student": StudentModelResource(model=str(student_dir), template="alpaca"),
             "teacher": OpenAITeacherResource(
-                model="scripted", base_url=server.base_url, api_key=EnvVar("SRT_TEST_TEACHER_KEY"), **teacher_options
+                model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_TEACHER_KEY", **teacher_options
             ),
         },
     )

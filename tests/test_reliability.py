@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import REPO_ROOT, alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
-from dagster import DagsterInstance, DagsterRunStatus, EnvVar, build_sensor_context
+from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.core.raw import RawDataError, load_source
@@ -55,7 +55,7 @@ def test_teacher_faults_end_in_recorded_rows_and_a_mended_endpoint_repeats_only_
     loose = {"ops": {"new_instructions": {"config": {"max_failure_ratio": 1.0}}}}
     with ScriptedOpenAIServer(retry_after=0.2) as server:
         teacher = OpenAITeacherResource(
-            model="scripted", base_url=server.base_url, api_key=EnvVar("SRT_TEST_KEY"), max_retries=2,
+            model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_KEY", max_retries=2,
             timeout_s=2.0, parse_retries=0,
         )  # fmt: skip
         defs = build_definitions(

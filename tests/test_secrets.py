@@ -1,5 +1,8 @@
 """Secrets never become resource config: a base_url with credentials is refused where it is set."""
 
+import json
+import uuid
+
 import pytest
 
 from srt_assets.resources import ModelSettingsError, resources_from_file
@@ -14,3 +17,61 @@ def test_a_base_url_with_credentials_is_refused_without_echoing_it(tmp_path, url
     with pytest.raises(ModelSettingsError, match="api_key_env") as refused:
         resources_from_file(models)
     assert "CANARY" not in str(refused.value)
+
+
+RESOURCES = """{ workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError {
+  ... on RepositoryLocation { repositories { allTopLevelResourceDetails { name
+    configFields { name } configuredValues { key value type } } } } } } } } }"""
+SCAFFOLD = """{ runConfigSchemaOrError(selector: {repositoryLocationName: "srt_assets",
+  repositoryName: "__repository__", pipelineName: "__ASSET_JOB"}) {
+  ... on RunConfigSchema { rootDefaultYaml } ... on PythonError { message } } }"""
+STORED_RUNS = """{ runsOrError { ... on Runs { results { runId status runConfigYaml tags { key value } } } } }"""
+EVENT_LOG = """query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events {
+  ... on MessageEvent { message } ... on MaterializationEvent { metadataEntries { label
+    ... on TextMetadataEntry { text } ... on MarkdownMetadataEntry { mdStr } ... on JsonMetadataEntry { jsonString }
+    ... on UrlMetadataEntry { url } } } } } } }"""
+
+
+@pytest.mark.integration
+def test_the_teacher_key_reaches_the_endpoint_and_no_ui_viewer(tmp_path):
+    """The key lives in the environment: the teacher sends it, and nothing the webserver's GraphQL
+    serves (resources, the launchpad scaffold, stored run config, run logs and metadata) holds it; a
+    literal key in a launched run's config is refused."""
+    from conftest import alpaca_rows, write_jsonl
+    from dagster_ui import LAUNCH, dagster_dev, graphql, run_partition, wait_for_location
+    from openai_server import ScriptedOpenAIServer
+
+    canary = f"sk-CANARY-{uuid.uuid4().hex}"
+    write_jsonl(tmp_path / "tiny.jsonl", alpaca_rows(3))
+    catalog = tmp_path / "sources.yaml"
+    catalog.write_text("sources:\n  tiny:\n    path: tiny.jsonl\n", encoding="utf-8")
+    with ScriptedOpenAIServer(api_key=canary) as server:
+        models = tmp_path / "models.yaml"
+        models.write_text(f"teacher:\n  backend: openai\n  model: scripted\n  base_url: {server.base_url}\n")
+        env = {"SRT_SOURCES_FILE": str(catalog), "SRT_MODELS_FILE": str(models), "SRT_TEACHER_API_KEY": canary}
+        with dagster_dev(tmp_path, **env) as port:
+            assert wait_for_location(port)["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+            assert run_partition(port, "tiny", ["raw_samples", "raw_rejects", "new_instructions"]) == "SUCCESS"
+            assert server.requests >= 3 and server.authorization == {f"Bearer {canary}"}  # the key was used
+            served = [graphql(port, query) for query in (RESOURCES, SCAFFOLD, STORED_RUNS)]
+            runs = served[-1]["data"]["runsOrError"]["results"]
+            served += [graphql(port, EVENT_LOG, {"id": run["runId"]}) for run in runs]
+            params = {
+                "selector": {
+                    "repositoryLocationName": "srt_assets",
+                    "repositoryName": "__repository__",
+                    "jobName": "__ASSET_JOB",
+                    "assetSelection": [{"path": ["new_instructions"]}],
+                },
+                "runConfigData": {"resources": {"teacher": {"config": {"api_key": canary}}}},
+                "mode": "default",
+                "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "tiny"}]},
+            }
+            refused = graphql(port, LAUNCH, {"params": params})["data"]["launchRun"]
+            after = graphql(port, STORED_RUNS)
+    resources = json.dumps(served[0])
+    assert "teacher" in resources and server.base_url in resources  # the teacher's config is served
+    assert "rootDefaultYaml" in json.dumps(served[1]) and len(runs) == 1
+    assert canary not in json.dumps(served), "the key reached the UI"
+    assert refused["__typename"] == "RunConfigValidationInvalid" and "api_key" in json.dumps(refused)
+    assert canary not in json.dumps(after) and len(after["data"]["runsOrError"]["results"]) == 1

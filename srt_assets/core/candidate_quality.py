@@ -32,6 +32,8 @@ FLAGS: dict[str, str] = {
     "cut_off": "the teacher's reply ran out of tokens before the answer's closing marker",
     "language_switch": "the candidate is in another language or script than the original",
     "repetition": "the candidate repeats itself in a loop",
+    "adds_markup": "the candidate adds Markdown images or links, or HTML that loads or links (outside code), "
+    "that its sources lack",
 }
 DEFAULT_SEVERITY: dict[str, Severity] = dict.fromkeys(FLAGS, "reject")
 
@@ -141,9 +143,10 @@ def leaked_markers(c: Candidate) -> bool:
     unless the task is a dialogue."""
     texts = [c.output] + ([c.instruction] if c.variant == "Q" else [])
     source = _sources(c)
+    folded = source.casefold()
     for text in texts:
         for match in _MARKERS.finditer(text):
-            if match.group().strip().casefold() not in source.casefold():
+            if match.group().strip().casefold() not in folded:
                 return True
     if _DIALOGUE_TASK.search(c.instruction) or _ROLE_PREFIX.search(source):
         return False
@@ -264,6 +267,43 @@ def repetition(c: Candidate) -> bool:
     return False
 
 
+_CODE = re.compile(r"```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|`[^`\n]*`", re.DOTALL)
+_MARKUP = {
+    "image": re.compile(r"!\[[^\]\n]*\][(\[]"),
+    "link": re.compile(r"(?<!!)\[[^\]\n]+\]\([^)\s]+|^[ \t]*\[[^\]\n]+\]:[ \t]*\S", re.MULTILINE),
+    # tags that load, run or navigate when rendered (a <p> or <nooutput> does none of that)
+    "html": re.compile(
+        r"<(?:img|iframe|script|a|link|object|embed|video|audio|source|svg|style|form|meta|base|frame)\b[^<>]*>",
+        re.IGNORECASE,
+    ),
+}
+
+
+def _markup_kinds(text: str) -> set[str]:
+    """Which kinds of renderable markup ``text`` has outside code spans and fences."""
+    prose = _CODE.sub(" ", text)
+    return {kind for kind, pattern in _MARKUP.items() if pattern.search(prose)}
+
+
+_ASKS_FOR_MARKUP = re.compile(
+    r"html|markup|markdown|web ?page|website|hyperlink|\blinks?\b|\burls?\b|\bform\b|image|picture|photo|logo|"
+    r"graphic|drawing|draw|sketch|diagram|chart|illustrat|render|design",
+    re.IGNORECASE,
+)
+
+
+def adds_markup(c: Candidate) -> bool:
+    """A rewrite that brings an image (a beacon that loads when someone views it), a link or HTML into
+    texts that had none of that kind: the teacher was not asked to, and a hostile reply would. A new
+    task (Q) that asks for a web page, a link or a picture may be answered with one."""
+    added = _markup_kinds(c.output) - _markup_kinds(_sources(c))
+    if c.variant == "Q":
+        if _ASKS_FOR_MARKUP.search(f"{c.instruction}\n{c.input}"):
+            added = set()
+        added |= _markup_kinds(f"{c.instruction}\n{c.input}") - _markup_kinds(_sources(c))
+    return bool(added)
+
+
 CHECKS = {
     "leaked_markers": leaked_markers,
     "talks_about_rewrite": talks_about_rewrite,
@@ -273,6 +313,7 @@ CHECKS = {
     "cut_off": cut_off,
     "language_switch": language_switch,
     "repetition": repetition,
+    "adds_markup": adds_markup,
 }
 
 

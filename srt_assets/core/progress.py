@@ -16,10 +16,20 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def per_time(rate: float) -> str:
+    """``12.5/s``, or ``3.2/min`` for a slow model (where ``0.0/s`` would say nothing)."""
+    return f"{rate:.1f}/s" if rate >= 0.1 else f"{rate * 60:.1f}/min"
+
+
 class ThrottledProgress:
     """A ``progress(done, total)`` callback that writes a line when the work ends and otherwise at
     most every ``every_s`` seconds, so a million calls make a few hundred log lines, not thousands,
-    and a slow model still shows it is alive."""
+    and a slow model still shows it is alive.
+
+    A batched backend ends its calls in bursts (16 at once after 12 s): a line written at the first
+    call of a burst would count one call for 12 s and promise an ETA many times too long. So a due
+    line waits for the next call after a pause and reports the state at the end of the burst before
+    it (a steady stream without pauses still gets a line every ``2 * every_s``)."""
 
     def __init__(
         self,
@@ -28,20 +38,38 @@ class ThrottledProgress:
         unit: str = "calls",
         every_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        burst_s: float = 0.05,
     ):
         self.label, self.write, self.unit, self.every_s, self.clock = label, write, unit, every_s, clock
+        self.burst_s = burst_s
         self.started = self.last = clock()
+        self.previous = (self.started, 0)  # the time and count of the call before this one
+        self.stream_started = self.started  # the first call after the latest pause
 
     def __call__(self, done: int, total: int) -> None:
         now = self.clock()
-        if done < total and now - self.last < self.every_s:
-            return
-        self.last = now
-        elapsed = now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
+        (before, done_before), self.previous = self.previous, (now, done)
+        paused = now - before >= self.burst_s
+        if paused:
+            self.stream_started = now
         if done >= total:
-            self.write(f"{self.label}: {done}/{total} {self.unit} done in {duration(elapsed)} ({rate:.1f}/s)")
-            self.started = now  # a session may run another pass (parse retries): it is timed from here
-        else:
-            eta = f"ETA {duration((total - done) / rate)}" if rate > 0 else "ETA unknown"
-            self.write(f"{self.label}: {done}/{total} {self.unit} done ({rate:.1f}/s, {eta})")
+            elapsed = now - self.started
+            self.write(
+                f"{self.label}: {done}/{total} {self.unit} done in {duration(elapsed)} ({self._rate(done, now)})"
+            )
+            self.started = self.last = now  # a session may run another pass (parse retries): timed from here
+            self.previous = (now, 0)
+        elif now - self.last >= self.every_s:
+            if paused and done_before > 0:
+                self._line(done_before, total, before, now)
+            elif now - self.stream_started >= 2 * self.every_s:
+                self._line(done, total, now, now)
+
+    def _rate(self, done: int, at: float) -> str:
+        return per_time(done / (at - self.started) if at > self.started else 0.0)
+
+    def _line(self, done: int, total: int, at: float, now: float) -> None:
+        elapsed = at - self.started
+        eta = f"ETA {duration((total - done) * elapsed / done)}" if elapsed > 0 else "ETA unknown"
+        self.write(f"{self.label}: {done}/{total} {self.unit} done ({self._rate(done, at)}, {eta})")
+        self.last = now

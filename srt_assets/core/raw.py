@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import re
+import reprlib
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 READERS = {"json": _iter_json_array, "jsonl": _iter_jsonl, "parquet": _iter_parquet}
 
 
-def _text_field(record: dict[str, Any], key: str, *, required: bool) -> str | RowProblem:
+def _text_field(record: dict[str, Any], key: str, *, required: bool, max_chars: int) -> str | RowProblem:
     value = record.get(key)
     if value is None:
         return RowProblem(key, "missing_field", f"field '{key}' is missing or null") if required else ""
@@ -178,6 +179,9 @@ def _text_field(record: dict[str, Any], key: str, *, required: bool) -> str | Ro
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         return RowProblem(key, "invalid_utf8", f"field '{key}' holds bytes that are not UTF-8 at {exc.start}")
+    if len(value) > max_chars:
+        detail = f"field '{key}' has {len(value):,} characters; the limit is {max_chars:,} (max_field_chars)"
+        return RowProblem(key, "too_long", detail)
     if required and not value.strip():
         return RowProblem(key, "empty_field", f"field '{key}' is empty")
     return value
@@ -219,9 +223,10 @@ def normalize_record(spec: SourceSpec, record: Any) -> tuple[str, str, str] | Ro
     else:
         view = record
         keys = (fields.instruction, fields.input, fields.output)
-    instruction = _text_field(view, keys[0], required=True)
-    input_text = _text_field(view, keys[1], required=False) if keys[1] else ""
-    output = _text_field(view, keys[2], required=True)
+    limit = spec.max_field_chars
+    instruction = _text_field(view, keys[0], required=True, max_chars=limit)
+    input_text = _text_field(view, keys[1], required=False, max_chars=limit) if keys[1] else ""
+    output = _text_field(view, keys[2], required=True, max_chars=limit)
     for value in (instruction, input_text, output):
         if isinstance(value, RowProblem):
             if fields.conversations:
@@ -230,10 +235,16 @@ def normalize_record(spec: SourceSpec, record: Any) -> tuple[str, str, str] | Ro
     return instruction, input_text, output  # type: ignore[return-value]
 
 
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxstring = _PREVIEW.maxother = 120
+_PREVIEW.maxlist = _PREVIEW.maxdict = 6
+
+
 def _preview(record: Any, limit: int = 200) -> str:
+    """The start of a bad record, built without writing out its whole text (a row can be 200 MB)."""
     if isinstance(record, RowProblem):
         return ""
-    text = repr(record)
+    text = _PREVIEW.repr(record)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -15,6 +15,10 @@ import yaml
 
 FORMATS = ("json", "jsonl", "parquet")
 DEFAULT_MAX_REJECT_RATIO = 0.05
+# The longest text field a row may have: Alpaca's longest output has 4k characters, WizardLM's about 30k;
+# a longer one is more likely a broken export or an attack (it would go to the teacher and the student
+# whole) than an instruction pair. A source may raise it.
+DEFAULT_MAX_FIELD_CHARS = 100_000
 
 
 class SourceConfigError(ValueError):
@@ -80,6 +84,7 @@ class SourceSpec:
     fields: FieldMapping = field(default_factory=FieldMapping)
     limit: int | None = None
     max_reject_ratio: float = DEFAULT_MAX_REJECT_RATIO
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS
     description: str = ""
     license: str = ""
     path_env: str | None = None
@@ -124,6 +129,7 @@ _SOURCE_KEYS = {
     "fields",
     "limit",
     "max_reject_ratio",
+    "max_field_chars",
     "description",
     "license",
     "path_env",
@@ -235,6 +241,9 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
     ratio = raw.get("max_reject_ratio", defaults.get("max_reject_ratio", DEFAULT_MAX_REJECT_RATIO))
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
         raise fail("'max_reject_ratio' must be a number between 0 and 1")
+    max_chars = raw.get("max_field_chars", defaults.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
+        raise fail(f"'max_field_chars' must be a positive integer, got {max_chars!r}")
     return SourceSpec(
         name=name,
         path=path,
@@ -242,6 +251,7 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
         fields=mapping,
         limit=limit,
         max_reject_ratio=float(ratio),
+        max_field_chars=max_chars,
         description=str(raw.get("description", "")),
         license=str(raw.get("license", "")),
         path_env=path_env,

@@ -8,14 +8,18 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 StudentBackend = Literal["transformers", "vllm"]
+Precision = Literal["float32", "bfloat16", "float16"]
 
 
 class ComputeSettings(BaseModel):
     """``device: auto`` takes the first CUDA device and falls back to CPU (saying so in the log)."""
 
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="float32 is exact; bfloat16 is the fast mode"
+    dtype: Precision = Field(default="float32", description="scoring and training: float32 is exact; bfloat16 is fast")
+    generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="local generation (teacher, judge, answers): auto is bfloat16 where the device computes it "
+        "natively (CUDA, CPUs with AMX or AVX512-BF16), else float32; a reply needs no exact log-probabilities",
     )
     token_budget: int = Field(default=1024, description="tokens per packed forward pass (batch size)")
     backend: StudentBackend = Field(default="transformers", description="student backend: transformers or vllm")
@@ -25,10 +29,18 @@ class ComputeSettings(BaseModel):
 
         return str(resolve_device(self.device))
 
+    def resolved_generation_dtype(self) -> Precision:
+        if self.generation_dtype != "auto":
+            return self.generation_dtype  # type: ignore[return-value]
+        from srt_assets.models.loading import computes_bfloat16
+
+        return "bfloat16" if computes_bfloat16(self.resolved_device()) else "float32"
+
     def describe(self) -> dict[str, str | int]:
         return {
             "device": self.resolved_device(),
             "dtype": self.dtype,
+            "generation_dtype": self.resolved_generation_dtype(),
             "backend": self.backend,
             "token_budget": self.token_budget,
         }

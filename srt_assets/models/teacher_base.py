@@ -57,7 +57,7 @@ class TeacherSettings(BaseModel, ABC):
     )
 
     @abstractmethod
-    def model_id(self, models_dir: Path) -> str:
+    def model_id(self, models_dir: Path, compute: ComputeSettings) -> str:
         """The identity of the model behind the calls: part of every cache key (never a secret)."""
 
     @abstractmethod
@@ -73,12 +73,9 @@ class TeacherSettings(BaseModel, ABC):
         return 0.0
 
     def describe(self) -> dict[str, Any]:
-        """What may be shown in the UI: the backend's own fields, never a key."""
-        hidden = {"api_key"}
+        """What may be shown in the UI: the backend's own fields (no field holds a key)."""
         return {"backend": self.backend} | {
-            name: value
-            for name, value in self.model_dump().items()
-            if name in type(self).model_fields and name not in hidden
+            name: value for name, value in self.model_dump().items() if name in type(self).model_fields
         }
 
     def prompts_path(self) -> str:
@@ -105,7 +102,7 @@ class TeacherSettings(BaseModel, ABC):
     ) -> Iterator[CachedTeacher]:
         """This teacher behind the durable call cache: the backend is built on the first cache miss
         and released on exit."""
-        model_id = self.model_id(models_dir)
+        model_id = self.model_id(models_dir, compute)
         backend = LazyTeacher(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
         cache = SqliteCache(cache_file, "teacher_calls")
         try:
@@ -120,8 +117,10 @@ class LocalTeacherSettings(TeacherSettings, ABC):
 
     model: str = Field(BUNDLED_MODEL, description="'bundled:smollm2-135m-instruct', a model directory or hub id")
 
-    def model_id(self, models_dir: Path) -> str:
-        return f"{self.backend}:{model_identity(self.model, models_dir).fingerprint}"
+    def model_id(self, models_dir: Path, compute: ComputeSettings) -> str:
+        """The weights' fingerprint and the precision they generate in (replies differ by precision)."""
+        fingerprint = model_identity(self.model, models_dir).fingerprint
+        return f"{self.backend}:{fingerprint}|{compute.resolved_generation_dtype()}"
 
     def model_path(self, models_dir: Path) -> str:
         return model_identity(self.model, models_dir).path

@@ -39,16 +39,16 @@ _requests_of_call: contextvars.ContextVar[list[int]] = contextvars.ContextVar("s
 
 
 class OpenAITeacherSettings(TeacherSettings):
-    """Any OpenAI-compatible ``/chat/completions`` endpoint. Set ``api_key`` with ``EnvVar(...)`` or
-    name the variable in ``api_key_env``: the key is read at run time and never logged or stored."""
+    """Any OpenAI-compatible ``/chat/completions`` endpoint. The key is read at run time from the
+    environment variable that ``api_key_env`` names: a key never becomes resource or run config, which
+    every UI viewer and the run storage see (a literal ``api_key`` there is refused as an unknown field)."""
 
     backend = "openai"
     streams = True
 
     model: str = Field(description="the served model name, e.g. meta-llama/Llama-3.1-70B-Instruct")
     base_url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1; several replicas comma-separated")
-    api_key: str | None = Field(None, description="set as EnvVar('…'); never a literal")
-    api_key_env: str = Field("SRT_TEACHER_API_KEY", description="variable read when api_key is unset")
+    api_key_env: str = Field("SRT_TEACHER_API_KEY", description="environment variable holding the key (never the key)")
     concurrency: int = Field(8, description="calls in flight at once, over all replicas")
     timeout_s: float = Field(60.0, description="longest wait for one request's response (the client's timeout)")
     deadline_s: float = Field(300.0, description="longest one call may take, retries and failover included")
@@ -72,7 +72,7 @@ class OpenAITeacherSettings(TeacherSettings):
                 )
         return value
 
-    def model_id(self, models_dir: Path) -> str:
+    def model_id(self, models_dir: Path, compute: ComputeSettings | None = None) -> str:
         return f"openai-compatible:{self.model}"  # the cache key names the model, not the server
 
     def describe(self) -> dict[str, Any]:
@@ -80,7 +80,7 @@ class OpenAITeacherSettings(TeacherSettings):
         return super().describe() | {"base_url": ",".join(public_url(u) for u in replica_urls(self.base_url))}
 
     def resolved_api_key(self) -> str | None:
-        return self.api_key or os.environ.get(self.api_key_env) or None
+        return os.environ.get(self.api_key_env) or None
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.cost_per_1k_input + completion_tokens / 1000 * self.cost_per_1k_output
@@ -122,7 +122,7 @@ class OpenAICompatibleTeacher:
         if not urls:
             raise ValueError("the OpenAI-compatible teacher needs a base_url (e.g. http://127.0.0.1:8000/v1)")
         self.settings = settings
-        self.model_id = model_id or settings.model_id(Path("."))
+        self.model_id = model_id or settings.model_id(Path("."), None)
         self._api_key = api_key
         self._replicas = [_Replica(url) for url in urls]
         self._next_start = 0

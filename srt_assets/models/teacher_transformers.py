@@ -31,7 +31,7 @@ class TransformersTeacherSettings(LocalTeacherSettings):
             self.model_path(models_dir),
             model_id=model_id,
             device=compute.resolved_device(),
-            dtype=compute.dtype,
+            dtype=compute.resolved_generation_dtype(),
             batch_size=self.batch_size,
         )
 

@@ -26,7 +26,7 @@ class VLLMTeacherSettings(LocalTeacherSettings):
         return VLLMTeacher(
             self.model_path(models_dir),
             model_id=model_id,
-            dtype=compute.dtype,
+            dtype=compute.resolved_generation_dtype(),
             max_model_len=self.max_model_len,
         )
 
