@@ -141,7 +141,7 @@ def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:
         text = "" if value is None else str(value)
         return markdown_text(text if len(text) <= max_chars else text[: max_chars - 1] + "…")
 
-    header = "| " + " | ".join(markdown_text(name) for name in frame.columns) + " |"
+    header = "| " + " | ".join(frame.columns) + " |"  # our column names, not data
     rule = "|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
     return "\n".join([header, rule, *rows])

@@ -88,7 +88,9 @@ def test_checkpoint_answers_from_vllm_match_batched_transformers(student_model_d
     params = GenerationParams(temperature=0.0, max_tokens=16)
     answers, ids = {}, {}
     for backend in ("transformers", "vllm"):
-        generator = CheckpointGenerator(str(student_model_dir), "alpaca", ComputeSettings(backend=backend), 4)
+        generator = CheckpointGenerator(
+            str(student_model_dir), "alpaca", ComputeSettings(backend=backend, generation_dtype="float32"), 4
+        )
         try:
             answers[backend] = [g.text for g in generator.generate(conversations, params)]
             ids[backend] = generator.model_id
