@@ -113,7 +113,8 @@ def _code_span(text: str) -> str:
     """``text`` as inline code, which renders no link: fenced by one backtick more than it holds."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * (longest + 1)
-    return f"{fence} {text.replace('|', chr(92) + '|')} {fence}"
+    inside = text.replace("|", "\\|")  # a table cell's pipe stays escaped inside code
+    return f"{fence} {inside} {fence}"
 
 
 def markdown_text(text: str) -> str:

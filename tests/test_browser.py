@@ -3,7 +3,9 @@ run time): a person opens the catalog, launches one source partition of raw_samp
 waits for it, and sees that partition's checks pass while another partition's failed check stays on
 that other partition."""
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,20 @@ def run_status_of(partition: str):
     return status
 
 
+@contextlib.contextmanager
+def browser_page() -> Iterator:
+    """A page of Debian's Chromium, as if the person had already closed Dagster's one-time "join the
+    community" dialog."""
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
+        try:
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
 def click_visible(scope, text: str) -> None:
     """Click the visible element in ``scope`` whose text is exactly ``text`` (Dagster also renders
     hidden copies of names to measure them)."""
@@ -68,13 +84,7 @@ def test_a_person_launches_a_partition_and_sees_its_own_checks(tmp_path: Path, c
         assert wait_for_location(port)["locationOrLoadError"]["__typename"] == "RepositoryLocation"
         assert run_raw_partition(port, "bad") == "FAILURE"  # its reject-ratio check fails and blocks
         base = f"http://127.0.0.1:{port}"
-        with playwright.sync_playwright() as driver:
-            browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-            context = browser.new_context(viewport={"width": 1600, "height": 1000})
-            # as if the person had already closed Dagster's one-time "join the community" dialog
-            context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
-            page = context.new_page()
-
+        with browser_page() as page:
             page.goto(f"{base}/assets")
             page.locator('a[href="/assets/raw_samples"]').first.click()
             page.wait_for_url("**/assets/raw_samples**")
@@ -106,7 +116,6 @@ def test_a_person_launches_a_partition_and_sees_its_own_checks(tmp_path: Path, c
                     panel.locator(f'[data-tooltip="{expected}"]').first.wait_for(state="attached")  # the status tag
                     other = "Passed" if expected == "Failed" else "Failed"
                     assert panel.locator(f'[data-tooltip="{other}"]').count() == 0, (check, partition)
-            browser.close()
 
 
 class BeaconServer:
@@ -154,11 +163,7 @@ def test_markdown_beacons_in_rows_load_nothing_in_the_viewers_browser(tmp_path: 
         with dagster_dev(tmp_path, SRT_SOURCES_FILE=str(catalog)) as port:
             assert wait_for_location(port)["locationOrLoadError"]["__typename"] == "RepositoryLocation"
             assert run_raw_partition(port, "hostile") == "SUCCESS"
-            with playwright.sync_playwright() as driver:
-                browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-                context = browser.new_context(viewport={"width": 1600, "height": 1000})
-                context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
-                page = context.new_page()
+            with browser_page() as page:
                 page.goto(f"http://127.0.0.1:{port}/assets/raw_samples?partition=hostile")
                 page.get_by_text("preview", exact=True).first.wait_for()
                 # the preview table, rendered inline by Dagster's Markdown renderer
@@ -169,7 +174,6 @@ def test_markdown_beacons_in_rows_load_nothing_in_the_viewers_browser(tmp_path: 
                 shown = table.inner_text()
                 to_beacon = f'[src*="{beacon.url}"], [href*="{beacon.url}"]'
                 links = page.locator(to_beacon).count() + table.locator("a, img").count()
-                browser.close()
     finally:
         beacon.close()
     assert beacon.paths == [], f"the browser called the beacon server: {beacon.paths}"

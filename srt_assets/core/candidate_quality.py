@@ -296,12 +296,12 @@ def adds_markup(c: Candidate) -> bool:
     """A rewrite that brings an image (a beacon that loads when someone views it), a link or HTML into
     texts that had none of that kind: the teacher was not asked to, and a hostile reply would. A new
     task (Q) that asks for a web page, a link or a picture may be answered with one."""
-    added = _markup_kinds(c.output) - _markup_kinds(_sources(c))
-    if c.variant == "Q":
-        if _ASKS_FOR_MARKUP.search(f"{c.instruction}\n{c.input}"):
-            added = set()
-        added |= _markup_kinds(f"{c.instruction}\n{c.input}") - _markup_kinds(_sources(c))
-    return bool(added)
+    had = _markup_kinds(_sources(c))
+    task = f"{c.instruction}\n{c.input}"
+    if c.variant == "Q" and _markup_kinds(task) - had:
+        return True
+    asked = c.variant == "Q" and _ASKS_FOR_MARKUP.search(task)
+    return not asked and bool(_markup_kinds(c.output) - had)
 
 
 CHECKS = {

@@ -29,18 +29,20 @@ class ComputeSettings(BaseModel):
 
         return str(resolve_device(self.device))
 
-    def resolved_generation_dtype(self) -> Precision:
+    def resolved_generation_dtype(self, device: str | None = None) -> Precision:
+        """``generation_dtype`` with ``auto`` decided for ``device`` (default: the resolved device)."""
         if self.generation_dtype != "auto":
             return self.generation_dtype  # type: ignore[return-value]
         from srt_assets.models.loading import computes_bfloat16
 
-        return "bfloat16" if computes_bfloat16(self.resolved_device()) else "float32"
+        return "bfloat16" if computes_bfloat16(device or self.resolved_device()) else "float32"
 
     def describe(self) -> dict[str, str | int]:
+        device = self.resolved_device()
         return {
-            "device": self.resolved_device(),
+            "device": device,
             "dtype": self.dtype,
-            "generation_dtype": self.resolved_generation_dtype(),
+            "generation_dtype": self.resolved_generation_dtype(device),
             "backend": self.backend,
             "token_budget": self.token_budget,
         }

@@ -20,8 +20,8 @@ from srt_assets.models.student import build_text_builder
 class CheckpointGenerator:
     def __init__(self, model_path: str, template: str, compute: ComputeSettings, batch_size: int):
         engine = "" if compute.backend == "transformers" else f"|{compute.backend}"
-        precision = compute.resolved_generation_dtype()
-        self.model_id = f"checkpoint:{model_fingerprint(Path(model_path))}|{template}|{precision}{engine}"
+        self._precision = compute.resolved_generation_dtype()
+        self.model_id = f"checkpoint:{model_fingerprint(Path(model_path))}|{template}|{self._precision}{engine}"
         self._model_path = model_path
         self._template = template
         self._compute = compute
@@ -41,8 +41,7 @@ class CheckpointGenerator:
         if self._compute.backend == "vllm":
             from srt_assets.models.teacher_vllm import VLLMTeacher
 
-            dtype = self._compute.resolved_generation_dtype()
-            engine = VLLMTeacher(self._model_path, model_id=self.model_id, dtype=dtype)
+            engine = VLLMTeacher(self._model_path, model_id=self.model_id, dtype=self._precision)
             return engine, engine.llm.get_tokenizer()
         from srt_assets.models.teacher_transformers import TransformersTeacher
 
@@ -50,7 +49,7 @@ class CheckpointGenerator:
             self._model_path,
             model_id=self.model_id,
             device=self._compute.resolved_device(),
-            dtype=self._compute.resolved_generation_dtype(),
+            dtype=self._precision,
             batch_size=self._batch_size,
         )
         return engine, engine.tokenizer

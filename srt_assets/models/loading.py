@@ -58,7 +58,8 @@ def computes_bfloat16(device: str) -> bool:
     emulated and slower than float32."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    return device == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private in torch: absent means unknown
+    return device == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def resolve_device(device: str) -> torch.device:

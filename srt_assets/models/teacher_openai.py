@@ -122,7 +122,7 @@ class OpenAICompatibleTeacher:
         if not urls:
             raise ValueError("the OpenAI-compatible teacher needs a base_url (e.g. http://127.0.0.1:8000/v1)")
         self.settings = settings
-        self.model_id = model_id or settings.model_id(Path("."), None)
+        self.model_id = model_id or settings.model_id(Path("."))
         self._api_key = api_key
         self._replicas = [_Replica(url) for url in urls]
         self._next_start = 0
