@@ -17,6 +17,7 @@ from dagster import AssetKey
 
 from srt_assets.definitions import build_definitions
 from srt_assets.models.teacher_base import SMALL_TEACHER_PROMPTS
+from srt_assets.plots import markdown_text
 from srt_assets.resources import StudentModelResource, TrainingResource, TransformersTeacherResource
 
 pytestmark = [pytest.mark.slow]
@@ -241,7 +242,7 @@ def test_explain_sample_job_tells_the_story_in_the_ui(pipeline):
     metadata = {k: v.value for k, v in output.step_output_data.metadata.items()}
     assert metadata["in_selected_dataset"] is True and metadata["source"] == "tiny"
     raw = pl.read_parquet(store / "raw_samples" / "tiny.parquet").filter(pl.col("sample_id") == sample)
-    assert raw["instruction"][0][:30].replace("\n", "⏎ ") in metadata["raw_samples"]
+    assert markdown_text(raw["instruction"][0][:30]) in metadata["raw_samples"]  # shown as escaped text
     assert "| variant | ifd | rifd |" in metadata["student_scores"] and "| branch |" in metadata["sample_decisions"]
     logs = [e.message for e in instance.all_logs(result.run_id) if "== raw row" in (e.message or "")]
     assert logs  # the whole story, readable in the run's log
