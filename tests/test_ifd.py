@@ -10,6 +10,7 @@ from srt_assets.core.ifd import (
     ScoringConfig,
     ScoringItem,
     ScoringText,
+    TextBuilder,
     combine,
     resolve_context_token,
     score_items,
@@ -93,3 +94,45 @@ def test_packed_engine_matches_the_straightforward_loop(student_model_dir, stude
     for want, have in zip(expected, got, strict=True):
         for field in ("ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition", "ifd", "rifd"):
             assert getattr(have, field) == pytest.approx(getattr(want, field), rel=1e-4), field
+
+
+class _WholeTextBuilder(TextBuilder):
+    """The builder as it was: every text tokenized whole, then cut (the reference's behaviour)."""
+
+    def _head(self, text: str, n_tokens: int) -> tuple[list[int], bool]:
+        ids = self._encode(text)
+        return ids[: max(n_tokens, 0)], len(ids) > n_tokens
+
+
+class _RecordingTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.longest_text = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.longest_text = max(self.longest_text, len(text))
+        return self.tokenizer.encode(text)
+
+
+@pytest.mark.slow
+def test_long_texts_are_cut_before_tokenizing_with_the_same_tokens(student_tokenizer):
+    """A hostile 10M-character row is tokenized only as far as the length limit needs, and the
+    texts of long rows are exactly those of tokenizing everything and cutting."""
+    config = ScoringConfig(max_length=256)
+    template = get_template("alpaca")
+    context = (student_tokenizer.bos_token_id,)
+    rows = alpaca_rows(3, with_input=1)
+    no_spaces = "x" * 9_000 + "y" * 9_000
+    cases = [(r["instruction"] * 40, r["input"], r["output"] * 60) for r in rows] + [(no_spaces, "", no_spaces)]
+    windowed = TextBuilder(student_tokenizer, template, config, context[0])
+    whole = _WholeTextBuilder(student_tokenizer, template, config, context[0])
+    for case in cases:
+        assert windowed.build(*case) == whole.build(*case)
+
+    recording = _RecordingTokenizer(student_tokenizer)
+    huge = "word " * 2_000_000
+    builder = TextBuilder(recording, template, ScoringConfig(max_length=2048), context[0])
+    long_answer, long_question = builder.build("Say it.", "", huge), builder.build(huge, "", "Done.")
+    assert recording.longest_text < 300_000  # against 10M characters before
+    assert all(long_answer[k].truncated and long_answer[k].n_targets > 0 for k in ("A_direct", "A_condition"))
+    assert long_question["A_condition"].truncated and long_question["A_condition"].n_targets == 0

@@ -17,6 +17,10 @@ from srt_assets.core.templates import PromptTemplate, merged_instruction, revers
 
 ContextMode = Literal["auto", "none"]
 STAT_KEYS = ("A_direct", "A_condition", "Q_direct", "Q_condition")
+# A long text is tokenized from a window of its first (tokens needed + margin) x 16 characters,
+# doubled until it yields enough tokens; 16 characters per token is above what English BPE averages.
+WINDOW_CHARS_PER_TOKEN = 16
+WINDOW_MARGIN_TOKENS = 16
 
 
 class Tokenizer(Protocol):
@@ -70,16 +74,32 @@ class TextBuilder:
     def _encode(self, text: str) -> list[int]:
         return [*self.prefix_ids, *self.tokenizer.encode(text)]
 
-    def whole(self, text: str, max_length: int) -> ScoringText:
+    def _head(self, text: str, n_tokens: int) -> tuple[list[int], bool]:
+        """The first ``n_tokens`` ids of ``text`` and whether it has more, tokenizing only a window of
+        characters that grows until it holds enough tokens: a 10M-character row costs what a row at
+        the length limit costs (docs/method.md, "Student statistics")."""
+        n_tokens = max(n_tokens, 0)
+        window = (n_tokens + WINDOW_MARGIN_TOKENS) * WINDOW_CHARS_PER_TOKEN
+        while len(text) > window:
+            ids = self._encode(text[:window])
+            # The margin keeps the cut's last, possibly split, word clear of the tokens we keep.
+            if len(ids) >= n_tokens + WINDOW_MARGIN_TOKENS:
+                return ids[:n_tokens], True
+            window *= 2
         ids = self._encode(text)
-        return ScoringText(tuple(ids[: max(max_length, 0)]), 1, len(ids) > max_length)
+        return ids[:n_tokens], len(ids) > n_tokens
+
+    def whole(self, text: str, max_length: int) -> ScoringText:
+        ids, truncated = self._head(text, max_length)
+        return ScoringText(tuple(ids), 1, truncated)
 
     def part(self, text: str, target: str) -> ScoringText:
-        """``text`` ends with ``target``; the target starts at the token count of the text before it."""
-        ids = self._encode(text)
-        start = len(self._encode(text[: text.rfind(target)]))
+        """``text`` ends with ``target``; the target starts at the token count of the text before it
+        (counted up to one past the limit: a longer prefix leaves no target tokens either way)."""
         limit = self.config.max_length
-        return ScoringText(tuple(ids[:limit]), start, len(ids) > limit)
+        ids, truncated = self._head(text, limit)
+        start = len(self._head(text[: text.rfind(target)], limit + 1)[0])
+        return ScoringText(tuple(ids), start, truncated)
 
     def build(self, instruction: str, input_text: str, response: str) -> dict[str, ScoringText | None]:
         """The four texts; a text whose target is empty is None (its statistic will be null)."""
@@ -88,13 +108,13 @@ class TextBuilder:
         question = merged_instruction(instruction, input_text)
         if response:
             prompt = self.template.render(instruction, input_text)
-            prompt_len = min(len(self._encode(prompt)), limit)
+            prompt_len = len(self._head(prompt, limit)[0])
             texts["A_direct"] = self.whole(response, limit - prompt_len + 1)
             texts["A_condition"] = self.part(prompt + response, response)
         if question and response:
             # T's no-input form around R(y), as the reference does.
             reverse_prompt = self.template.render(reverse_instruction(response))
-            reverse_len = min(len(self._encode(reverse_prompt)), limit)
+            reverse_len = len(self._head(reverse_prompt, limit)[0])
             texts["Q_direct"] = self.whole(question, limit - reverse_len + 1)
             texts["Q_condition"] = self.part(reverse_prompt + question, question)
         return texts
