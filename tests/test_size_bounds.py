@@ -2,6 +2,7 @@
 row of any length, and scoring and the teacher must cost what the configured budgets allow."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,31 @@ def test_scoring_a_ten_million_character_row_costs_what_the_token_limit_allows(s
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     assert peaks["truncated"] == [True, True]
     assert peaks["after_mb"] - peaks["before_mb"] < 250, peaks
+
+
+@pytest.mark.integration
+def test_the_teacher_never_sends_a_prompt_over_its_budget(tmp_path: Path):
+    """A 200k-character row is refused before any request (it would be billed up to the endpoint's
+    context, three calls with retries); its row keeps its original texts, the rest are reflected."""
+    from openai_server import ScriptedOpenAIServer
+
+    from srt_assets.core.reflection import ReflectionPrompts
+    from srt_assets.core.teacher import ReflectionSettings, reflect
+    from srt_assets.models.compute import ComputeSettings
+    from srt_assets.models.teacher_openai import OpenAITeacherSettings
+
+    huge = "HUGEROW " + "a" * 200_000
+    rows = [("Name a color.", "", "Blue."), (huge, "", "Red.")]
+    with ScriptedOpenAIServer() as server:
+        teacher = OpenAITeacherSettings(model="scripted", base_url=server.base_url, max_prompt_chars=50_000)
+        with teacher.open_session(ComputeSettings(device="cpu"), tmp_path, tmp_path / "calls.sqlite") as cached:
+            outcomes = reflect(cached, rows, "instruction", ReflectionPrompts(), ReflectionSettings())
+            stats = cached.stats
+        assert server.requests_for("HUGEROW") == 0 and server.requests == 1
+    assert outcomes[0].status == "ok"
+    refused = outcomes[1]
+    assert refused.status == "call_failed" and refused.attempts == 0
+    expected = r"the prompt has 200,\d{3} characters, over the teacher's max_prompt_chars of 50,000; not sent"
+    assert re.fullmatch(expected, refused.error)
+    assert (refused.instruction, refused.answer) == (huge, "Red.")
+    assert stats.failures == {"prompt_too_long": 1} and stats.requests == 1

@@ -44,7 +44,7 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # the call failed for good (after the backend's own retries)
-    error_kind: str | None = None  # timeout | rate_limited | server_error | unusable_reply | deadline | ...
+    error_kind: str | None = None  # timeout | rate_limited | unusable_reply | deadline | prompt_too_long | ...
     attempts: int = 1  # requests sent for this call (retries and failover included)
     finish_reason: str | None = None  # "stop", or "length" when the reply ran out of tokens
 
@@ -86,12 +86,34 @@ class CachedTeacher:
     is tried again on the next run; each reply is stored the moment its call finishes, so a crash
     loses at most the calls in flight."""
 
-    def __init__(self, backend: TeacherBackend, cache, chunk_size: int = 64, progress: Callable | None = None):
+    def __init__(
+        self,
+        backend: TeacherBackend,
+        cache,
+        chunk_size: int = 64,
+        progress: Callable | None = None,
+        max_prompt_chars: int | None = None,
+    ):
         self.backend = backend
         self.cache = cache
         self.chunk_size = chunk_size
         self.progress = progress
+        self.max_prompt_chars = max_prompt_chars  # None: our own prompts only (held-out sets), no bound
         self.stats = CallStats()
+
+    def over_budget(self, messages: Messages) -> Generation | None:
+        """The failure of a call whose prompt is over ``max_prompt_chars``: it is never sent (an
+        endpoint bills up to its context for it, a local model pads a whole batch to it)."""
+        size = sum(len(m["content"]) for m in messages)
+        if self.max_prompt_chars is None or size <= self.max_prompt_chars:
+            return None
+        return Generation(
+            text=None,
+            error=f"the prompt has {size:,} characters, over the teacher's max_prompt_chars of "
+            f"{self.max_prompt_chars:,}; not sent",
+            error_kind="prompt_too_long",
+            attempts=0,
+        )
 
     def key(self, messages: Messages, params: GenerationParams) -> str:
         return content_key(self.backend.model_id, messages, asdict(params))
@@ -112,6 +134,11 @@ class CachedTeacher:
         known = self.cache.get_many(keys)
         results: list[Generation | None] = [Generation(**known[k]) if k in known else None for k in keys]
         self.stats.cache_hits += sum(r is not None for r in results)
+        for i, result in enumerate(results):
+            refused = None if result is not None else self.over_budget(conversations[i])
+            if refused is not None:
+                results[i] = refused
+                self._record(keys[i], refused)
         missing = [i for i, r in enumerate(results) if r is None]
         # A streaming backend (HTTP) gets every call at once, so its concurrency is never capped by a
         # chunk and no chunk waits for its slowest call; a batching one (local models) gets chunks.

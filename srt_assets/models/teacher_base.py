@@ -50,6 +50,12 @@ class TeacherSettings(BaseModel, ABC):
     mode: Literal["eager", "lazy"] = Field(
         "eager", description="eager: reflect the responses of ori and Q (authors); lazy: only the branch kept"
     )
+    max_prompt_chars: int = Field(
+        64_000,
+        gt=0,
+        description="longest prompt sent, in characters (about 4 per token in English): a longer one is not "
+        "sent and its row ends call_failed (prompt_too_long) with the original texts",
+    )
     prompts_file: str = Field(
         "auto",
         description="YAML with prompt texts (keys of ReflectionPrompts); 'auto': the compact prompts for the "
@@ -106,7 +112,9 @@ class TeacherSettings(BaseModel, ABC):
         backend = LazyTeacher(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
         cache = SqliteCache(cache_file, "teacher_calls")
         try:
-            yield CachedTeacher(backend, cache, chunk_size=chunk_size, progress=progress)
+            yield CachedTeacher(
+                backend, cache, chunk_size=chunk_size, progress=progress, max_prompt_chars=self.max_prompt_chars
+            )
         finally:
             backend.close()
             cache.close()
