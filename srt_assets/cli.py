@@ -185,23 +185,15 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
-    from srt_assets.core.provenance import explain_sample, format_story, load_partition_tables, source_of
+    from srt_assets.core.provenance import SampleNotFound, format_story, sample_story
     from srt_assets.core.sources import load_catalog
 
+    catalog = load_catalog(paths.sources_file())
+    storage = Path(args.storage) if args.storage else paths.storage_dir()
     try:
-        source = source_of(args.sample_id)
-    except ValueError as error:
+        story = sample_story(args.sample_id, storage, catalog.names, catalog.shards)
+    except SampleNotFound as error:
         print(f"srt explain: {error}", file=sys.stderr)
-        return 2
-    shards = load_catalog(paths.sources_file()).shards
-    tables = load_partition_tables(Path(args.storage) if args.storage else paths.storage_dir(), source, shards)
-    if "raw_samples" not in tables:
-        where = args.storage or paths.storage_dir()
-        print(f"srt explain: no materialized raw_samples for source '{source}' under {where}", file=sys.stderr)
-        return 1
-    story = explain_sample(args.sample_id, tables)
-    if not story.get("raw_samples"):
-        print(f"srt explain: sample {args.sample_id} is not in raw_samples of '{source}'", file=sys.stderr)
         return 1
     print(json.dumps(story, indent=1, default=str) if args.json else format_story(story))
     return 0

@@ -6,6 +6,7 @@ affects, and another source is never touched."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def test_selected_rows_trace_back_to_source_and_teacher_calls(pipeline):
     # the audit CLI, as a user runs it
     sample = selected["sample_id"][0]
     cli = [sys.executable, "-m", "srt_assets.cli", "explain", sample, "--storage", str(store)]
-    shown = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    catalog = {**os.environ, "SRT_SOURCES_FILE": str(pipeline["root"] / "sources.yaml")}  # the run's catalog
+    shown = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=catalog)
     assert shown.returncode == 0, shown.stderr
     assert "== raw row" in shown.stdout and "in selected_dataset: True" in shown.stdout
     assert decisions.filter(pl.col("sample_id") == sample)["reason"][0][:40] in shown.stdout

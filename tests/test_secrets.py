@@ -1,6 +1,8 @@
-"""Secrets never become resource config: a base_url with credentials is refused where it is set."""
+"""Secrets never become resource config: a base_url with credentials is refused where it is set; a
+path anyone can type in the launchpad (prompts_file) never shows what the file it names holds."""
 
 import json
+import re
 import uuid
 
 import pytest
@@ -17,6 +19,36 @@ def test_a_base_url_with_credentials_is_refused_without_echoing_it(tmp_path, url
     with pytest.raises(ModelSettingsError, match="api_key_env") as refused:
         resources_from_file(models)
     assert "CANARY" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("passwd", "root:x:0:0:CANARY-ROOT:/root:/bin/bash\n", "must be a .yaml or .yml file"),
+        ("notes.yaml", "root:x:0:0:CANARY-ROOT:/root:/bin/bash\n", "not a mapping of prompt keys"),
+        ("keys.yaml", "CANARY_DB_PASSWORD: x\nCANARY_TOKEN: y\n", "2 unknown key(s); allowed"),
+        ("tabs.yaml", "a: CANARY-1\n\tb: CANARY-2\n", "not UTF-8 YAML (line 2)"),
+        ("list.yaml", "- CANARY-ITEM\n", "not a mapping of prompt keys"),
+    ],
+)
+def test_a_prompts_file_error_never_repeats_the_file(tmp_path, name, text, reason):
+    """The old error listed a plain file's characters, or a YAML file's top-level keys."""
+    from srt_assets.core.reflection import ReflectionPrompts
+
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(reason)) as refused:
+        ReflectionPrompts.from_file(tmp_path / name)
+    assert "CANARY" not in str(refused.value)
+
+
+def test_a_misspelt_prompt_key_is_named_with_its_fix(tmp_path):
+    from srt_assets.core.reflection import ReflectionPrompts
+
+    (tmp_path / "p.yaml").write_text("instruction_sytem: Be brief.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="'instruction_sytem' \\(did you mean 'instruction_system'\\?\\)"):
+        ReflectionPrompts.from_file(tmp_path / "p.yaml")
+    (tmp_path / "p.yaml").write_text("instruction_system: Be brief.\n", encoding="utf-8")
+    assert ReflectionPrompts.from_file(tmp_path / "p.yaml").instruction_system == "Be brief."
 
 
 RESOURCES = """{ workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError {

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import polars as pl
 import pytest
 
 from srt_assets.core.datasets import chosen_training_rows, export_dataset, original_training_rows, random_baseline
-from srt_assets.core.provenance import explain_sample, format_story, provenance_columns, source_of
+from srt_assets.core.provenance import (
+    SampleNotFound,
+    explain_sample,
+    format_story,
+    provenance_columns,
+    sample_story,
+    source_of,
+)
 from srt_assets.core.selection import SelectionRule, branch_counts, decide, select
 
 
@@ -153,7 +161,7 @@ def test_training_rows_provenance_and_explain(tiny_pipeline_tables, tmp_path):
     text = format_story(story)
     assert "teacher says" in text and "branch QA, chosen QA" in text
     with pytest.raises(ValueError, match="not a sample id"):
-        source_of("nodash")
+        source_of("nodash", ["demo"])
 
     written = export_dataset(rows, tmp_path, "selected_dataset")
     records = json.loads(written["alpaca_json"].read_text())
@@ -161,6 +169,34 @@ def test_training_rows_provenance_and_explain(tiny_pipeline_tables, tmp_path):
     datasets = pytest.importorskip("datasets")
     loaded = datasets.load_dataset(str(written["hf_dataset"]), split="train")
     assert loaded["output"] == ["QA-0", "A-1"]
+
+
+def test_a_sample_id_never_names_a_path_outside_the_catalog(tmp_path: Path):
+    """``srt explain /x/y-<hex>`` read /x/y.parquet and its error told whether a file existed; now
+    only catalog sources are looked up, and every refusal reads the same whatever is on disk."""
+    storage, elsewhere = tmp_path / "storage", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pl.DataFrame({"sample_id": [f"{elsewhere}/secret-0123456789abcdef"], "instruction": ["private"]}).write_parquet(
+        elsewhere / "secret.parquet"
+    )
+    refusals = []
+    for name in ("secret", "absent"):
+        with pytest.raises(SampleNotFound, match="is not in the catalog") as refused:
+            sample_story(f"{elsewhere}/{name}-0123456789abcdef", storage, ["demo"])
+        refusals.append(str(refused.value).replace(name, "NAME"))
+    assert refusals[0] == refusals[1]
+    with pytest.raises(SampleNotFound, match="not a sample id"):
+        sample_story("demo-0123456789ABCDEZ", storage, ["demo"])
+
+
+def test_a_story_from_tables_missing_columns_is_still_told():
+    """A table from an older schema (no cache_key, no variant) crashed the story with a KeyError."""
+    raw = pl.DataFrame({"sample_id": ["s-0123456789abcdef"], "row_index": [0], "instruction": ["i"], "output": ["o"]})
+    odd = pl.DataFrame({"sample_id": ["s-0123456789abcdef"], "instruction": ["i2"]})
+    story = explain_sample("s-0123456789abcdef", {"raw_samples": raw, "new_instructions": odd,
+                                                  "student_scores": odd, "sample_decisions": odd})  # fmt: skip
+    text = format_story(story)
+    assert "instruction: i2" in text and "status None" in text
 
 
 def test_random_baseline_is_reproducible(tiny_pipeline_tables):

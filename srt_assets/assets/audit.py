@@ -34,15 +34,12 @@ def explain_sample_op(
     sources: SourceCatalogResource,
 ) -> Output[None]:
     try:
-        source = provenance.source_of(config.sample_id.strip())
-    except ValueError as error:
-        raise ValueError(f"explain_sample: {error}") from None
-    tables = provenance.load_partition_tables(Path(storage.base_dir), source, sources.catalog.shards)
-    if "raw_samples" not in tables:
-        raise ValueError(f"explain_sample: no materialized raw_samples for source '{source}' under {storage.base_dir}")
-    story = provenance.explain_sample(config.sample_id.strip(), tables)
-    if not story.get("raw_samples"):
-        raise ValueError(f"explain_sample: sample {config.sample_id} is not in raw_samples of '{source}'")
+        story = provenance.sample_story(
+            config.sample_id, Path(storage.base_dir), sources.catalog.names, sources.catalog.shards
+        )
+    except provenance.SampleNotFound as error:
+        raise provenance.SampleNotFound(f"explain_sample: {error}") from None
+    source = story["source"]
     context.log.info(provenance.format_story(story))
     metadata: dict = {"source": source}
     for name, columns in STORY_COLUMNS.items():

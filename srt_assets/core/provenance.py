@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import polars as pl
 
+from srt_assets.core.raw import SAMPLE_DIGEST
 from srt_assets.core.sharding import shard_names
 
 PROVENANCE_SCHEMA: dict[str, pl.DataType] = {
@@ -103,12 +105,32 @@ def load_partition_tables(storage: Path, source: str, shards: int = 1) -> dict[s
     return tables
 
 
-def source_of(sample_id: str) -> str:
-    """The source (partition) a sample id belongs to: ids are ``<source>-<16 hex digits>``."""
+class SampleNotFound(ValueError):
+    """An id that names no stored sample; the message says why without touching other paths."""
+
+
+def source_of(sample_id: str, sources: Collection[str]) -> str:
+    """The source (partition) a sample id belongs to: ids are ``<source>-<16 hex digits>``. Only a
+    catalog source is accepted, so an id never becomes a path of its own choosing."""
     source, sep, digest = sample_id.rpartition("-")
-    if not sep or not source or len(digest) != 16:
-        raise ValueError(f"not a sample id: {sample_id!r} (expected '<source>-<16 hex digits>')")
+    if not sep or not source or not SAMPLE_DIGEST.fullmatch(digest):
+        raise SampleNotFound(f"not a sample id: {sample_id!r} (expected '<source>-<16 hex digits>')")
+    if source not in sources:
+        raise SampleNotFound(f"sample id {sample_id!r}: its source {source!r} is not in the catalog {sorted(sources)}")
     return source
+
+
+def sample_story(sample_id: str, storage: Path, sources: Collection[str], shards: int = 1) -> dict:
+    """``explain_sample`` of a stored sample, read from its source partition's tables."""
+    sample_id = sample_id.strip()
+    source = source_of(sample_id, sources)
+    tables = load_partition_tables(storage, source, shards)
+    if "raw_samples" not in tables:
+        raise SampleNotFound(f"no materialized raw_samples for source '{source}' under {storage}")
+    story = explain_sample(sample_id, tables)
+    if not story.get("raw_samples"):
+        raise SampleNotFound(f"sample {sample_id} is not in raw_samples of '{source}'")
+    return story
 
 
 def explain_sample(sample_id: str, tables: dict[str, pl.DataFrame]) -> dict:
@@ -116,7 +138,7 @@ def explain_sample(sample_id: str, tables: dict[str, pl.DataFrame]) -> dict:
 
     ``tables`` maps asset names (``EXPLAINED_TABLES``) to that partition's table.
     """
-    story: dict[str, object] = {"sample_id": sample_id, "source": source_of(sample_id)}
+    story: dict[str, object] = {"sample_id": sample_id, "source": sample_id.rpartition("-")[0]}
     for name, table in tables.items():
         if "sample_id" not in table.columns:
             continue
@@ -153,8 +175,9 @@ def format_story(story: dict) -> str:
     for name in ("new_instructions", "better_responses"):
         section(f"teacher: {name}")
         for row in story.get(name) or []:
-            origin = "from" if "#row=" in (row["cache_key"] or "") else "call"  # a reflection file's row, or a call
-            lines.append(f"-- variant {row['variant']}: status {row['status']}, {origin} {row['cache_key']}")
+            key = row.get("cache_key") or ""
+            origin = "from" if "#row=" in key else "call"  # a reflection file's row, or a call
+            lines.append(f"-- variant {row.get('variant')}: status {row.get('status')}, {origin} {key}")
             if row.get("error"):
                 text("error", row["error"])
             text("instruction", row.get("instruction"))
@@ -162,11 +185,11 @@ def format_story(story: dict) -> str:
             text("raw teacher text", row.get("raw_text"), limit=800)
     section("student scores")
     for row in story.get("student_scores") or []:
-        lines.append(f"{row['variant']:>3}: IFD {row.get('ifd')}  r-IFD {row.get('rifd')}")
+        lines.append(f"{row.get('variant')!s:>3}: IFD {row.get('ifd')}  r-IFD {row.get('rifd')}")
     section("selection")
     for row in story.get("sample_decisions") or []:
-        lines.append(f"branch {row['branch']}, chosen {row['chosen_variant']}, selected {row['selected']}")
-        text("why", row["reason"])
+        lines.append(f"branch {row.get('branch')}, chosen {row.get('chosen_variant')}, selected {row.get('selected')}")
+        text("why", row.get("reason"))
     lines.append("")
     lines.append(f"in selected_dataset: {story['in_selected_dataset']}")
     if "in_baseline_random" in story:

@@ -53,6 +53,9 @@ class RowProblem:
     detail: str
 
 
+SAMPLE_DIGEST = re.compile(r"[0-9a-f]{16}")  # what sample_id puts after "<source>-"
+
+
 def sample_id(source: str, instruction: str, input_text: str, output: str) -> str:
     """Stable id from source and content: the same pair always gets the same id, across reruns."""
     digest = hashlib.sha256("\x1f".join((source, instruction, input_text, output)).encode("utf-8"))

@@ -9,6 +9,7 @@ paper's Figures 5–6, for instance) loads from a YAML file with the same keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,8 @@ PLACEHOLDERS = (
     "the better answer",
     "the answer to the new instruction",
 )
+
+MAX_PROMPTS_FILE_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,36 @@ class ReflectionPrompts:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ReflectionPrompts:
-        """Load prompt texts from YAML; keys not given keep the defaults."""
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        """Load prompt texts from YAML; keys not given keep the defaults. The path is a setting anyone
+        with launch rights can edit, so no error repeats what the file holds: not its text, nor a
+        key unless it is a near miss of a prompt key."""
+        path = Path(path)
+        if path.suffix.lower() not in (".yaml", ".yml"):
+            raise ValueError(f"prompts_file {str(path)!r}: must be a .yaml or .yml file")
+        try:
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_PROMPTS_FILE_BYTES + 1)
+        except OSError as error:
+            raise ValueError(f"prompts_file {str(path)!r}: cannot be read ({error.strerror})") from None
+        if len(raw) > MAX_PROMPTS_FILE_BYTES:
+            raise ValueError(f"prompts_file {str(path)!r}: larger than {MAX_PROMPTS_FILE_BYTES:,} bytes")
+        try:
+            data = yaml.safe_load(raw.decode("utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as error:
+            line = getattr(getattr(error, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ValueError(f"prompts_file {str(path)!r}: not UTF-8 YAML{where}") from None
+        known = sorted(f.name for f in fields(cls))
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise ValueError(f"prompts_file {str(path)!r}: not a mapping of prompt keys to texts; keys: {known}")
+        unknown = [str(k) for k in data if k not in known]
         if unknown:
-            raise ValueError(f"{path}: unknown prompt key(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**{k: str(v) for k, v in data.items()})
+            near = sorted({f"{k!r} (did you mean {m[0]!r}?)" for k in unknown if (m := get_close_matches(k, known, 1))})
+            raise ValueError(
+                f"prompts_file {str(path)!r}: {len(unknown)} unknown key(s){': ' + ', '.join(near) if near else ''}; "
+                f"allowed: {known}"
+            )
+        return cls(**data)
 
 
 Messages = list[dict[str, str]]
