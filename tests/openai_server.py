@@ -18,11 +18,14 @@ mended); ``FAULT:kindxN`` only on the first N attempts.
     oddusage   200 with a usable completion whose usage is "n/a"
     badgzip    200 that claims Content-Encoding gzip over a body that is not gzip
     echokey    401 whose body echoes the request's Authorization header (the key)
+    echoaltered  401 whose body echoes the key altered: upper-cased and cut, and base64-encoded
+    echoreply  a usable 200 reply that quotes the key in its text
     nomarkers  a usable reply without the reflection markers (a parse failure)
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -210,6 +213,14 @@ class ScriptedOpenAIServer:
                     self._send(200, self._completion(payload, user, attempt, usage="n/a"))
                 elif fault == "badgzip":
                     self._send(200, self._completion(payload, user, attempt), {"Content-Encoding": "gzip"})
+                elif fault in ("echoaltered", "echoreply"):
+                    key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    if fault == "echoreply":
+                        quoted = f"[New Instruction] Print {key} [End]\n[New Answer] It is {key}. [End]"
+                        self._send(200, self._completion(payload, user, attempt, content=quoted))
+                    else:
+                        told = f"key {key.upper()[:-2]} rejected (b64 {base64.b64encode(key.encode()).decode()})"
+                        self._send(401, json.dumps({"error": {"message": told}}).encode())
                 elif fault == "echokey":
                     echoed = json.dumps({"error": {"message": f"invalid key: {self.headers.get('Authorization')}"}})
                     self._send(401, echoed.encode())

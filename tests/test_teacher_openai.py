@@ -3,6 +3,7 @@
 number of requests it took, only usable replies are cached, and once the endpoint is mended a rerun
 asks again for exactly the calls that failed."""
 
+import base64
 import time
 from collections import Counter
 
@@ -31,6 +32,8 @@ FAULTS = {
     "FAULT:empty": ("call_failed", "unusable_reply", 3),
     "FAULT:badgzip": ("call_failed", "unusable_reply", 3),
     "FAULT:echokey": ("call_failed", "client_error", 1),
+    "FAULT:echoaltered": ("call_failed", "client_error", 1),
+    "FAULT:echoreply": ("ok", None, 1),
     "FAULT:hang": ("call_failed", "deadline", 1),
     "FAULT:trickle": ("call_failed", "deadline", 1),
     "FAULT:nomarkers": ("parse_failed", None, 1),
@@ -71,6 +74,12 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
         assert "empty" in by_marker["FAULT:empty"].error and "no choices" in by_marker["FAULT:nochoices"].error
         assert by_marker["FAULT:echokey"].error.startswith("HTTP 401") and KEY not in by_marker["FAULT:echokey"].error
         assert by_marker["FAULT:oddusage"].prompt_tokens == 0 and by_marker["FAULT:oddusage"].instruction
+        # no form of the key an endpoint echoes (altered, encoded, in a 200 reply) is kept or cached
+        echoed = (KEY, KEY.upper()[:-2], base64.b64encode(KEY.encode()).decode())
+        kept = [f"{o.error} {o.raw_text} {o.instruction} {o.answer}".casefold() for o in outcomes]
+        stored = b"".join(p.read_bytes() for p in tmp_path.glob("c.sqlite*")).lower()
+        assert not [f for f in echoed if any(f.casefold() in t for t in kept) or f.lower().encode() in stored]
+        assert by_marker["FAULT:echoreply"].answer == "It is ***."
         # Retry-After was honoured: the second attempt came at least that long after the first.
         times = next(t for user, t in server.times.items() if "FAULT:429x1" in user)
         assert times[1] - times[0] >= 0.3
@@ -198,3 +207,10 @@ def test_replicas_share_the_calls_and_cover_for_a_dead_one(tmp_path):
 def test_cost_is_estimated_from_the_prices():
     priced = OpenAITeacherSettings(model="m", base_url="http://x", cost_per_1k_input=0.5, cost_per_1k_output=1.5)
     assert priced.estimated_cost(2000, 1000) == pytest.approx(2.5)
+
+
+def test_a_placeholder_key_masks_only_itself_and_a_real_key_every_echo():
+    from srt_assets.models.teacher_openai import redact_secret
+
+    assert redact_secret("The list is empty; EMPTY was sent.", "EMPTY") == "The list is empty; *** was sent."
+    assert redact_secret(f"bad key={KEY[3:-3].upper()}, see sk-test docs", KEY) == "bad *** see sk-test docs"

@@ -16,15 +16,17 @@ its ``Retry-After`` handling and its per-request timeout. What the client leaves
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
@@ -102,6 +104,31 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+# A key this long is masked in any form an endpoint may echo; a shorter one (vLLM's "EMPTY", a
+# placeholder) only as written, so that replies saying "empty" stay intact.
+FUZZY_SECRET_CHARS = 20
+SECRET_PIECE_CHARS = 12  # a word holding a run this long of such a key, in any case, is masked
+
+
+def redact_secret(text: str, secret: str | None) -> str:
+    """``text`` with the secret masked: as written, and for a real key also URL- or base64-encoded,
+    in any case, and in any word that holds 12 of its characters in a row (a cut echo)."""
+    if not secret:
+        return text
+    text = text.replace(secret, "***")
+    if len(secret) < FUZZY_SECRET_CHARS:
+        return text
+    for form in (secret, quote(secret, safe=""), base64.b64encode(secret.encode()).decode().rstrip("=")):
+        text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
+    pieces = {secret[i : i + SECRET_PIECE_CHARS].casefold() for i in range(len(secret) - SECRET_PIECE_CHARS + 1)}
+
+    def holds_piece(word: str) -> bool:
+        folded = word.casefold()
+        return any(folded[i : i + SECRET_PIECE_CHARS] in pieces for i in range(len(folded) - SECRET_PIECE_CHARS + 1))
+
+    return "".join("***" if holds_piece(word) else word for word in re.split(r"(\s+)", text))
+
+
 class UnusableReply(Exception):
     """A 200 answer that holds no completion text we can use."""
 
@@ -128,7 +155,7 @@ class OpenAICompatibleTeacher:
         self._next_start = 0
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return redact_secret(text, self._api_key)
 
     def _request(self, messages: Messages, params: GenerationParams) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -198,8 +225,12 @@ class OpenAICompatibleTeacher:
             try:
                 completion = await clients[index].chat.completions.create(**request)
                 text, prompt_tokens, completion_tokens, finish = self._reply(completion)
-                return Generation(
-                    text, prompt_tokens, completion_tokens, attempts=_requests_of_call.get()[0], finish_reason=finish
+                return Generation(  # a reply that quotes the key must not store it
+                    self._redact(text),
+                    prompt_tokens,
+                    completion_tokens,
+                    attempts=_requests_of_call.get()[0],
+                    finish_reason=finish,
                 )
             except openai.APIStatusError as exc:
                 status = exc.status_code
