@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
-from openai_server import ScriptedOpenAIServer
+from openai_server import ScriptedOpenAIServer, scripted_reply
 
 from srt_assets.definitions import build_definitions
 from srt_assets.resources import OpenAITeacherResource, StudentModelResource
@@ -100,3 +100,38 @@ def test_lazy_mode_reflects_only_the_kept_branch(tmp_path, dagster_instance, stu
         assert row.get(expected) is not None
         assert row.get("A" if expected == "QA" else "QA") is None
     assert metadata(dagster_instance, "student_scores")["texts_from_cache"] > 0  # phase-1 losses reused
+
+
+def markup_in_new_instructions(messages: list[dict]) -> str:
+    """The scripted teacher, whose new instructions carry an image the source lacks (adds_markup)."""
+    image = "![logo](http://127.0.0.1:9/a.png)"
+    return scripted_reply(messages).replace("[New Instruction] ", f"[New Instruction] {image} ")
+
+
+def test_lazy_mode_reflects_a_where_a_rejected_q_leaves_the_a_branch(tmp_path, student_model_dir, monkeypatch):
+    """With every Q rejected by a quality flag the selection takes the A branch for every sample, also
+    where IFD(Q) > IFD(ori): lazy mode reflects that A too, and decides as eager mode does."""
+    from dagster import DagsterInstance
+
+    monkeypatch.setenv("SRT_TEST_TEACHER_KEY", KEY)
+    decisions, answers = {}, {}
+    with ScriptedOpenAIServer(api_key=KEY, reply=markup_in_new_instructions) as server:
+        for mode in ("eager", "lazy"):
+            (tmp_path / mode).mkdir()
+            defs = pipeline(tmp_path / mode, server, student_model_dir, mode=mode)
+            with DagsterInstance.ephemeral(tempdir=str(tmp_path / mode / "home")) as instance:
+                assert materialize(defs, "s", instance, upto="sample_decisions", run_config=LOOSE).success
+            store = tmp_path / mode / "store"
+            decisions[mode] = pl.read_parquet(store / "sample_decisions" / "s.parquet").sort("sample_id")
+            answers[mode] = pl.read_parquet(store / "better_responses" / "s.parquet")
+    questions = pl.read_parquet(tmp_path / "lazy" / "store" / "new_instructions" / "s.parquet")
+    rejected = set(questions.filter(pl.col("rejecting_flags").list.contains("adds_markup"))["sample_id"])
+    assert len(rejected) == 3  # every parsed rewrite (the fourth row fails parsing and keeps its text)
+    scores = pl.read_parquet(tmp_path / "lazy" / "store" / "student_scores" / "s.parquet")
+    ifd = scores.pivot(on="variant", index="sample_id", values="ifd")
+    harder = set(ifd.filter(pl.col("Q") > pl.col("ori"))["sample_id"]) & rejected
+    assert harder  # the case the old lazy rule got wrong: it reflected only QA for these
+    reflected_a = set(answers["lazy"].filter(pl.col("variant") == "A")["sample_id"])
+    assert rejected <= reflected_a
+    columns = ["sample_id", "branch", "chosen_variant", "selected"]
+    assert decisions["lazy"].select(columns).equals(decisions["eager"].select(columns))

@@ -18,6 +18,7 @@ from srt_assets.assets.common import (
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.quality import CheckOutcome, ratio_check
+from srt_assets.core.selection import answers_to_reflect
 from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
 from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
@@ -309,7 +310,8 @@ def build_reflection_assets(layout: Partitioning):
         "better_responses",
         "Variants A (a better answer to the original instruction x0) and QA (a better answer to the new "
         "instruction x1). Eager mode reflects both, as the authors do; lazy mode only the branch the student "
-        "kept (IFD(Q) > IFD(ori) → QA, else A). A source with reflection files reads both from them.",
+        "kept (IFD(Q) > IFD(ori) → QA, else A; A too where a quality flag rejects Q). A source with reflection "
+        "files reads both from them.",
     )
     def better_responses(
         context: AssetExecutionContext,
@@ -339,7 +341,8 @@ def build_reflection_assets(layout: Partitioning):
             yield from read_and_report(context, config, parts, spec, "better_responses")
             return
         if teacher.mode == "lazy":
-            ori, q = lazy_branches(context, ori, q, gpu, student, storage)
+            rejected = new_instructions.filter(pl.col("rejecting_flags").list.len() > 0)["sample_id"]
+            ori, q = lazy_branches(ori, q, set(rejected), gpu, student, storage)
         rows = pl.concat([ori, q])
         produced = ["A"] * ori.height + ["QA"] * q.height
         yield from reflect_and_report(
@@ -351,15 +354,16 @@ def build_reflection_assets(layout: Partitioning):
 
 
 def lazy_branches(
-    context: AssetExecutionContext,
     ori: pl.DataFrame,
     q: pl.DataFrame,
+    q_rejected: set[str],
     gpu: GPUResource,
     student: StudentModelResource,
     storage: StorageResource,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Phase-1 student choice for lazy mode. The losses land in the shared cache, so
-    ``student_scores`` later reuses them instead of computing them again."""
+    """Phase-1 student choice for lazy mode (``answers_to_reflect``): the original and the new
+    instruction to reflect answers to. The losses land in the shared cache, so ``student_scores``
+    later reuses them instead of computing them again."""
     from srt_assets.core.ifd import ScoringItem
 
     variants = pl.concat([ori, q])
@@ -367,8 +371,11 @@ def lazy_branches(
     with student.session(gpu, storage) as session:
         results, _ = session.score(items)
     ifd = {(sid, var): r.ifd for sid, var, r in zip(variants["sample_id"], variants["variant"], results, strict=True)}
-    take_q = {
-        sid for sid in ori["sample_id"]
-        if ifd.get((sid, "Q")) is not None and ifd.get((sid, "ori")) is not None and ifd[(sid, "Q")] > ifd[(sid, "ori")]
-    }  # fmt: skip
-    return ori.filter(~pl.col("sample_id").is_in(take_q)), q.filter(pl.col("sample_id").is_in(take_q))
+    wanted = {
+        sid: answers_to_reflect(ifd.get((sid, "ori")), ifd.get((sid, "Q")), sid in q_rejected)
+        for sid in ori["sample_id"]
+    }
+    return (
+        ori.filter(pl.col("sample_id").is_in([sid for sid, kinds in wanted.items() if "A" in kinds])),
+        q.filter(pl.col("sample_id").is_in([sid for sid, kinds in wanted.items() if "QA" in kinds])),
+    )

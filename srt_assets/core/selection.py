@@ -90,6 +90,20 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if _known(value) else "missing"
 
 
+def prefers_new_instruction(ifd_ori: float | None, ifd_q: float | None) -> bool:
+    """Phase 1 of the rule: the rewritten instruction wins when it is harder for the student,
+    IFD(Q) > IFD(ori) (a missing score or a tie keeps the original)."""
+    return _less(ifd_ori, ifd_q)
+
+
+def answers_to_reflect(ifd_ori: float | None, ifd_q: float | None, q_rejected: bool) -> set[str]:
+    """Lazy mode's response reflections for one sample: the branch ``decide`` can still choose. With
+    a rejected Q, ``decide`` takes A when the rule respects quality flags and the IFD choice when it
+    does not (a selection setting, decided later), so both are reflected."""
+    chosen = "QA" if prefers_new_instruction(ifd_ori, ifd_q) else "A"
+    return {"A", chosen} if q_rejected else {chosen}
+
+
 def decide(
     ifd: dict[str, float | None],
     rifd: dict[str, float | None],
@@ -107,7 +121,7 @@ def decide(
     if "Q" in flagged:
         instruction, source, reflected = "ori", "ori", "A"
         why = not_eligible("Q")
-    elif _less(ifd.get("ori"), ifd.get("Q")):
+    elif prefers_new_instruction(ifd.get("ori"), ifd.get("Q")):
         instruction, source, reflected = "Q", "Q", "QA"
         why = f"IFD(Q)={_fmt(ifd.get('Q'))} > IFD(ori)={_fmt(ifd.get('ori'))}"
     else:
