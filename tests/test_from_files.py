@@ -281,6 +281,28 @@ def test_released_reflections_and_statistics_reproduce_a_known_selection(tmp_pat
     assert f"from {paths['reflect_instruction']}#row={sample['row_index']}" in story
 
 
+@pytest.mark.integration
+def test_score_agreement_decides_by_the_rule_its_decisions_table_holds(tmp_path, dagster_instance):
+    """The comparison took its rule from the latest sample_decisions materialization in the event
+    log: another instance over the same storage (a second machine) compared by the default rule."""
+    from dagster import DagsterInstance
+
+    plan = [list(SCENARIOS)[i % len(SCENARIOS)] for i in range(6)]
+    paths = authors_layout(tmp_path / "reflect", len(plan))
+    stats = write_statistics(tmp_path / "reflect", plan)
+    entry = reflections_entry(paths) | {"statistics": {"use": "instead", **{v: str(p) for v, p in stats.items()}}}
+    rule = {"keep_unreflected": True, "ifd_below": 0.9, "top_k": 2}
+    with ScriptedOpenAIServer() as server:
+        defs = pipeline_defs(tmp_path, entry, server, None)
+        keys = [_key(k) for k in [*SELECTION, "sample_decisions"]]
+        config = {"ops": {"sample_decisions": {"config": rule}}}
+        assert materialize(defs, "s", dagster_instance, selection=keys, run_config=config).success
+        with DagsterInstance.ephemeral(tempdir=str(tmp_path / "second_machine")) as second:
+            assert materialize(defs, "s", second, selection=[_key("score_agreement")]).success
+            compared_by = latest_metadata(second, "score_agreement")["rule"]
+    assert {name: compared_by[name] for name in rule} == rule
+
+
 def _key(name: str):
     from dagster import AssetKey
 

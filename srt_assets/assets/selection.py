@@ -1,7 +1,7 @@
 """Stage 6: the student's selection, the datasets it produces, and the baselines they are compared with."""
 
 import polars as pl
-from dagster import AssetExecutionContext, AssetKey, AssetRecordsFilter, Config, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from srt_assets.assets.common import (
@@ -24,7 +24,14 @@ from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import score_schema
 from srt_assets.core.provenance import PROVENANCE_SCHEMA, provenance_columns
 from srt_assets.core.quality import CheckOutcome
-from srt_assets.core.selection import BRANCHES, DECISION_SCHEMA, SelectionRule, branch_counts, select
+from srt_assets.core.selection import (
+    BRANCHES,
+    DECISION_SCHEMA,
+    SelectionRule,
+    branch_counts,
+    recorded_rule,
+    select,
+)
 from srt_assets.core.variants import all_variants
 from srt_assets.plots import markdown_table, text_histogram
 from srt_assets.resources import SourceCatalogResource, StorageResource
@@ -148,19 +155,6 @@ def selected_checks(
     ]
 
 
-def rule_of_latest_decisions(context: AssetExecutionContext) -> tuple[SelectionRule, str]:
-    """The rule the partition's latest ``sample_decisions`` ran with (its metadata records it), so a
-    comparison decides by the same rule without the user saying it twice."""
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("sample_decisions"), asset_partitions=[context.partition_key]), limit=1
-    ).records
-    for record in records:
-        rule = record.asset_materialization.metadata.get("rule") if record.asset_materialization else None
-        if rule is not None:
-            return SelectionRule(**rule.value), "the rule of the latest sample_decisions"
-    return SelectionRule(), "the default rule (no sample_decisions materialization on record)"
-
-
 def agreement_markdown(table: pl.DataFrame) -> str:
     rounded = table.with_columns(pl.col("spearman", "kendall").round(3))
     return markdown_table(rounded)
@@ -220,7 +214,7 @@ def build_selection_assets(layout: Partitioning):
         wanted = variants.join(raw_samples.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
         theirs = load_statistics(spec, wanted, score_schema())
         table = rank_agreement(student_scores, theirs)
-        rule, rule_from = rule_of_latest_decisions(context)
+        rule = recorded_rule(sample_decisions) or SelectionRule()
         flagged = rejecting_flags(new_instructions, better_responses)
         their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged)
         summary = decision_agreement(sample_decisions, their_decisions)
@@ -232,7 +226,6 @@ def build_selection_assets(layout: Partitioning):
                 "theirs": label,
                 "statistics_use": spec.statistics.use,
                 "rule": json_value({name: getattr(rule, name) for name in SelectionRule.model_fields}),
-                "rule_from": rule_from,
                 **{name: value for name, value in summary.items() if value is not None},
                 "their_branch_counts": json_value(branch_counts(their_decisions)),
                 "correlations": MetadataValue.md(agreement_markdown(table)),

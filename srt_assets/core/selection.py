@@ -41,6 +41,7 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
     "ifd_rank": pl.Int64(),
     "ifd_threshold": pl.Float64(),
     "rifd_threshold": pl.Float64(),
+    "rule": pl.String(),  # the SelectionRule as JSON (every row): what a comparison decides by
 }
 
 
@@ -174,6 +175,7 @@ def select(
     ``rule.respect_quality_flags`` is on.
     """
     flagged = flagged or {}
+    recorded_rule = rule.model_dump_json()
     wide = wide_scores(scores)
     lookup = {row["sample_id"]: row for row in wide.iter_rows(named=True)}
     records = []
@@ -201,10 +203,16 @@ def select(
                 "ifd_rank": None,
                 "ifd_threshold": rule.ifd_below,
                 "rifd_threshold": rule.rifd_below,
+                "rule": recorded_rule,
             }
         )
     decisions = pl.DataFrame(records, schema=DECISION_SCHEMA)
     return apply_top_stage(decisions, rule)
+
+
+def recorded_rule(decisions: pl.DataFrame) -> SelectionRule | None:
+    """The rule a decisions table was made with (its ``rule`` column), None for an empty table."""
+    return SelectionRule.model_validate_json(decisions["rule"][0]) if decisions.height else None
 
 
 def top_count(kept: int, rule: SelectionRule) -> int:
