@@ -29,8 +29,8 @@ from srt_assets.resources import (
     StudentModelResource,
     TrainingResource,
     TransformersTeacherResource,
-    resources_from_file,
 )
+from srt_assets.settings_file import resources_from_file
 
 # Partitioned asset checks (preview) and observable source assets (beta) in Dagster 1.13: srt relies on
 # both on purpose, so their notices would only be noise in every log.

@@ -28,7 +28,8 @@ from srt_assets.core.training import (
     run_identity,
 )
 from srt_assets.models.sft_launch import write_job
-from srt_assets.resources import TrainingResource, resources_from_file
+from srt_assets.resources import TrainingResource
+from srt_assets.settings_file import resources_from_file
 
 # 8 rows, global batch 2, 2 epochs: 8 optimizer steps, a resumable save after step 4
 HP = TrainingHyperparameters(learning_rate=2e-4, epochs=2, batch_size=1, max_length=128, warmup_ratio=0.0, save_every=4)

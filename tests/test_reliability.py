@@ -22,7 +22,8 @@ from srt_assets.core.raw import RawDataError, load_source
 from srt_assets.core.sources import SourceConfigError, SourceFileMissing, SourceSpec, infer_format, load_catalog
 from srt_assets.definitions import build_definitions
 from srt_assets.recovery import free_dead_runs, free_dead_runs_sensor
-from srt_assets.resources import ModelSettingsError, OpenAITeacherResource, resources_from_file
+from srt_assets.resources import OpenAITeacherResource
+from srt_assets.settings_file import ModelSettingsError, resources_from_file
 
 KEY = "sk-reliability-0b7e-never-stored"
 GOOD = [

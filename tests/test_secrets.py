@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from srt_assets.resources import ModelSettingsError, resources_from_file
+from srt_assets.settings_file import ModelSettingsError, resources_from_file
 
 
 @pytest.mark.parametrize(
