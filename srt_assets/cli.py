@@ -39,7 +39,7 @@ def plan_partition_runs(
     ``skip_shards``: one run of the per-source assets only, for when the shards ran elsewhere."""
     from dagster import AssetSelection, MultiPartitionKey, MultiPartitionsDefinition
 
-    from srt_assets.assets.common import SHARD_DIMENSION, SOURCE_DIMENSION
+    from srt_assets.partitions import SHARD_DIMENSION, SOURCE_DIMENSION
 
     keys = set(asset_keys)
     sharded = {k for k in keys if isinstance(asset_graph.get(k).partitions_def, MultiPartitionsDefinition)}

@@ -6,21 +6,21 @@ import os
 import warnings
 from pathlib import Path
 
-from dagster import Definitions, StaticPartitionsDefinition
+from dagster import Definitions
 
 from srt_assets import paths
 from srt_assets.assets.audit import explain_sample
-from srt_assets.assets.common import Partitioning
 from srt_assets.assets.evaluation import build_evaluation_assets
 from srt_assets.assets.finetuning import build_finetuning_assets
 from srt_assets.assets.leaderboards import build_leaderboard_assets
-from srt_assets.assets.raw import build_raw_assets
 from srt_assets.assets.reflection import build_reflection_assets
 from srt_assets.assets.scoring import build_scoring_assets
 from srt_assets.assets.selection import build_selection_assets
 from srt_assets.core.sources import load_catalog
+from srt_assets.defs import raw
 from srt_assets.executors import executor_from_env
 from srt_assets.io_managers import PolarsParquetIOManager
+from srt_assets.partitions import catalog_partitioning
 from srt_assets.recovery import free_dead_runs_sensor
 from srt_assets.resources import (
     GPUResource,
@@ -55,8 +55,8 @@ def build_definitions(
     settings_file = Path(models_file) if models_file else paths.models_file()
     storage = Path(storage_dir) if storage_dir else paths.storage_dir()
     catalog = load_catalog(sources_path)
-    source_partitions = StaticPartitionsDefinition(catalog.names)
-    layout = Partitioning(source_partitions, catalog.shards)
+    layout = catalog_partitioning(catalog)
+    source_partitions = layout.sources
     chosen = {
         "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
         "storage": StorageResource(base_dir=str(storage)),
@@ -69,9 +69,8 @@ def build_definitions(
         **(resources or {}),
     }
     chosen.setdefault("judge", chosen["teacher"])
-    return Definitions(
+    stages = Definitions(
         assets=[
-            *build_raw_assets(source_partitions, catalog),
             *build_reflection_assets(layout),
             *build_scoring_assets(layout),
             *build_selection_assets(layout),
@@ -79,10 +78,16 @@ def build_definitions(
             *build_evaluation_assets(source_partitions),
             *build_leaderboard_assets(source_partitions),
         ],
-        jobs=[explain_sample],
-        sensors=[free_dead_runs_sensor],
-        resources=chosen,
-        executor=executor_from_env(executor),
+    )
+    return Definitions.merge(
+        raw.definitions(layout),
+        stages,
+        Definitions(
+            jobs=[explain_sample],
+            sensors=[free_dead_runs_sensor],
+            resources=chosen,
+            executor=executor_from_env(executor),
+        ),
     )
 
 

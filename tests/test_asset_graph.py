@@ -54,6 +54,28 @@ def test_asset_graph_matches_the_snapshot():
     assert shape == json.loads(SNAPSHOT.read_text())
 
 
+def test_definitions_over_another_catalog_put_its_partitions_on_every_asset_and_check(tmp_path):
+    """The stage modules' assets carry the partitions of the catalog the code location loaded;
+    Definitions over another catalog (other sources, 3 shards) carry that one's everywhere, checks
+    included, and the graph is otherwise the reviewed one."""
+    catalog = tmp_path / "sources.yaml"
+    entries = {"one": {"path": "one.jsonl"}, "two": {"path": "two.jsonl"}}
+    catalog.write_text(yaml.safe_dump({"shards": 3, "sources": entries}), encoding="utf-8")
+    defs = build_definitions(sources_file=catalog)
+    reviewed = json.loads(SNAPSHOT.read_text())["assets"]
+    shape = graph_shape(defs)["assets"]
+    assert {k: {**v, "partitions": None} for k, v in shape.items()} == {
+        k: {**v, "partitions": None} for k, v in reviewed.items()
+    }
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        keys = set(node.partitions_def.get_partition_keys()) if node.partitions_def else None
+        assert keys in ({"one", "two"}, {f"{s}|{n}" for s in ("one", "two") for n in range(3)}, None), key
+        for spec in node.assets_def.check_specs:
+            assert spec.partitions_def in (None, node.partitions_def), spec.key
+
+
 def gpu_steps() -> set[str]:
     """The assets the reviewed snapshot puts in the gpu pool (the model steps)."""
     return {name for name, node in json.loads(SNAPSHOT.read_text())["assets"].items() if node["pool"] == "gpu"}

@@ -348,7 +348,7 @@ def test_a_sharded_partition_names_its_source():
     """The file-reading stages find their source's files from a shard's partition key too."""
     from dagster import StaticPartitionsDefinition
 
-    from srt_assets.assets.common import Partitioning
+    from srt_assets.partitions import Partitioning
 
     sharded = Partitioning(StaticPartitionsDefinition(["alpaca", "demo"]), shards=3)
     keys = sharded.rows.get_partition_keys()

@@ -1,8 +1,8 @@
 import polars as pl
 
-from srt_assets.assets.raw import RAW_CONTRACT
 from srt_assets.core.quality import ratio_check, validate_table
 from srt_assets.core.raw import RAW_SCHEMA
+from srt_assets.defs.raw.assets import RAW_CONTRACT
 
 
 def good_frame() -> pl.DataFrame:

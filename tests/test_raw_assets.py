@@ -5,7 +5,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO_ROOT, write_catalog, write_jsonl
+from conftest import REPO_ROOT, alpaca_rows, write_catalog, write_jsonl
 from dagster import AssetKey, Definitions, asset
 
 from srt_assets.definitions import build_definitions
@@ -136,3 +136,24 @@ def test_observing_the_source_files_records_each_source(tmp_path: Path, dagster_
     assert first["gone"].tags["dagster/data_version"] == "missing"
     write_jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "input": "", "output": "a longer answer"}])
     assert observe()["a"].tags["dagster/data_version"] != first["a"].tags["dagster/data_version"]
+
+
+def test_raw_samples_is_a_module_level_asset_a_test_can_call(tmp_path: Path):
+    """The stage's asset is importable and runs on a context built in the test (no Definitions, no
+    instance): its outputs and its check results, from a real file."""
+    from dagster import AssetCheckResult, Output, build_asset_context
+
+    from srt_assets.defs.raw.assets import raw_samples
+    from srt_assets.partitions import SOURCES
+    from srt_assets.resources import SourceCatalogResource
+
+    name = SOURCES.get_partition_keys()[0]  # a partition of the catalog the code location loaded
+    good = alpaca_rows(3)
+    write_jsonl(tmp_path / "rows.jsonl", [*good, {"instruction": " ", "input": "", "output": "x"}])
+    catalog = write_catalog(tmp_path, {name: {"path": "rows.jsonl", "max_reject_ratio": 0.5}})
+    sources = SourceCatalogResource(sources_file=str(catalog))
+    events = list(raw_samples(build_asset_context(partition_key=name), sources))
+    outputs = {e.output_name: e.value for e in events if isinstance(e, Output)}
+    assert outputs["raw_samples"].height == len(good) and outputs["raw_rejects"]["reason"].to_list() == ["empty_field"]
+    checks = {e.check_name: e.passed for e in events if isinstance(e, AssetCheckResult)}
+    assert checks and all(checks.values()) and "reject_ratio_below_bound" in checks

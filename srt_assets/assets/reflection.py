@@ -7,7 +7,6 @@ from pydantic import Field, field_validator
 
 from srt_assets.assets.common import (
     GPU_STEP,
-    Partitioning,
     blocking_checks,
     calls_progress,
     column_schema,
@@ -22,6 +21,7 @@ from srt_assets.core.selection import answers_to_reflect
 from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
 from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
+from srt_assets.partitions import Partitioning
 from srt_assets.plots import markdown_table
 from srt_assets.resources import (
     GPUResource,

@@ -17,7 +17,6 @@ from pydantic import Field
 
 from srt_assets.assets.common import (
     GPU_STEP,
-    Partitioning,
     blocking_checks,
     calls_progress,
     column_schema,
@@ -33,6 +32,7 @@ from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.sources import SourceSpec
 from srt_assets.core.variants import all_variants
 from srt_assets.models.identity import BUNDLED_MODEL
+from srt_assets.partitions import Partitioning
 from srt_assets.plots import text_histogram
 from srt_assets.resources import GPUResource, SourceCatalogResource, StorageResource, StudentModelResource
 

@@ -5,7 +5,6 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from srt_assets.assets.common import (
-    Partitioning,
     blocking_checks,
     column_schema,
     json_value,
@@ -33,6 +32,7 @@ from srt_assets.core.selection import (
     select,
 )
 from srt_assets.core.variants import all_variants
+from srt_assets.partitions import Partitioning
 from srt_assets.plots import markdown_table, text_histogram
 from srt_assets.resources import SourceCatalogResource, StorageResource
 

@@ -1,0 +1,173 @@
+"""Stage 1: the source files (observed), and raw instruction–response pairs per source with their
+rejects, behind blocking quality gates."""
+
+import time
+from datetime import UTC, datetime
+
+from dagster import (
+    AssetExecutionContext,
+    AssetObservation,
+    AssetOut,
+    DataVersionsByPartition,
+    MetadataValue,
+    Output,
+    multi_asset,
+    observable_source_asset,
+)
+
+from srt_assets.assets.common import SOURCE_PARTITIONS_DOC, blocking_checks, column_schema, json_value, to_check_results
+from srt_assets.core.quality import TableContract, ratio_check, validate_table
+from srt_assets.core.raw import RAW_SCHEMA, REJECT_SCHEMA, length_stats, load_source
+from srt_assets.core.sources import SourceCatalog, SourceSpec
+from srt_assets.partitions import LOADED_CATALOG, SOURCES
+from srt_assets.plots import markdown_table
+from srt_assets.resources import SourceCatalogResource
+
+RAW_CONTRACT = TableContract(
+    schema=RAW_SCHEMA,
+    not_null=tuple(RAW_SCHEMA),
+    not_blank=("instruction", "output"),
+    unique=("sample_id",),
+)
+RAW_CHECKS = {
+    **RAW_CONTRACT.check_descriptions(),
+    "reject_ratio_below_bound": "the share of rejected rows is at most the source's max_reject_ratio",
+}
+DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster reads an observation's data version from
+
+
+def catalog_table(catalog: SourceCatalog) -> str:
+    """The sources as a Markdown table (name, description, licence, file, whether it exists now)."""
+    rows = []
+    for name in catalog.names:
+        spec = catalog.get(name)
+        hint = f" (set `{spec.path_env}`)" if spec.path_env else ""
+        present = "yes" if spec.path.is_file() else f"**missing**{hint}"
+        rows.append(f"| `{name}` | {spec.description or '—'} | {spec.license or '—'} | `{spec.path}` | {present} |")
+    return "\n".join(["| source | description | licence | file | file present |", "|---|---|---|---|---|", *rows])
+
+
+def source_metadata(spec: SourceSpec) -> dict:
+    """What a user wants to know about a source before and after reading it."""
+    present = spec.path.is_file()
+    metadata = {
+        "file": MetadataValue.path(str(spec.path)),
+        "file_present": present,
+        "description": spec.description or "—",
+        "license": spec.license or "—",
+        "format": spec.format,
+        "fields": json_value(spec.fields.as_dict()),
+        "limit": str(spec.limit) if spec.limit else "all rows",
+    }
+    if present:
+        stat = spec.path.stat()
+        metadata["bytes"] = stat.st_size
+        metadata["modified"] = MetadataValue.timestamp(stat.st_mtime)
+    else:
+        metadata["how_to_fix"] = str(spec.missing_message())
+    return metadata
+
+
+def file_version(spec: SourceSpec) -> str:
+    """A cheap data version: size and modification time (hashing a 10 GB file on every observation
+    would not be), or 'missing'."""
+    if not spec.path.is_file():
+        return "missing"
+    stat = spec.path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+@observable_source_asset(
+    partitions_def=SOURCES,
+    group_name="raw",
+    description="The source files of sources.yaml, one partition each. Observe them (the asset's "
+    "**Observe** button) to record per partition whether the file is there, its size and time, its "
+    "licence and description, with a data version (size and time) that changes when the file does.\n\n"
+    f"Catalog `{LOADED_CATALOG.file}` when the code location loaded:\n\n{catalog_table(LOADED_CATALOG)}",
+)
+def source_files(context, sources: SourceCatalogResource) -> DataVersionsByPartition:
+    """Observe every source file: its data version and its details, per partition."""
+    current = sources.catalog
+    for name in current.names:
+        spec = current.get(name)
+        version = file_version(spec)
+        context.log_event(
+            AssetObservation(
+                asset_key="source_files",
+                partition=name,
+                metadata=source_metadata(spec),
+                tags={DATA_VERSION_TAG: version},
+            )
+        )
+        context.log.info(f"source '{name}': {spec.path} ({'present' if version != 'missing' else 'MISSING'})")
+    return DataVersionsByPartition({})  # the observations above carry the versions and the details
+
+
+@multi_asset(
+    name="raw_samples",
+    outs={
+        "raw_samples": AssetOut(
+            description="Instruction–response pairs of one source, normalized to one schema, with a "
+            "stable `sample_id` (source + content hash) that every later stage keeps. " + SOURCE_PARTITIONS_DOC,
+            kinds={"polars", "parquet"},
+            metadata={"dagster/column_schema": column_schema(RAW_SCHEMA)},
+            is_required=False,
+        ),
+        "raw_rejects": AssetOut(
+            description="Rows of the source that could not be used, with file, row, field and reason.",
+            kinds={"polars", "parquet"},
+            metadata={"dagster/column_schema": column_schema(REJECT_SCHEMA)},
+            is_required=False,
+        ),
+    },
+    deps=[source_files],
+    partitions_def=SOURCES,
+    group_name="raw",
+    can_subset=True,
+    check_specs=blocking_checks("raw_samples", RAW_CHECKS, SOURCES),
+)
+def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource):
+    """Read one source file into usable samples and rejects, and gate the samples. Either table
+    can be materialized alone; both come from the same reading of the file."""
+    spec = sources.source(context.partition_key)
+    started = time.perf_counter()
+    samples, rejects = load_source(spec)
+    elapsed = time.perf_counter() - started
+    rows_read = samples.height + rejects.height
+    reasons = dict(rejects.group_by("reason").len().sort("reason").iter_rows()) if rejects.height else {}
+    context.log.info(
+        f"source '{spec.name}': {rows_read} rows read from {spec.path} in {elapsed:.1f}s, "
+        f"{samples.height} kept, {rejects.height} rejected {reasons or ''}"
+    )
+    selected = {key.to_user_string() for key in context.selected_asset_keys}  # also when called directly
+    if "raw_samples" in selected:
+        yield Output(
+            samples,
+            output_name="raw_samples",
+            metadata={
+                **source_metadata(spec),
+                "read_at": MetadataValue.timestamp(datetime.now(UTC).timestamp()),
+                "rows_read": rows_read,
+                "rejected": rejects.height,
+                "rejects_by_reason": json_value(reasons),
+                "length_chars": json_value(length_stats(samples)),
+                "with_input": int((samples.get_column("input") != "").sum()),
+                "preview": MetadataValue.md(markdown_table(samples.head(5))),
+                "load_seconds": round(elapsed, 2),
+            },
+        )
+    if "raw_rejects" in selected:
+        yield Output(
+            rejects,
+            output_name="raw_rejects",
+            metadata={
+                "rejects_by_reason": json_value(reasons),
+                "preview": MetadataValue.md(markdown_table(rejects.head(10))),
+            },
+        )
+    if context.selected_asset_check_keys:
+        outcomes = validate_table(samples, RAW_CONTRACT, suite_name=f"raw_samples_{spec.name}")
+        outcomes.append(
+            ratio_check("reject_ratio_below_bound", rejects.height, rows_read, spec.max_reject_ratio, "rejected-row")
+        )
+        yield from to_check_results("raw_samples", outcomes)
