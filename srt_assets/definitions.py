@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 from dagster import Definitions
@@ -14,10 +13,8 @@ from srt_assets.assets.evaluation import build_evaluation_assets
 from srt_assets.assets.finetuning import build_finetuning_assets
 from srt_assets.assets.leaderboards import build_leaderboard_assets
 from srt_assets.assets.reflection import build_reflection_assets
-from srt_assets.assets.scoring import build_scoring_assets
-from srt_assets.assets.selection import build_selection_assets
 from srt_assets.core.sources import load_catalog
-from srt_assets.defs import raw
+from srt_assets.defs import raw, selection, student
 from srt_assets.executors import executor_from_env
 from srt_assets.io_managers import PolarsParquetIOManager
 from srt_assets.partitions import catalog_partitioning
@@ -31,12 +28,6 @@ from srt_assets.resources import (
     TransformersTeacherResource,
 )
 from srt_assets.settings_file import resources_from_file
-
-# Partitioned asset checks (preview) and observable source assets (beta) in Dagster 1.13: srt relies on
-# both on purpose, so their notices would only be noise in every log.
-warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
-warnings.filterwarnings("ignore", message=".*observable_source_asset.* is currently in beta.*")
-warnings.filterwarnings("ignore", message=".*DataVersionsByPartition.* is currently in beta.*")
 
 
 def build_definitions(
@@ -72,8 +63,6 @@ def build_definitions(
     stages = Definitions(
         assets=[
             *build_reflection_assets(layout),
-            *build_scoring_assets(layout),
-            *build_selection_assets(layout),
             *build_finetuning_assets(source_partitions),
             *build_evaluation_assets(source_partitions),
             *build_leaderboard_assets(source_partitions),
@@ -81,6 +70,8 @@ def build_definitions(
     )
     return Definitions.merge(
         raw.definitions(layout),
+        student.definitions(layout),
+        selection.definitions(layout),
         stages,
         Definitions(
             jobs=[explain_sample],

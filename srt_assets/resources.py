@@ -28,6 +28,7 @@ from srt_assets.models.teacher_base import TeacherSettings
 from srt_assets.models.teacher_openai import OpenAITeacherSettings
 from srt_assets.models.teacher_transformers import TransformersTeacherSettings
 from srt_assets.models.teacher_vllm import VLLMTeacherSettings
+from srt_assets.partitions import Partitioning, catalog_partitioning
 from srt_assets.training_launcher import TrainingLauncher
 
 ProgressFn = Callable[[int, int], None]
@@ -44,6 +45,11 @@ class SourceCatalogResource(ConfigurableResource):
 
     def source(self, name: str) -> SourceSpec:
         return self.catalog.get(name)
+
+    @property
+    def layout(self) -> Partitioning:
+        """The partitioning of this catalog: what a row-stage asset reads its shard and source from."""
+        return catalog_partitioning(self.catalog)
 
 
 class StorageResource(ConfigurableResource):

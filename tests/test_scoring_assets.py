@@ -94,3 +94,21 @@ def test_unscorable_rows_are_null_with_reason_and_fail_the_gate(
     }
     assert checks == {"scores_finite": True, "null_ratio_below_bound": False, "row_count_matches_input": True}
     assert not result.success  # the blocking check failed
+
+
+def test_student_base_model_is_a_module_level_asset_a_test_can_call(student_model_dir, tmp_path):
+    """The stage's asset runs on a context built in the test: it names the model directory and its
+    content fingerprint, as every cache key does."""
+    from dagster import build_asset_context
+
+    from srt_assets.defs.student.assets import student_base_model
+    from srt_assets.models.identity import model_fingerprint
+    from srt_assets.resources import StorageResource
+
+    result = student_base_model(
+        build_asset_context(),
+        StudentModelResource(model=str(student_model_dir)),
+        StorageResource(base_dir=str(tmp_path)),
+    )
+    assert result.metadata["fingerprint_sha256"] == model_fingerprint(student_model_dir)
+    assert result.metadata["path"].value == str(student_model_dir)

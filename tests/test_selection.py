@@ -20,6 +20,7 @@ from srt_assets.core.provenance import (
     source_of,
 )
 from srt_assets.core.selection import SelectionRule, branch_counts, decide, select
+from srt_assets.partitions import SOURCES
 
 
 def scores(**pairs: tuple[float | None, float | None]) -> tuple[dict, dict]:
@@ -113,10 +114,20 @@ def test_select_counts_and_top_stage():
         SelectionRule(top_k=1, top_percent=5)
 
 
+TINY_IDS = ["demo-" + c * 16 for c in "abc"]
+
+
 @pytest.fixture
-def tiny_pipeline_tables():
+def tiny_scores() -> pl.DataFrame:
+    """Student scores of the three samples: a QA branch, an A branch and a rejected one."""
+    tables = make_table()
+    return score_table(dict(zip(TINY_IDS, [tables["s-qa1"], tables["s-a1"], tables["s-ori"]], strict=True)))
+
+
+@pytest.fixture
+def tiny_pipeline_tables(tiny_scores):
     """Raw rows, teacher candidates and decisions for three samples, as the assets store them."""
-    ids = ["demo-" + c * 16 for c in "abc"]
+    ids = TINY_IDS
     raw = pl.DataFrame(
         {
             "sample_id": ids,
@@ -136,8 +147,7 @@ def tiny_pipeline_tables():
         [{"sample_id": s, "variant": v, "instruction": f"Q{i}" if v == "QA" else f"i{i}", "input": "",
           "output": f"{v}-{i}", "cache_key": f"{v}{i}", **candidate} for i, s in enumerate(ids) for v in ("A", "QA")]
     )  # fmt: skip
-    per_sample = dict(zip(ids, [make_table()["s-qa1"], make_table()["s-a1"], make_table()["s-ori"]], strict=True))
-    decisions = select(ids, score_table(per_sample), PAPER)
+    decisions = select(ids, tiny_scores, PAPER)
     return raw, inst, resp, decisions
 
 
@@ -197,6 +207,33 @@ def test_a_story_from_tables_missing_columns_is_still_told():
                                                   "student_scores": odd, "sample_decisions": odd})  # fmt: skip
     text = format_story(story)
     assert "instruction: i2" in text and "status None" in text
+
+
+def test_sample_decisions_is_a_module_level_asset_a_test_can_call(tiny_pipeline_tables, tiny_scores):
+    """The stage's asset runs on a context built in the test, over real small tables: one decision per
+    raw sample, as the pure rule makes them, and its blocking check."""
+    from dagster import AssetCheckResult, Output, build_asset_context
+
+    from srt_assets.defs.selection.assets import SelectionConfig, sample_decisions
+
+    raw, inst, resp, expected = tiny_pipeline_tables
+    unflagged = pl.lit([], dtype=pl.List(pl.String())).alias("rejecting_flags")
+    events = list(
+        sample_decisions(
+            build_asset_context(partition_key=SOURCES.get_partition_keys()[0]),
+            SelectionConfig(),
+            raw,
+            inst.with_columns(unflagged),
+            resp.with_columns(unflagged),
+            tiny_scores,
+        )
+    )
+    [output] = [e for e in events if isinstance(e, Output)]
+    assert output.value.select("sample_id", "chosen_variant").equals(expected.select("sample_id", "chosen_variant"))
+    assert output.metadata["selected"].value == 2
+    assert [(e.check_name, e.passed) for e in events if isinstance(e, AssetCheckResult)] == [
+        ("one_decision_per_raw_sample", True)
+    ]
 
 
 def test_random_baseline_is_reproducible(tiny_pipeline_tables):

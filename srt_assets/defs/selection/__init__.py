@@ -1,0 +1,19 @@
+"""Stage 6, selection: the student's decisions, their agreement with other statistics, the selected
+dataset and the baselines it is compared with."""
+
+from dagster import Definitions
+
+from srt_assets.defs.selection.assets import (
+    baseline_full,
+    baseline_random,
+    sample_decisions,
+    score_agreement,
+    selected_dataset,
+)
+from srt_assets.partitions import Partitioning, repartition
+
+ASSETS = [sample_decisions, score_agreement, selected_dataset, baseline_full, baseline_random]
+
+
+def definitions(layout: Partitioning) -> Definitions:
+    return Definitions(assets=repartition(ASSETS, layout))
