@@ -135,3 +135,34 @@ def test_lazy_mode_reflects_a_where_a_rejected_q_leaves_the_a_branch(tmp_path, s
     assert rejected <= reflected_a
     columns = ["sample_id", "branch", "chosen_variant", "selected"]
     assert decisions["lazy"].select(columns).equals(decisions["eager"].select(columns))
+
+
+def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monkeypatch):
+    """The stage's asset runs on a context built in the test, against the real local endpoint: one Q
+    candidate per raw row and its blocking checks, with no Definitions or instance."""
+    from dagster import AssetCheckResult, Output, build_asset_context
+
+    from srt_assets.core.raw import load_source
+    from srt_assets.defs.teacher.assets import ReflectionConfig, new_instructions
+    from srt_assets.partitions import SOURCES
+    from srt_assets.resources import GPUResource, SourceCatalogResource, StorageResource
+
+    name = SOURCES.get_partition_keys()[0]  # a partition of the catalog the code location loaded
+    write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(2, with_input=1))
+    sources = SourceCatalogResource(sources_file=str(write_catalog(tmp_path, {name: {"path": "rows.jsonl"}})))
+    raw, _ = load_source(sources.source(name))
+    monkeypatch.setenv("SRT_TEST_TEACHER_KEY", KEY)
+    with ScriptedOpenAIServer(api_key=KEY) as server:
+        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_TEACHER_KEY")
+        context = build_asset_context(partition_key=name)
+        storage = StorageResource(base_dir=str(tmp_path / "store"))
+        events = list(new_instructions(context, ReflectionConfig(), raw, teacher, GPUResource(), storage, sources))
+        assert server.requests == raw.height
+    [output] = [e for e in events if isinstance(e, Output)]
+    assert output.value["sample_id"].to_list() == raw["sample_id"].to_list()
+    assert set(output.value["variant"]) == {"Q"} and set(output.value["status"]) == {"ok"}
+    assert output.metadata["calls_made"].value == raw.height
+    assert {e.check_name: e.passed for e in events if isinstance(e, AssetCheckResult)} == {
+        "failure_ratio_below_bound": True,
+        "one_candidate_per_input": True,
+    }

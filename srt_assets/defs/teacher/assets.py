@@ -1,6 +1,9 @@
 """Stages 2 and 4: the teacher's instruction reflection (``new_instructions``, variant Q) and response
 reflection (``better_responses``, variants A and QA), every call cached."""
 
+import time
+from dataclasses import dataclass
+
 import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field, field_validator
@@ -18,10 +21,11 @@ from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.selection import answers_to_reflect
+from srt_assets.core.sources import SourceSpec
 from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
 from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
-from srt_assets.partitions import Partitioning
+from srt_assets.partitions import ROWS, Partitioning
 from srt_assets.plots import markdown_table
 from srt_assets.resources import (
     GPUResource,
@@ -86,22 +90,29 @@ class ReflectionConfig(Config):
         return {**DEFAULT_SEVERITY, **value}
 
 
+@dataclass(frozen=True)
+class TeacherModels:
+    """The resources a teacher call needs, passed on as one."""
+
+    teacher: TeacherResource
+    gpu: GPUResource
+    storage: StorageResource
+
+
 def run_reflection(
     context: AssetExecutionContext,
     rows: pl.DataFrame,
     kind: str,
     produced_variants: list[str],
-    teacher: TeacherResource,
-    gpu: GPUResource,
-    storage: StorageResource,
+    models: TeacherModels,
     chunk_size: int,
     severity: dict[str, str],
 ) -> tuple[pl.DataFrame, CallStats, bool]:
     """Reflect ``rows`` (variant-schema rows): candidate rows, call statistics, whether a model loaded."""
-    prompts, settings = teacher.reflection_settings()
+    prompts, settings = models.teacher.reflection_settings()
     progress = calls_progress(context, f"teacher ({kind})")
     triples = [(r["instruction"], r["input"], r["output"]) for r in rows.iter_rows(named=True)]
-    with teacher.session(gpu, storage, progress, chunk_size) as cached:
+    with models.teacher.session(models.gpu, models.storage, progress, chunk_size) as cached:
         outcomes = reflect(cached, triples, kind, prompts, settings)
     table = candidates_frame(rows, outcomes, kind, produced_variants, severity)
     return table, cached.stats, cached.backend.was_loaded
@@ -233,41 +244,38 @@ def candidate_checks(table: pl.DataFrame, expected: pl.DataFrame, max_failure_ra
     ]
 
 
-def build_reflection_assets(layout: Partitioning):
-    def candidates_asset(name: str, description: str):
-        return asset(
-            name=name,
-            description=description,
-            partitions_def=layout.rows,
-            group_name="teacher",
-            kinds={"polars"},
-            metadata={"dagster/column_schema": column_schema(CANDIDATE_SCHEMA, CANDIDATE_COLUMNS)},
-            check_specs=blocking_checks(name, CANDIDATE_CHECKS, layout.rows),
-            **GPU_STEP,
-        )
+@dataclass(frozen=True)
+class CandidateStep:
+    """One run of a candidates asset: what its report helpers share."""
 
-    def report(context, config, table: pl.DataFrame, rows: pl.DataFrame, produced: list[str], asset_name, origin):
-        metadata = candidate_metadata(table, origin, rows) | layout.shard_metadata(context.partition_key)
-        yield Output(table, metadata=metadata)
+    context: AssetExecutionContext
+    config: ReflectionConfig
+    asset_name: str
+    kind: str  # the reflection it makes: "instruction" or "response"
+    layout: Partitioning
+
+    def report(self, table: pl.DataFrame, rows: pl.DataFrame, produced: list[str], origin: dict):
+        """The candidates table with its metadata, then its blocking checks."""
+        shard = self.layout.shard_metadata(self.context.partition_key)
+        yield Output(table, metadata=candidate_metadata(table, origin, rows) | shard)
         expected = rows.select("sample_id").with_columns(pl.Series("variant", produced, dtype=pl.String))
-        yield from to_check_results(asset_name, candidate_checks(table, expected, config.max_failure_ratio))
+        yield from to_check_results(self.asset_name, candidate_checks(table, expected, self.config.max_failure_ratio))
 
-    def reflect_and_report(context, config, rows, kind, produced, teacher, gpu, storage, asset_name, extra=None):
-        import time
-
+    def reflect(self, rows: pl.DataFrame, produced: list[str], models: TeacherModels, extra: dict | None = None):
+        """Ask the teacher for ``rows`` (its calls cached) and report the candidates."""
         started = time.perf_counter()
         table, stats, loaded = run_reflection(
-            context, rows, kind, produced, teacher, gpu, storage, config.chunk_size, config.flag_severity
+            self.context, rows, self.kind, produced, models, self.config.chunk_size, self.config.flag_severity
         )
         seconds = time.perf_counter() - started
-        origin = teacher_metadata(context, asset_name, teacher, stats, loaded, seconds) | (extra or {})
-        yield from report(context, config, table, rows, produced, asset_name, origin)
+        origin = teacher_metadata(self.context, self.asset_name, models.teacher, stats, loaded, seconds)
+        yield from self.report(table, rows, produced, origin | (extra or {}))
 
-    def read_and_report(context, config, parts: list[tuple[str, pl.DataFrame, list]], spec, asset_name: str):
+    def read(self, parts: list[tuple[str, pl.DataFrame, list]], spec: SourceSpec):
         """Candidates from the source's reflection files: (variant, rows, outcomes) per declared file."""
-        kind = "instruction" if asset_name == "new_instructions" else "response"
+        severity = self.config.flag_severity
         tables = [
-            candidates_frame(rows, outcomes, kind, [variant] * rows.height, config.flag_severity)
+            candidates_frame(rows, outcomes, self.kind, [variant] * rows.height, severity)
             for variant, rows, outcomes in parts
         ]
         rows = pl.concat([rows for _, rows, _ in parts]) if parts else pl.DataFrame(schema=VARIANT_SCHEMA)
@@ -278,79 +286,96 @@ def build_reflection_assets(layout: Partitioning):
             "model_loaded": False,
         }
         table = pl.concat(tables) if tables else pl.DataFrame(schema=CANDIDATE_SCHEMA)
-        yield from report(context, config, table, rows, produced, asset_name, origin)
+        yield from self.report(table, rows, produced, origin)
 
-    @candidates_asset(
-        "new_instructions",
-        "Variant Q: the teacher's new instruction x1 and its answer y1 for every raw sample, with the call's "
-        "status, raw reply and cache key (or, for a source with reflection files, the file and row).",
+
+def candidates_asset(name: str, description: str):
+    """The decorator of a candidates asset: per row partition, in the gpu pool, blocking checks."""
+    return asset(
+        name=name,
+        description=description,
+        partitions_def=ROWS,
+        group_name="teacher",
+        kinds={"polars"},
+        metadata={"dagster/column_schema": column_schema(CANDIDATE_SCHEMA, CANDIDATE_COLUMNS)},
+        check_specs=blocking_checks(name, CANDIDATE_CHECKS, ROWS),
+        **GPU_STEP,
     )
-    def new_instructions(
-        context: AssetExecutionContext,
-        config: ReflectionConfig,
-        raw_samples: pl.DataFrame,
-        teacher: TeacherResource,
-        gpu: GPUResource,
-        storage: StorageResource,
-        sources: SourceCatalogResource,
-    ):
-        raw = layout.shard_rows(context.partition_key, raw_samples)
-        rows = original_variants(raw)
-        spec = sources.source(layout.source_name(context.partition_key))
-        if spec.reflections:
-            files = load_reflections(spec)
-            parts = [("Q", rows, file_outcomes(files["Q"], raw, "instruction"))] if "Q" in files else []
-            yield from read_and_report(context, config, parts, spec, "new_instructions")
-            return
-        yield from reflect_and_report(
-            context, config, rows, "instruction", ["Q"] * rows.height, teacher, gpu, storage, "new_instructions"
-        )
 
-    @candidates_asset(
-        "better_responses",
-        "Variants A (a better answer to the original instruction x0) and QA (a better answer to the new "
-        "instruction x1). Eager mode reflects both, as the authors do; lazy mode only the branch the student "
-        "kept (IFD(Q) > IFD(ori) → QA, else A; A too where a quality flag rejects Q). A source with reflection "
-        "files reads both from them.",
-    )
-    def better_responses(
-        context: AssetExecutionContext,
-        config: ReflectionConfig,
-        raw_samples: pl.DataFrame,
-        new_instructions: pl.DataFrame,
-        teacher: TeacherResource,
-        gpu: GPUResource,
-        student: StudentModelResource,
-        storage: StorageResource,
-        sources: SourceCatalogResource,
-    ):
-        raw = layout.shard_rows(context.partition_key, raw_samples)
-        ori = original_variants(raw)
-        q = new_instructions.select(*VARIANT_SCHEMA)
-        spec = sources.source(layout.source_name(context.partition_key))
-        if spec.reflections:
-            files = load_reflections(spec)
-            parts = [("A", ori, file_outcomes(files["A"], raw, "response"))] if "A" in files else []
-            if "QA" in files:
-                # a QA answer belongs to its new instruction: where the Q row is missing, so is the QA row
-                q_rows = new_instructions.join(
-                    raw.select("sample_id", "row_index"), on="sample_id", maintain_order="left"
-                )
-                usable = (q_rows["status"] == "ok").to_list()
-                parts.append(("QA", q, file_outcomes(files["QA"], q_rows, "response", usable)))
-            yield from read_and_report(context, config, parts, spec, "better_responses")
-            return
-        if teacher.mode == "lazy":
-            rejected = new_instructions.filter(pl.col("rejecting_flags").list.len() > 0)["sample_id"]
-            ori, q = lazy_branches(ori, q, set(rejected), gpu, student, storage)
-        rows = pl.concat([ori, q])
-        produced = ["A"] * ori.height + ["QA"] * q.height
-        yield from reflect_and_report(
-            context, config, rows, "response", produced, teacher, gpu, storage, "better_responses",
-            {"teacher_mode": teacher.mode},
-        )  # fmt: skip
 
-    return [new_instructions, better_responses]
+@candidates_asset(
+    "new_instructions",
+    "Variant Q: the teacher's new instruction x1 and its answer y1 for every raw sample, with the call's "
+    "status, raw reply and cache key (or, for a source with reflection files, the file and row).",
+)
+def new_instructions(
+    context: AssetExecutionContext,
+    config: ReflectionConfig,
+    raw_samples: pl.DataFrame,
+    teacher: TeacherResource,
+    gpu: GPUResource,
+    storage: StorageResource,
+    sources: SourceCatalogResource,
+):
+    layout = sources.layout
+    step = CandidateStep(context, config, "new_instructions", "instruction", layout)
+    raw = layout.shard_rows(context.partition_key, raw_samples)
+    rows = original_variants(raw)
+    spec = sources.source(layout.source_name(context.partition_key))
+    if spec.reflections:
+        files = load_reflections(spec)
+        yield from step.read([("Q", rows, file_outcomes(files["Q"], raw, "instruction"))] if "Q" in files else [], spec)
+        return
+    yield from step.reflect(rows, ["Q"] * rows.height, TeacherModels(teacher, gpu, storage))
+
+
+@candidates_asset(
+    "better_responses",
+    "Variants A (a better answer to the original instruction x0) and QA (a better answer to the new "
+    "instruction x1). Eager mode reflects both, as the authors do; lazy mode only the branch the student "
+    "kept (IFD(Q) > IFD(ori) → QA, else A; A too where a quality flag rejects Q). A source with reflection "
+    "files reads both from them.",
+)
+def better_responses(
+    context: AssetExecutionContext,
+    config: ReflectionConfig,
+    raw_samples: pl.DataFrame,
+    new_instructions: pl.DataFrame,
+    teacher: TeacherResource,
+    gpu: GPUResource,
+    student: StudentModelResource,
+    storage: StorageResource,
+    sources: SourceCatalogResource,
+):
+    layout = sources.layout
+    step = CandidateStep(context, config, "better_responses", "response", layout)
+    raw = layout.shard_rows(context.partition_key, raw_samples)
+    ori = original_variants(raw)
+    q = new_instructions.select(*VARIANT_SCHEMA)
+    spec = sources.source(layout.source_name(context.partition_key))
+    if spec.reflections:
+        yield from step.read(file_answers(spec, raw, ori, q, new_instructions), spec)
+        return
+    if teacher.mode == "lazy":
+        rejected = new_instructions.filter(pl.col("rejecting_flags").list.len() > 0)["sample_id"]
+        ori, q = lazy_branches(ori, q, set(rejected), gpu, student, storage)
+    produced = ["A"] * ori.height + ["QA"] * q.height
+    models = TeacherModels(teacher, gpu, storage)
+    yield from step.reflect(pl.concat([ori, q]), produced, models, {"teacher_mode": teacher.mode})
+
+
+def file_answers(
+    spec: SourceSpec, raw: pl.DataFrame, ori: pl.DataFrame, q: pl.DataFrame, new_instructions: pl.DataFrame
+) -> list[tuple[str, pl.DataFrame, list]]:
+    """The A and QA answers a source's reflection files hold. A QA answer belongs to its new
+    instruction: where the Q row is missing (not ok), so is the QA row."""
+    files = load_reflections(spec)
+    parts = [("A", ori, file_outcomes(files["A"], raw, "response"))] if "A" in files else []
+    if "QA" in files:
+        q_rows = new_instructions.join(raw.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
+        usable = (q_rows["status"] == "ok").to_list()
+        parts.append(("QA", q, file_outcomes(files["QA"], q_rows, "response", usable)))
+    return parts
 
 
 def lazy_branches(
