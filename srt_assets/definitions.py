@@ -10,10 +10,9 @@ from dagster import Definitions
 from srt_assets import paths
 from srt_assets.assets.audit import explain_sample
 from srt_assets.assets.evaluation import build_evaluation_assets
-from srt_assets.assets.finetuning import build_finetuning_assets
 from srt_assets.assets.leaderboards import build_leaderboard_assets
 from srt_assets.core.sources import load_catalog
-from srt_assets.defs import raw, selection, student, teacher
+from srt_assets.defs import raw, selection, student, teacher, training
 from srt_assets.executors import executor_from_env
 from srt_assets.io_managers import PolarsParquetIOManager
 from srt_assets.partitions import catalog_partitioning
@@ -61,7 +60,6 @@ def build_definitions(
     chosen.setdefault("judge", chosen["teacher"])
     stages = Definitions(
         assets=[
-            *build_finetuning_assets(source_partitions),
             *build_evaluation_assets(source_partitions),
             *build_leaderboard_assets(source_partitions),
         ],
@@ -71,6 +69,7 @@ def build_definitions(
         teacher.definitions(layout),
         student.definitions(layout),
         selection.definitions(layout),
+        training.definitions(layout),
         stages,
         Definitions(
             jobs=[explain_sample],

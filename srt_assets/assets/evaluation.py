@@ -29,7 +29,6 @@ from srt_assets.assets.common import (
     quantiles,
     to_check_results,
 )
-from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
 from srt_assets.assets.leaderboards import alpaca_eval_section, answer_with_checkpoints, mt_bench_section
 from srt_assets.core.candidate_quality import FLAGS
 from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set, loss_comparisons
@@ -37,6 +36,7 @@ from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, 
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.teacher import CallStats, GenerationParams
 from srt_assets.core.training import read_manifest
+from srt_assets.defs.training.assets import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section, build_report, finite_mean
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource

@@ -13,7 +13,6 @@ from pydantic import Field
 
 from srt_assets import paths
 from srt_assets.assets.common import GPU_STEP, calls_progress, column_schema, json_value, judge_metadata
-from srt_assets.assets.finetuning import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
 from srt_assets.core.reflection import Messages
@@ -26,6 +25,7 @@ from srt_assets.core.winrates import (
     load_reference,
     win_rate,
 )
+from srt_assets.defs.training.assets import CHECKPOINT_KEYS, DATASETS, checkpoint_dir
 from srt_assets.models.generation import CheckpointGenerator
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section

@@ -8,9 +8,9 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
+    AssetsDefinition,
     MaterializeResult,
     MetadataValue,
-    PartitionsDefinition,
     asset,
 )
 
@@ -20,6 +20,7 @@ from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.training import MANIFEST, finished_training, run_identity, sft_examples
 from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
+from srt_assets.partitions import SOURCES
 from srt_assets.plots import text_curve
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TrainingResource
 
@@ -45,14 +46,13 @@ def dataset_fingerprint(rows: pl.DataFrame) -> str:
     return content_key(rows.select("sample_id", "variant", "instruction", "input", "output").rows())
 
 
-def build_finetuning_assets(partitions_def: PartitionsDefinition):
-    return [build_checkpoint_asset(partitions_def, dataset) for dataset in DATASETS]
+def checkpoint_asset(dataset: str) -> AssetsDefinition:
+    """The checkpoint fine-tuned on one training dataset: the one factory of the graph, since these
+    assets really are generated (one per entry of DATASETS)."""
 
-
-def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
     @asset(
         key=checkpoint_key(dataset),
-        partitions_def=partitions_def,
+        partitions_def=SOURCES,
         group_name="training",
         kinds={"pytorch"},
         ins={"rows": AssetIn(DATASETS[dataset])},
@@ -141,3 +141,6 @@ def build_checkpoint_asset(partitions_def: PartitionsDefinition, dataset: str):
         )
 
     return finetuned
+
+
+CHECKPOINTS = [checkpoint_asset(dataset) for dataset in DATASETS]

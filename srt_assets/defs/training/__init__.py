@@ -1,0 +1,10 @@
+"""Stage 7, training: the student fine-tuned on each training dataset of a source."""
+
+from dagster import Definitions
+
+from srt_assets.defs.training.assets import CHECKPOINTS
+from srt_assets.partitions import Partitioning, repartition
+
+
+def definitions(layout: Partitioning) -> Definitions:
+    return Definitions(assets=repartition(CHECKPOINTS, layout))
