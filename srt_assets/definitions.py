@@ -8,11 +8,10 @@ from pathlib import Path
 from dagster import Definitions
 
 from srt_assets import paths
-from srt_assets.assets.audit import explain_sample
 from srt_assets.assets.evaluation import build_evaluation_assets
 from srt_assets.assets.leaderboards import build_leaderboard_assets
 from srt_assets.core.sources import load_catalog
-from srt_assets.defs import raw, selection, student, teacher, training
+from srt_assets.defs import audit, raw, selection, student, teacher, training
 from srt_assets.executors import executor_from_env
 from srt_assets.io_managers import PolarsParquetIOManager
 from srt_assets.partitions import catalog_partitioning
@@ -70,9 +69,9 @@ def build_definitions(
         student.definitions(layout),
         selection.definitions(layout),
         training.definitions(layout),
+        audit.definitions(layout),
         stages,
         Definitions(
-            jobs=[explain_sample],
             sensors=[free_dead_runs_sensor],
             resources=chosen,
             executor=executor_from_env(executor),
