@@ -1,5 +1,6 @@
 """Untrusted folders and killed runs (issue 24): outputs are written atomically and never through a
-planted symlink, and killed writes' temporaries are cleaned up."""
+planted symlink, killed writes' temporaries are cleaned up, and the model fingerprint covers every
+tokenizer and template file."""
 
 from __future__ import annotations
 
@@ -120,3 +121,21 @@ def test_the_io_manager_removes_only_dead_writers_temps(tmp_path):
     manager.dump_to_path(build_output_context(asset_key=AssetKey("t")), frame, UPath(folder / "p.parquet"))
     assert pl.read_parquet(folder / "p.parquet").equals(frame)
     assert temps_beside(folder / "p.parquet") == sorted(name for name, kept in planted.items() if kept)
+
+
+def test_the_fingerprint_follows_the_chat_template_and_ignores_hidden_files(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in {"config.json": "{}", "chat_template.jinja": "{{ messages }}", "merges.txt": "a b",
+                       "tokenizer.model": "spm", "vocab.txt": "a"}.items():  # fmt: skip
+        (model / name).write_text(text)
+    first = model_fingerprint(model)
+    (model / ".hidden").write_text("editor state")
+    assert model_fingerprint(model) == first
+    (model / "chat_template.jinja").write_text("{{ messages | reverse }}")
+    changed = model_fingerprint(model)
+    assert changed != first
+    for name in ("merges.txt", "tokenizer.model", "vocab.txt"):
+        (model / name).write_text("changed " + name)
+        assert model_fingerprint(model) != changed, name
+        changed = model_fingerprint(model)
