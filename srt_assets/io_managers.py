@@ -25,7 +25,7 @@ from dagster import (
 )
 from upath import UPath
 
-from srt_assets.core.files import write_parquet_atomic
+from srt_assets.core.files import read_parquet_file, write_parquet_atomic
 
 
 def column_schema(schema: Mapping[str, pl.DataType], descriptions: Mapping[str, str] | None = None) -> TableSchema:
@@ -66,8 +66,12 @@ class _ParquetTableIOManager(UPathIOManager):
         )
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
+        remedy = (
+            f"rematerialize asset '{context.asset_key.to_user_string()}' to rewrite it (or delete the file "
+            "and materialize it again)"
+        )
         with path.open("rb") as handle:
-            return pl.read_parquet(handle)
+            return read_parquet_file(handle, path, remedy)
 
     def load_partitions(self, context: InputContext) -> pl.DataFrame:
         """One table however many partitions the input spans (a source reading all its shards gets

@@ -1,22 +1,24 @@
 """Untrusted folders and killed runs (issue 24): outputs are written atomically and never through a
-planted symlink, killed writes' temporaries are cleaned up, and the model fingerprint covers every
-tokenizer and template file."""
+planted symlink, killed writes' temporaries are cleaned up, the model fingerprint covers every
+tokenizer and template file, and unreadable Parquet or cache files are named in the error."""
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import time
 from pathlib import Path
 
 import polars as pl
 import pytest
-from dagster import AssetKey, build_output_context
+from dagster import AssetKey, build_input_context, build_output_context
 from upath import UPath
 
 from srt_assets.core import files
-from srt_assets.core.files import atomic_path, atomic_write_text
+from srt_assets.core.cache import SqliteCache
+from srt_assets.core.files import UnreadableFileError, atomic_path, atomic_write_text
 from srt_assets.io_managers import _ParquetTableIOManager
 from srt_assets.models.identity import model_fingerprint
 
@@ -121,6 +123,46 @@ def test_the_io_manager_removes_only_dead_writers_temps(tmp_path):
     manager.dump_to_path(build_output_context(asset_key=AssetKey("t")), frame, UPath(folder / "p.parquet"))
     assert pl.read_parquet(folder / "p.parquet").equals(frame)
     assert temps_beside(folder / "p.parquet") == sorted(name for name, kept in planted.items() if kept)
+
+
+def truncated_parquet(path: Path) -> Path:
+    pl.DataFrame({"a": list(range(1000)), "b": ["text"] * 1000}).write_parquet(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_table_names_its_file_and_what_to_do(tmp_path):
+    path = truncated_parquet(tmp_path / "p.parquet")
+    manager = _ParquetTableIOManager(base_path=UPath(tmp_path))
+    context = build_input_context(asset_key=AssetKey("t"))
+    with pytest.raises(UnreadableFileError, match=r"(?s)p\.parquet.*truncated.*materialize"):
+        manager.load_from_path(context, UPath(path))
+
+
+def test_a_truncated_stored_table_names_its_file_in_explain(tmp_path):
+    from srt_assets.core.provenance import load_partition_tables
+
+    (tmp_path / "raw_samples").mkdir()
+    truncated_parquet(tmp_path / "raw_samples" / "demo.parquet")
+    with pytest.raises(UnreadableFileError, match=r"raw_samples/demo\.parquet.*truncated"):
+        load_partition_tables(tmp_path, "demo")
+
+
+def test_a_truncated_source_parquet_names_its_file(tmp_path):
+    from srt_assets.core.raw import READERS, RawDataError
+
+    path = truncated_parquet(tmp_path / "source.parquet")
+    with pytest.raises(RawDataError, match=r"source\.parquet.*truncated"):
+        list(READERS["parquet"](path))
+
+
+def test_a_cache_file_that_is_not_a_database_names_itself(tmp_path):
+    path = tmp_path / "calls.sqlite"
+    path.write_bytes(b"this is not a database, just some bytes " * 100)
+    with pytest.raises(sqlite3.DatabaseError, match=r"(?s)calls\.sqlite.*delete"):
+        SqliteCache(path, "teacher_calls")
+    assert path.read_bytes().startswith(b"this is not a database")  # the user's file is left alone
 
 
 def test_the_fingerprint_follows_the_chat_template_and_ignores_hidden_files(tmp_path):

@@ -1,4 +1,5 @@
-"""Writing pipeline outputs atomically and without following planted symlinks.
+"""Writing pipeline outputs atomically and without following planted symlinks, and reading Parquet
+files with an error that names the file.
 
 Every output is written to a fresh temporary sibling (created with ``O_EXCL``, so never through an
 existing file or link) and renamed over the target: a reader never sees half a file, and a symlink
@@ -17,12 +18,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import polars as pl
 
 STALE_AFTER_S = 3600.0  # a temporary this old is a leftover even if its PID now names a live process
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:24] or "host"
+
+
+class UnreadableFileError(RuntimeError):
+    """A stored file that cannot be parsed (truncated by a full disk or a copy, or corrupt)."""
 
 
 def _temp_prefix(path: Path) -> str:
@@ -130,3 +135,15 @@ def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
     """``frame.write_parquet(path)``, atomically: a killed run never leaves half a Parquet file."""
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp)
+
+
+def read_parquet_file(source: str | Path | IO[bytes], where: object, remedy: str) -> pl.DataFrame:
+    """``pl.read_parquet(source)``; a file polars cannot parse raises ``UnreadableFileError`` naming
+    ``where`` (its path) and ``remedy`` (what the reader should do), instead of polars' bare
+    "File out of specification"."""
+    try:
+        return pl.read_parquet(source)
+    except pl.exceptions.PolarsError as exc:
+        raise UnreadableFileError(
+            f"{where} is not a readable Parquet file (truncated or corrupt: {exc}); {remedy}"
+        ) from exc
