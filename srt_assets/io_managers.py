@@ -3,12 +3,13 @@
 dagster-polars 0.27 does not work with polars 2.x (``scan_parquet`` lost ``storage_options``), so this
 small IO manager builds on Dagster's own ``UPathIOManager``: it gets partition paths, multi-partition
 loading and any fsspec filesystem (local, S3, GCS) for free; we only write and read the files.
-Writes go to a temporary file first and are renamed, so a killed run never leaves half a Parquet file.
+Local writes go to a fresh temporary file first and are renamed over the target (``core.files``), so a killed
+run never leaves half a Parquet file, a symlink at the target is replaced rather than written through, and
+the temporaries of killed writes are removed by the next write.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from dagster import (
     UPathIOManager,
 )
 from upath import UPath
+
+from srt_assets.core.files import read_parquet_file, write_parquet_atomic
 
 
 def column_schema(schema: Mapping[str, pl.DataType], descriptions: Mapping[str, str] | None = None) -> TableSchema:
@@ -50,11 +53,7 @@ class _ParquetTableIOManager(UPathIOManager):
                 "this IO manager stores polars DataFrames"
             )
         if path.protocol in ("", "file", "local"):
-            local = Path(path.path)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-            obj.write_parquet(tmp)
-            tmp.replace(local)
+            write_parquet_atomic(obj, Path(path.path))
         else:
             with path.open("wb") as handle:
                 obj.write_parquet(handle)
@@ -67,8 +66,12 @@ class _ParquetTableIOManager(UPathIOManager):
         )
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
+        remedy = (
+            f"rematerialize asset '{context.asset_key.to_user_string()}' to rewrite it (or delete the file "
+            "and materialize it again)"
+        )
         with path.open("rb") as handle:
-            return pl.read_parquet(handle)
+            return read_parquet_file(handle, path, remedy)
 
     def load_partitions(self, context: InputContext) -> pl.DataFrame:
         """One table however many partitions the input spans (a source reading all its shards gets

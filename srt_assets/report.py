@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
+from srt_assets.core.files import atomic_write_bytes, atomic_write_text
 from srt_assets.core.judging import pairwise_summary
 from srt_assets.plots import _pyplot, figure_png, line_figure, markdown_table, png_markdown
 
@@ -132,7 +133,7 @@ def build_report(
     }
     for name, png in figures.items():
         if png is not None:
-            (out_dir / name).write_bytes(png)
+            atomic_write_bytes(out_dir / name, png)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     overall = summary.filter(pl.col("prompt_set") == "all") if summary.height else summary
     intro = (
@@ -170,15 +171,15 @@ def build_report(
             md_inline.append("\n" + png_markdown(figures[figure], title) + "\n")
             html_parts.append(f'<img src="{figure}" alt="{html.escape(title)}">')
     markdown_path = out_dir / "report.md"
-    markdown_path.write_text("".join(md_file), encoding="utf-8")
+    atomic_write_text(markdown_path, "".join(md_file))
     html_path = out_dir / "report.html"
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:2px 6px}"
-    html_path.write_text(
+    atomic_write_text(
+        html_path,
         f"<!doctype html><html><head><meta charset='utf-8'><title>srt report {html.escape(source)}</title>"
         f"<style>{style}</style></head><body><h1>srt experiment report: {html.escape(source)}</h1>"
         + "".join(html_parts)
         + "</body></html>",
-        encoding="utf-8",
     )
     results = {
         "pairwise": overall.to_dicts() if overall.height else [],

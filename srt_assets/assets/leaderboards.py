@@ -14,6 +14,7 @@ from pydantic import Field
 from srt_assets import paths
 from srt_assets.assets.common import GPU_STEP, calls_progress, column_schema, json_value, judge_metadata
 from srt_assets.core.cache import SqliteCache
+from srt_assets.core.files import atomic_write_text
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
 from srt_assets.core.reflection import Messages
 from srt_assets.core.teacher import CachedTeacher, Generation, GenerationParams
@@ -115,8 +116,7 @@ def export_model_outputs(table: pl.DataFrame, folder: Path) -> dict[str, str]:
     for checkpoint in table["checkpoint"].unique(maintain_order=True):
         part = table.filter(pl.col("checkpoint") == checkpoint).select("instruction", "output", "generator", "dataset")
         path = folder / checkpoint / "model_outputs.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(part.to_dicts(), indent=2, ensure_ascii=False), encoding="utf-8")
+        atomic_write_text(path, json.dumps(part.to_dicts(), indent=2, ensure_ascii=False))
         written[checkpoint] = str(path)
     return written
 

@@ -7,11 +7,11 @@ four texts it is), so a checkpoint's data can always be traced back to a source 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import polars as pl
 
+from srt_assets.core.files import atomic_write_text, write_parquet_atomic
 from srt_assets.core.variants import VARIANT_SCHEMA
 
 TRAINING_SCHEMA: dict[str, pl.DataType] = {
@@ -62,13 +62,6 @@ def alpaca_records(rows: pl.DataFrame) -> list[dict]:
     return rows.select("instruction", "input", "output", "sample_id", "variant").to_dicts()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def export_dataset(rows: pl.DataFrame, directory: Path, name: str) -> dict[str, Path]:
     """Write ``rows`` where other tools can train on them:
 
@@ -77,17 +70,14 @@ def export_dataset(rows: pl.DataFrame, directory: Path, name: str) -> dict[str, 
     """
     directory.mkdir(parents=True, exist_ok=True)
     alpaca = directory / f"{name}.alpaca.json"
-    _atomic_write_text(alpaca, json.dumps(alpaca_records(rows), ensure_ascii=False, indent=1))
+    atomic_write_text(alpaca, json.dumps(alpaca_records(rows), ensure_ascii=False, indent=1))
     hf_dir = directory / "hf"
     shard = hf_dir / "data" / "train-00000-of-00001.parquet"
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    tmp = shard.with_name(f".{shard.name}.{os.getpid()}.tmp")
-    rows.write_parquet(tmp)
-    tmp.replace(shard)
+    write_parquet_atomic(rows, shard)
     card = (
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n---\n"
         f"# {name}\n\n{rows.height} instruction-response rows exported by srt. Columns: "
         f"{', '.join(rows.columns)}. `sample_id` traces each row to its source row (`srt explain <sample_id>`).\n"
     )
-    _atomic_write_text(hf_dir / "README.md", card)
+    atomic_write_text(hf_dir / "README.md", card)
     return {"alpaca_json": alpaca, "hf_dataset": hf_dir}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
+from srt_assets.core.files import read_parquet_file
 from srt_assets.core.raw import SAMPLE_DIGEST
 from srt_assets.core.sharding import shard_names
 
@@ -99,7 +100,8 @@ def load_partition_tables(storage: Path, source: str, shards: int = 1) -> dict[s
         files = [storage / name / f"{source}.parquet"]
         if name in SHARDED_TABLES and shards > 1:
             files = [storage / name / source / f"{shard}.parquet" for shard in shard_names(shards)]
-        present = [pl.read_parquet(file) for file in files if file.is_file()]
+        remedy = f"rematerialize asset '{name}' for partition '{source}' to rewrite it"
+        present = [read_parquet_file(file, file, remedy) for file in files if file.is_file()]
         if present:
             tables[name] = pl.concat(present, how="vertical_relaxed")
     return tables

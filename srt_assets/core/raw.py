@@ -160,7 +160,10 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         frame = pl.read_parquet(path)
     except Exception as exc:  # polars raises several error types for corrupt files
-        raise RawDataError(f"{path}: not a readable Parquet file: {exc}") from exc
+        raise RawDataError(
+            f"{path}: not a readable Parquet file (truncated or corrupt: {exc}); replace it with a complete copy "
+            "(a download or copy cut short leaves a truncated file)"
+        ) from exc
     yield from enumerate(frame.iter_rows(named=True))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from srt_assets.core.files import atomic_write_text
 from srt_assets.core.reflection import Messages
 from srt_assets.core.teacher import Generation
 
@@ -154,7 +155,7 @@ def annotator_folder(annotator: str, work_dir: Path) -> Path:
     settings["prompt_template"] = str(template if template.is_absolute() else source.parent.parent / template)
     folder = Path(work_dir) / annotator
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "configs.yaml").write_text(yaml.safe_dump({annotator: settings}, sort_keys=False))
+    atomic_write_text(folder / "configs.yaml", yaml.safe_dump({annotator: settings}, sort_keys=False))
     return folder
 
 

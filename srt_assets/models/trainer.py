@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from srt_assets.core.files import atomic_write_text
 from srt_assets.core.training import MANIFEST, TrainingHyperparameters, finished_training, read_manifest
 from srt_assets.models.loading import resolve_device
 
@@ -157,7 +158,7 @@ def train_sft(
             shutil.rmtree(progress_dir, ignore_errors=True)
         progress_dir.mkdir(parents=True, exist_ok=True)
         prune_incomplete_saves(progress_dir)
-        identity_file.write_text(json.dumps(identity))
+        atomic_write_text(identity_file, json.dumps(identity))  # resuming reads it: never half-written
     state.wait_for_everyone()
 
     started = time.perf_counter()

@@ -1,0 +1,149 @@
+"""Writing pipeline outputs atomically and without following planted symlinks, and reading Parquet
+files with an error that names the file.
+
+Every output is written to a fresh temporary sibling (created with ``O_EXCL``, so never through an
+existing file or link) and renamed over the target: a reader never sees half a file, and a symlink
+at the target (say a ``.srt_fingerprint`` shipped in a downloaded model folder that points at
+``~/.bashrc``) is replaced, not written through. Temporaries of killed writers are removed by the
+next write of the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, BinaryIO
+
+import polars as pl
+
+STALE_AFTER_S = 3600.0  # a temporary this old is a leftover even if its PID now names a live process
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:24] or "host"
+
+
+class UnreadableFileError(RuntimeError):
+    """A stored file that cannot be parsed (truncated by a full disk or a copy, or corrupt)."""
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _owner_tag() -> str:
+    """PID and host in a temporary's name: the host keeps a writer on shared storage from taking a
+    live writer on another machine, whose PID it cannot check, for a dead one."""
+    return f"{os.getpid()}-{_HOST}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
+
+
+def _is_stale(entry: os.DirEntry, prefix: str) -> bool:
+    """Whether ``entry`` is a temporary of the target that no live writer owns: its writer's PID
+    (``.<name>.<pid>[-<host>][.<random>].tmp``, on this host) is gone, or it is over an hour old."""
+    owner = entry.name[len(prefix) : -len(".tmp")].split(".", 1)[0]
+    pid_text, _, host = owner.partition("-")
+    try:
+        if time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S:
+            return True
+    except OSError:
+        return False
+    return pid_text.isdigit() and host in ("", _HOST) and not _pid_alive(int(pid_text))
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporaries that killed writes of ``path`` left beside it; returns what went.
+    Best effort: tidying up never fails the write that asked for it."""
+    prefix = _temp_prefix(path)
+    removed = []
+    with suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and _is_stale(entry, prefix):
+                with suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty temporary beside ``path``, opened for writing; ``O_EXCL`` refuses any existing
+    name (a planted link included); mode 0666 less the umask, as a plain write would give."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f"{_temp_prefix(path)}{_owner_tag()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """The temporary, open for writing, and its path; it replaces ``path`` when the block ends and
+    is removed if the block raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp = _create_temp(path)
+    handle = os.fdopen(fd, "wb")
+    try:
+        yield handle, tmp
+        handle.close()
+        os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never the file it points at
+    except BaseException:
+        with suppress(OSError):
+            handle.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to (for writers that take a path, such as
+    ``DataFrame.write_parquet``); it becomes ``path`` when the block ends, and is removed if the
+    block raises. Write it at once: one untouched for an hour counts as a killed write's leftover."""
+    with _replacing(path) as (handle, tmp):
+        handle.close()
+        yield tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, replacing (not following) a symlink there."""
+    with _replacing(path) as (handle, _):
+        handle.write(data)
+
+
+def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> None:
+    """``atomic_write_bytes`` for text (no newline translation, like ``Path.write_text`` on POSIX)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    """``frame.write_parquet(path)``, atomically: a killed run never leaves half a Parquet file."""
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp)
+
+
+def read_parquet_file(source: str | Path | IO[bytes], where: object, remedy: str) -> pl.DataFrame:
+    """``pl.read_parquet(source)``; a file polars cannot parse raises ``UnreadableFileError`` naming
+    ``where`` (its path) and ``remedy`` (what the reader should do), instead of polars' bare
+    "File out of specification"."""
+    try:
+        return pl.read_parquet(source)
+    except pl.exceptions.PolarsError as exc:
+        raise UnreadableFileError(
+            f"{where} is not a readable Parquet file (truncated or corrupt: {exc}); {remedy}"
+        ) from exc

@@ -1,0 +1,183 @@
+"""Untrusted folders and killed runs (issue 24): outputs are written atomically and never through a
+planted symlink, killed writes' temporaries are cleaned up, the model fingerprint covers every
+tokenizer and template file, and unreadable Parquet or cache files are named in the error."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import AssetKey, build_input_context, build_output_context
+from upath import UPath
+
+from srt_assets.core import files
+from srt_assets.core.cache import SqliteCache
+from srt_assets.core.files import UnreadableFileError, atomic_path, atomic_write_text
+from srt_assets.io_managers import _ParquetTableIOManager
+from srt_assets.models.identity import model_fingerprint
+
+DEAD_PID = 4_194_305  # above Linux's largest pid_max (2**22): no process has it
+VICTIM_TEXT = "the victim's own content\n"
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "elsewhere" / "victim.txt"
+    path.parent.mkdir()
+    path.write_text(VICTIM_TEXT)
+    return path
+
+
+def plant_link(at: Path, victim: Path) -> Path:
+    at.parent.mkdir(parents=True, exist_ok=True)
+    at.symlink_to(victim)
+    return at
+
+
+def assert_replaced_not_followed(link: Path, victim: Path) -> None:
+    assert victim.read_text() == VICTIM_TEXT
+    assert link.is_file() and not link.is_symlink()
+
+
+def temps_beside(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_write_replaces_a_symlink_and_leaves_no_temp(tmp_path, victim):
+    target = plant_link(tmp_path / "out" / "report.md", victim)
+    atomic_write_text(target, "new")
+    assert_replaced_not_followed(target, victim)
+    assert target.read_text() == "new" and temps_beside(target) == []
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # as a plain write makes it, not 0600
+
+
+def test_a_failed_write_removes_its_temp_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "table.parquet"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"old" and temps_beside(target) == []
+
+
+def test_the_fingerprint_memo_is_not_written_through_a_symlink(tmp_path, victim):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    memo = plant_link(model / ".srt_fingerprint", victim)
+    fingerprint = model_fingerprint(model)
+    assert_replaced_not_followed(memo, victim)
+    assert json.loads(memo.read_text())["sha256"] == fingerprint
+
+
+def test_the_report_is_not_written_through_symlinks(tmp_path, victim):
+    from srt_assets.report import build_report
+
+    out = tmp_path / "out"
+    links = [plant_link(out / name, victim) for name in ("report.md", "report.html")]
+    judgements = pl.DataFrame({"model": ["selected"], "opponent": ["full"], "prompt_set": ["vicuna"],
+                               "verdict": ["unjudged"]})  # fmt: skip
+    losses = pl.DataFrame({"dataset": ["selected"], "prompt_set": ["alpaca_eval"], "prompt_id": ["0"],
+                           "loss": [1.0], "base_loss": [1.0], "tokens": [1]})  # fmt: skip
+    build_report("demo", judgements, losses, {"selected": None}, out)
+    for link in links:
+        assert_replaced_not_followed(link, victim)
+
+
+def test_model_outputs_are_not_written_through_a_symlink(tmp_path, victim):
+    from srt_assets.assets.leaderboards import export_model_outputs
+
+    link = plant_link(tmp_path / "selected" / "model_outputs.json", victim)
+    table = pl.DataFrame({"checkpoint": ["selected"], "instruction": ["hi"], "output": ["hello"],
+                          "generator": ["g"], "dataset": ["alpaca_eval"]})  # fmt: skip
+    export_model_outputs(table, tmp_path)
+    assert_replaced_not_followed(link, victim)
+    assert json.loads(link.read_text())[0]["output"] == "hello"
+
+
+def test_the_io_manager_removes_only_dead_writers_temps(tmp_path):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    old = time.time() - 2 * files.STALE_AFTER_S
+    planted = {
+        f".p.parquet.{DEAD_PID}.tmp": False,  # a kill -9'd write (the old name: PID only)
+        f".p.parquet.{DEAD_PID}-{files._HOST}.0a1b2c3d.tmp": False,  # a kill -9'd write on this host
+        f".p.parquet.{os.getpid()}-{files._HOST}.0a1b2c3d.tmp": True,  # a live writer
+        f".p.parquet.{DEAD_PID}-otherhost.0a1b2c3d.tmp": True,  # another machine's: its PID is not ours to check
+        f".p.parquet.{os.getpid()}-otherhost.99.tmp": False,  # made old below: a leftover whatever the PID
+        f".q.parquet.{DEAD_PID}.tmp": True,  # another file's: not this write's business
+    }
+    for name in planted:
+        (folder / name).write_bytes(b"partial")
+    os.utime(folder / f".p.parquet.{os.getpid()}-otherhost.99.tmp", (old, old))
+    manager = _ParquetTableIOManager(base_path=UPath(tmp_path))
+    frame = pl.DataFrame({"a": [1, 2]})
+    manager.dump_to_path(build_output_context(asset_key=AssetKey("t")), frame, UPath(folder / "p.parquet"))
+    assert pl.read_parquet(folder / "p.parquet").equals(frame)
+    assert temps_beside(folder / "p.parquet") == sorted(name for name, kept in planted.items() if kept)
+
+
+def truncated_parquet(path: Path) -> Path:
+    pl.DataFrame({"a": list(range(1000)), "b": ["text"] * 1000}).write_parquet(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_table_names_its_file_and_what_to_do(tmp_path):
+    path = truncated_parquet(tmp_path / "p.parquet")
+    manager = _ParquetTableIOManager(base_path=UPath(tmp_path))
+    context = build_input_context(asset_key=AssetKey("t"))
+    with pytest.raises(UnreadableFileError, match=r"(?s)p\.parquet.*truncated.*materialize"):
+        manager.load_from_path(context, UPath(path))
+
+
+def test_a_truncated_stored_table_names_its_file_in_explain(tmp_path):
+    from srt_assets.core.provenance import load_partition_tables
+
+    (tmp_path / "raw_samples").mkdir()
+    truncated_parquet(tmp_path / "raw_samples" / "demo.parquet")
+    with pytest.raises(UnreadableFileError, match=r"raw_samples/demo\.parquet.*truncated"):
+        load_partition_tables(tmp_path, "demo")
+
+
+def test_a_truncated_source_parquet_names_its_file(tmp_path):
+    from srt_assets.core.raw import READERS, RawDataError
+
+    path = truncated_parquet(tmp_path / "source.parquet")
+    with pytest.raises(RawDataError, match=r"source\.parquet.*truncated"):
+        list(READERS["parquet"](path))
+
+
+def test_a_cache_file_that_is_not_a_database_names_itself(tmp_path):
+    path = tmp_path / "calls.sqlite"
+    path.write_bytes(b"this is not a database, just some bytes " * 100)
+    with pytest.raises(sqlite3.DatabaseError, match=r"(?s)calls\.sqlite.*delete"):
+        SqliteCache(path, "teacher_calls")
+    assert path.read_bytes().startswith(b"this is not a database")  # the user's file is left alone
+
+
+def test_the_fingerprint_follows_the_chat_template_and_ignores_hidden_files(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in {"config.json": "{}", "chat_template.jinja": "{{ messages }}", "merges.txt": "a b",
+                       "tokenizer.model": "spm", "vocab.txt": "a"}.items():  # fmt: skip
+        (model / name).write_text(text)
+    first = model_fingerprint(model)
+    (model / ".hidden").write_text("editor state")
+    assert model_fingerprint(model) == first
+    (model / "chat_template.jinja").write_text("{{ messages | reverse }}")
+    changed = model_fingerprint(model)
+    assert changed != first
+    for name in ("merges.txt", "tokenizer.model", "vocab.txt"):
+        (model / name).write_text("changed " + name)
+        assert model_fingerprint(model) != changed, name
+        changed = model_fingerprint(model)
