@@ -8,10 +8,8 @@ from pathlib import Path
 from dagster import Definitions
 
 from srt_assets import paths
-from srt_assets.assets.evaluation import build_evaluation_assets
-from srt_assets.assets.leaderboards import build_leaderboard_assets
 from srt_assets.core.sources import load_catalog
-from srt_assets.defs import audit, raw, selection, student, teacher, training
+from srt_assets.defs import audit, evaluation, raw, selection, student, teacher, training
 from srt_assets.executors import executor_from_env
 from srt_assets.io_managers import PolarsParquetIOManager
 from srt_assets.partitions import catalog_partitioning
@@ -44,7 +42,6 @@ def build_definitions(
     storage = Path(storage_dir) if storage_dir else paths.storage_dir()
     catalog = load_catalog(sources_path)
     layout = catalog_partitioning(catalog)
-    source_partitions = layout.sources
     chosen = {
         "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
         "storage": StorageResource(base_dir=str(storage)),
@@ -57,20 +54,14 @@ def build_definitions(
         **(resources or {}),
     }
     chosen.setdefault("judge", chosen["teacher"])
-    stages = Definitions(
-        assets=[
-            *build_evaluation_assets(source_partitions),
-            *build_leaderboard_assets(source_partitions),
-        ],
-    )
     return Definitions.merge(
         raw.definitions(layout),
         teacher.definitions(layout),
         student.definitions(layout),
         selection.definitions(layout),
         training.definitions(layout),
+        evaluation.definitions(layout),
         audit.definitions(layout),
-        stages,
         Definitions(
             sensors=[free_dead_runs_sensor],
             resources=chosen,

@@ -93,7 +93,7 @@ def test_the_report_is_not_written_through_symlinks(tmp_path, victim):
 
 
 def test_model_outputs_are_not_written_through_a_symlink(tmp_path, victim):
-    from srt_assets.assets.leaderboards import export_model_outputs
+    from srt_assets.defs.evaluation.leaderboards import export_model_outputs
 
     link = plant_link(tmp_path / "selected" / "model_outputs.json", victim)
     table = pl.DataFrame({"checkpoint": ["selected"], "instruction": ["hi"], "output": ["hello"],

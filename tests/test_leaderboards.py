@@ -12,12 +12,12 @@ from dagster import build_asset_context
 from openai_server import ScriptedOpenAIServer, last_user_message
 
 from srt_assets import paths
-from srt_assets.assets.evaluation import ANSWER_SCHEMA, JudgeConfig, judge_pairs
 from srt_assets.core.judging import pairwise_summary
 from srt_assets.core.mt_bench import grade, load_judge_templates, load_questions, parse_rating, score_summary
 from srt_assets.core.teacher import GenerationParams
 from srt_assets.core.templates import get_template, render_conversation
 from srt_assets.core.winrates import draw_instructions, load_reference, win_rate
+from srt_assets.defs.evaluation.pairwise import ANSWER_SCHEMA, JudgeConfig, judge_pairs
 from srt_assets.resources import GPUResource, OpenAITeacherResource, StorageResource
 
 NO_VERDICT = "NO-VERDICT"  # an answer carrying this gets a judge reply that says nothing parseable
@@ -254,8 +254,8 @@ def test_a_second_turn_is_rendered_after_the_first_in_the_training_template():
 
 
 def test_report_puts_checkpoints_side_by_side_and_says_why_all_is_unjudged():
-    from srt_assets.assets.leaderboards import alpaca_eval_section, mt_bench_section
     from srt_assets.core.winrates import RESULT_SCHEMA
+    from srt_assets.defs.evaluation.leaderboards import alpaca_eval_section, mt_bench_section
 
     def result(checkpoint, reference, rate, judged, unjudged):
         empty = dict.fromkeys(RESULT_SCHEMA)

@@ -15,10 +15,10 @@ from dagster import (
     observable_source_asset,
 )
 
-from srt_assets.assets.common import SOURCE_PARTITIONS_DOC, blocking_checks, column_schema, json_value, to_check_results
 from srt_assets.core.quality import TableContract, ratio_check, validate_table
 from srt_assets.core.raw import RAW_SCHEMA, REJECT_SCHEMA, length_stats, load_source
 from srt_assets.core.sources import SourceCatalog, SourceSpec
+from srt_assets.defs.common import SOURCE_PARTITIONS_DOC, blocking_checks, column_schema, json_value, to_check_results
 from srt_assets.partitions import LOADED_CATALOG, SOURCES
 from srt_assets.plots import markdown_table
 from srt_assets.resources import SourceCatalogResource

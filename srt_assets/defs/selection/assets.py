@@ -4,13 +4,6 @@ import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from srt_assets.assets.common import (
-    blocking_checks,
-    column_schema,
-    json_value,
-    quantiles,
-    to_check_results,
-)
 from srt_assets.core.agreement import AGREEMENT_SCHEMA, decision_agreement, rank_agreement
 from srt_assets.core.datasets import (
     TRAINING_SCHEMA,
@@ -32,6 +25,13 @@ from srt_assets.core.selection import (
     select,
 )
 from srt_assets.core.variants import all_variants
+from srt_assets.defs.common import (
+    blocking_checks,
+    column_schema,
+    json_value,
+    quantiles,
+    to_check_results,
+)
 from srt_assets.partitions import SOURCES
 from srt_assets.plots import markdown_table, text_histogram
 from srt_assets.resources import SourceCatalogResource, StorageResource

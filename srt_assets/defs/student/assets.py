@@ -15,7 +15,13 @@ from dagster import (
 )
 from pydantic import Field
 
-from srt_assets.assets.common import (
+from srt_assets.core.diagnostics import AUC, PROBES, REQUIRED, Pair, aucs, build_probes
+from srt_assets.core.from_files import load_statistics
+from srt_assets.core.ifd import ScoringItem, score_schema, scores_frame
+from srt_assets.core.quality import CheckOutcome, ratio_check
+from srt_assets.core.sources import SourceSpec
+from srt_assets.core.variants import all_variants
+from srt_assets.defs.common import (
     GPU_STEP,
     blocking_checks,
     calls_progress,
@@ -25,12 +31,6 @@ from srt_assets.assets.common import (
     quantiles,
     to_check_results,
 )
-from srt_assets.core.diagnostics import AUC, PROBES, REQUIRED, Pair, aucs, build_probes
-from srt_assets.core.from_files import load_statistics
-from srt_assets.core.ifd import ScoringItem, score_schema, scores_frame
-from srt_assets.core.quality import CheckOutcome, ratio_check
-from srt_assets.core.sources import SourceSpec
-from srt_assets.core.variants import all_variants
 from srt_assets.models.identity import BUNDLED_MODEL
 from srt_assets.partitions import ROWS, SOURCES
 from srt_assets.plots import text_histogram

@@ -8,15 +8,6 @@ import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field, field_validator
 
-from srt_assets.assets.common import (
-    GPU_STEP,
-    blocking_checks,
-    calls_progress,
-    column_schema,
-    json_value,
-    production_figures,
-    to_check_results,
-)
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.quality import CheckOutcome, ratio_check
@@ -25,6 +16,15 @@ from srt_assets.core.sources import SourceSpec
 from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
 from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
+from srt_assets.defs.common import (
+    GPU_STEP,
+    blocking_checks,
+    calls_progress,
+    column_schema,
+    json_value,
+    production_figures,
+    to_check_results,
+)
 from srt_assets.partitions import ROWS, Partitioning
 from srt_assets.plots import markdown_table
 from srt_assets.resources import (

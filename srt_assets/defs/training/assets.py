@@ -1,6 +1,7 @@
 """Stage 7: the student fine-tuned on each training dataset of a source (selected, random, full)."""
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -14,10 +15,10 @@ from dagster import (
     asset,
 )
 
-from srt_assets.assets.common import GPU_STEP, json_value, production_figures
 from srt_assets.core.cache import content_key
 from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.training import MANIFEST, finished_training, run_identity, sft_examples
+from srt_assets.defs.common import GPU_STEP, json_value, production_figures
 from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
 from srt_assets.partitions import SOURCES
@@ -25,7 +26,7 @@ from srt_assets.plots import text_curve
 from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TrainingResource
 
 # checkpoint name → the training dataset asset it is fine-tuned on
-DATASETS = {"selected": "selected_dataset", "random": "baseline_random", "full": "baseline_full"}
+TRAINING_SETS = {"selected": "selected_dataset", "random": "baseline_random", "full": "baseline_full"}
 
 
 def checkpoint_key(dataset: str) -> AssetKey:
@@ -34,7 +35,7 @@ def checkpoint_key(dataset: str) -> AssetKey:
     return AssetKey(f"finetuned_{dataset}")
 
 
-CHECKPOINT_KEYS = [checkpoint_key(d) for d in DATASETS]
+CHECKPOINT_KEYS = [checkpoint_key(d) for d in TRAINING_SETS]
 
 
 def checkpoint_dir(storage: StorageResource, source: str, dataset: str) -> Path:
@@ -48,15 +49,15 @@ def dataset_fingerprint(rows: pl.DataFrame) -> str:
 
 def checkpoint_asset(dataset: str) -> AssetsDefinition:
     """The checkpoint fine-tuned on one training dataset: the one factory of the graph, since these
-    assets really are generated (one per entry of DATASETS)."""
+    assets really are generated (one per entry of TRAINING_SETS)."""
 
     @asset(
         key=checkpoint_key(dataset),
         partitions_def=SOURCES,
         group_name="training",
         kinds={"pytorch"},
-        ins={"rows": AssetIn(DATASETS[dataset])},
-        description=f"The student fine-tuned on `{DATASETS[dataset]}` (loss on response tokens only): a "
+        ins={"rows": AssetIn(TRAINING_SETS[dataset])},
+        description=f"The student fine-tuned on `{TRAINING_SETS[dataset]}` (loss on response tokens only): a "
         "directory `from_pretrained` loads, with a manifest of base model, data and hyperparameters. A rerun "
         "with the same inputs reuses it; an interrupted training resumes from its last save. Trained by TRL's "
         "SFTTrainer in a worker process that reports through Dagster Pipes: the worker alone for one process, "
@@ -71,76 +72,103 @@ def checkpoint_asset(dataset: str) -> AssetsDefinition:
         storage: StorageResource,
         training: TrainingResource,
     ) -> MaterializeResult:
-        source = context.partition_key
-        base = student.identity_in(storage)
-        tokenizer = load_tokenizer(base.path)
-        builder = build_text_builder(tokenizer, student.template, ScoringConfig(max_length=training.max_length))
-        examples = sft_examples(builder, rows.select("instruction", "input", "output").rows(), tokenizer.eos_token_id)
-        if not examples:
-            raise ValueError(f"dataset '{DATASETS[dataset]}' of source '{source}' has no trainable rows")
-        data_hash = dataset_fingerprint(rows)
-        identity = run_identity(base.fingerprint, data_hash, student.template, training, training.processes)
-        out_dir = checkpoint_dir(storage, source, dataset)
-        result = finished_training(out_dir, identity)
-        if result:
-            context.log.info("an identical finished checkpoint exists: reused, no training")
-        else:
-            device = gpu.resolved_device()
-            context.log.info(
-                f"fine-tuning on {len(examples)} rows of {DATASETS[dataset]}[{source}] → {out_dir} "
-                f"({training.processes} process(es), {training.launcher})"
-            )
-            job_dir = write_job(
-                out_dir.with_name(f".{out_dir.name}.job"),
-                model_path=base.path,
-                examples=examples,
-                hp=training,
-                out_dir=out_dir,
-                identity=identity,
-                device=device,
-                dtype=gpu.dtype,
-                manifest_extra={
-                    "base_model": student.model,
-                    "dataset_asset": DATASETS[dataset],
-                    "source": source,
-                    "rows": rows.height,
-                },
-            )
-            result = training.launch(context, job_dir, on_gpu=device != "cpu")
-            shutil.rmtree(job_dir, ignore_errors=True)
-        figures = {
-            "wall_seconds": result["seconds"],
-            "tokens_per_second": round(result["tokens_trained"] / max(result["seconds"], 1e-9), 1),
-            "processes": result["processes"],
-            "compute": json_value(gpu.describe()),
-        }
-        losses = result["losses"]
-        return MaterializeResult(
-            metadata={
-                "path": MetadataValue.path(str(out_dir)),
-                "manifest": MetadataValue.path(str(out_dir / MANIFEST)),
-                "dataset": json_value({"asset": DATASETS[dataset], "fingerprint": data_hash, "rows": rows.height}),
-                "base_model": json_value({"model": student.model, "fingerprint": base.fingerprint}),
-                "hyperparameters": json_value(training.as_dict()),
-                "launch": json_value(
-                    {
-                        "processes": training.processes,
-                        "accelerate_config": training.accelerate_config,
-                        "launcher": training.launcher,
-                    }
-                ),
-                "steps": result["steps"],
-                "final_loss": losses[-1] if losses else None,
-                "tokens_trained": result["tokens_trained"],
-                "response_tokens_per_epoch": result["target_tokens"],
-                "resumed_from_step": result["resumed_from_step"],
-                "reused_existing": result["reused"],
-                **production_figures(context, checkpoint_key(dataset), not result["reused"], figures),
-                "loss_curve": MetadataValue.md(text_curve(losses, "step", "training loss")),
-            }
-        )
+        return fine_tune(context, dataset, rows, CheckpointModels(student, gpu, storage, training))
 
     return finetuned
 
 
-CHECKPOINTS = [checkpoint_asset(dataset) for dataset in DATASETS]
+@dataclass(frozen=True)
+class CheckpointModels:
+    """The resources a checkpoint needs, passed on as one."""
+
+    student: StudentModelResource
+    gpu: GPUResource
+    storage: StorageResource
+    training: TrainingResource
+
+
+def fine_tune(context: AssetExecutionContext, dataset: str, rows: pl.DataFrame, models: CheckpointModels):
+    """Reuse the identical finished checkpoint, or train it (resuming from its last save)."""
+    student, storage, training = models.student, models.storage, models.training
+    source = context.partition_key
+    base = student.identity_in(storage)
+    tokenizer = load_tokenizer(base.path)
+    builder = build_text_builder(tokenizer, student.template, ScoringConfig(max_length=training.max_length))
+    examples = sft_examples(builder, rows.select("instruction", "input", "output").rows(), tokenizer.eos_token_id)
+    if not examples:
+        raise ValueError(f"dataset '{TRAINING_SETS[dataset]}' of source '{source}' has no trainable rows")
+    data_hash = dataset_fingerprint(rows)
+    identity = run_identity(base.fingerprint, data_hash, student.template, training, training.processes)
+    out_dir = checkpoint_dir(storage, source, dataset)
+    result = finished_training(out_dir, identity)
+    if result:
+        context.log.info("an identical finished checkpoint exists: reused, no training")
+    else:
+        device = models.gpu.resolved_device()
+        context.log.info(
+            f"fine-tuning on {len(examples)} rows of {TRAINING_SETS[dataset]}[{source}] → {out_dir} "
+            f"({training.processes} process(es), {training.launcher})"
+        )
+        job_dir = write_job(
+            out_dir.with_name(f".{out_dir.name}.job"),
+            model_path=base.path,
+            examples=examples,
+            hp=training,
+            out_dir=out_dir,
+            identity=identity,
+            device=device,
+            dtype=models.gpu.dtype,
+            manifest_extra={
+                "base_model": student.model,
+                "dataset_asset": TRAINING_SETS[dataset],
+                "source": source,
+                "rows": rows.height,
+            },
+        )
+        result = training.launch(context, job_dir, on_gpu=device != "cpu")
+        shutil.rmtree(job_dir, ignore_errors=True)
+    dataset_facts = {"asset": TRAINING_SETS[dataset], "fingerprint": data_hash, "rows": rows.height}
+    base_facts = {"model": student.model, "fingerprint": base.fingerprint}
+    return MaterializeResult(
+        metadata=checkpoint_metadata(context, dataset, out_dir, result, models, dataset_facts, base_facts)
+    )
+
+
+def checkpoint_metadata(
+    context: AssetExecutionContext,
+    dataset: str,
+    out_dir: Path,
+    result: dict,
+    models: CheckpointModels,
+    dataset_facts: dict,
+    base_facts: dict,
+) -> dict:
+    """What the checkpoint shows: where it is, what it was trained on and how, and its loss curve."""
+    training = models.training
+    figures = {
+        "wall_seconds": result["seconds"],
+        "tokens_per_second": round(result["tokens_trained"] / max(result["seconds"], 1e-9), 1),
+        "processes": result["processes"],
+        "compute": json_value(models.gpu.describe()),
+    }
+    losses = result["losses"]
+    launch = {"processes": training.processes, "accelerate_config": training.accelerate_config}
+    return {
+        "path": MetadataValue.path(str(out_dir)),
+        "manifest": MetadataValue.path(str(out_dir / MANIFEST)),
+        "dataset": json_value(dataset_facts),
+        "base_model": json_value(base_facts),
+        "hyperparameters": json_value(training.as_dict()),
+        "launch": json_value(launch | {"launcher": training.launcher}),
+        "steps": result["steps"],
+        "final_loss": losses[-1] if losses else None,
+        "tokens_trained": result["tokens_trained"],
+        "response_tokens_per_epoch": result["target_tokens"],
+        "resumed_from_step": result["resumed_from_step"],
+        "reused_existing": result["reused"],
+        **production_figures(context, checkpoint_key(dataset), not result["reused"], figures),
+        "loss_curve": MetadataValue.md(text_curve(losses, "step", "training loss")),
+    }
+
+
+CHECKPOINTS = [checkpoint_asset(dataset) for dataset in TRAINING_SETS]
