@@ -150,11 +150,11 @@ def test_a_truncated_stored_table_names_its_file_in_explain(tmp_path):
 
 
 def test_a_truncated_source_parquet_names_its_file(tmp_path):
-    from srt_assets.core.raw import READERS, RawDataError
+    from srt_assets.core.formats import FORMATS, RawDataError
 
     path = truncated_parquet(tmp_path / "source.parquet")
     with pytest.raises(RawDataError, match=r"source\.parquet.*truncated"):
-        list(READERS["parquet"](path))
+        list(FORMATS["parquet"].rows(path))
 
 
 def test_a_cache_file_that_is_not_a_database_names_itself(tmp_path):

@@ -18,7 +18,8 @@ from typing import Any
 
 import polars as pl
 
-from srt_assets.core.raw import READERS, RawDataError, RowProblem, normalize_record
+from srt_assets.core.formats import FORMATS, RawDataError, RowProblem
+from srt_assets.core.raw import normalize_record
 from srt_assets.core.sources import SourceSpec, VariantFile
 from srt_assets.core.teacher import ReflectionOutcome
 from srt_assets.core.templates import merged_instruction
@@ -52,7 +53,7 @@ class SourceRows:
 def source_rows(spec: SourceSpec) -> SourceRows:
     """Every record of the source file, whatever ``limit`` says (the files cover the whole source)."""
     indexes, instructions = [], []
-    for row_index, record in READERS[spec.format](spec.require_file()):
+    for row_index, record in FORMATS[spec.format].rows(spec.require_file()):
         indexes.append(row_index)
         normal = normalize_record(spec, record)
         instructions.append(None if isinstance(normal, RowProblem) else normal[0])
@@ -63,7 +64,7 @@ def _records(file: VariantFile, kind: str, source: SourceSpec, expected: int) ->
     if not file.path.is_file():
         raise FileLayoutError(f"source '{source.name}': {kind}.{file.variant}: file not found: {file.path}")
     try:
-        records = [record for _, record in READERS[file.format](file.path)]
+        records = [record for _, record in FORMATS[file.format].rows(file.path)]
     except RawDataError as exc:
         raise FileLayoutError(f"source '{source.name}': {kind}.{file.variant}: {exc}") from None
     if len(records) != expected:

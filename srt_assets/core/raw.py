@@ -6,19 +6,14 @@ the file, the row and the field at fault. Only a file that is missing or cannot 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import re
 import reprlib
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from srt_assets.core.formats import FORMATS, RawDataError, RowProblem
 from srt_assets.core.sources import SourceSpec
 
 RAW_SCHEMA: dict[str, pl.DataType] = {
@@ -42,17 +37,6 @@ HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 
 
-class RawDataError(ValueError):
-    """The whole file is unusable (unreadable, not JSON, not Parquet): names the file and position."""
-
-
-@dataclass(frozen=True)
-class RowProblem:
-    field: str
-    reason: str
-    detail: str
-
-
 SAMPLE_DIGEST = re.compile(r"[0-9a-f]{16}")  # what sample_id puts after "<source>-"
 
 
@@ -60,114 +44,6 @@ def sample_id(source: str, instruction: str, input_text: str, output: str) -> st
     """Stable id from source and content: the same pair always gets the same id, across reruns."""
     digest = hashlib.sha256("\x1f".join((source, instruction, input_text, output)).encode("utf-8"))
     return f"{source}-{digest.hexdigest()[:16]}"
-
-
-BOM = b"\xef\xbb\xbf"
-# One JSON value of a row can be pathological without the file being wrong: json refuses integers of
-# more than 4,300 digits (ValueError) and recurses once per nesting level (RecursionError).
-UNPARSABLE_VALUE = (ValueError, RecursionError)
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed when it ends in .gz, without a UTF-8 byte-order mark."""
-    try:
-        data = path.read_bytes()
-        if path.suffix.lower() == ".gz":
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
-        what = "not a valid gzip file" if path.suffix.lower() == ".gz" else "cannot read the file"
-        raise RawDataError(f"{path}: {what}: {exc}") from None
-    if not data.strip(BOM + b" \t\r\n"):
-        raise RawDataError(f"{path}: the file is empty (no records)")
-    return data.removeprefix(BOM)
-
-
-def _element_spans(text: str, start: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of every top-level element of the JSON array opening at ``start``, found by a
-    scan of strings and brackets (no recursion, so no element can be too deep to delimit)."""
-    depth, begin = 0, None
-    for match in _TOKENS.finditer(text, start + 1):
-        token = match.group()
-        if token in "[{":
-            if depth == 0 and begin is None:
-                begin = match.start()
-            depth += 1
-        elif token in "]}":
-            if depth == 0:  # the array's own closing bracket
-                if begin is not None:
-                    yield begin, match.start()
-                return
-            depth -= 1
-        elif token == ",":
-            if depth == 0:
-                yield begin if begin is not None else match.start(), match.start()
-                begin = None
-        elif depth == 0 and begin is None:  # a string or scalar element
-            begin = match.start()
-
-
-_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]|[^\s"\[\]{},]+')
-
-
-def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
-    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is found and
-    # rejected instead of the whole file failing to decode.
-    text = _read_bytes(path).decode("utf-8", errors="surrogateescape")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RawDataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except UNPARSABLE_VALUE:  # the file is JSON, but some row holds a value json will not build
-        yield from _iter_json_elements(path, text)
-        return
-    if not isinstance(doc, list):
-        raise RawDataError(f"{path}: expected a JSON array of records, found {type(doc).__name__}")
-    yield from enumerate(doc)
-
-
-def _iter_json_elements(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """Row by row, for an array in which some rows cannot be parsed: those become rejects."""
-    opening = len(text) - len(text.lstrip())
-    if text[opening : opening + 1] != "[":
-        raise RawDataError(f"{path}: expected a JSON array of records")
-    for index, (begin, end) in enumerate(_element_spans(text, opening)):
-        try:
-            yield index, json.loads(text[begin:end])
-        except UNPARSABLE_VALUE as exc:
-            yield index, RowProblem("", "invalid_json", f"element {index}: {_unparsable(exc)}")
-
-
-def _unparsable(exc: Exception) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply to parse"
-    return str(exc).split("; use sys.set_int_max_str_digits")[0][:200]
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    for index, line in enumerate(_read_bytes(path).split(b"\n")):
-        if not line.strip():
-            continue
-        text = line.decode("utf-8", errors="surrogateescape")
-        try:
-            yield index, json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield index, RowProblem("", "invalid_json", f"line {index + 1}: {exc.msg} at column {exc.colno}")
-        except UNPARSABLE_VALUE as exc:
-            yield index, RowProblem("", "invalid_json", f"line {index + 1}: {_unparsable(exc)}")
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        frame = pl.read_parquet(path)
-    except Exception as exc:  # polars raises several error types for corrupt files
-        raise RawDataError(
-            f"{path}: not a readable Parquet file (truncated or corrupt: {exc}); replace it with a complete copy "
-            "(a download or copy cut short leaves a truncated file)"
-        ) from exc
-    yield from enumerate(frame.iter_rows(named=True))
-
-
-READERS = {"json": _iter_json_array, "jsonl": _iter_jsonl, "parquet": _iter_parquet}
 
 
 def _text_field(record: dict[str, Any], key: str, *, required: bool, max_chars: int) -> str | RowProblem:
@@ -277,7 +153,7 @@ def load_source(spec: SourceSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
         ):
             rejects[key].append(value)
 
-    for count, (row_index, record) in enumerate(READERS[spec.format](path)):
+    for count, (row_index, record) in enumerate(FORMATS[spec.format].rows(path)):
         if spec.limit is not None and count >= spec.limit:
             break
         result = normalize_record(spec, record)

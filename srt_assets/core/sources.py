@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-FORMATS = ("json", "jsonl", "parquet")
+from srt_assets.core.formats import FORMATS, format_of_suffix
+
 DEFAULT_MAX_REJECT_RATIO = 0.05
 # The longest text field a row may have: Alpaca's longest output has 4k characters, WizardLM's about 30k;
 # a longer one is more likely a broken export or an attack (it would go to the teacher and the student
@@ -113,14 +114,10 @@ class SourceSpec:
 
 def infer_format(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-    last = suffixes[-1] if suffixes else ""
-    if last in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if last == ".json":
-        return "json"
-    if last in (".parquet", ".pq"):
-        return "parquet"
-    raise SourceConfigError(f"cannot infer the format of {path}: set 'format' to one of {', '.join(FORMATS)}")
+    found = format_of_suffix(suffixes[-1]) if suffixes else None
+    if found is None:
+        raise SourceConfigError(f"cannot infer the format of {path}: set 'format' to one of {', '.join(FORMATS)}")
+    return found
 
 
 _SOURCE_KEYS = {
