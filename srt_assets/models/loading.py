@@ -1,16 +1,11 @@
-"""Loading causal LMs with torch: the bundled GGUF's one-time conversion, dtypes and devices."""
+"""Loading causal LMs with torch: dtypes and devices, and transformers' progress bars kept out of logs."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-from pathlib import Path
 
 import torch
 from transformers.utils import logging as transformers_logging
-
-from srt_assets.models.identity import BUNDLED_MODEL, bundled_gguf_path, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -19,38 +14,6 @@ log = logging.getLogger(__name__)
 transformers_logging.disable_progress_bar()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def convert_bundled_model(out_dir: Path) -> Path:
-    """Dequantize the bundled GGUF once into a normal HF directory (float32 safetensors + tokenizer)
-    that transformers, vLLM and the trainer all load quickly.
-
-    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the weights are copied into a
-    freshly built model of the same config. The directory is written next to its final place and
-    renamed, so an interrupted conversion leaves nothing half-written.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = bundled_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):  # no random initialisation of weights that are replaced at once
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "srt_source.json").write_text(
-        json.dumps({"source": BUNDLED_MODEL, "gguf": str(gguf), "gguf_sha256": file_sha256(gguf)}, indent=2)
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def computes_bfloat16(device: str) -> bool:
