@@ -15,7 +15,7 @@ from srt_assets.io_managers import PolarsParquetIOManager
 from srt_assets.partitions import catalog_partitioning
 from srt_assets.recovery import free_dead_runs_sensor
 from srt_assets.resources import (
-    GPUResource,
+    ComputeResource,
     SourceCatalogResource,
     StorageResource,
     StudentModelResource,
@@ -45,7 +45,7 @@ def build_definitions(
     chosen = {
         "io_manager": PolarsParquetIOManager(base_dir=str(storage)),
         "storage": StorageResource(base_dir=str(storage)),
-        "gpu": GPUResource(),
+        "gpu": ComputeResource(),
         "student": StudentModelResource(),
         "teacher": TransformersTeacherResource(),
         "training": TrainingResource(),

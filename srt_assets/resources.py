@@ -83,7 +83,7 @@ class StorageResource(ConfigurableResource):
         return Path(self.base_dir) / "reports"
 
 
-class GPUResource(ConfigurableResource, ComputeSettings):
+class ComputeResource(ConfigurableResource, ComputeSettings):
     """Where and how model work runs: injected into every scoring, generation and training asset.
     The Dagster pool ``gpu`` on those assets caps how many run at once; this resource picks the
     device, the precision and the student backend."""
@@ -98,7 +98,7 @@ class StudentModelResource(ConfigurableResource, StudentSettings):
     @contextmanager
     def session(
         self,
-        gpu: GPUResource,
+        gpu: ComputeResource,
         storage: StorageResource,
         *,
         model_path: str | None = None,
@@ -128,7 +128,7 @@ class TeacherResource(ConfigurableResource, TeacherSettings):
 
     @contextmanager
     def session(
-        self, gpu: GPUResource, storage: StorageResource, progress: ProgressFn | None = None, chunk_size: int = 64
+        self, gpu: ComputeResource, storage: StorageResource, progress: ProgressFn | None = None, chunk_size: int = 64
     ) -> Iterator[CachedTeacher]:
         """This teacher behind the durable call cache; the backend is built on the first cache miss."""
         with self.open_session(gpu, storage.models_dir, storage.cache_file, progress, chunk_size) as cached:

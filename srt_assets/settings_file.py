@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
-from srt_assets.resources import TEACHER_BACKENDS, GPUResource, StudentModelResource, TrainingResource
+from srt_assets.resources import TEACHER_BACKENDS, ComputeResource, StudentModelResource, TrainingResource
 
 
 class ModelSettingsError(ValueError):
@@ -17,7 +17,7 @@ class ModelSettingsError(ValueError):
 
 SETTINGS_SECTIONS: dict[str, type[ConfigurableResource]] = {
     "student": StudentModelResource,
-    "gpu": GPUResource,
+    "gpu": ComputeResource,
     "training": TrainingResource,
 }
 

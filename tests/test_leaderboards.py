@@ -18,7 +18,7 @@ from srt_assets.core.teacher import GenerationParams
 from srt_assets.core.templates import get_template, render_conversation
 from srt_assets.core.winrates import draw_instructions, load_reference, win_rate
 from srt_assets.defs.evaluation.pairwise import ANSWER_SCHEMA, JudgeConfig, judge_pairs
-from srt_assets.resources import GPUResource, OpenAITeacherResource, StorageResource
+from srt_assets.resources import ComputeResource, OpenAITeacherResource, StorageResource
 
 NO_VERDICT = "NO-VERDICT"  # an answer carrying this gets a judge reply that says nothing parseable
 RANKED = re.compile(r'"answer": """(.*?)"""', re.S)
@@ -36,7 +36,7 @@ def longer_wins_ranking(messages: list[dict]) -> str:
 def judge_session(server: ScriptedOpenAIServer, tmp_path: Path, max_tokens: int = 64):
     judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)
     params = GenerationParams(temperature=0.0, max_tokens=max_tokens)
-    return judge.session(GPUResource(), StorageResource(base_dir=str(tmp_path / "storage"))), params
+    return judge.session(ComputeResource(), StorageResource(base_dir=str(tmp_path / "storage"))), params
 
 
 def reference_records(count: int = 6) -> list[dict]:
@@ -231,7 +231,12 @@ def test_pairwise_protocol_gives_the_judges_known_verdicts(tmp_path, selected_an
     with ScriptedOpenAIServer(reply=longer_scores_higher) as server:
         judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)
         table, _ = judge_pairs(
-            build_asset_context(), answers, JudgeConfig(pairs=[["selected", "random"]]), judge, GPUResource(), storage
+            build_asset_context(),
+            answers,
+            JudgeConfig(pairs=[["selected", "random"]]),
+            judge,
+            ComputeResource(),
+            storage,
         )
     assert table.filter(pl.col("prompt_id") != "k2")["verdict"].to_list() == [verdict] * 3
     assert table.filter(pl.col("prompt_id") == "k2")["verdict"].to_list() == ["unjudged"]
@@ -292,7 +297,7 @@ def test_a_judge_that_answers_401_makes_failed_calls_not_a_format_complaint(tmp_
     with ScriptedOpenAIServer(reply=longer_wins_ranking, api_key="right-key") as server:
         judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)  # no key
         params = GenerationParams(temperature=0.0, max_tokens=64)
-        with judge.session(GPUResource(), StorageResource(base_dir=str(tmp_path / "s"))) as cached:
+        with judge.session(ComputeResource(), StorageResource(base_dir=str(tmp_path / "s"))) as cached:
             metrics, _, ledger = win_rate(
                 outputs, reference, lambda c: cached.generate(c, params), "alpaca_eval_gpt4", tmp_path / "w"
             )

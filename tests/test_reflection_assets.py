@@ -145,7 +145,7 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
     from srt_assets.core.raw import load_source
     from srt_assets.defs.teacher.assets import ReflectionConfig, new_instructions
     from srt_assets.partitions import SOURCES
-    from srt_assets.resources import GPUResource, SourceCatalogResource, StorageResource
+    from srt_assets.resources import ComputeResource, SourceCatalogResource, StorageResource
 
     name = SOURCES.get_partition_keys()[0]  # a partition of the catalog the code location loaded
     write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(2, with_input=1))
@@ -156,7 +156,7 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
         teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_TEACHER_KEY")
         context = build_asset_context(partition_key=name)
         storage = StorageResource(base_dir=str(tmp_path / "store"))
-        events = list(new_instructions(context, ReflectionConfig(), raw, teacher, GPUResource(), storage, sources))
+        events = list(new_instructions(context, ReflectionConfig(), raw, teacher, ComputeResource(), storage, sources))
         assert server.requests == raw.height
     [output] = [e for e in events if isinstance(e, Output)]
     assert output.value["sample_id"].to_list() == raw["sample_id"].to_list()

@@ -8,7 +8,7 @@ from conftest import REPO_ROOT, latest_metadata, materialize, write_catalog, wri
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import GPUResource, OpenAITeacherResource, StudentModelResource
+from srt_assets.resources import ComputeResource, OpenAITeacherResource, StudentModelResource
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_demo_scores_then_rerun_makes_no_model_calls(
         storage_dir=tmp_path,
         resources={
             "student": StudentModelResource(model=str(student_model_dir), template="chat"),
-            "gpu": GPUResource(device="auto", dtype="float32"),
+            "gpu": ComputeResource(device="auto", dtype="float32"),
             "teacher": scripted_teacher,
         },
     )

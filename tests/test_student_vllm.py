@@ -47,7 +47,7 @@ def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
     from conftest import write_catalog, write_jsonl
 
     from srt_assets.definitions import build_definitions
-    from srt_assets.resources import GPUResource, StudentModelResource
+    from srt_assets.resources import ComputeResource, StudentModelResource
 
     rows = alpaca_rows(2, with_input=1)
     write_jsonl(tmp_path / "v.jsonl", rows)
@@ -56,7 +56,7 @@ def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
         storage_dir=tmp_path / "store",
         resources={
             "student": StudentModelResource(model=str(student_model_dir), template="alpaca"),
-            "gpu": GPUResource(backend="vllm", dtype="float32"),
+            "gpu": ComputeResource(backend="vllm", dtype="float32"),
             "teacher": teacher,
         },
     )

@@ -31,7 +31,7 @@ from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
 from srt_assets.models.generation import CheckpointGenerator
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section
-from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
+from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TeacherResource
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {  # alpaca_eval's model_outputs fields, then ours
     "instruction": pl.String(),
@@ -86,7 +86,7 @@ def answer_with_checkpoints(
     storage: StorageResource,
     source: str,
     student: StudentModelResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     batch_size: int,
     ask: Callable[[Answer], T],
 ) -> tuple[dict[str, T], dict[str, dict[str, int]]]:
@@ -127,7 +127,7 @@ def alpacaeval_outputs(
     context: AssetExecutionContext,
     config: BenchmarkAnswerConfig,
     student: StudentModelResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ) -> Output[pl.DataFrame]:
     """Each checkpoint's answers to the AlpacaEval instructions (a seeded subset on CPU), in
@@ -174,7 +174,7 @@ def alpacaeval_results(
     config: AlpacaEvalConfig,
     alpacaeval_outputs: pl.DataFrame,
     judge: TeacherResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ) -> Output[pl.DataFrame]:
     """Each checkpoint's AlpacaEval win rate against each reference, computed by alpaca_eval with
@@ -235,7 +235,7 @@ def mt_bench_answers(
     context: AssetExecutionContext,
     config: BenchmarkAnswerConfig,
     student: StudentModelResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ) -> Output[pl.DataFrame]:
     """Each checkpoint's two-turn answers to the MT-Bench questions (a seeded subset on CPU): the
@@ -286,7 +286,7 @@ def mt_bench_scores(
     config: MTBenchJudgeConfig,
     mt_bench_answers: pl.DataFrame,
     judge: TeacherResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ) -> Output[pl.DataFrame]:
     """MT-Bench single-answer grading by the judge: 1–10 per turn, FastChat's prompts and GPT-4

@@ -35,7 +35,7 @@ from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
 from srt_assets.partitions import SOURCES
 from srt_assets.plots import markdown_table
 from srt_assets.report import finite_mean
-from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TeacherResource
+from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TeacherResource
 
 ANSWER_SCHEMA: dict[str, pl.DataType] = {
     "dataset": pl.String(),
@@ -107,7 +107,7 @@ def judge_pairs(
     answers: pl.DataFrame,
     config: JudgeConfig,
     judge: TeacherResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ) -> tuple[pl.DataFrame, CallStats]:
     """Judge every configured pair on every prompt in both orders through the cached judge;
@@ -198,7 +198,7 @@ def evaluation_answers(
     config: AnswerConfig,
     evaluation_prompts: pl.DataFrame,
     student: StudentModelResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ) -> Output[pl.DataFrame]:
     """Greedy answers of every checkpoint to the held-out prompts. Cached per checkpoint content,
@@ -250,7 +250,7 @@ def reference_loss(
     context: AssetExecutionContext,
     evaluation_prompts: pl.DataFrame,
     student: StudentModelResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ):
     """Judge-free metric: each checkpoint's mean loss on AlpacaEval reference answers, next to the
@@ -289,7 +289,7 @@ def pairwise_verdicts(
     config: JudgeConfig,
     evaluation_answers: pl.DataFrame,
     judge: TeacherResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
 ):
     """The judge compares each pair of checkpoints on every held-out prompt, in both answer orders

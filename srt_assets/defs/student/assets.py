@@ -34,7 +34,7 @@ from srt_assets.defs.common import (
 from srt_assets.models.identity import BUNDLED_MODEL
 from srt_assets.partitions import ROWS, SOURCES
 from srt_assets.plots import text_histogram
-from srt_assets.resources import GPUResource, SourceCatalogResource, StorageResource, StudentModelResource
+from srt_assets.resources import ComputeResource, SourceCatalogResource, StorageResource, StudentModelResource
 
 SCORE_CHECKS = {
     "scores_finite": "every score that is not null is a finite number",
@@ -94,7 +94,7 @@ def score_metadata(
     work: dict,
     session,
     student: StudentModelResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     seconds: float,
 ) -> dict:
     computed = session.scorer.computed
@@ -179,7 +179,7 @@ def student_scores(
     raw_samples: pl.DataFrame,
     new_instructions: pl.DataFrame,
     better_responses: pl.DataFrame,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     student: StudentModelResource,
     storage: StorageResource,
     sources: SourceCatalogResource,
@@ -222,7 +222,7 @@ def student_diagnosis(
     context: AssetExecutionContext,
     config: StudentDiagnosticsConfig,
     raw_samples: pl.DataFrame,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     student: StudentModelResource,
     storage: StorageResource,
 ):

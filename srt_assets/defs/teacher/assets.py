@@ -28,7 +28,7 @@ from srt_assets.defs.common import (
 from srt_assets.partitions import ROWS, Partitioning
 from srt_assets.plots import markdown_table
 from srt_assets.resources import (
-    GPUResource,
+    ComputeResource,
     SourceCatalogResource,
     StorageResource,
     StudentModelResource,
@@ -95,7 +95,7 @@ class TeacherModels:
     """The resources a teacher call needs, passed on as one."""
 
     teacher: TeacherResource
-    gpu: GPUResource
+    gpu: ComputeResource
     storage: StorageResource
 
 
@@ -313,7 +313,7 @@ def new_instructions(
     config: ReflectionConfig,
     raw_samples: pl.DataFrame,
     teacher: TeacherResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     storage: StorageResource,
     sources: SourceCatalogResource,
 ):
@@ -342,7 +342,7 @@ def better_responses(
     raw_samples: pl.DataFrame,
     new_instructions: pl.DataFrame,
     teacher: TeacherResource,
-    gpu: GPUResource,
+    gpu: ComputeResource,
     student: StudentModelResource,
     storage: StorageResource,
     sources: SourceCatalogResource,
@@ -382,7 +382,7 @@ def lazy_branches(
     ori: pl.DataFrame,
     q: pl.DataFrame,
     q_rejected: set[str],
-    gpu: GPUResource,
+    gpu: ComputeResource,
     student: StudentModelResource,
     storage: StorageResource,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:

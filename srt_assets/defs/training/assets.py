@@ -23,7 +23,7 @@ from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
 from srt_assets.partitions import SOURCES
 from srt_assets.plots import text_curve
-from srt_assets.resources import GPUResource, StorageResource, StudentModelResource, TrainingResource
+from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TrainingResource
 
 # checkpoint name → the training dataset asset it is fine-tuned on
 TRAINING_SETS = {"selected": "selected_dataset", "random": "baseline_random", "full": "baseline_full"}
@@ -68,7 +68,7 @@ def checkpoint_asset(dataset: str) -> AssetsDefinition:
         context: AssetExecutionContext,
         rows: pl.DataFrame,
         student: StudentModelResource,
-        gpu: GPUResource,
+        gpu: ComputeResource,
         storage: StorageResource,
         training: TrainingResource,
     ) -> MaterializeResult:
@@ -82,7 +82,7 @@ class CheckpointModels:
     """The resources a checkpoint needs, passed on as one."""
 
     student: StudentModelResource
-    gpu: GPUResource
+    gpu: ComputeResource
     storage: StorageResource
     training: TrainingResource
 
