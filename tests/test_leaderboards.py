@@ -245,6 +245,36 @@ def test_pairwise_protocol_gives_the_judges_known_verdicts(tmp_path, selected_an
     assert overall["winning_score"] == winning_score
 
 
+@pytest.mark.integration
+def test_pairwise_verdicts_is_a_module_level_asset_a_test_can_call(tmp_path):
+    """The stage's asset runs on a context built in the test, with a judge at a local endpoint: its
+    verdict table, its summary and its blocking check, with no Definitions or instance."""
+    from dagster import AssetCheckResult, Output
+
+    from srt_assets.defs.evaluation.pairwise import pairwise_verdicts
+    from srt_assets.partitions import SOURCES
+
+    rows = [
+        {"dataset": dataset, "prompt_set": "vicuna", "prompt_id": str(i), "prompt": f"question {i}",
+         "answer": "a long and detailed answer" if dataset == "selected" else "short", "answer_tokens": 1,
+         "cache_key": ""}
+        for dataset in ("selected", "random") for i in range(2)
+    ]  # fmt: skip
+    storage = StorageResource(base_dir=str(tmp_path / "storage"))
+    with ScriptedOpenAIServer(reply=longer_scores_higher) as server:
+        judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)
+        context = build_asset_context(partition_key=SOURCES.get_partition_keys()[0])
+        config = JudgeConfig(pairs=[["selected", "random"]])
+        answers = pl.DataFrame(rows, schema=ANSWER_SCHEMA)
+        events = list(pairwise_verdicts(context, config, answers, judge, ComputeResource(), storage))
+        assert server.requests == 4  # 2 prompts x both answer orders
+    [output] = [e for e in events if isinstance(e, Output)]
+    assert output.value["verdict"].to_list() == ["win", "win"]
+    assert [(e.check_name, e.passed) for e in events if isinstance(e, AssetCheckResult)] == [
+        ("verdict_per_prompt_and_pair", True)
+    ]
+
+
 def test_a_second_turn_is_rendered_after_the_first_in_the_training_template():
     template = get_template("alpaca")
     conversation = [
