@@ -1,4 +1,5 @@
-"""The experiment report: selected vs random vs full, as Markdown + HTML files with PNG figures."""
+"""The experiment report: sections (title, note, table, figure) rendered as Markdown + HTML files with
+PNG figures, and as Markdown with the figures embedded for the UI."""
 
 from __future__ import annotations
 
@@ -12,19 +13,27 @@ from pathlib import Path
 import polars as pl
 
 from srt_assets.core.files import atomic_write_bytes, atomic_write_text
-from srt_assets.core.judging import pairwise_summary
-from srt_assets.plots import _pyplot, figure_png, line_figure, markdown_table, png_markdown
+from srt_assets.plots import _pyplot, markdown_table, png_markdown
 
 VERDICT_COLOURS = {"win": "#3f8f4f", "tie": "#b0b0b0", "lose": "#b04040"}
 
 
 @dataclass(frozen=True)
+class Figure:
+    file_name: str  # written beside report.md, which links it; embedded in the UI's copy
+    png: bytes
+
+
+@dataclass(frozen=True)
 class Section:
-    """One more part of the report: a title, a sentence that says what it shows, a table."""
+    """One part of the report: a title, a sentence that says what it shows, a table, a figure. Each
+    evaluation contributes its own (defs/evaluation/report.py lists them in reading order)."""
 
     title: str
-    note: str
+    note: str = ""
     table: pl.DataFrame | None = None
+    figure: Figure | None = None
+    key: str | None = None  # the name of its table in the report's results (default: the title)
 
 
 @dataclass
@@ -94,96 +103,49 @@ def loss_figure(losses: pl.DataFrame):
     return fig
 
 
-def build_report(
-    source: str,
-    judgements: pl.DataFrame,
-    reference_losses: pl.DataFrame,
-    manifests: dict[str, dict | None],
-    out_dir: Path,
-    extra: Sequence[Section] = (),
-    closing: Sequence[Section] = (),
-) -> Report:
-    """The report; ``extra`` sections (data quality, the student's diagnostics, more metrics) come first,
-    so a reader sees what the comparison rests on before the comparison; ``closing`` ones (the
-    field's benchmarks) end it."""
+INTRO = (
+    "_{stamp}._ The student fine-tuned on its selected data (`selected`) against the same student fine-tuned on "
+    "a random sample of equal size (`random`) and on all original rows (`full`). Verdicts are from the first "
+    "model's side, judged by the judge in both answer orders; winning score = (wins − losses) / judged + 1 "
+    "(above 1: the first model is better).\n"
+)
+HTML_STYLE = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:2px 6px}"
+
+
+def write_report(source: str, sections: Sequence[Section], out_dir: Path) -> Report:
+    """The report of ``sections`` as report.md (with PNG files beside it) and report.html in
+    ``out_dir``, and as Markdown with the figures embedded, for the UI."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = pairwise_summary(judgements) if judgements.height else pl.DataFrame()
-    training_rows = []
-    for dataset, manifest in manifests.items():
-        training = (manifest or {}).get("training", {})
-        part = reference_losses.filter(pl.col("dataset") == dataset)
-        training_rows.append(
-            {
-                "dataset": dataset,
-                "rows": (manifest or {}).get("rows"),
-                "steps": training.get("steps"),
-                "final_train_loss": (manifest or {}).get("final_loss"),
-                "train_seconds": training.get("seconds"),
-                "reference_loss": finite_mean(part["loss"]),
-                "base_reference_loss": finite_mean(part["base_loss"]),
-            }
-        )
-    training_table = pl.DataFrame(training_rows)
-    curves = {d: (m or {}).get("training", {}).get("losses", []) for d, m in manifests.items()}
-    judged = int(summary["judged"].sum()) if summary.height else 0
-    figures = {
-        "verdicts.png": figure_png(verdict_figure(summary)) if judged else None,
-        "reference_loss.png": figure_png(loss_figure(reference_losses)),
-        "training_curves.png": figure_png(line_figure({d: c for d, c in curves.items() if c}, "optimizer step")),
-    }
-    for name, png in figures.items():
-        if png is not None:
-            atomic_write_bytes(out_dir / name, png)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    overall = summary.filter(pl.col("prompt_set") == "all") if summary.height else summary
-    intro = (
-        f"# srt experiment report: source `{source}`\n\n_{stamp}._ The student fine-tuned on its selected data "
-        "(`selected`) against the same student fine-tuned on a random sample of equal size (`random`) and on all "
-        "original rows (`full`). Verdicts are from the first model's side, judged by the judge in both answer "
-        "orders; winning score = (wins − losses) / judged + 1 (above 1: the first model is better).\n"
-    )
-    notes = {"Pairwise judging (all test sets)": verdict_note(judgements, judged)}
-    notes.update({section.title: section.note for section in (*extra, *closing)})
-    sections = [
-        *((section.title, section.table, None) for section in extra),
-        ("Pairwise judging (all test sets)", overall, "verdicts.png"),
-        ("Pairwise judging per test set", summary, None),
-        ("Training and reference-answer loss (lower is better)", training_table, "reference_loss.png"),
-        ("Training curves", None, "training_curves.png"),
-        *((section.title, section.table, None) for section in closing),
-    ]
-    md_file, md_inline, html_parts = [intro], [intro], [f"<p>{html.escape(intro.split(chr(10), 2)[2])}</p>"]
-    for title, table, figure in sections:
-        note = notes.get(title)
+    intro = INTRO.format(stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    heading = f"# srt experiment report: source `{source}`\n\n"
+    md_file, md_inline, html_parts = [heading + intro], [heading + intro], [f"<p>{html.escape(intro)}</p>"]
+    for section in sections:
         for target in (md_file, md_inline):
-            target.append(f"\n## {title}\n")
-            if note:
-                target.append(f"\n{note}\n\n")
-            if table is not None:
-                target.append(markdown_table(table, max_chars=200) + "\n")
-        html_parts.append(f"<h2>{html.escape(title)}</h2>")
-        if note:
-            html_parts.append(f"<p>{html.escape(note)}</p>")
-        if table is not None:
-            html_parts.append(_table_html(table))
-        if figure and figures.get(figure):
-            md_file.append(f"\n![{title}]({figure})\n")
-            md_inline.append("\n" + png_markdown(figures[figure], title) + "\n")
-            html_parts.append(f'<img src="{figure}" alt="{html.escape(title)}">')
-    markdown_path = out_dir / "report.md"
+            target.append(f"\n## {section.title}\n")
+            if section.note:
+                target.append(f"\n{section.note}\n\n")
+            if section.table is not None:
+                target.append(markdown_table(section.table, max_chars=200) + "\n")
+        html_parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.note:
+            html_parts.append(f"<p>{html.escape(section.note)}</p>")
+        if section.table is not None:
+            html_parts.append(_table_html(section.table))
+        if section.figure is not None:
+            name = section.figure.file_name
+            atomic_write_bytes(out_dir / name, section.figure.png)
+            md_file.append(f"\n![{section.title}]({name})\n")
+            md_inline.append("\n" + png_markdown(section.figure.png, section.title) + "\n")
+            html_parts.append(f'<img src="{html.escape(name)}" alt="{html.escape(section.title)}">')
+    markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(markdown_path, "".join(md_file))
-    html_path = out_dir / "report.html"
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:2px 6px}"
+    title = html.escape(source)
     atomic_write_text(
         html_path,
-        f"<!doctype html><html><head><meta charset='utf-8'><title>srt report {html.escape(source)}</title>"
-        f"<style>{style}</style></head><body><h1>srt experiment report: {html.escape(source)}</h1>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>srt report {title}</title>"
+        f"<style>{HTML_STYLE}</style></head><body><h1>srt experiment report: {title}</h1>"
         + "".join(html_parts)
         + "</body></html>",
     )
-    results = {
-        "pairwise": overall.to_dicts() if overall.height else [],
-        "training": training_table.to_dicts(),
-        **{section.title: section.table.to_dicts() for section in (*extra, *closing) if section.table is not None},
-    }
+    results = {s.key or s.title: s.table.to_dicts() for s in sections if s.table is not None}
     return Report(markdown_path, html_path, "".join(md_inline), results)

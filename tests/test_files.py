@@ -79,7 +79,8 @@ def test_the_fingerprint_memo_is_not_written_through_a_symlink(tmp_path, victim)
 
 
 def test_the_report_is_not_written_through_symlinks(tmp_path, victim):
-    from srt_assets.report import build_report
+    from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+    from srt_assets.report import write_report
 
     out = tmp_path / "out"
     links = [plant_link(out / name, victim) for name in ("report.md", "report.html")]
@@ -87,7 +88,7 @@ def test_the_report_is_not_written_through_symlinks(tmp_path, victim):
                                "verdict": ["unjudged"]})  # fmt: skip
     losses = pl.DataFrame({"dataset": ["selected"], "prompt_set": ["alpaca_eval"], "prompt_id": ["0"],
                            "loss": [1.0], "base_loss": [1.0], "tokens": [1]})  # fmt: skip
-    build_report("demo", judgements, losses, {"selected": None}, out)
+    write_report("demo", [*pairwise_sections(judgements), *training_sections(losses, {"selected": None})], out)
     for link in links:
         assert_replaced_not_followed(link, victim)
 

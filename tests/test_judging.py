@@ -84,7 +84,8 @@ def test_prompt_sets_load_and_fail_clearly(shared_data, tmp_path):
 
 
 def test_report_renders_tables_and_figures(tmp_path):
-    from srt_assets.report import build_report
+    from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+    from srt_assets.report import write_report
 
     judgements = pl.DataFrame(
         {
@@ -109,7 +110,9 @@ def test_report_renders_tables_and_figures(tmp_path):
         "random": None,  # not trained yet: the report still renders
         "full": {"rows": 4, "final_loss": 1.1, "training": {"steps": 3, "seconds": 2.0, "losses": [1.6, 1.3, 1.1]}},
     }
-    report = build_report("demo", judgements, losses, manifests, tmp_path / "out")
+    report = write_report(
+        "demo", [*pairwise_sections(judgements), *training_sections(losses, manifests)], tmp_path / "out"
+    )
     markdown = report.markdown_path.read_text()
     assert "| selected | full | all | 1 | 1 | 0 | 2 | 0 | 1.5 |" in markdown
     assert "![Training curves](training_curves.png)" in markdown
@@ -120,7 +123,8 @@ def test_report_renders_tables_and_figures(tmp_path):
 
 
 def test_all_unjudged_report_says_why_the_chart_is_missing(tmp_path):
-    from srt_assets.report import build_report
+    from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+    from srt_assets.report import write_report
 
     judgements = pl.DataFrame(
         {"model": ["selected"] * 2, "opponent": ["full"] * 2, "prompt_set": ["vicuna", "koala"],
@@ -130,7 +134,9 @@ def test_all_unjudged_report_says_why_the_chart_is_missing(tmp_path):
         {"dataset": ["selected"], "prompt_set": ["alpaca_eval"], "prompt_id": ["0"], "loss": [float("nan")],
          "base_loss": [1.0], "tokens": [0]}
     )  # fmt: skip
-    report = build_report("demo", judgements, losses, {"selected": None}, tmp_path / "out")
+    report = write_report(
+        "demo", [*pairwise_sections(judgements), *training_sections(losses, {"selected": None})], tmp_path / "out"
+    )
     markdown = report.markdown_path.read_text()
     assert "No verdict chart: all 2 comparisons are unjudged" in markdown
     assert "No verdict chart" in report.html_path.read_text()

@@ -33,8 +33,8 @@ from srt_assets.defs.evaluation.leaderboards import answer_with_checkpoints
 from srt_assets.defs.evaluation.steps import JUDGE_STEP, checkpoint_step
 from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
 from srt_assets.partitions import SOURCES
-from srt_assets.plots import markdown_table
-from srt_assets.report import finite_mean
+from srt_assets.plots import figure_png, line_figure, markdown_table
+from srt_assets.report import Figure, Section, finite_mean, loss_figure, verdict_figure, verdict_note
 from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TeacherResource
 
 ANSWER_SCHEMA: dict[str, pl.DataType] = {
@@ -306,3 +306,49 @@ def pairwise_verdicts(
         },
     )
     yield from to_check_results("pairwise_verdicts", verdict_checks(table, evaluation_answers, config))
+
+
+def pairwise_sections(judgements: pl.DataFrame) -> list[Section]:
+    """Win/tie/lose per pair of checkpoints, overall (with the chart) and per test set."""
+    summary = pairwise_summary(judgements) if judgements.height else pl.DataFrame()
+    judged = int(summary["judged"].sum()) if summary.height else 0
+    overall = summary.filter(pl.col("prompt_set") == "all") if summary.height else summary
+    chart = Figure("verdicts.png", figure_png(verdict_figure(summary))) if judged else None
+    return [
+        Section("Pairwise judging (all test sets)", verdict_note(judgements, judged), overall, chart, key="pairwise"),
+        Section("Pairwise judging per test set", table=summary),
+    ]
+
+
+def training_sections(reference_losses: pl.DataFrame, manifests: dict[str, dict | None]) -> list[Section]:
+    """Each checkpoint's training facts beside its judge-free loss on reference answers, and the
+    training curves."""
+    rows = []
+    for dataset, manifest in manifests.items():
+        training = (manifest or {}).get("training", {})
+        part = reference_losses.filter(pl.col("dataset") == dataset)
+        rows.append(
+            {
+                "dataset": dataset,
+                "rows": (manifest or {}).get("rows"),
+                "steps": training.get("steps"),
+                "final_train_loss": (manifest or {}).get("final_loss"),
+                "train_seconds": training.get("seconds"),
+                "reference_loss": finite_mean(part["loss"]),
+                "base_reference_loss": finite_mean(part["base_loss"]),
+            }
+        )
+    curves = {d: (m or {}).get("training", {}).get("losses", []) for d, m in manifests.items()}
+    losses = Figure("reference_loss.png", figure_png(loss_figure(reference_losses)))
+    training_curves = Figure(
+        "training_curves.png", figure_png(line_figure({d: c for d, c in curves.items() if c}, "optimizer step"))
+    )
+    return [
+        Section(
+            "Training and reference-answer loss (lower is better)",
+            table=pl.DataFrame(rows),
+            figure=losses,
+            key="training",
+        ),
+        Section("Training curves", figure=training_curves),
+    ]

@@ -1,73 +1,77 @@
-"""Stage 8, the report: what the comparison rests on, then every evaluation's result, in one page
-shown in the UI and written as Markdown and HTML with figures."""
+"""Stage 8, the report: every stage's sections in reading order (what the comparison rests on, the
+comparison, the field's benchmarks), shown in the UI and written as Markdown and HTML with figures.
+
+A new metric adds one registration line to ``REPORT_PARTS``: the assets it reads and the function that
+makes its sections; ``experiment_report`` reads whatever the parts name."""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import polars as pl
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetIn, MaterializeResult, MetadataValue, asset
 
-from srt_assets.core.candidate_quality import FLAGS
 from srt_assets.core.training import read_manifest
 from srt_assets.defs.common import json_value
 from srt_assets.defs.evaluation.leaderboards import alpaca_eval_section, mt_bench_section
+from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+from srt_assets.defs.student.assets import diagnostics_section
+from srt_assets.defs.teacher.assets import quality_section
 from srt_assets.defs.training.assets import CHECKPOINT_KEYS, TRAINING_SETS, checkpoint_dir
 from srt_assets.partitions import SOURCES
-from srt_assets.report import Section, build_report
+from srt_assets.report import Section, write_report
 from srt_assets.resources import StorageResource
 
 
-def diagnostics_section(diagnostics: pl.DataFrame) -> Section:
-    return Section(
-        "Can the student judge? (student_diagnosis)",
-        "How often the student's IFD and r-IFD prefer a true instruction–response pair to one made worse on "
-        "purpose (0.5 is chance, 1 always). Near chance on the swaps, the student cannot tell good data from "
-        "noise, and its selection is a coin toss.",
-        diagnostics.select("probe", "statistic", "auc", "ci_low", "ci_high", "pairs"),
-    )
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a report part may read: the partition's tables it named, and the storage."""
+
+    source: str
+    storage: StorageResource
+    tables: Mapping[str, pl.DataFrame]
+
+    def manifests(self) -> dict[str, dict | None]:
+        """Each checkpoint's training manifest (None where it is not trained yet)."""
+        return {d: read_manifest(checkpoint_dir(self.storage, self.source, d)) for d in TRAINING_SETS}
 
 
-def quality_section(*candidates: pl.DataFrame) -> Section:
-    """Teacher rewrites per variant: usable, parse or call failures, and each quality flag raised."""
-    table = pl.concat([c.select("variant", "status", "quality_flags") for c in candidates])
-    rows = []
-    for variant in sorted(table["variant"].unique()):
-        part = table.filter(pl.col("variant") == variant)
-        ok = part.filter(pl.col("status") == "ok")
-        flagged = ok.filter(pl.col("quality_flags").list.len() > 0)
-        counts = dict(flagged.select(pl.col("quality_flags").explode()).group_by("quality_flags").len().iter_rows())
-        rows.append(
-            {"variant": variant, "rows": part.height, "ok": ok.height, "ok_and_unflagged": ok.height - flagged.height}
-            | {name: counts.get(name, 0) for name in FLAGS}
-        )
-    return Section(
-        "Teacher rewrites and their quality flags",
-        "Per variant: rows, replies that parsed, and those that also raised no quality flag; then how many "
-        "candidates raised each flag (core/candidate_quality.py). A candidate with a rejecting flag is a "
-        "failed reflection for the selection.",
-        pl.DataFrame(rows),
-    )
+@dataclass(frozen=True)
+class ReportPart:
+    reads: tuple[str, ...]  # the assets whose tables the part reads
+    sections: Callable[[ReportInputs], list[Section]]
 
 
-@asset(partitions_def=SOURCES, group_name="evaluation", kinds={"polars"}, deps=CHECKPOINT_KEYS)
+REPORT_PARTS = (
+    ReportPart(("student_diagnosis",), lambda i: [diagnostics_section(i.tables["student_diagnosis"])]),
+    ReportPart(
+        ("new_instructions", "better_responses"),
+        lambda i: [quality_section(i.tables["new_instructions"], i.tables["better_responses"])],
+    ),
+    ReportPart(("pairwise_verdicts",), lambda i: pairwise_sections(i.tables["pairwise_verdicts"])),
+    ReportPart(("reference_loss",), lambda i: training_sections(i.tables["reference_loss"], i.manifests())),
+    ReportPart(("alpacaeval_results",), lambda i: [alpaca_eval_section(i.tables["alpacaeval_results"])]),
+    ReportPart(("mt_bench_scores",), lambda i: [mt_bench_section(i.tables["mt_bench_scores"])]),
+)
+
+
+@asset(
+    partitions_def=SOURCES,
+    group_name="evaluation",
+    kinds={"polars"},
+    deps=CHECKPOINT_KEYS,
+    ins={name: AssetIn(name) for part in REPORT_PARTS for name in part.reads},
+)
 def experiment_report(
-    context: AssetExecutionContext,
-    pairwise_verdicts: pl.DataFrame,
-    reference_loss: pl.DataFrame,
-    student_diagnosis: pl.DataFrame,
-    new_instructions: pl.DataFrame,
-    better_responses: pl.DataFrame,
-    alpacaeval_results: pl.DataFrame,
-    mt_bench_scores: pl.DataFrame,
-    storage: StorageResource,
+    context: AssetExecutionContext, storage: StorageResource, **tables: pl.DataFrame
 ) -> MaterializeResult:
     """What the comparison rests on (can the student judge, how many rewrites were usable), then
     selected vs random vs full: win/tie/lose per test set, reference-answer loss, training curves;
     ending with AlpacaEval win rates and MT-Bench scores; shown here and written as Markdown and
     HTML with PNG figures."""
     source = context.partition_key
-    manifests = {d: read_manifest(checkpoint_dir(storage, source, d)) for d in TRAINING_SETS}
-    extra = [diagnostics_section(student_diagnosis), quality_section(new_instructions, better_responses)]
-    closing = [alpaca_eval_section(alpacaeval_results), mt_bench_section(mt_bench_scores)]
-    report = build_report(
-        source, pairwise_verdicts, reference_loss, manifests, storage.reports_dir / source, extra, closing
+    inputs = ReportInputs(source, storage, tables)
+    report = write_report(
+        source, [s for part in REPORT_PARTS for s in part.sections(inputs)], storage.reports_dir / source
     )
     return MaterializeResult(
         metadata={

@@ -34,6 +34,7 @@ from srt_assets.defs.common import (
 from srt_assets.models.identity import BUNDLED_MODEL
 from srt_assets.partitions import ROWS, SOURCES
 from srt_assets.plots import text_histogram
+from srt_assets.report import Section
 from srt_assets.resources import ComputeResource, SourceCatalogResource, StorageResource, StudentModelResource
 
 SCORE_CHECKS = {
@@ -292,4 +293,14 @@ def diagnostics_check(table: pl.DataFrame, min_auc: float) -> CheckOutcome:
         not weak,
         f"the student prefers true pairs to swapped ones {verdict}",
         {"min_auc": min_auc, "not_clearly_above_chance": weak},
+    )
+
+
+def diagnostics_section(diagnostics: pl.DataFrame) -> Section:
+    return Section(
+        "Can the student judge? (student_diagnosis)",
+        "How often the student's IFD and r-IFD prefer a true instruction–response pair to one made worse on "
+        "purpose (0.5 is chance, 1 always). Near chance on the swaps, the student cannot tell good data from "
+        "noise, and its selection is a coin toss.",
+        diagnostics.select("probe", "statistic", "auc", "ci_low", "ci_high", "pairs"),
     )

@@ -27,6 +27,7 @@ from srt_assets.defs.common import (
 )
 from srt_assets.partitions import ROWS, Partitioning
 from srt_assets.plots import markdown_table
+from srt_assets.report import Section
 from srt_assets.resources import (
     ComputeResource,
     SourceCatalogResource,
@@ -403,4 +404,26 @@ def lazy_branches(
     return (
         ori.filter(pl.col("sample_id").is_in([sid for sid, kinds in wanted.items() if "A" in kinds])),
         q.filter(pl.col("sample_id").is_in([sid for sid, kinds in wanted.items() if "QA" in kinds])),
+    )
+
+
+def quality_section(*candidates: pl.DataFrame) -> Section:
+    """Teacher rewrites per variant: usable, parse or call failures, and each quality flag raised."""
+    table = pl.concat([c.select("variant", "status", "quality_flags") for c in candidates])
+    rows = []
+    for variant in sorted(table["variant"].unique()):
+        part = table.filter(pl.col("variant") == variant)
+        ok = part.filter(pl.col("status") == "ok")
+        flagged = ok.filter(pl.col("quality_flags").list.len() > 0)
+        counts = dict(flagged.select(pl.col("quality_flags").explode()).group_by("quality_flags").len().iter_rows())
+        rows.append(
+            {"variant": variant, "rows": part.height, "ok": ok.height, "ok_and_unflagged": ok.height - flagged.height}
+            | {name: counts.get(name, 0) for name in FLAGS}
+        )
+    return Section(
+        "Teacher rewrites and their quality flags",
+        "Per variant: rows, replies that parsed, and those that also raised no quality flag; then how many "
+        "candidates raised each flag (core/candidate_quality.py). A candidate with a rejecting flag is a "
+        "failed reflection for the selection.",
+        pl.DataFrame(rows),
     )
