@@ -149,31 +149,12 @@ def train_sft(
     device = resolve_device(device).type  # "cpu" or "cuda": each rank takes its own GPU
     state = PartialState(cpu=device == "cpu")
     progress_dir = out_dir.with_name(f".{out_dir.name}.progress")
-    identity_file = progress_dir / IDENTITY_FILE
-    same_run = identity_file.is_file() and json.loads(identity_file.read_text()) == identity
-    resume_from = last_complete_save(progress_dir) if same_run else None
-    state.wait_for_everyone()  # every rank has decided before rank 0 changes the folder
-    if state.is_main_process:
-        if not same_run:
-            shutil.rmtree(progress_dir, ignore_errors=True)
-        progress_dir.mkdir(parents=True, exist_ok=True)
-        prune_incomplete_saves(progress_dir)
-        atomic_write_text(identity_file, json.dumps(identity))  # resuming reads it: never half-written
-    state.wait_for_everyone()
-
+    resume_from = _prepare_progress(state, progress_dir, identity)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    peft_config = None
-    if hp.lora_r > 0:
-        try:
-            from peft import LoraConfig
-        except ImportError as exc:
-            raise RuntimeError("lora_r > 0 needs peft: pip install 'srt-assets[lora]'") from exc
-        peft_config = LoraConfig(
-            r=hp.lora_r, lora_alpha=hp.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
+    peft_config = _lora_config(hp)
     trainer = SFTTrainer(
         model=model_path,
         args=_config(hp, progress_dir, device, dtype),
@@ -194,11 +175,50 @@ def train_sft(
         resumed_from_step=int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0,
         processes=state.num_processes,
     )
+    manifest = {**(manifest_extra or {}), "identity": identity, "training": asdict(result) | {"reused": False}}
+    _publish(trainer, tokenizer, state, out_dir, manifest | {"final_loss": result.final_loss}, merge=bool(peft_config))
+    if state.is_main_process:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    state.wait_for_everyone()
+    return result
+
+
+def _prepare_progress(state, progress_dir: Path, identity: dict) -> Path | None:
+    """The save to resume from: the last complete one of a run with the same identity. Rank 0
+    clears another run's progress and records this run's identity (atomically: resuming reads it)."""
+    identity_file = progress_dir / IDENTITY_FILE
+    same_run = identity_file.is_file() and json.loads(identity_file.read_text()) == identity
+    resume_from = last_complete_save(progress_dir) if same_run else None
+    state.wait_for_everyone()  # every rank has decided before rank 0 changes the folder
+    if state.is_main_process:
+        if not same_run:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        prune_incomplete_saves(progress_dir)
+        atomic_write_text(identity_file, json.dumps(identity))
+    state.wait_for_everyone()
+    return resume_from
+
+
+def _lora_config(hp: TrainingHyperparameters):
+    """PEFT's LoRA config when ``lora_r > 0``, else None (full fine-tuning)."""
+    if hp.lora_r <= 0:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise RuntimeError("lora_r > 0 needs peft: pip install 'srt-assets[lora]'") from exc
+    return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _publish(trainer, tokenizer, state, out_dir: Path, manifest: dict, merge: bool) -> None:
+    """Save the model (LoRA merged into plain weights) with its tokenizer and manifest beside
+    ``out_dir`` and rename it into place, so a checkpoint is never half-written."""
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     if state.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     state.wait_for_everyone()
-    if peft_config is not None:
+    if merge:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         if state.is_main_process:
             merged.save_pretrained(staging)
@@ -206,16 +226,6 @@ def train_sft(
         trainer.save_model(str(staging))  # every rank takes part (FSDP/DeepSpeed gather the weights)
     if state.is_main_process:
         tokenizer.save_pretrained(staging)
-        training = asdict(result) | {"reused": False}
-        manifest = {
-            **(manifest_extra or {}),
-            "identity": identity,
-            "training": training,
-            "final_loss": result.final_loss,
-        }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)
-        shutil.rmtree(progress_dir, ignore_errors=True)
-    state.wait_for_everyone()
-    return result
