@@ -185,6 +185,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
+    from srt_assets.core.files import UnreadableFileError
     from srt_assets.core.provenance import SampleNotFound, format_story, sample_story
     from srt_assets.core.sources import load_catalog
 
@@ -192,7 +193,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     storage = Path(args.storage) if args.storage else paths.storage_dir()
     try:
         story = sample_story(args.sample_id, storage, catalog.names, catalog.shards)
-    except SampleNotFound as error:
+    except (SampleNotFound, UnreadableFileError) as error:
         print(f"srt explain: {error}", file=sys.stderr)
         return 1
     print(json.dumps(story, indent=1, default=str) if args.json else format_story(story))

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import write_catalog
 from dagster import AssetKey, build_input_context, build_output_context
 from upath import UPath
 
@@ -148,6 +152,20 @@ def test_a_truncated_stored_table_names_its_file_in_explain(tmp_path):
     truncated_parquet(tmp_path / "raw_samples" / "demo.parquet")
     with pytest.raises(UnreadableFileError, match=r"raw_samples/demo\.parquet.*truncated"):
         load_partition_tables(tmp_path, "demo")
+
+
+@pytest.mark.integration
+def test_srt_explain_over_a_truncated_table_says_so_in_one_line(tmp_path):
+    """It printed a traceback; now one line naming the file and exit status 1."""
+    (tmp_path / "raw_samples").mkdir()
+    truncated_parquet(tmp_path / "raw_samples" / "demo.parquet")
+    catalog = write_catalog(tmp_path, {"demo": {"path": "demo.jsonl"}})
+    command = [sys.executable, "-m", "srt_assets.cli", "explain", "demo-0123456789abcdef", "--storage", str(tmp_path)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "SRT_SOURCES_FILE": str(catalog)}
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert re.match(r"srt explain: .*raw_samples/demo\.parquet.*truncated", done.stderr)
 
 
 def test_a_truncated_source_parquet_names_its_file(tmp_path):

@@ -2,6 +2,7 @@
 path anyone can type in the launchpad (prompts_file) never shows what the file it names holds."""
 
 import json
+import os
 import re
 import uuid
 
@@ -11,7 +12,14 @@ from srt_assets.settings_file import ModelSettingsError, resources_from_file
 
 
 @pytest.mark.parametrize(
-    "url", ["http://user:CANARY-PASS@127.0.0.1:8765/v1", "http://127.0.0.1:8765/v1?api-key=CANARY-KEY"]
+    "url",
+    [
+        "http://user:CANARY-PASS@127.0.0.1:8765/v1",
+        "http://127.0.0.1:8765/v1?api-key=CANARY-KEY",
+        "http://u:pa,ssCANARY@127.0.0.1:8765/v1",  # the comma split it into two "replicas" without userinfo
+        "http://127.0.0.1:8765/v1;api-key=CANARY",
+        "http://127.0.0.1:8765/v1#CANARY",
+    ],
 )
 def test_a_base_url_with_credentials_is_refused_without_echoing_it(tmp_path, url):
     models = tmp_path / "models.yaml"
@@ -39,6 +47,19 @@ def test_a_prompts_file_error_never_repeats_the_file(tmp_path, name, text, reaso
     with pytest.raises(ValueError, match=re.escape(reason)) as refused:
         ReflectionPrompts.from_file(tmp_path / name)
     assert "CANARY" not in str(refused.value)
+
+
+def test_a_prompts_file_that_is_no_regular_file_or_too_deep_fails_at_once(tmp_path):
+    """A FIFO named prompts.yaml hung the loader for ever; YAML nested 50,000 deep raised a bare
+    RecursionError naming nothing."""
+    from srt_assets.core.reflection import ReflectionPrompts
+
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(ValueError, match=r"fifo\.yaml'?: not a regular file"):
+        ReflectionPrompts.from_file(tmp_path / "fifo.yaml")
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 50_000 + "]" * 50_000, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"deep\.yaml'?: nested too deeply"):
+        ReflectionPrompts.from_file(tmp_path / "deep.yaml")
 
 
 def test_a_misspelt_prompt_key_is_named_with_its_fix(tmp_path):

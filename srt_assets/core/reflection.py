@@ -8,6 +8,8 @@ paper's Figures 5–6, for instance) loads from a YAML file with the same keys.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, fields
 from difflib import get_close_matches
 from pathlib import Path
@@ -72,15 +74,13 @@ class ReflectionPrompts:
         path = Path(path)
         if path.suffix.lower() not in (".yaml", ".yml"):
             raise ValueError(f"prompts_file {str(path)!r}: must be a .yaml or .yml file")
-        try:
-            with path.open("rb") as handle:
-                raw = handle.read(MAX_PROMPTS_FILE_BYTES + 1)
-        except OSError as error:
-            raise ValueError(f"prompts_file {str(path)!r}: cannot be read ({error.strerror})") from None
+        raw = _read_regular_file(path, MAX_PROMPTS_FILE_BYTES + 1)
         if len(raw) > MAX_PROMPTS_FILE_BYTES:
             raise ValueError(f"prompts_file {str(path)!r}: larger than {MAX_PROMPTS_FILE_BYTES:,} bytes")
         try:
             data = yaml.safe_load(raw.decode("utf-8")) or {}
+        except RecursionError:
+            raise ValueError(f"prompts_file {str(path)!r}: nested too deeply to be a prompts file") from None
         except (UnicodeDecodeError, yaml.YAMLError) as error:
             line = getattr(getattr(error, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -96,6 +96,19 @@ class ReflectionPrompts:
                 f"allowed: {known}"
             )
         return cls(**data)
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a regular file. Opened without blocking and checked once open, so a
+    FIFO or a device named in a setting fails at once instead of hanging the run."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise ValueError(f"prompts_file {str(path)!r}: cannot be read ({error.strerror})") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError(f"prompts_file {str(path)!r}: not a regular file")
+        return handle.read(limit)
 
 
 Messages = list[dict[str, str]]

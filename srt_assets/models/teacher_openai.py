@@ -65,9 +65,12 @@ class OpenAITeacherSettings(TeacherSettings):
     def _no_credentials_in_url(cls, value: str) -> str:
         """Resource config reaches every UI viewer and the run storage: a URL carrying a key would
         leak it (and httpx would send userinfo as Basic auth, a query would mangle the path)."""
+        # any of these characters, anywhere (a comma in a password splits it into two "replicas"),
+        # can only mean userinfo, a query, a fragment or path parameters: never needed for a server
+        smuggling = set(value) & URL_SECRET_CARRIERS
         for url in replica_urls(value):
             parts = urlsplit(url)
-            if parts.username or parts.password or parts.query or parts.fragment:
+            if smuggling or parts.username or parts.password or parts.query or parts.fragment:
                 raise ValueError(
                     "base_url must not carry credentials or a query (user:password@, ?api-key=...): it is shown "
                     "in the UI and stored with every run; put the key in an environment variable named by api_key_env"
@@ -89,6 +92,9 @@ class OpenAITeacherSettings(TeacherSettings):
 
     def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> OpenAICompatibleTeacher:
         return OpenAICompatibleTeacher(self, api_key=self.resolved_api_key(), model_id=model_id)
+
+
+URL_SECRET_CARRIERS = frozenset("@?#;")
 
 
 def replica_urls(base_url: str) -> list[str]:
