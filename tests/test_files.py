@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -182,6 +183,21 @@ def test_a_cache_file_that_is_not_a_database_names_itself(tmp_path):
     with pytest.raises(sqlite3.DatabaseError, match=r"(?s)calls\.sqlite.*delete"):
         SqliteCache(path, "teacher_calls")
     assert path.read_bytes().startswith(b"this is not a database")  # the user's file is left alone
+
+
+def test_a_fingerprint_memo_shipped_with_a_model_vouches_for_nothing(tmp_path):
+    """A memo was trusted when names, sizes and mtimes matched, and an archive keeps mtimes: a model
+    shipped with a forged memo took any fingerprint it claimed (and another model's cached replies)."""
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "config.json").write_text('{"n": 1}')
+    (shipped / "model.safetensors").write_bytes(b"weights")
+    real = model_fingerprint(shipped)
+    memo = json.loads((shipped / ".srt_fingerprint").read_text())
+    (shipped / ".srt_fingerprint").write_text(json.dumps(memo | {"sha256": "f" * 64}))  # the forgery
+    unpacked = tmp_path / "unpacked"
+    shutil.copytree(shipped, unpacked, copy_function=shutil.copy2)  # keeps mtimes, as tar does
+    assert model_fingerprint(unpacked) == real
 
 
 def test_the_fingerprint_follows_the_chat_template_and_ignores_hidden_files(tmp_path):

@@ -47,16 +47,23 @@ def fingerprinted_files(model_dir: Path) -> list[Path]:
     )
 
 
+def file_signature(path: Path) -> list[int]:
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino]
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """Hash of a model directory's weight, config, tokenizer and template files (names and contents),
     for provenance and cache keys.
 
-    Remembered in ``.srt_fingerprint`` next to the files, valid while their sizes and times match;
-    it is replaced atomically, so a symlink planted there is never written through.
+    Remembered in ``.srt_fingerprint`` next to the files, valid while each file's size, times and
+    inode match. The inode and change time are set by this machine when a file is written or
+    unpacked and cannot be chosen, so a memo shipped inside a model archive (whose mtimes tar keeps)
+    never vouches for other contents. It is replaced atomically, never written through a symlink.
     """
     files = fingerprinted_files(model_dir)
     names = [p.relative_to(model_dir).as_posix() for p in files]
-    signature = [[name, p.stat().st_size, p.stat().st_mtime_ns] for name, p in zip(names, files, strict=True)]
+    signature = [[name, *file_signature(p)] for name, p in zip(names, files, strict=True)]
     memo = model_dir / FINGERPRINT_MEMO
     try:
         saved = json.loads(memo.read_text())
