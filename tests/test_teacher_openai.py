@@ -4,6 +4,7 @@ number of requests it took, only usable replies are cached, and once the endpoin
 asks again for exactly the calls that failed."""
 
 import base64
+import html
 import time
 from collections import Counter
 
@@ -213,4 +214,46 @@ def test_a_placeholder_key_masks_only_itself_and_a_real_key_every_echo():
     from srt_assets.models.teacher_openai import redact_secret
 
     assert redact_secret("The list is empty; EMPTY was sent.", "EMPTY") == "The list is empty; *** was sent."
-    assert redact_secret(f"bad key={KEY[3:-3].upper()}, see sk-test docs", KEY) == "bad *** see sk-test docs"
+    assert redact_secret(f"bad key={KEY[3:-3].upper()}, see sk-test docs", KEY) == "bad key=***, see sk-test docs"
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        " ".join(KEY[i : i + 4] for i in range(0, len(KEY), 4)),  # in groups of four
+        KEY[::-1],
+        KEY.encode().hex(),
+        "".join(f"&#{ord(c)};" for c in KEY),  # HTML entities
+        "\u200b".join(KEY),  # zero-width spaces between the characters
+        "-".join(KEY),
+        "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in KEY),  # fullwidth
+        base64.b64encode(b"x" + KEY.encode()).decode(),  # base64 at an offset
+    ],
+)
+def test_an_altered_echo_of_a_real_key_leaves_none_of_it(echo):
+    """The hostile re-test's echoes, each of which kept the whole key before."""
+    from srt_assets.models.teacher_openai import _skeleton, redact_secret
+
+    masked = redact_secret(f"error: {echo} is not valid", KEY)
+    assert "***" in masked
+    letters = _skeleton(html.unescape(masked))[0]
+    assert not any(KEY[i : i + 8].replace("-", "") in letters for i in range(len(KEY) - 8))
+
+
+def test_a_sixteen_character_key_is_masked_in_any_case():
+    from srt_assets.models.teacher_openai import redact_secret
+
+    key = "SIXTEENCHARKEY16"
+    assert "sixteenchar" not in redact_secret(f"echo {key.lower()} {key[:-1]}", key).casefold()
+
+
+def test_a_reply_longer_than_any_answer_is_unusable():
+    """A hostile endpoint's 2M-character reply was parsed, redacted, cached and shown."""
+    from types import SimpleNamespace
+
+    from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, UnusableReply
+
+    message = SimpleNamespace(content="x" * 2_000_000)
+    completion = SimpleNamespace(choices=[SimpleNamespace(message=message, finish_reason="stop")], usage=None)
+    with pytest.raises(UnusableReply, match="2,000,000 characters"):
+        OpenAICompatibleTeacher._reply(completion)

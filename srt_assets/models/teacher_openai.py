@@ -18,15 +18,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import html
 import logging
 import os
-import re
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
@@ -110,29 +111,64 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-# A key this long is masked in any form an endpoint may echo; a shorter one (vLLM's "EMPTY", a
+# A key this long is masked in any form an endpoint may echo it; a shorter one (vLLM's "EMPTY", a
 # placeholder) only as written, so that replies saying "empty" stay intact.
-FUZZY_SECRET_CHARS = 20
-SECRET_PIECE_CHARS = 12  # a word holding a run this long of such a key, in any case, is masked
+FUZZY_SECRET_CHARS = 16
+SECRET_PIECE_CHARS = 12  # a run this long of a key's letters and digits is treated as the key
+MAX_REPLY_CHARS = 1_000_000  # far above any reply of max_tokens; a longer body is unusable
+
+
+def _skeleton(text: str) -> tuple[str, list[int]]:
+    """The letters and digits of ``text``, compatibility-folded (fullwidth → ASCII) and casefolded,
+    with each one's position in ``text``: separators, zero-width marks and case do not hide a key."""
+    letters, positions = [], []
+    for position, char in enumerate(text):
+        for folded in unicodedata.normalize("NFKC", char).casefold():
+            if folded.isalnum():
+                letters.append(folded)
+                positions.append(position)
+    return "".join(letters), positions
+
+
+def _secret_pieces(secret: str) -> set[str]:
+    """Every run of SECRET_PIECE_CHARS letters and digits of the key as written, reversed, in hex and
+    in base64 at each byte offset."""
+    raw = secret.encode()
+    forms = [secret, secret[::-1], raw.hex()]
+    forms += [base64.b64encode(b"\0" * offset + raw).decode()[4:-4] for offset in range(3)]
+    pieces = set()
+    for form in forms:
+        letters = _skeleton(form)[0]
+        pieces |= {letters[i : i + SECRET_PIECE_CHARS] for i in range(len(letters) - SECRET_PIECE_CHARS + 1)}
+    return pieces
 
 
 def redact_secret(text: str, secret: str | None) -> str:
-    """``text`` with the secret masked: as written, and for a real key also URL- or base64-encoded,
-    in any case, and in any word that holds 12 of its characters in a row (a cut echo)."""
+    """``text`` with the secret masked (``***``): as written; for a real key also every stretch whose
+    letters and digits hold 12 of the key's in a row in any case, width or spacing, reversed, in hex
+    or base64; and the whole text where only its HTML-unescaped form holds the key. An endpoint
+    set on hiding the key (it has it) can always encode it some other way; this stops the echoes."""
     if not secret:
         return text
     text = text.replace(secret, "***")
     if len(secret) < FUZZY_SECRET_CHARS:
         return text
-    for form in (secret, quote(secret, safe=""), base64.b64encode(secret.encode()).decode().rstrip("=")):
-        text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
-    pieces = {secret[i : i + SECRET_PIECE_CHARS].casefold() for i in range(len(secret) - SECRET_PIECE_CHARS + 1)}
-
-    def holds_piece(word: str) -> bool:
-        folded = word.casefold()
-        return any(folded[i : i + SECRET_PIECE_CHARS] in pieces for i in range(len(folded) - SECRET_PIECE_CHARS + 1))
-
-    return "".join("***" if holds_piece(word) else word for word in re.split(r"(\s+)", text))
+    pieces = _secret_pieces(secret)
+    letters, positions = _skeleton(text)
+    spans: list[list[int]] = []
+    for i in range(len(letters) - SECRET_PIECE_CHARS + 1):
+        if letters[i : i + SECRET_PIECE_CHARS] in pieces:
+            start, end = positions[i], positions[i + SECRET_PIECE_CHARS - 1] + 1
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+    for start, end in reversed(spans):
+        text = text[:start] + "***" + text[end:]
+    unescaped = _skeleton(html.unescape(text))[0]
+    if any(unescaped[i : i + SECRET_PIECE_CHARS] in pieces for i in range(len(unescaped) - SECRET_PIECE_CHARS + 1)):
+        return "*** (the text held the API key in an encoded form)"
+    return text
 
 
 class UnusableReply(Exception):
@@ -208,6 +244,8 @@ class OpenAICompatibleTeacher:
             raise UnusableReply("the completion has no text content")
         if not text.strip():
             raise UnusableReply("the completion's content is empty")
+        if len(text) > MAX_REPLY_CHARS:
+            raise UnusableReply(f"the reply has {len(text):,} characters, more than any answer ({MAX_REPLY_CHARS:,})")
         usage = getattr(completion, "usage", None)
 
         def tokens(name: str) -> int:  # usage is informational: odd values count as 0
