@@ -56,6 +56,20 @@ def candidate(output: str, source_output: str = "Paris is the capital of France.
         'Paris <img src="x" onerror="fetch(1)">',
         "Paris.\n\n[1]: https://example.com",
         'Paris <iframe src="http://127.0.0.1:9/"></iframe>',
+        # the hostile re-test's bypasses of the first rule
+        "Paris ![a [b] c](http://127.0.0.1:9/b)",
+        "Paris ![a\nb](http://127.0.0.1:9/b)",
+        "Paris [click]( http://127.0.0.1:9/b)",
+        "Paris [a [b] c](http://127.0.0.1:9/b)",
+        "Paris <image src=http://127.0.0.1:9/b>",
+        "Paris <input type=image src=http://127.0.0.1:9/b>",
+        '<div style="background:url(http://127.0.0.1:9/b)">Paris</div>',
+        "<table background=http://127.0.0.1:9/b><tr><td>Paris</td></tr></table>",
+        "Paris, see http://127.0.0.1:9/b",
+        "Paris, see <http://127.0.0.1:9/b>",
+        "Hi ``` ![x](http://127.0.0.1:9/b)",
+        "Hi ~~~ ![x](http://127.0.0.1:9/b)",
+        "Paris ![x]\n\n[x]: http://127.0.0.1:9/b",
     ],
 )
 def test_a_rewrite_that_adds_markup_is_flagged(output: str):
@@ -72,6 +86,8 @@ def test_a_rewrite_that_adds_markup_is_flagged(output: str):
         ('<a href="x">Paris</a> is the capital.', '<img src="y">.'),  # the source already had such HTML
         ("<b>Paris</b> <nooutput>", "Paris."),  # tags that load or link nothing
         ("See [the docs](https://a.b) again.", "See [docs](https://a.b)."),
+        ("An image by reference: ![x][r]", "See [r].\n\n[r]: https://a.b\n\n![logo][r]"),
+        ("Use fenced code:\n```\n![x](http://a.b)\n```", "Code."),
     ],
 )
 def test_markup_the_source_had_or_code_is_not_flagged(output: str, source_output: str):

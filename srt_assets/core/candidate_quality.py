@@ -267,22 +267,40 @@ def repetition(c: Candidate) -> bool:
     return False
 
 
-_CODE = re.compile(r"```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|`[^`\n]*`", re.DOTALL)
+# Code that renders as text: fenced blocks (a fence opens only at the start of a line, as in Markdown)
+# and inline code spans.
+_CODE = re.compile(r"^[ \t]*(```|~~~).*?(?:^[ \t]*\1|\Z)|`[^`\n]*`", re.DOTALL | re.MULTILINE)
+_LINK_TEXT = r"\[(?:[^\[\]]|\[[^\[\]]*\]){0,1000}\]"  # link text, one level of nested brackets, any lines
+_REFERENCE_DEFINITION = re.compile(r"^[ \t]*\[[^\]\n]+\]:[ \t]*\S", re.MULTILINE)
 _MARKUP = {
-    "image": re.compile(r"!\[[^\]\n]*\][(\[]"),
-    "link": re.compile(r"(?<!!)\[[^\]\n]+\]\([^)\s]+|^[ \t]*\[[^\]\n]+\]:[ \t]*\S", re.MULTILINE),
-    # tags that load, run or navigate when rendered (a <p> or <nooutput> does none of that)
+    "image": re.compile(r"!" + _LINK_TEXT + r"[ \t]*[(\[]"),
+    "link": re.compile(
+        r"(?<!!)" + _LINK_TEXT + r"\([ \t]*\S"  # [text](url), also [text]( url)
+        r"|<(?:https?|ftp|mailto):[^<>\s]+>"  # autolinks
+        r"|\b(?:https?://|www\.)[^\s<>()]+",  # bare URLs, which most renderers make live
+        re.IGNORECASE,
+    ),
+    # tags that load, run or navigate when rendered (a <p> or <nooutput> does none of that), and any
+    # tag with an attribute that does
     "html": re.compile(
-        r"<(?:img|iframe|script|a|link|object|embed|video|audio|source|svg|style|form|meta|base|frame)\b[^<>]*>",
+        r"<(?:img|image|input|picture|iframe|script|a|link|object|embed|video|audio|source|track|svg|math|style|"
+        r"form|meta|base|frame|frameset)\b[^<>]*>"
+        r"|<[a-z][^<>]*?\s(?:src|srcset|href|background|poster|data|style|action|formaction|on[a-z]+)\s*=[^<>]*>",
         re.IGNORECASE,
     ),
 }
 
 
 def _markup_kinds(text: str) -> set[str]:
-    """Which kinds of renderable markup ``text`` has outside code spans and fences."""
+    """Which kinds of renderable markup ``text`` has outside code spans and fences. ``![x]`` with a
+    reference definition ``[x]: url`` anywhere is an image too."""
     prose = _CODE.sub(" ", text)
-    return {kind for kind, pattern in _MARKUP.items() if pattern.search(prose)}
+    kinds = {kind for kind, pattern in _MARKUP.items() if pattern.search(prose)}
+    if _REFERENCE_DEFINITION.search(prose):
+        kinds.add("link")
+        if re.search(r"!" + _LINK_TEXT, prose):
+            kinds.add("image")
+    return kinds
 
 
 _ASKS_FOR_MARKUP = re.compile(
