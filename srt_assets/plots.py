@@ -122,7 +122,7 @@ def markdown_text(text: str) -> str:
     punctuation mark backslash-escaped, so no image (a beacon that loads in the viewer's browser), link,
     HTML tag or emphasis renders, and URLs and e-mail addresses as inline code, so the renderer's
     autolinking makes no live link of them; the reader sees the characters themselves."""
-    text = text.replace("\r\n", "\n").replace("\n", "⏎ ")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "⏎ ")  # a lone \r ends a line too
     parts, last = [], 0
     for match in _AUTOLINKED.finditer(text):
         parts += [_MARKDOWN_SPECIAL.sub(r"\\\1", text[last : match.start()]), _code_span(match.group())]

@@ -144,10 +144,9 @@ def leaked_markers(c: Candidate) -> bool:
     texts = [c.output] + ([c.instruction] if c.variant == "Q" else [])
     source = _sources(c)
     folded = source.casefold()
-    for text in texts:
-        for match in _MARKERS.finditer(text):
-            if match.group().strip().casefold() not in folded:
-                return True
+    markers = {match.group().strip().casefold() for text in texts for match in _MARKERS.finditer(text)}
+    if any(marker not in folded for marker in markers):  # each distinct marker looked up once
+        return True
     if _DIALOGUE_TASK.search(c.instruction) or _ROLE_PREFIX.search(source):
         return False
     return bool(_ROLE_PREFIX.search(c.output[:200]))
