@@ -15,7 +15,7 @@ import argparse
 import time
 
 from srt_assets import paths
-from srt_assets.core.teacher import GenerationParams
+from srt_assets.core.generation import GenerationParams
 from srt_assets.core.winrates import draw_instructions, load_reference
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.generation import CheckpointGenerator

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from srt_assets import paths
+from srt_assets.core.generation import GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts, response_messages
-from srt_assets.core.teacher import GenerationParams
 from srt_assets.models.identity import ensure_bundled_model_dir
 from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, OpenAITeacherSettings
 from srt_assets.models.teacher_transformers import TransformersTeacher

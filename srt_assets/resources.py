@@ -18,8 +18,8 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from srt_assets import paths
+from srt_assets.core.generation import CachedGenerator
 from srt_assets.core.sources import SourceCatalog, SourceSpec, load_catalog
-from srt_assets.core.teacher import CachedTeacher
 from srt_assets.core.training import TrainingHyperparameters
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import ModelIdentity
@@ -129,7 +129,7 @@ class TeacherResource(ConfigurableResource, TeacherSettings):
     @contextmanager
     def session(
         self, gpu: ComputeResource, storage: StorageResource, progress: ProgressFn | None = None, chunk_size: int = 64
-    ) -> Iterator[CachedTeacher]:
+    ) -> Iterator[CachedGenerator]:
         """This teacher behind the durable call cache; the backend is built on the first cache miss."""
         with self.open_session(gpu, storage.models_dir, storage.cache_file, progress, chunk_size) as cached:
             yield cached

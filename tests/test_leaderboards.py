@@ -12,9 +12,9 @@ from dagster import build_asset_context
 from openai_server import ScriptedOpenAIServer, last_user_message
 
 from srt_assets import paths
+from srt_assets.core.generation import GenerationParams
 from srt_assets.core.judging import pairwise_summary
 from srt_assets.core.mt_bench import grade, load_judge_templates, load_questions, parse_rating, score_summary
-from srt_assets.core.teacher import GenerationParams
 from srt_assets.core.templates import get_template, render_conversation
 from srt_assets.core.winrates import draw_instructions, load_reference, win_rate
 from srt_assets.defs.evaluation.pairwise import ANSWER_SCHEMA, JudgeConfig, judge_pairs

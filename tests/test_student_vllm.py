@@ -72,7 +72,7 @@ def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
 def test_checkpoint_answers_from_vllm_match_batched_transformers(student_model_dir):
     """Evaluation answers on the vLLM backend: vLLM's batched generation, greedy, the same texts as
     batched transformers generate, and a cache identity of their own."""
-    from srt_assets.core.teacher import GenerationParams
+    from srt_assets.core.generation import GenerationParams
     from srt_assets.models.compute import ComputeSettings
     from srt_assets.models.generation import CheckpointGenerator
 

@@ -12,8 +12,9 @@ import pytest
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.core.cache import SqliteCache
+from srt_assets.core.generation import CachedGenerator, Generation, GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts
-from srt_assets.core.teacher import CachedTeacher, Generation, GenerationParams, ReflectionSettings, reflect
+from srt_assets.core.teacher import ReflectionSettings, reflect
 from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, OpenAITeacherSettings
 
 KEY = "sk-test-7f3a9c-never-log-me"
@@ -57,7 +58,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
     cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
     with ScriptedOpenAIServer(retry_after=0.3) as server:
         backend = OpenAICompatibleTeacher(settings(server), api_key=KEY)
-        teacher = CachedTeacher(backend, cache)
+        teacher = CachedGenerator(backend, cache)
         started = time.monotonic()
         outcomes = reflect(teacher, rows, "instruction", ReflectionPrompts(), ReflectionSettings(parse_retries=0))
         assert time.monotonic() - started < 15  # the deadline cut the hanging and trickling calls
@@ -91,7 +92,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
 
         server.fixed = True  # the endpoint is mended: only the failed calls are asked again
         before = [server.requests_for(f"({row})\n") for row in range(len(rows))]
-        again = CachedTeacher(OpenAICompatibleTeacher(settings(server), api_key=KEY), cache)
+        again = CachedGenerator(OpenAICompatibleTeacher(settings(server), api_key=KEY), cache)
         second = reflect(again, rows, "instruction", ReflectionPrompts(), ReflectionSettings(parse_retries=0))
         asked = {m for row, m in enumerate(FAULTS) if server.requests_for(f"({row})\n") > before[row]}
         assert asked == failed
@@ -103,7 +104,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
 def test_unusable_replies_are_never_cached(tmp_path):
     cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
     with ScriptedOpenAIServer() as server:
-        teacher = CachedTeacher(OpenAICompatibleTeacher(settings(server, max_retries=0)), cache)
+        teacher = CachedGenerator(OpenAICompatibleTeacher(settings(server, max_retries=0)), cache)
         [(_, generation)] = teacher.generate([[{"role": "user", "content": "Hi FAULT:empty"}]], GenerationParams())
     assert generation.error_kind == "unusable_reply" and len(cache) == 0
 
@@ -113,7 +114,7 @@ def test_concurrency_limit_is_used_and_respected(tmp_path):
     rows = [(f"Question {i}?", "", f"Answer {i}.") for i in range(12)]
     with ScriptedOpenAIServer(latency=0.2) as server:
         backend = OpenAICompatibleTeacher(settings(server, concurrency=4))
-        teacher = CachedTeacher(backend, SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
+        teacher = CachedGenerator(backend, SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
         outcomes = reflect(teacher, rows, "response", ReflectionPrompts(), ReflectionSettings())
     assert all(o.status == "ok" for o in outcomes)
     assert outcomes[3].answer.startswith("Answer 3. Here is more detail")
@@ -137,13 +138,13 @@ def test_each_reply_is_stored_as_its_call_finishes(tmp_path):
 
     with ScriptedOpenAIServer(latency=0.1) as server:
         backend = OpenAICompatibleTeacher(settings(server, concurrency=1))
-        first = CachedTeacher(backend, CrashesAfterThreeStores(cache_file, "teacher_calls"), chunk_size=10)
+        first = CachedGenerator(backend, CrashesAfterThreeStores(cache_file, "teacher_calls"), chunk_size=10)
         with pytest.raises(KeyboardInterrupt):
             reflect(first, rows, "response", ReflectionPrompts(), ReflectionSettings())
         asked = server.requests
         assert 3 <= asked < 10  # the crash came in the middle of the one chunk
 
-        second = CachedTeacher(backend, SqliteCache(cache_file, "teacher_calls"))
+        second = CachedGenerator(backend, SqliteCache(cache_file, "teacher_calls"))
         outcomes = reflect(second, rows, "response", ReflectionPrompts(), ReflectionSettings())
         assert all(o.status == "ok" for o in outcomes)
         assert second.stats.cache_hits == 3 and server.requests == asked + 7
@@ -160,7 +161,7 @@ def test_structured_output_requests_a_json_schema(tmp_path):
             seen["note"] = conversations[0][-1]["content"]
             return [Generation(text='{"analysis": "x", "better_answer": "Better."}') for _ in conversations]
 
-    teacher = CachedTeacher(Recorder(), SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
+    teacher = CachedGenerator(Recorder(), SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
     outcome = reflect(teacher, [("Q?", "", "A.")], "response", ReflectionPrompts(), ReflectionSettings(structured=True))
     assert outcome[0].status == "ok" and outcome[0].answer == "Better."
     assert seen["schema"]["required"] == ["analysis", "better_answer"] and "JSON" in seen["note"]
@@ -178,7 +179,7 @@ def test_structured_output_reaches_the_server_as_response_format(tmp_path):
 def test_prefilled_reply_is_continued_and_parsed(tmp_path):
     prompts = ReflectionPrompts(response_prefill="[Better Answer]")
     with ScriptedOpenAIServer() as server:
-        cached = CachedTeacher(OpenAICompatibleTeacher(settings(server)), SqliteCache(tmp_path / "c.sqlite", "t"))
+        cached = CachedGenerator(OpenAICompatibleTeacher(settings(server)), SqliteCache(tmp_path / "c.sqlite", "t"))
         [outcome] = reflect(cached, rows_with(""), "response", prompts, ReflectionSettings())
     payload = server.payloads[-1]
     assert payload["messages"][-1] == {"role": "assistant", "content": "[Better Answer]"}
@@ -198,7 +199,7 @@ def test_replicas_share_the_calls_and_cover_for_a_dead_one(tmp_path):
         urls = f"{first.base_url}, {second.base_url},{dead}"
         backend = OpenAICompatibleTeacher(settings(first, base_url=urls, concurrency=3, max_retries=1))
         rows = [(f"Name color number {i}.", "", f"Blue {i}.") for i in range(12)]
-        cached = CachedTeacher(backend, SqliteCache(tmp_path / "c.sqlite", "t"))
+        cached = CachedGenerator(backend, SqliteCache(tmp_path / "c.sqlite", "t"))
         outcomes = reflect(cached, rows, "response", ReflectionPrompts(), ReflectionSettings())
     assert [o.status for o in outcomes] == ["ok"] * 12
     assert first.requests >= 4 and second.requests >= 4  # round-robin, the dead replica's share failed over

@@ -1,4 +1,4 @@
-"""Answers of a fine-tuned checkpoint to held-out prompts, as a ``TeacherBackend``: the conversation
+"""Answers of a fine-tuned checkpoint to held-out prompts, as a ``ChatModel``: the conversation
 is rendered with the training template and continued greedily, so answers go through the same
 durable call cache as teacher calls. The engine follows the ``gpu`` resource's student backend:
 vLLM's batched generation, or batched transformers ``generate``; it loads on the first cache miss."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from srt_assets.core.generation import Generation, GenerationParams, OnDone, TextModel
 from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.reflection import Messages
-from srt_assets.core.teacher import Generation, GenerationParams, OnDone
 from srt_assets.core.templates import render_conversation
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import model_fingerprint
@@ -26,7 +26,7 @@ class CheckpointGenerator:
         self._template = template
         self._compute = compute
         self._batch_size = batch_size
-        self._model = None
+        self._model: TextModel | None = None  # a local engine, loaded on the first cache miss
 
     def generate(
         self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None

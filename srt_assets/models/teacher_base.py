@@ -18,15 +18,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from srt_assets.core.cache import SqliteCache
+from srt_assets.core.generation import CachedGenerator, ChatModel, Generation, GenerationParams, OnDone
 from srt_assets.core.reflection import Messages, ReflectionPrompts
-from srt_assets.core.teacher import (
-    CachedTeacher,
-    Generation,
-    GenerationParams,
-    OnDone,
-    ReflectionSettings,
-    TeacherBackend,
-)
+from srt_assets.core.teacher import ReflectionSettings
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import BUNDLED_MODEL, model_identity
 
@@ -67,7 +61,7 @@ class TeacherSettings(BaseModel, ABC):
         """The identity of the model behind the calls: part of every cache key (never a secret)."""
 
     @abstractmethod
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> TeacherBackend:
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> ChatModel:
         """The backend itself (loads a model or opens a client); called on the first cache miss."""
 
     def is_small_bundled_model(self) -> bool:
@@ -105,14 +99,14 @@ class TeacherSettings(BaseModel, ABC):
         cache_file: Path,
         progress: Callable[[int, int], None] | None = None,
         chunk_size: int = 64,
-    ) -> Iterator[CachedTeacher]:
+    ) -> Iterator[CachedGenerator]:
         """This teacher behind the durable call cache: the backend is built on the first cache miss
         and released on exit."""
         model_id = self.model_id(models_dir, compute)
         backend = LazyTeacher(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
         cache = SqliteCache(cache_file, "teacher_calls")
         try:
-            yield CachedTeacher(
+            yield CachedGenerator(
                 backend, cache, chunk_size=chunk_size, progress=progress, max_prompt_chars=self.max_prompt_chars
             )
         finally:
@@ -140,11 +134,11 @@ class LocalTeacherSettings(TeacherSettings, ABC):
 class LazyTeacher:
     """Builds the backend on the first cache miss: a rerun served from the cache loads no model."""
 
-    def __init__(self, model_id: str, build: Callable[[], TeacherBackend], streams: bool = False):
+    def __init__(self, model_id: str, build: Callable[[], ChatModel], streams: bool = False):
         self.model_id = model_id
         self.streams = streams
         self._build = build
-        self._backend: TeacherBackend | None = None
+        self._backend: ChatModel | None = None
         self.was_loaded = False  # whether any call needed the model (kept after close, for metadata)
 
     def generate(

@@ -31,8 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
+from srt_assets.core.generation import Generation, GenerationParams, OnDone
 from srt_assets.core.reflection import Messages, continues_reply
-from srt_assets.core.teacher import Generation, GenerationParams, OnDone
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.teacher_base import TeacherSettings
 
@@ -182,7 +182,7 @@ class _Replica:
 
 
 class OpenAICompatibleTeacher:
-    """``TeacherBackend`` over one or more OpenAI-compatible servers."""
+    """``ChatModel`` over one or more OpenAI-compatible servers."""
 
     streams = True  # any number of calls at once, each reported (and stored) as it ends
 

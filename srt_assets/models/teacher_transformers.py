@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import Field
 
+from srt_assets.core.generation import Generation, GenerationParams, OnDone
 from srt_assets.core.reflection import Messages, continues_reply
-from srt_assets.core.teacher import Generation, GenerationParams, OnDone
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.teacher_base import LocalTeacherSettings
 
@@ -37,7 +37,7 @@ class TransformersTeacherSettings(LocalTeacherSettings):
 
 
 class TransformersTeacher:
-    """``TeacherBackend`` over a local causal LM; also continues ready-made prompt texts."""
+    """``ChatModel`` over a local causal LM; also continues ready-made prompt texts."""
 
     def __init__(
         self, model_path: str, model_id: str, device: str = "auto", dtype: str = "float32", batch_size: int = 8

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import Field
 
+from srt_assets.core.generation import Generation, GenerationParams, OnDone
 from srt_assets.core.reflection import Messages, continues_reply
-from srt_assets.core.teacher import Generation, GenerationParams, OnDone
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.teacher_base import LocalTeacherSettings
 
@@ -32,7 +32,7 @@ class VLLMTeacherSettings(LocalTeacherSettings):
 
 
 class VLLMTeacher:
-    """``TeacherBackend`` over an in-process ``vllm.LLM``."""
+    """``ChatModel`` over an in-process ``vllm.LLM``."""
 
     def __init__(
         self, model_path: str, model_id: str, dtype: str = "bfloat16", max_model_len: int = 4096, **engine_args

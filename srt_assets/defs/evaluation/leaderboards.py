@@ -14,9 +14,9 @@ from pydantic import Field
 from srt_assets import paths
 from srt_assets.core.cache import SqliteCache
 from srt_assets.core.files import atomic_write_text
+from srt_assets.core.generation import CachedGenerator, Generation, GenerationParams
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
 from srt_assets.core.reflection import Messages
-from srt_assets.core.teacher import CachedTeacher, Generation, GenerationParams
 from srt_assets.core.winrates import (
     LENGTH_CONTROLLED_REFERENCE,
     REFERENCES,
@@ -100,7 +100,7 @@ def answer_with_checkpoints(
         for checkpoint in TRAINING_SETS:
             model_path = str(checkpoint_dir(storage, source, checkpoint))
             generator = CheckpointGenerator(model_path, student.template, gpu, batch_size)
-            cached = CachedTeacher(generator, cache, chunk_size=32)
+            cached = CachedGenerator(generator, cache, chunk_size=32)
             try:
                 results[checkpoint] = ask(cached.generate)
             finally:

@@ -17,9 +17,9 @@ from pydantic import Field
 
 from srt_assets import paths
 from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set, loss_comparisons
+from srt_assets.core.generation import CallStats, GenerationParams
 from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, pairwise_summary, parse_judge_reply
 from srt_assets.core.quality import CheckOutcome
-from srt_assets.core.teacher import CallStats, GenerationParams
 from srt_assets.defs.common import (
     blocking_checks,
     calls_progress,

@@ -10,10 +10,11 @@ from pydantic import Field, field_validator
 
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
 from srt_assets.core.from_files import file_outcomes, load_reflections
+from srt_assets.core.generation import CallStats
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.selection import answers_to_reflect
 from srt_assets.core.sources import SourceSpec
-from srt_assets.core.teacher import CallStats, ReflectionOutcome, reflect
+from srt_assets.core.teacher import ReflectionOutcome, reflect
 from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
 from srt_assets.defs.common import (
