@@ -3,6 +3,8 @@ PNG bytes or inline Markdown."""
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 import re
 
@@ -20,7 +22,6 @@ def _pyplot():
 
 def figure_png(fig) -> bytes:
     """Render a matplotlib figure to PNG bytes and close it."""
-    import io
 
     buffer = io.BytesIO()
     fig.tight_layout()
@@ -31,7 +32,6 @@ def figure_png(fig) -> bytes:
 
 def png_markdown(png: bytes, alt: str) -> str:
     """A PNG embedded in Markdown as a data URI (the Dagster UI renders it inline)."""
-    import base64
 
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from dagster import ConfigurableResource
+from pydantic import ValidationError
 
 from srt_assets.resources import TEACHER_BACKENDS, ComputeResource, StudentModelResource, TrainingResource
 
@@ -28,8 +30,6 @@ def resources_from_file(path: str | Path) -> dict[str, ConfigurableResource]:
     ``teacher`` and ``judge`` (``backend:`` one of TEACHER_BACKENDS, then that backend's fields),
     ``student``, ``gpu``, ``training``. API keys never live in the file: name the variable that
     holds one in ``api_key_env``."""
-    import yaml
-    from pydantic import ValidationError
 
     file = Path(path)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from dagster import PipesSubprocessClient
 from pydantic import BaseModel, Field
 
 from srt_assets.core.training import launch_command
@@ -32,7 +33,6 @@ class TrainingLauncher(BaseModel):
 
     def launch(self, context, job_dir: Path, on_gpu: bool) -> dict:
         """Run the training worker on ``job_dir`` and return the metrics rank 0 reported through Pipes."""
-        from dagster import PipesSubprocessClient
 
         if self.launcher == "k8s":
             if not self.k8s_image:

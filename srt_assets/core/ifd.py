@@ -8,11 +8,15 @@ model library: the tokenizer and the scorer come in through two small protocols.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import polars as pl
+
+from srt_assets.core.cache import content_key
 from srt_assets.core.templates import PromptTemplate, merged_instruction, reverse_instruction
 
 ContextMode = Literal["auto", "none"]
@@ -260,7 +264,6 @@ class CachedScorer:
         self.computed = 0
 
     def mean_losses(self, sequences: Sequence[Sequence[int]], target_starts: Sequence[int]) -> list[float]:
-        from srt_assets.core.cache import content_key
 
         keys = [content_key(self.model_key, list(s), t) for s, t in zip(sequences, target_starts, strict=True)]
         known = self.cache.get_many(keys)
@@ -282,7 +285,6 @@ class CachedScorer:
 
 def score_schema() -> dict:
     """Column types of a student-scores table (keyed by sample_id and variant)."""
-    import polars as pl
 
     floats = [
         "ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition",
@@ -302,9 +304,6 @@ def score_schema() -> dict:
 
 def scores_frame(sample_ids: Sequence[str], variants: Sequence[str], scores: Sequence[SampleScores]):
     """One row per scored (sample_id, variant), in the order given."""
-    import dataclasses
-
-    import polars as pl
 
     rows = [
         {"sample_id": sid, "variant": variant, **dataclasses.asdict(score)}

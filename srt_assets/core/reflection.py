@@ -8,6 +8,7 @@ paper's Figures 5–6, for instance) loads from a YAML file with the same keys.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass, fields
@@ -235,7 +236,6 @@ JSON_FORMAT_NOTE = (
 
 def parse_structured(text: str, kind: str) -> Parsed:
     """Parse a JSON reply produced under guided decoding (structured output mode)."""
-    import json
 
     try:
         data = json.loads(text)

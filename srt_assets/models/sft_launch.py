@@ -15,7 +15,10 @@ Pipes), it prints the same to stdout.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -101,9 +104,6 @@ def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (elsewhere: nothing to do)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-    import os
-    import signal
 
     parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.generation import CallStats
+from srt_assets.core.ifd import ScoringItem
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.selection import answers_to_reflect
 from srt_assets.core.sources import SourceSpec
@@ -391,7 +392,6 @@ def lazy_branches(
     """Phase-1 student choice for lazy mode (``answers_to_reflect``): the original and the new
     instruction to reflect answers to. The losses land in the shared cache, so ``student_scores``
     later reuses them instead of computing them again."""
-    from srt_assets.core.ifd import ScoringItem
 
     variants = pl.concat([ori, q])
     items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
