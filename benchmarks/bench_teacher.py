@@ -19,8 +19,8 @@ from srt_assets import paths
 from srt_assets.core.generation import GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts, response_messages
 from srt_assets.models.identity import ensure_bundled_model_dir
-from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, OpenAITeacherSettings
-from srt_assets.models.teacher_transformers import TransformersTeacher
+from srt_assets.models.teacher_openai import OpenAICompatibleModel, OpenAITeacherSettings
+from srt_assets.models.teacher_transformers import TransformersGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from openai_server import ScriptedOpenAIServer  # the test server doubles as load target
@@ -37,7 +37,7 @@ def local(args) -> None:
     convs = conversations(args.prompts)
     rows = []
     for batch_size in (1, args.batch_size):
-        teacher = TransformersTeacher(str(model_dir), "bench", device=args.device, batch_size=batch_size)
+        teacher = TransformersGenerator(str(model_dir), "bench", device=args.device, batch_size=batch_size)
         started = time.perf_counter()
         out = teacher.generate(convs, params)
         seconds = time.perf_counter() - started
@@ -55,7 +55,7 @@ def http(args) -> None:
     with ScriptedOpenAIServer(latency=args.latency) as server:
         for concurrency in (1, 8):
             settings = OpenAITeacherSettings(model="bench", base_url=server.base_url, concurrency=concurrency)
-            teacher = OpenAICompatibleTeacher(settings)
+            teacher = OpenAICompatibleModel(settings)
             started = time.perf_counter()
             teacher.generate(convs, params)
             rates[concurrency] = args.requests / (time.perf_counter() - started)

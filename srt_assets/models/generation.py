@@ -39,13 +39,13 @@ class CheckpointGenerator:
 
     def _load(self):
         if self._compute.backend == "vllm":
-            from srt_assets.models.teacher_vllm import VLLMTeacher
+            from srt_assets.models.teacher_vllm import VLLMGenerator
 
-            engine = VLLMTeacher(self._model_path, model_id=self.model_id, dtype=self._precision)
+            engine = VLLMGenerator(self._model_path, model_id=self.model_id, dtype=self._precision)
             return engine, engine.llm.get_tokenizer()
-        from srt_assets.models.teacher_transformers import TransformersTeacher
+        from srt_assets.models.teacher_transformers import TransformersGenerator
 
-        engine = TransformersTeacher(
+        engine = TransformersGenerator(
             self._model_path,
             model_id=self.model_id,
             device=self._compute.resolved_device(),

@@ -91,8 +91,8 @@ class OpenAITeacherSettings(TeacherSettings):
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.cost_per_1k_input + completion_tokens / 1000 * self.cost_per_1k_output
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> OpenAICompatibleTeacher:
-        return OpenAICompatibleTeacher(self, api_key=self.resolved_api_key(), model_id=model_id)
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> OpenAICompatibleModel:
+        return OpenAICompatibleModel(self, api_key=self.resolved_api_key(), model_id=model_id)
 
 
 URL_SECRET_CARRIERS = frozenset("@?#;")
@@ -181,7 +181,7 @@ class _Replica:
     failed_at: float = field(default=-1e9)
 
 
-class OpenAICompatibleTeacher:
+class OpenAICompatibleModel:
     """``ChatModel`` over one or more OpenAI-compatible servers."""
 
     streams = True  # any number of calls at once, each reported (and stored) as it ends

@@ -26,8 +26,8 @@ class TransformersTeacherSettings(LocalTeacherSettings):
 
     batch_size: int = Field(16, description="prompts per generate() batch")
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> TransformersTeacher:
-        return TransformersTeacher(
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> TransformersGenerator:
+        return TransformersGenerator(
             self.model_path(models_dir),
             model_id=model_id,
             device=compute.resolved_device(),
@@ -36,7 +36,7 @@ class TransformersTeacherSettings(LocalTeacherSettings):
         )
 
 
-class TransformersTeacher:
+class TransformersGenerator:
     """``ChatModel`` over a local causal LM; also continues ready-made prompt texts."""
 
     def __init__(

@@ -22,8 +22,8 @@ class VLLMTeacherSettings(LocalTeacherSettings):
 
     max_model_len: int = Field(4096, description="longest prompt plus reply the engine accepts")
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> VLLMTeacher:
-        return VLLMTeacher(
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> VLLMGenerator:
+        return VLLMGenerator(
             self.model_path(models_dir),
             model_id=model_id,
             dtype=compute.resolved_generation_dtype(),
@@ -31,7 +31,7 @@ class VLLMTeacherSettings(LocalTeacherSettings):
         )
 
 
-class VLLMTeacher:
+class VLLMGenerator:
     """``ChatModel`` over an in-process ``vllm.LLM``."""
 
     def __init__(
