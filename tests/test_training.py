@@ -110,3 +110,38 @@ def test_bf16_gradient_checkpointing_and_packing_train_together(examples, studen
     # 2 steps x 2 sequences: unpacked that is the 4 rows; packed, the sequences carry more than 4 rows
     assert len(examples) == 4 and result.tokens_trained > sum(len(ids) for ids, _ in examples)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "packed").num_parameters() > 100_000_000
+
+
+def test_a_checkpoint_asset_called_directly_reuses_an_identical_training(student_model_dir, tmp_path):
+    """The training stage's asset runs on a context built in the test. Dagster's Pipes cannot launch
+    from a directly invoked partitioned asset, so the worker's own function trains first, with the
+    identity the asset computes; the asset then finds that finished checkpoint and reuses it."""
+    import polars as pl
+    from dagster import build_asset_context
+
+    from srt_assets.defs.training.assets import CHECKPOINTS, checkpoint_dir, checkpoint_key, dataset_fingerprint
+    from srt_assets.models.identity import model_fingerprint
+    from srt_assets.partitions import SOURCES
+    from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TrainingResource
+
+    [selected] = [c for c in CHECKPOINTS if c.key == checkpoint_key("selected")]
+    rows = pl.DataFrame([{"sample_id": f"s-{i:016x}", "variant": "ori", **r} for i, r in enumerate(alpaca_rows(2))])
+    student = StudentModelResource(model=str(student_model_dir))
+    storage = StorageResource(base_dir=str(tmp_path))
+    training = TrainingResource(max_steps=1, batch_size=2, max_length=96, save_every=100)
+    partition = SOURCES.get_partition_keys()[0]
+    identity = run_identity(
+        model_fingerprint(student_model_dir), dataset_fingerprint(rows), student.template, training, 1
+    )
+    examples = training_examples(student_model_dir, training.max_length, 2, with_input=1)
+    trained = train_sft(
+        str(student_model_dir), examples, training, checkpoint_dir(storage, partition, "selected"), identity
+    )
+    result = selected(build_asset_context(partition_key=partition), rows, student, ComputeResource(), storage, training)
+    assert result.metadata["reused_existing"] is True
+    assert result.metadata["steps"] == trained.steps == 1
+    assert result.metadata["dataset"].value == {
+        "asset": "selected_dataset",
+        "fingerprint": identity["dataset_fingerprint"],
+        "rows": rows.height,
+    }
