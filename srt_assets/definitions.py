@@ -55,7 +55,7 @@ def build_definitions(
     }
     chosen.setdefault("judge", chosen["teacher"])
     return Definitions.merge(
-        raw.definitions(layout),
+        raw.definitions(layout, catalog),
         teacher.definitions(layout),
         student.definitions(layout),
         selection.definitions(layout),

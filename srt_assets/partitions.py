@@ -1,31 +1,21 @@
-"""The graph's partitions, built once from the source catalog: one partition per source, and per
-source x shard for the row-wise model stages when the catalog asks for shards.
-
-Stage modules declare their assets at module level against ``SOURCES`` and ``ROWS``, the partitions
-of the catalog this code location loads (``$SRT_SOURCES_FILE``, else sources.yaml). Definitions over
-another catalog (a test's, a second deployment's) take the same assets with that catalog's
-partitions through ``repartition``."""
+"""How a source catalog partitions the graph: one partition per source, and per source x shard for
+the row-wise model stages when the catalog asks for shards. Loading this module reads no catalog;
+the partitions of the catalog the code location serves are in ``srt_assets/defs/partitions.py``."""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 import polars as pl
 from dagster import (
-    AssetsDefinition,
-    BetaWarning,
     MultiPartitionsDefinition,
     PartitionsDefinition,
     StaticPartitionsDefinition,
 )
-from dagster._core.definitions.source_asset import SourceAsset
 
-from srt_assets import paths
 from srt_assets.core.sharding import shard_names, take_shard
-from srt_assets.core.sources import SourceCatalog, load_catalog
+from srt_assets.core.sources import SourceCatalog
 
 SOURCE_DIMENSION = "source"
 SHARD_DIMENSION = "source_shard"  # sorts after "source": keys read "alpaca|3", files alpaca/3.parquet
@@ -77,69 +67,3 @@ class Partitioning:
 
 def catalog_partitioning(catalog: SourceCatalog) -> Partitioning:
     return Partitioning(StaticPartitionsDefinition(catalog.names), catalog.shards)
-
-
-LOADED_CATALOG = load_catalog(paths.sources_file())  # what this code location serves
-LOADED = catalog_partitioning(LOADED_CATALOG)
-SOURCES = LOADED.sources  # every per-source asset
-ROWS = LOADED.rows  # the row-wise model stages: per source, or per source x shard
-
-AssetDefinition = AssetsDefinition | SourceAsset
-
-
-def repartition(definitions: Iterable[AssetDefinition], layout: Partitioning) -> list[AssetDefinition]:
-    """The module-level assets with ``layout``'s partitions in place of ``SOURCES`` and ``ROWS``,
-    their checks included. Dagster has no public call that re-partitions an asset together with
-    its checks (``map_asset_specs`` refuses the mismatch midway), so its internal constructors are
-    used here and only here; a test pins the result to the asset graph snapshot."""
-    definitions = list(definitions)
-    if layout == LOADED:
-        return definitions
-    swap = {id(SOURCES): layout.sources, id(ROWS): layout.rows}
-
-    def swapped(partitions: PartitionsDefinition | None) -> PartitionsDefinition | None:
-        return swap.get(id(partitions), partitions) if partitions is not None else None
-
-    result: list[AssetDefinition] = []
-    for definition in definitions:
-        if isinstance(definition, SourceAsset):
-            result.append(_with_source_partitions(definition, swapped(definition.partitions_def)))
-            continue
-        attributes = definition.get_attributes_dict()
-        specs = [spec.replace_attributes(partitions_def=swapped(spec.partitions_def)) for spec in definition.specs]
-        checks = {
-            name: spec._replace(partitions_def=swapped(spec.partitions_def))
-            for name, spec in attributes["check_specs_by_output_name"].items()
-        }
-        result.append(
-            AssetsDefinition.dagster_internal_init(
-                **{**attributes, "specs": specs, "check_specs_by_output_name": checks}
-            )
-        )
-    return result
-
-
-def _with_source_partitions(asset: SourceAsset, partitions: PartitionsDefinition | None) -> SourceAsset:
-    with warnings.catch_warnings():  # resource_defs is a beta parameter; we pass the asset's own
-        warnings.simplefilter("ignore", BetaWarning)
-        return _source_asset(asset, partitions)
-
-
-def _source_asset(asset: SourceAsset, partitions: PartitionsDefinition | None) -> SourceAsset:
-    return SourceAsset.dagster_internal_init(
-        key=asset.key,
-        metadata=asset.raw_metadata,
-        io_manager_key=asset.io_manager_key,
-        io_manager_def=asset.io_manager_def,
-        description=asset.description,
-        partitions_def=partitions,
-        group_name=asset.group_name,
-        resource_defs=asset.resource_defs,
-        observe_fn=asset.observe_fn,
-        auto_observe_interval_minutes=asset.auto_observe_interval_minutes,
-        tags=asset.tags,
-        legacy_freshness_policy=asset.legacy_freshness_policy,
-        op_tags=asset.op_tags,
-        automation_condition=asset.automation_condition,
-        _required_resource_keys=asset._required_resource_keys,
-    )

@@ -4,12 +4,14 @@ after an intended change, rerun with SRT_UPDATE_SNAPSHOTS=1 to record the new sh
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 from conftest import REPO_ROOT
+from dagster import AssetKey
 
 from srt_assets.definitions import build_definitions
 
@@ -54,26 +56,67 @@ def test_asset_graph_matches_the_snapshot():
     assert shape == json.loads(SNAPSHOT.read_text())
 
 
-def test_definitions_over_another_catalog_put_its_partitions_on_every_asset_and_check(tmp_path):
+def module_level_kinds() -> dict[str, str | None]:
+    """Each asset's kind of partitions as its stage module declares it: sources, rows or none."""
+    from srt_assets.defs import evaluation, raw, selection, student, teacher, training
+    from srt_assets.defs.partitions import ROWS, SOURCES
+
+    kinds = {}
+    for stage in (raw, teacher, student, selection, training, evaluation):
+        for definition in getattr(stage, "ASSETS", getattr(stage, "CHECKPOINTS", [])):
+            for key in getattr(definition, "keys", None) or [definition.key]:
+                kinds[key.to_user_string()] = next(
+                    (name for name, p in (("sources", SOURCES), ("rows", ROWS)) if definition.partitions_def is p), None
+                )
+    return kinds
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_definitions_over_another_catalog_put_its_partitions_on_every_asset_and_check(tmp_path, shards):
     """The stage modules' assets carry the partitions of the catalog the code location loaded;
-    Definitions over another catalog (other sources, 3 shards) carry that one's everywhere, checks
-    included, and the graph is otherwise the reviewed one."""
+    Definitions over another catalog (other sources, with and without shards) carry that one's: the
+    same kind on every asset as its module declares, the asset's own on every check, the catalog's
+    table in the source files' description, and the reviewed graph otherwise."""
     catalog = tmp_path / "sources.yaml"
     entries = {"one": {"path": "one.jsonl"}, "two": {"path": "two.jsonl"}}
-    catalog.write_text(yaml.safe_dump({"shards": 3, "sources": entries}), encoding="utf-8")
+    catalog.write_text(yaml.safe_dump({"shards": shards, "sources": entries}), encoding="utf-8")
     defs = build_definitions(sources_file=catalog)
     reviewed = json.loads(SNAPSHOT.read_text())["assets"]
     shape = graph_shape(defs)["assets"]
     assert {k: {**v, "partitions": None} for k, v in shape.items()} == {
         k: {**v, "partitions": None} for k, v in reviewed.items()
     }
+    rows = {f"{s}|{n}" for s in ("one", "two") for n in range(shards)} if shards > 1 else {"one", "two"}
+    expected = {"sources": {"one", "two"}, "rows": rows, None: None}
+    kinds = module_level_kinds()
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         keys = set(node.partitions_def.get_partition_keys()) if node.partitions_def else None
-        assert keys in ({"one", "two"}, {f"{s}|{n}" for s in ("one", "two") for n in range(3)}, None), key
+        assert keys == expected[kinds[key.to_user_string()]], key
         for spec in node.assets_def.check_specs:
-            assert spec.partitions_def in (None, node.partitions_def), spec.key
+            assert spec.partitions_def == node.partitions_def, spec.key
+    files = graph.get(AssetKey("source_files")).assets_def
+    assert str(catalog) in (files.specs_by_key[AssetKey("source_files")].description or "")
+
+
+def test_the_dagster_internals_repartition_uses_are_still_what_it_passes():
+    """repartition rebuilds assets through Dagster's internal constructors: a Dagster upgrade that
+    adds a parameter (which it would silently drop) fails here, not in a user's graph."""
+    import inspect
+
+    from dagster._core.definitions.source_asset import SourceAsset
+
+    from srt_assets.defs.raw.assets import raw_samples
+
+    source = inspect.getsource(sys.modules["srt_assets.defs.partitions"]._source_asset)
+    passed = set(re.findall(r"^\s+(\w+)=", source, re.MULTILINE))
+    assert passed == set(inspect.signature(SourceAsset.dagster_internal_init).parameters) - {"self"}
+    assert set(raw_samples.get_attributes_dict()) == {
+        "keys_by_input_name", "keys_by_output_name", "node_def", "selected_asset_keys", "can_subset",
+        "resource_defs", "hook_defs", "backfill_policy", "check_specs_by_output_name", "selected_asset_check_keys",
+        "specs", "is_subset", "execution_type",
+    }  # fmt: skip
 
 
 def gpu_steps() -> set[str]:

@@ -252,7 +252,7 @@ def test_pairwise_verdicts_is_a_module_level_asset_a_test_can_call(tmp_path):
     from dagster import AssetCheckResult, Output
 
     from srt_assets.defs.evaluation.pairwise import pairwise_verdicts
-    from srt_assets.partitions import SOURCES
+    from srt_assets.defs.partitions import SOURCES
 
     rows = [
         {"dataset": dataset, "prompt_set": "vicuna", "prompt_id": str(i), "prompt": f"question {i}",

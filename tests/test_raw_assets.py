@@ -143,8 +143,8 @@ def test_raw_samples_is_a_module_level_asset_a_test_can_call(tmp_path: Path):
     instance): its outputs and its check results, from a real file."""
     from dagster import AssetCheckResult, Output, build_asset_context
 
+    from srt_assets.defs.partitions import SOURCES
     from srt_assets.defs.raw.assets import raw_samples
-    from srt_assets.partitions import SOURCES
     from srt_assets.resources import SourceCatalogResource
 
     name = SOURCES.get_partition_keys()[0]  # a partition of the catalog the code location loaded

@@ -143,8 +143,8 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
     from dagster import AssetCheckResult, Output, build_asset_context
 
     from srt_assets.core.raw import load_source
+    from srt_assets.defs.partitions import SOURCES
     from srt_assets.defs.teacher.assets import ReflectionConfig, new_instructions
-    from srt_assets.partitions import SOURCES
     from srt_assets.resources import ComputeResource, SourceCatalogResource, StorageResource
 
     name = SOURCES.get_partition_keys()[0]  # a partition of the catalog the code location loaded

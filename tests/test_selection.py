@@ -20,7 +20,7 @@ from srt_assets.core.provenance import (
     source_of,
 )
 from srt_assets.core.selection import SelectionRule, branch_counts, decide, select
-from srt_assets.partitions import SOURCES
+from srt_assets.defs.partitions import SOURCES
 
 
 def scores(**pairs: tuple[float | None, float | None]) -> tuple[dict, dict]:

@@ -119,9 +119,9 @@ def test_a_checkpoint_asset_called_directly_reuses_an_identical_training(student
     import polars as pl
     from dagster import build_asset_context
 
+    from srt_assets.defs.partitions import SOURCES
     from srt_assets.defs.training.assets import CHECKPOINTS, checkpoint_dir, checkpoint_key, dataset_fingerprint
     from srt_assets.models.identity import model_fingerprint
-    from srt_assets.partitions import SOURCES
     from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TrainingResource
 
     [selected] = [c for c in CHECKPOINTS if c.key == checkpoint_key("selected")]

@@ -1,4 +1,4 @@
-"""What the asset modules share: partitioning, blocking check specs and results, the standard
+"""What the asset modules share: blocking check specs and results, the standard
 Dagster metadata, JSON-safe values, and compute figures that survive a rerun served from cache."""
 
 import math

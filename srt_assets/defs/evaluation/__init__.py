@@ -16,7 +16,8 @@ from srt_assets.defs.evaluation.pairwise import (
     reference_loss,
 )
 from srt_assets.defs.evaluation.report import experiment_report
-from srt_assets.partitions import Partitioning, repartition
+from srt_assets.defs.partitions import repartition
+from srt_assets.partitions import Partitioning
 
 ASSETS = [
     evaluation_prompts,

@@ -31,8 +31,8 @@ from srt_assets.defs.common import (
 )
 from srt_assets.defs.evaluation.leaderboards import answer_with_checkpoints
 from srt_assets.defs.evaluation.steps import JUDGE_STEP, checkpoint_step
+from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
-from srt_assets.partitions import SOURCES
 from srt_assets.plots import figure_png, line_figure, markdown_table
 from srt_assets.report import Figure, Section, finite_mean, loss_figure, verdict_figure, verdict_note
 from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TeacherResource

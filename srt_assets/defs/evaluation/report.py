@@ -14,10 +14,10 @@ from srt_assets.core.training import read_manifest
 from srt_assets.defs.common import json_value
 from srt_assets.defs.evaluation.leaderboards import alpaca_eval_section, mt_bench_section
 from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.student.assets import diagnostics_section
 from srt_assets.defs.teacher.assets import quality_section
 from srt_assets.defs.training.assets import CHECKPOINT_KEYS, TRAINING_SETS, checkpoint_dir
-from srt_assets.partitions import SOURCES
 from srt_assets.report import Section, write_report
 from srt_assets.resources import StorageResource
 

@@ -1,8 +1,8 @@
 """The decorator arguments the evaluation assets share, defined once."""
 
 from srt_assets.defs.common import GPU_STEP
+from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.training.assets import CHECKPOINT_KEYS
-from srt_assets.partitions import SOURCES
 
 
 def checkpoint_step(*also_reads: str) -> dict:

@@ -19,7 +19,7 @@ from srt_assets.core.quality import TableContract, ratio_check, validate_table
 from srt_assets.core.raw import RAW_SCHEMA, REJECT_SCHEMA, length_stats, load_source
 from srt_assets.core.sources import SourceCatalog, SourceSpec
 from srt_assets.defs.common import SOURCE_PARTITIONS_DOC, blocking_checks, column_schema, json_value, to_check_results
-from srt_assets.partitions import LOADED_CATALOG, SOURCES
+from srt_assets.defs.partitions import LOADED_CATALOG, SOURCES
 from srt_assets.plots import markdown_table
 from srt_assets.resources import SourceCatalogResource
 
@@ -77,13 +77,19 @@ def file_version(spec: SourceSpec) -> str:
     return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
+def source_files_description(catalog: SourceCatalog) -> str:
+    return (
+        "The source files of sources.yaml, one partition each. Observe them (the asset's **Observe** button) "
+        "to record per partition whether the file is there, its size and time, its licence and description, "
+        "with a data version (size and time) that changes when the file does.\n\n"
+        f"Catalog `{catalog.file}` when the code location loaded:\n\n{catalog_table(catalog)}"
+    )
+
+
 @observable_source_asset(
     partitions_def=SOURCES,
     group_name="raw",
-    description="The source files of sources.yaml, one partition each. Observe them (the asset's "
-    "**Observe** button) to record per partition whether the file is there, its size and time, its "
-    "licence and description, with a data version (size and time) that changes when the file does.\n\n"
-    f"Catalog `{LOADED_CATALOG.file}` when the code location loaded:\n\n{catalog_table(LOADED_CATALOG)}",
+    description=source_files_description(LOADED_CATALOG),
 )
 def source_files(context, sources: SourceCatalogResource) -> DataVersionsByPartition:
     """Observe every source file: its data version and its details, per partition."""

@@ -3,6 +3,7 @@ dataset and the baselines it is compared with."""
 
 from dagster import Definitions
 
+from srt_assets.defs.partitions import repartition
 from srt_assets.defs.selection.assets import (
     baseline_full,
     baseline_random,
@@ -10,7 +11,7 @@ from srt_assets.defs.selection.assets import (
     score_agreement,
     selected_dataset,
 )
-from srt_assets.partitions import Partitioning, repartition
+from srt_assets.partitions import Partitioning
 
 ASSETS = [sample_decisions, score_agreement, selected_dataset, baseline_full, baseline_random]
 

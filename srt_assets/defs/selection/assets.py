@@ -32,7 +32,7 @@ from srt_assets.defs.common import (
     quantiles,
     to_check_results,
 )
-from srt_assets.partitions import SOURCES
+from srt_assets.defs.partitions import SOURCES
 from srt_assets.plots import markdown_table, text_histogram
 from srt_assets.resources import SourceCatalogResource, StorageResource
 

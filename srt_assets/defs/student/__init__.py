@@ -3,8 +3,9 @@ judge pairs at all (a diagnosis before any teacher call)."""
 
 from dagster import Definitions
 
+from srt_assets.defs.partitions import repartition
 from srt_assets.defs.student.assets import student_base_model, student_diagnosis, student_scores
-from srt_assets.partitions import Partitioning, repartition
+from srt_assets.partitions import Partitioning
 
 ASSETS = [student_base_model, student_scores, student_diagnosis]
 

@@ -31,8 +31,8 @@ from srt_assets.defs.common import (
     quantiles,
     to_check_results,
 )
+from srt_assets.defs.partitions import ROWS, SOURCES
 from srt_assets.models.identity import BUNDLED_MODEL
-from srt_assets.partitions import ROWS, SOURCES
 from srt_assets.plots import text_histogram
 from srt_assets.report import Section
 from srt_assets.resources import ComputeResource, SourceCatalogResource, StorageResource, StudentModelResource

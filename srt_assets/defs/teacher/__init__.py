@@ -2,8 +2,9 @@
 
 from dagster import Definitions
 
+from srt_assets.defs.partitions import repartition
 from srt_assets.defs.teacher.assets import better_responses, new_instructions
-from srt_assets.partitions import Partitioning, repartition
+from srt_assets.partitions import Partitioning
 
 ASSETS = [new_instructions, better_responses]
 

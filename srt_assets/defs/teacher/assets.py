@@ -27,7 +27,8 @@ from srt_assets.defs.common import (
     production_figures,
     to_check_results,
 )
-from srt_assets.partitions import ROWS, Partitioning
+from srt_assets.defs.partitions import ROWS
+from srt_assets.partitions import Partitioning
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section
 from srt_assets.resources import (

@@ -2,8 +2,9 @@
 
 from dagster import Definitions
 
+from srt_assets.defs.partitions import repartition
 from srt_assets.defs.training.assets import CHECKPOINTS
-from srt_assets.partitions import Partitioning, repartition
+from srt_assets.partitions import Partitioning
 
 
 def definitions(layout: Partitioning) -> Definitions:

@@ -19,9 +19,9 @@ from srt_assets.core.cache import content_key
 from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.training import MANIFEST, finished_training, run_identity, sft_examples
 from srt_assets.defs.common import GPU_STEP, json_value, production_figures
+from srt_assets.defs.partitions import SOURCES
 from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
-from srt_assets.partitions import SOURCES
 from srt_assets.plots import text_curve
 from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TrainingResource
 
