@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import polars as pl
 from dagster import ConfigurableResource
 from pydantic import Field
 
@@ -46,10 +47,15 @@ class SourceCatalogResource(ConfigurableResource):
     def source(self, name: str) -> SourceSpec:
         return self.catalog.get(name)
 
-    @property
-    def layout(self) -> Partitioning:
-        """The partitioning of this catalog: what a row-stage asset reads its shard and source from."""
-        return catalog_partitioning(self.catalog)
+    def row_partition(
+        self, partition_key: str, raw_samples: pl.DataFrame
+    ) -> tuple[Partitioning, pl.DataFrame, SourceSpec]:
+        """For a row-stage partition, from one reading of the catalog: its partitioning, the raw rows
+        its shard owns, and its source."""
+        catalog = self.catalog
+        layout = catalog_partitioning(catalog)
+        spec = catalog.get(layout.source_name(partition_key))
+        return layout, layout.shard_rows(partition_key, raw_samples), spec
 
 
 class StorageResource(ConfigurableResource):

@@ -30,15 +30,21 @@ ROW_COUNT = "dagster/row_count"
 COLUMN_SCHEMA = "dagster/column_schema"
 
 
+def asset_checks(
+    asset: str, checks: Mapping[str, str], partitions_def: PartitionsDefinition | None, blocking: bool
+) -> list[AssetCheckSpec]:
+    """Check specs (name → description) that belong to the asset's partitions, so a result shows on
+    its own partition only; a blocking one that fails stops that partition's downstream assets."""
+    return [
+        AssetCheckSpec(name, asset=asset, blocking=blocking, description=description, partitions_def=partitions_def)
+        for name, description in checks.items()
+    ]
+
+
 def blocking_checks(
     asset: str, checks: Mapping[str, str], partitions_def: PartitionsDefinition | None
 ) -> list[AssetCheckSpec]:
-    """Blocking check specs (name → description) that belong to the asset's partitions, so a failed
-    partition stops its own downstream assets and shows on itself only."""
-    return [
-        AssetCheckSpec(name, asset=asset, blocking=True, description=description, partitions_def=partitions_def)
-        for name, description in checks.items()
-    ]
+    return asset_checks(asset, checks, partitions_def, blocking=True)
 
 
 def to_check_results(

@@ -6,7 +6,6 @@ from pathlib import Path
 import polars as pl
 from dagster import (
     AssetCheckSeverity,
-    AssetCheckSpec,
     AssetExecutionContext,
     Config,
     MetadataValue,
@@ -21,6 +20,7 @@ from srt_assets.core.generation import CallStats, GenerationParams
 from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, pairwise_summary, parse_judge_reply
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.defs.common import (
+    asset_checks,
     blocking_checks,
     calls_progress,
     column_schema,
@@ -241,10 +241,7 @@ def evaluation_answers(
 @asset(
     **checkpoint_step("student_base_model"),
     metadata={"dagster/column_schema": column_schema(LOSS_SCHEMA)},
-    check_specs=[
-        AssetCheckSpec(name, asset="reference_loss", description=text, partitions_def=SOURCES)
-        for name, text in LOSS_CHECKS.items()
-    ],
+    check_specs=asset_checks("reference_loss", LOSS_CHECKS, SOURCES, blocking=False),
 )
 def reference_loss(
     context: AssetExecutionContext,

@@ -5,7 +5,6 @@ import time
 import polars as pl
 from dagster import (
     AssetCheckSeverity,
-    AssetCheckSpec,
     AssetExecutionContext,
     Config,
     MaterializeResult,
@@ -23,6 +22,7 @@ from srt_assets.core.sources import SourceSpec
 from srt_assets.core.variants import all_variants
 from srt_assets.defs.common import (
     GPU_STEP,
+    asset_checks,
     blocking_checks,
     calls_progress,
     column_schema,
@@ -187,10 +187,8 @@ def student_scores(
 ):
     """IFD and r-IFD (docs/method.md) of every variant row (ori, Q, A, QA), keyed by (sample_id, variant);
     read from the source's statistics files instead where it declares them with `use: instead`."""
-    layout = sources.layout
-    raw = layout.shard_rows(context.partition_key, raw_samples)
+    layout, raw, spec = sources.row_partition(context.partition_key, raw_samples)
     variants = all_variants(raw, new_instructions, better_responses)
-    spec = sources.source(layout.source_name(context.partition_key))
     if spec.statistics is not None and spec.statistics.use == "instead":
         scores, metadata = scores_from_files(spec, variants, raw)
     else:
@@ -213,10 +211,7 @@ def student_scores(
     kinds={"pytorch", "polars"},
     deps=[student_base_model],
     metadata={"dagster/column_schema": column_schema(DIAGNOSTIC_SCHEMA)},
-    check_specs=[
-        AssetCheckSpec(name, asset="student_diagnosis", description=text, partitions_def=SOURCES)
-        for name, text in DIAGNOSTIC_CHECKS.items()
-    ],
+    check_specs=asset_checks("student_diagnosis", DIAGNOSTIC_CHECKS, SOURCES, blocking=False),
     **GPU_STEP,
 )
 def student_diagnosis(

@@ -321,11 +321,9 @@ def new_instructions(
     storage: StorageResource,
     sources: SourceCatalogResource,
 ):
-    layout = sources.layout
+    layout, raw, spec = sources.row_partition(context.partition_key, raw_samples)
     step = CandidateStep(context, config, "new_instructions", "instruction", layout)
-    raw = layout.shard_rows(context.partition_key, raw_samples)
     rows = original_variants(raw)
-    spec = sources.source(layout.source_name(context.partition_key))
     if spec.reflections:
         files = load_reflections(spec)
         yield from step.read([("Q", rows, file_outcomes(files["Q"], raw, "instruction"))] if "Q" in files else [], spec)
@@ -351,12 +349,10 @@ def better_responses(
     storage: StorageResource,
     sources: SourceCatalogResource,
 ):
-    layout = sources.layout
+    layout, raw, spec = sources.row_partition(context.partition_key, raw_samples)
     step = CandidateStep(context, config, "better_responses", "response", layout)
-    raw = layout.shard_rows(context.partition_key, raw_samples)
     ori = original_variants(raw)
     q = new_instructions.select(*VARIANT_SCHEMA)
-    spec = sources.source(layout.source_name(context.partition_key))
     if spec.reflections:
         yield from step.read(file_answers(spec, raw, ori, q, new_instructions), spec)
         return
