@@ -17,8 +17,8 @@ import time
 from srt_assets import paths
 from srt_assets.core.generation import GenerationParams
 from srt_assets.core.winrates import draw_instructions, load_reference
+from srt_assets.models.checkpoint_generator import CheckpointGenerator
 from srt_assets.models.compute import ComputeSettings
-from srt_assets.models.generation import CheckpointGenerator
 from srt_assets.models.identity import ensure_bundled_model_dir
 
 

@@ -19,8 +19,8 @@ from srt_assets import paths
 from srt_assets.core.generation import GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts, response_messages
 from srt_assets.models.identity import ensure_bundled_model_dir
-from srt_assets.models.teacher_openai import OpenAICompatibleModel, OpenAITeacherSettings
-from srt_assets.models.teacher_transformers import TransformersGenerator
+from srt_assets.models.openai_compatible import OpenAIChatSettings, OpenAICompatibleModel
+from srt_assets.models.transformers_chat import TransformersGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from openai_server import ScriptedOpenAIServer  # the test server doubles as load target
@@ -54,7 +54,7 @@ def http(args) -> None:
     rates = {}
     with ScriptedOpenAIServer(latency=args.latency) as server:
         for concurrency in (1, 8):
-            settings = OpenAITeacherSettings(model="bench", base_url=server.base_url, concurrency=concurrency)
+            settings = OpenAIChatSettings(model="bench", base_url=server.base_url, concurrency=concurrency)
             teacher = OpenAICompatibleModel(settings)
             started = time.perf_counter()
             teacher.generate(convs, params)

@@ -20,7 +20,7 @@ from srt_assets.resources import (
     StorageResource,
     StudentModelResource,
     TrainingResource,
-    TransformersTeacherResource,
+    TransformersChatResource,
 )
 from srt_assets.settings_file import resources_from_file
 
@@ -47,7 +47,7 @@ def build_definitions(
         "storage": StorageResource(base_dir=str(storage)),
         "gpu": ComputeResource(),
         "student": StudentModelResource(),
-        "teacher": TransformersTeacherResource(),
+        "teacher": TransformersChatResource(),
         "training": TrainingResource(),
         "sources": SourceCatalogResource(sources_file=str(sources_path)),
         **(resources_from_file(settings_file) if settings_file else {}),

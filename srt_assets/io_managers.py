@@ -27,6 +27,10 @@ from upath import UPath
 
 from srt_assets.core.files import read_parquet_file, write_parquet_atomic
 
+# An input (``AssetIn(metadata={OPTIONAL_INPUT: True})``) that loads as None while any of its
+# partitions is not materialized, for a reader that makes do with what exists (the report).
+OPTIONAL_INPUT = "srt/optional_input"
+
 
 def column_schema(schema: Mapping[str, pl.DataType], descriptions: Mapping[str, str] | None = None) -> TableSchema:
     """A polars schema as Dagster's table schema (``dagster/column_schema``), for the catalog."""
@@ -73,11 +77,14 @@ class _ParquetTableIOManager(UPathIOManager):
         with path.open("rb") as handle:
             return read_parquet_file(handle, path, remedy)
 
-    def load_partitions(self, context: InputContext) -> pl.DataFrame:
+    def load_partitions(self, context: InputContext) -> pl.DataFrame | None:
         """One table however many partitions the input spans (a source reading all its shards gets
         their union); a partition not materialized yet is named in the error, with its path."""
         paths = {str(key): path for key, path in self._get_paths_for_partitions(context).items()}
         missing = sorted(key for key, path in paths.items() if not path.exists())
+        if missing and (context.definition_metadata or {}).get(OPTIONAL_INPUT):
+            context.log.info(f"{context.asset_key.to_user_string()}: not materialized for {', '.join(missing)}")
+            return None
         if missing:
             raise FileNotFoundError(
                 f"asset '{context.asset_key.to_user_string()}' has no materialization for partition(s) "

@@ -33,7 +33,7 @@ class Partitioning:
     shards: int = 1
 
     @cached_property
-    def rows(self) -> PartitionsDefinition:
+    def row_partitions(self) -> PartitionsDefinition:
         """The partitions of the row-wise model stages."""
         if self.shards == 1:  # the same keys, but its own object: repartition tells the two apart
             return StaticPartitionsDefinition(self.sources.get_partition_keys())
@@ -45,12 +45,12 @@ class Partitioning:
         """The source of a row-stage partition key ('alpaca' or 'alpaca|3')."""
         if self.shards == 1:
             return str(partition_key)
-        key = self.rows.get_partition_key_from_str(str(partition_key))
+        key = self.row_partitions.get_partition_key_from_str(str(partition_key))
         return str(key.keys_by_dimension[SOURCE_DIMENSION])
 
     def shard_index(self, partition_key: str) -> int:
         """The shard number in a row-stage partition key such as 'alpaca|3'."""
-        key = self.rows.get_partition_key_from_str(str(partition_key))
+        key = self.row_partitions.get_partition_key_from_str(str(partition_key))
         return int(key.keys_by_dimension[SHARD_DIMENSION])
 
     def shard_rows(self, partition_key: str, frame: pl.DataFrame) -> pl.DataFrame:

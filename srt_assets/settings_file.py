@@ -10,7 +10,7 @@ import yaml
 from dagster import ConfigurableResource
 from pydantic import ValidationError
 
-from srt_assets.resources import TEACHER_BACKENDS, ComputeResource, StudentModelResource, TrainingResource
+from srt_assets.resources import CHAT_BACKENDS, ComputeResource, StudentModelResource, TrainingResource
 
 
 class ModelSettingsError(ValueError):
@@ -27,7 +27,7 @@ SETTINGS_SECTIONS: dict[str, type[ConfigurableResource]] = {
 def resources_from_file(path: str | Path) -> dict[str, ConfigurableResource]:
     """Resources from a YAML settings file (``models.yaml``; see ``models.example.yaml``), so a user
     picks the teacher and judge backends and their settings without editing code. Sections:
-    ``teacher`` and ``judge`` (``backend:`` one of TEACHER_BACKENDS, then that backend's fields),
+    ``teacher`` and ``judge`` (``backend:`` one of CHAT_BACKENDS, then that backend's fields),
     ``student``, ``gpu``, ``training``. API keys never live in the file: name the variable that
     holds one in ``api_key_env``."""
 
@@ -53,11 +53,11 @@ def resources_from_file(path: str | Path) -> dict[str, ConfigurableResource]:
             )
         if section in ("teacher", "judge"):
             backend = fields.pop("backend", "transformers")
-            if backend not in TEACHER_BACKENDS:
+            if backend not in CHAT_BACKENDS:
                 raise ModelSettingsError(
-                    f"{file}: {section}.backend '{backend}' is not one of {', '.join(TEACHER_BACKENDS)}"
+                    f"{file}: {section}.backend '{backend}' is not one of {', '.join(CHAT_BACKENDS)}"
                 )
-            cls: type[ConfigurableResource] = TEACHER_BACKENDS[backend]
+            cls: type[ConfigurableResource] = CHAT_BACKENDS[backend]
             if section == "judge" and "api_key_env" in cls.model_fields:
                 # a judge is often another provider: never send it the teacher's key by default
                 fields.setdefault("api_key_env", "SRT_JUDGE_API_KEY")

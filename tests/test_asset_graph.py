@@ -63,12 +63,24 @@ def module_level_kinds() -> dict[str, str | None]:
 
     kinds = {}
     for stage in (raw, teacher, student, selection, training, evaluation):
-        for definition in getattr(stage, "ASSETS", getattr(stage, "CHECKPOINTS", [])):
+        for definition in stage.ASSETS:
             for key in getattr(definition, "keys", None) or [definition.key]:
                 kinds[key.to_user_string()] = next(
                     (name for name, p in (("sources", SOURCES), ("rows", ROWS)) if definition.partitions_def is p), None
                 )
     return kinds
+
+
+def test_each_checkpoint_is_importable_by_its_asset_name():
+    """The one factory's assets are module-level names too: go-to-definition and direct calls work."""
+    from srt_assets.defs import training
+    from srt_assets.defs.training.assets import TRAINING_SETS
+
+    for checkpoint in TRAINING_SETS:
+        definition = getattr(training.assets, f"finetuned_{checkpoint}")
+        assert definition.key.to_user_string() == f"finetuned_{checkpoint}"
+        assert definition in training.ASSETS
+    assert len(training.ASSETS) == len(TRAINING_SETS)
 
 
 @pytest.mark.parametrize("shards", [1, 3])

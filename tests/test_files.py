@@ -216,3 +216,27 @@ def test_the_fingerprint_follows_the_chat_template_and_ignores_hidden_files(tmp_
         (model / name).write_text("changed " + name)
         assert model_fingerprint(model) != changed, name
         changed = model_fingerprint(model)
+
+
+@pytest.mark.parametrize("optional", [False, True])
+def test_a_missing_partition_fails_by_name_unless_the_input_is_optional(tmp_path, optional):
+    """The report reads its parts' tables as optional inputs: a partition not materialized loads as
+    None there, while every other reader still gets an error naming the partition and its path."""
+    from dagster import StaticPartitionsDefinition
+
+    from srt_assets.io_managers import OPTIONAL_INPUT
+
+    (tmp_path / "t").mkdir()
+    pl.DataFrame({"a": [1]}).write_parquet(tmp_path / "t" / "x.parquet")
+    manager = _ParquetTableIOManager(base_path=UPath(tmp_path))
+    context = build_input_context(
+        asset_key=AssetKey("t"),
+        asset_partitions_def=StaticPartitionsDefinition(["x", "y"]),
+        partition_key="y",
+        definition_metadata={OPTIONAL_INPUT: True} if optional else None,
+    )
+    if optional:
+        assert manager.load_input(context) is None
+    else:
+        with pytest.raises(FileNotFoundError, match=r"'t' has no materialization for partition\(s\) y .*y\.parquet"):
+            manager.load_input(context)

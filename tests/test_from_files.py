@@ -17,7 +17,7 @@ from srt_assets.core.from_files import FileLayoutError, load_reflections, statis
 from srt_assets.core.provenance import explain_sample, format_story, load_partition_tables
 from srt_assets.core.sources import SourceConfigError, VariantFile, load_catalog
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import OpenAITeacherResource, StudentModelResource
+from srt_assets.resources import OpenAIChatResource, StudentModelResource
 
 TOPICS = ["photosynthesis", "the water cycle", "compound interest", "plate tectonics", "vaccines", "recursion"]
 
@@ -229,7 +229,7 @@ def write_statistics(directory: Path, plan: list[str]) -> dict[str, Path]:
 
 def pipeline_defs(tmp_path: Path, entry: dict, server: ScriptedOpenAIServer, student: StudentModelResource | None):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    resources = {"teacher": OpenAITeacherResource(model="scripted", base_url=server.base_url)}
+    resources = {"teacher": OpenAIChatResource(model="scripted", base_url=server.base_url)}
     if student is not None:
         resources["student"] = student
     return build_definitions(
@@ -351,6 +351,6 @@ def test_a_sharded_partition_names_its_source():
     from srt_assets.partitions import Partitioning
 
     sharded = Partitioning(StaticPartitionsDefinition(["alpaca", "demo"]), shards=3)
-    keys = sharded.rows.get_partition_keys()
+    keys = sharded.row_partitions.get_partition_keys()
     assert {sharded.source_name(key) for key in keys} == {"alpaca", "demo"} and len(keys) == 6
     assert Partitioning(StaticPartitionsDefinition(["demo"])).source_name("demo") == "demo"

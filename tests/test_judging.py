@@ -161,3 +161,40 @@ def test_bundled_eval_samples_are_the_first_records_of_the_full_sets(shared_data
     for name in PROMPT_SETS:
         bundled = load_prompt_set(BUNDLED_EVAL_DIR, name)
         assert load_prompt_set(shared_data, name).head(bundled.height).equals(bundled), name
+
+
+@pytest.mark.integration
+def test_a_report_over_some_of_the_metrics_shows_them_and_names_the_rest(tmp_path, dagster_instance):
+    """A source whose leaderboards were never run still gets its report through a real Dagster run:
+    the student's diagnosis is rendered, and every other part names the assets to materialize."""
+    from conftest import latest_metadata, materialize
+    from dagster import AssetKey
+
+    from srt_assets.definitions import build_definitions
+
+    store = tmp_path / "store"
+    (store / "student_diagnosis").mkdir(parents=True)
+    diagnosis = {"probe": ["swapped"], "statistic": ["ifd"], "auc": [0.875], "ci_low": [0.8], "ci_high": [0.9],
+                 "pairs": [64]}  # fmt: skip
+    pl.DataFrame(diagnosis).write_parquet(store / "student_diagnosis" / "demo.parquet")
+    defs = build_definitions(storage_dir=store)
+    result = materialize(defs, "demo", dagster_instance, selection=[AssetKey("experiment_report")])
+    assert result.success
+    metadata = latest_metadata(dagster_instance, "experiment_report")
+    assert "student_diagnosis" not in metadata["not_materialized"]
+    assert {"alpacaeval_results", "mt_bench_scores", "pairwise_verdicts"} <= set(metadata["not_materialized"])
+    markdown = (store / "reports" / "demo" / "report.md").read_text()
+    assert "| swapped | ifd | 0.875 |" in markdown
+    assert "Not in this report yet: materialize alpacaeval_results for source 'demo'" in markdown
+    assert "Not in this report yet: materialize new_instructions, better_responses for source 'demo'" in markdown
+
+
+def test_every_table_a_report_part_reads_is_an_asset_of_the_graph():
+    """A part naming a table no stage makes would read an external asset that never exists."""
+    from srt_assets.definitions import defs
+    from srt_assets.defs.evaluation.report import REPORT_PARTS
+
+    keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    reads = {name for part in REPORT_PARTS for name in part.reads}
+    assert reads and reads <= keys
+    assert {"student_diagnosis", "alpacaeval_results", "mt_bench_scores", "reference_loss"} <= reads

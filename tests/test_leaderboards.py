@@ -18,7 +18,7 @@ from srt_assets.core.mt_bench import grade, load_judge_templates, load_questions
 from srt_assets.core.templates import get_template, render_conversation
 from srt_assets.core.winrates import draw_instructions, load_reference, win_rate
 from srt_assets.defs.evaluation.pairwise import ANSWER_SCHEMA, JudgeConfig, judge_pairs
-from srt_assets.resources import ComputeResource, OpenAITeacherResource, StorageResource
+from srt_assets.resources import ComputeResource, OpenAIChatResource, StorageResource
 
 NO_VERDICT = "NO-VERDICT"  # an answer carrying this gets a judge reply that says nothing parseable
 RANKED = re.compile(r'"answer": """(.*?)"""', re.S)
@@ -34,7 +34,7 @@ def longer_wins_ranking(messages: list[dict]) -> str:
 
 
 def judge_session(server: ScriptedOpenAIServer, tmp_path: Path, max_tokens: int = 64):
-    judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)
+    judge = OpenAIChatResource(model="known-judge", base_url=server.base_url, max_retries=0)
     params = GenerationParams(temperature=0.0, max_tokens=max_tokens)
     return judge.session(ComputeResource(), StorageResource(base_dir=str(tmp_path / "storage"))), params
 
@@ -229,7 +229,7 @@ def test_pairwise_protocol_gives_the_judges_known_verdicts(tmp_path, selected_an
     answers = pl.DataFrame(rows, schema=ANSWER_SCHEMA)
     storage = StorageResource(base_dir=str(tmp_path / "storage"))
     with ScriptedOpenAIServer(reply=longer_scores_higher) as server:
-        judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)
+        judge = OpenAIChatResource(model="known-judge", base_url=server.base_url, max_retries=0)
         table, _ = judge_pairs(
             build_asset_context(),
             answers,
@@ -262,7 +262,7 @@ def test_pairwise_verdicts_is_a_module_level_asset_a_test_can_call(tmp_path):
     ]  # fmt: skip
     storage = StorageResource(base_dir=str(tmp_path / "storage"))
     with ScriptedOpenAIServer(reply=longer_scores_higher) as server:
-        judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)
+        judge = OpenAIChatResource(model="known-judge", base_url=server.base_url, max_retries=0)
         context = build_asset_context(partition_key=SOURCES.get_partition_keys()[0])
         config = JudgeConfig(pairs=[["selected", "random"]])
         answers = pl.DataFrame(rows, schema=ANSWER_SCHEMA)
@@ -325,7 +325,7 @@ def test_a_judge_that_answers_401_makes_failed_calls_not_a_format_complaint(tmp_
     reference = reference_records(3)
     outputs = [dict(r, output=r["output"] + " More.", generator="srt-test") for r in reference]
     with ScriptedOpenAIServer(reply=longer_wins_ranking, api_key="right-key") as server:
-        judge = OpenAITeacherResource(model="known-judge", base_url=server.base_url, max_retries=0)  # no key
+        judge = OpenAIChatResource(model="known-judge", base_url=server.base_url, max_retries=0)  # no key
         params = GenerationParams(temperature=0.0, max_tokens=64)
         with judge.session(ComputeResource(), StorageResource(base_dir=str(tmp_path / "s"))) as cached:
             metrics, _, ledger = win_rate(

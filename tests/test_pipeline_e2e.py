@@ -17,9 +17,9 @@ from conftest import alpaca_rows, demo_ops, latest_metadata, materialize, write_
 from dagster import AssetKey
 
 from srt_assets.definitions import build_definitions
-from srt_assets.models.teacher_base import SMALL_TEACHER_PROMPTS
+from srt_assets.models.chat_model import SMALL_TEACHER_PROMPTS
 from srt_assets.plots import markdown_text
-from srt_assets.resources import StudentModelResource, TrainingResource, TransformersTeacherResource
+from srt_assets.resources import StudentModelResource, TrainingResource, TransformersChatResource
 
 pytestmark = [pytest.mark.slow]
 CHECKPOINTS = ("selected", "random", "full")
@@ -55,7 +55,7 @@ def pipeline(tmp_path_factory, student_model_dir):
         resources={
             "student": StudentModelResource(model=model),
             # the compact, prefilled prompts that 'auto' picks for the bundled teacher
-            "teacher": TransformersTeacherResource(
+            "teacher": TransformersChatResource(
                 model=model, max_tokens=40, batch_size=8, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
             ),
             "training": TrainingResource(max_steps=2, batch_size=2, max_length=192),
@@ -213,7 +213,7 @@ def test_demo_partition_to_selected_dataset_with_the_paper_rule(tmp_path, studen
         storage_dir=tmp_path,
         resources={
             "student": StudentModelResource(model=model),
-            "teacher": TransformersTeacherResource(
+            "teacher": TransformersChatResource(
                 model=model, max_tokens=24, batch_size=20, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
             ),
         },

@@ -8,7 +8,7 @@ from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, w
 from openai_server import ScriptedOpenAIServer, scripted_reply
 
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import OpenAITeacherResource, StudentModelResource
+from srt_assets.resources import OpenAIChatResource, StudentModelResource
 
 pytestmark = pytest.mark.slow
 KEY = "sk-srt-test-5d1e-do-not-leak"
@@ -23,7 +23,7 @@ def pipeline(tmp_path: Path, server: ScriptedOpenAIServer, student_dir: Path, **
         storage_dir=tmp_path / "store",
         resources={
             "student": StudentModelResource(model=str(student_dir), template="alpaca"),
-            "teacher": OpenAITeacherResource(
+            "teacher": OpenAIChatResource(
                 model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_TEACHER_KEY", **teacher_options
             ),
         },
@@ -153,7 +153,7 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
     raw, _ = load_source(sources.source(name))
     monkeypatch.setenv("SRT_TEST_TEACHER_KEY", KEY)
     with ScriptedOpenAIServer(api_key=KEY) as server:
-        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_TEACHER_KEY")
+        teacher = OpenAIChatResource(model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_TEACHER_KEY")
         context = build_asset_context(partition_key=name)
         storage = StorageResource(base_dir=str(tmp_path / "store"))
         events = list(new_instructions(context, ReflectionConfig(), raw, teacher, ComputeResource(), storage, sources))

@@ -22,7 +22,7 @@ from srt_assets.core.raw import RawDataError, load_source
 from srt_assets.core.sources import SourceConfigError, SourceFileMissing, SourceSpec, infer_format, load_catalog
 from srt_assets.definitions import build_definitions
 from srt_assets.recovery import free_dead_runs, free_dead_runs_sensor
-from srt_assets.resources import OpenAITeacherResource
+from srt_assets.resources import OpenAIChatResource
 from srt_assets.settings_file import ModelSettingsError, resources_from_file
 
 KEY = "sk-reliability-0b7e-never-stored"
@@ -55,7 +55,7 @@ def test_teacher_faults_end_in_recorded_rows_and_a_mended_endpoint_repeats_only_
     monkeypatch.setenv("SRT_TEST_KEY", KEY)
     loose = {"ops": {"new_instructions": {"config": {"max_failure_ratio": 1.0}}}}
     with ScriptedOpenAIServer(retry_after=0.2) as server:
-        teacher = OpenAITeacherResource(
+        teacher = OpenAIChatResource(
             model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_KEY", max_retries=2,
             timeout_s=2.0, parse_retries=0,
         )  # fmt: skip
@@ -96,7 +96,7 @@ def test_teacher_faults_end_in_recorded_rows_and_a_mended_endpoint_repeats_only_
 @pytest.mark.integration
 def test_a_strict_failure_bound_is_the_default(tmp_path, dagster_instance):
     with ScriptedOpenAIServer() as server:
-        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url, max_retries=0, parse_retries=0)
+        teacher = OpenAIChatResource(model="scripted", base_url=server.base_url, max_retries=0, parse_retries=0)
         defs = build_definitions(
             sources_file=faulty_source(tmp_path), storage_dir=tmp_path / "store", resources={"teacher": teacher}
         )
@@ -113,7 +113,7 @@ def test_two_instances_sharing_one_storage_share_the_call_cache(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", alpaca_rows(3, with_input=1))
     catalog = write_catalog(tmp_path, {"s": {"path": "s.jsonl"}})
     with ScriptedOpenAIServer() as server:
-        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url)
+        teacher = OpenAIChatResource(model="scripted", base_url=server.base_url)
         defs = build_definitions(sources_file=catalog, storage_dir=tmp_path / "shared", resources={"teacher": teacher})
         first = DagsterInstance.ephemeral(tempdir=str(tmp_path / "home_a"))
         second = DagsterInstance.ephemeral(tempdir=str(tmp_path / "home_b"))
@@ -212,9 +212,7 @@ def test_model_settings_pick_backends_and_refuse_keys_in_files(tmp_path):
     good = tmp_path / "models.yaml"
     good.write_text("teacher:\n  backend: openai\n  model: m\n  base_url: http://h/v1\n  api_key_env: MY_KEY\n")
     resources = resources_from_file(good)
-    assert (
-        type(resources["teacher"]).__name__ == "OpenAITeacherResource" and resources["teacher"].api_key_env == "MY_KEY"
-    )
+    assert type(resources["teacher"]).__name__ == "OpenAIChatResource" and resources["teacher"].api_key_env == "MY_KEY"
     for text, message in [
         ("teacher:\n  backend: openai\n  model: m\n  base_url: u\n  api_key: sk-123\n", "keys never go in files"),
         ("teacher:\n  backend: bard\n", "not one of transformers, vllm, openai"),
@@ -349,7 +347,7 @@ def test_a_step_waiting_for_the_pool_says_so_and_who_holds_it(tmp_path, capsys):
         instance.event_log_storage.claim_concurrency_slot("gpu", holder.run_id, "step")
         release = threading.Timer(8, instance.event_log_storage.free_concurrency_slots_for_run, [holder.run_id])
         release.start()
-        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url)
+        teacher = OpenAIChatResource(model="scripted", base_url=server.base_url)
         defs = build_definitions(sources_file=catalog, storage_dir=tmp_path / "store", resources={"teacher": teacher})
         results = materialize_partition("s", "+new_instructions", defs=defs, instance=instance)
         release.join()

@@ -8,7 +8,7 @@ from conftest import REPO_ROOT, latest_metadata, materialize, write_catalog, wri
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
-from srt_assets.resources import ComputeResource, OpenAITeacherResource, StudentModelResource
+from srt_assets.resources import ComputeResource, OpenAIChatResource, StudentModelResource
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def run(defs, partition, instance, selection=None, run_config=None):
 def scripted_teacher():
     """The teacher behind a scripted local OpenAI-compatible server (fast, deterministic)."""
     with ScriptedOpenAIServer() as server:
-        yield OpenAITeacherResource(model="scripted", base_url=server.base_url)
+        yield OpenAIChatResource(model="scripted", base_url=server.base_url)
 
 
 def test_demo_scores_then_rerun_makes_no_model_calls(

@@ -20,8 +20,8 @@ from srt_assets.cli import materialize_partition, plan_partition_runs
 from srt_assets.core.sharding import shard_of, take_shard
 from srt_assets.core.sources import SourceConfigError, load_catalog
 from srt_assets.definitions import build_definitions
-from srt_assets.models.teacher_base import SMALL_TEACHER_PROMPTS
-from srt_assets.resources import StudentModelResource, TransformersTeacherResource
+from srt_assets.models.chat_model import SMALL_TEACHER_PROMPTS
+from srt_assets.resources import StudentModelResource, TransformersChatResource
 
 ROW_STAGES = ("new_instructions", "better_responses", "student_scores")
 SELECT_ALL = {"ops": {**demo_ops(), "sample_decisions": {"config": {"keep_unreflected": True, "ifd_below": 10.0}}}}
@@ -98,7 +98,7 @@ def test_sharded_run_equals_the_unsharded_work(tmp_path, student_model_dir, monk
     model = str(student_model_dir)
     resources = {
         "student": StudentModelResource(model=model),
-        "teacher": TransformersTeacherResource(
+        "teacher": TransformersChatResource(
             model=model, max_tokens=24, batch_size=8, parse_retries=0, prompts_file=str(SMALL_TEACHER_PROMPTS)
         ),
     }

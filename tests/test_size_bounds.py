@@ -53,12 +53,12 @@ def test_the_teacher_never_sends_a_prompt_over_its_budget(tmp_path: Path):
     from srt_assets.core.reflection import ReflectionPrompts
     from srt_assets.core.teacher import ReflectionSettings, reflect
     from srt_assets.models.compute import ComputeSettings
-    from srt_assets.models.teacher_openai import OpenAITeacherSettings
+    from srt_assets.models.openai_compatible import OpenAIChatSettings
 
     huge = "HUGEROW " + "a" * 200_000
     rows = [("Name a color.", "", "Blue."), (huge, "", "Red.")]
     with ScriptedOpenAIServer() as server:
-        teacher = OpenAITeacherSettings(model="scripted", base_url=server.base_url, max_prompt_chars=50_000)
+        teacher = OpenAIChatSettings(model="scripted", base_url=server.base_url, max_prompt_chars=50_000)
         with teacher.open_session(ComputeSettings(device="cpu"), tmp_path, tmp_path / "calls.sqlite") as cached:
             outcomes = reflect(cached, rows, "instruction", ReflectionPrompts(), ReflectionSettings())
             stats = cached.stats

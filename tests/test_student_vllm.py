@@ -33,10 +33,10 @@ def test_vllm_prompt_logprobs_match_the_straightforward_loop(student_model_dir, 
 def test_student_scores_asset_runs_on_the_vllm_backend(tmp_path, dagster_instance, student_model_dir):
     from openai_server import ScriptedOpenAIServer
 
-    from srt_assets.resources import OpenAITeacherResource
+    from srt_assets.resources import OpenAIChatResource
 
     with ScriptedOpenAIServer() as server:
-        teacher = OpenAITeacherResource(model="scripted", base_url=server.base_url)
+        teacher = OpenAIChatResource(model="scripted", base_url=server.base_url)
         _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher)
 
 
@@ -73,8 +73,8 @@ def test_checkpoint_answers_from_vllm_match_batched_transformers(student_model_d
     """Evaluation answers on the vLLM backend: vLLM's batched generation, greedy, the same texts as
     batched transformers generate, and a cache identity of their own."""
     from srt_assets.core.generation import GenerationParams
+    from srt_assets.models.checkpoint_generator import CheckpointGenerator
     from srt_assets.models.compute import ComputeSettings
-    from srt_assets.models.generation import CheckpointGenerator
 
     conversations = [
         [{"role": "user", "content": "Name three primary colors."}],

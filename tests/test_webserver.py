@@ -23,7 +23,7 @@ from dagster_ui import (
 from test_asset_graph import SNAPSHOT
 
 from srt_assets.core.sharding import shard_of
-from srt_assets.models.teacher_base import SMALL_TEACHER_PROMPTS
+from srt_assets.models.chat_model import SMALL_TEACHER_PROMPTS
 
 
 @pytest.fixture

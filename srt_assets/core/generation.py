@@ -9,7 +9,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from srt_assets.core.cache import content_key
-from srt_assets.core.reflection import Messages
+
+Messages = list[dict[str, str]]  # a chat: {"role", "content"} turns, as every chat API takes them
+
+
+def continues_reply(messages: Messages) -> str:
+    """The prefilled start of the reply when the conversation ends with an assistant turn, else ''."""
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
 
 
 @dataclass(frozen=True)

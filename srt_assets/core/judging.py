@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from srt_assets.core.reflection import Messages
+from srt_assets.core.generation import Messages
 
 JUDGE_SYSTEM = "You are a careful, impartial assistant who rates the quality of answers to a question."
 JUDGE_USER = (

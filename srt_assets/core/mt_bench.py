@@ -17,8 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from srt_assets.core.generation import Generation
-from srt_assets.core.reflection import Messages
+from srt_assets.core.generation import Generation, Messages
 
 QUESTION_FILE = "mt_bench_question.jsonl"
 REFERENCE_FILE = "mt_bench_reference_answer_gpt-4.jsonl"

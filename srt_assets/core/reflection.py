@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from srt_assets.core.generation import Messages
+
 # The authors' placeholders, and the ones our own prompts show the format with: a reply that only
 # copies one is no rewrite.
 PLACEHOLDERS = (
@@ -112,9 +114,6 @@ def _read_regular_file(path: Path, limit: int) -> bytes:
         return handle.read(limit)
 
 
-Messages = list[dict[str, str]]
-
-
 def _frame(instruction: str, input_text: str, output: str, criteria: str) -> str:
     parts = [f"[Instruction]\n{instruction}\n\n"]
     if input_text:
@@ -140,11 +139,6 @@ def response_messages(prompts: ReflectionPrompts, instruction: str, input_text: 
     system = prompts.response_system + (prompts.input_note if input_text else "")
     user = _frame(instruction, input_text, output, prompts.response_criteria)
     return _conversation(system, user, prompts.response_prefill)
-
-
-def continues_reply(messages: Messages) -> str:
-    """The prefilled start of the reply when the conversation ends with an assistant turn, else ''."""
-    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
 
 
 @dataclass(frozen=True)

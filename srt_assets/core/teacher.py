@@ -11,15 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from srt_assets.core.generation import CachedGenerator, GenerationParams
+from srt_assets.core.generation import CachedGenerator, GenerationParams, Messages, continues_reply
 from srt_assets.core.reflection import (
     INSTRUCTION_JSON_SCHEMA,
     JSON_FORMAT_NOTE,
     RESPONSE_JSON_SCHEMA,
-    Messages,
     Parsed,
     ReflectionPrompts,
-    continues_reply,
     instruction_messages,
     parse_instruction_reflection,
     parse_response_reflection,

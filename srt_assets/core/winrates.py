@@ -22,8 +22,7 @@ import polars as pl
 import yaml
 
 from srt_assets.core.files import atomic_write_text
-from srt_assets.core.generation import Generation
-from srt_assets.core.reflection import Messages
+from srt_assets.core.generation import Generation, Messages
 
 FULL_SET = 805
 REFERENCES: dict[str, str] = {  # reference model → its outputs file

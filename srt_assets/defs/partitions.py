@@ -16,7 +16,7 @@ from srt_assets.partitions import Partitioning, catalog_partitioning
 LOADED_CATALOG = load_catalog(paths.sources_file())  # what this code location serves
 LOADED = catalog_partitioning(LOADED_CATALOG)
 SOURCES = LOADED.sources  # every per-source asset
-ROWS = LOADED.rows  # the row-wise model stages: per source, or per source x shard
+ROWS = LOADED.row_partitions  # the row-wise model stages: per source, or per source x shard
 
 AssetDefinition = AssetsDefinition | SourceAsset
 
@@ -31,7 +31,7 @@ def repartition(definitions: Iterable[AssetDefinition], layout: Partitioning) ->
     definitions = list(definitions)
     if layout == LOADED:
         return definitions
-    swap = {id(SOURCES): layout.sources, id(ROWS): layout.rows}
+    swap = {id(SOURCES): layout.sources, id(ROWS): layout.row_partitions}
 
     def swapped(partitions: PartitionsDefinition | None) -> PartitionsDefinition | None:
         return swap.get(id(partitions), partitions) if partitions is not None else None

@@ -3,20 +3,16 @@
 Answers and judge calls go through the durable call cache, so a rerun only pays for what changed."""
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from srt_assets import paths
-from srt_assets.core.cache import SqliteCache
 from srt_assets.core.files import atomic_write_text
-from srt_assets.core.generation import CachedGenerator, Generation, GenerationParams
+from srt_assets.core.generation import GenerationParams
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
-from srt_assets.core.reflection import Messages
 from srt_assets.core.winrates import (
     LENGTH_CONTROLLED_REFERENCE,
     REFERENCES,
@@ -26,12 +22,12 @@ from srt_assets.core.winrates import (
     win_rate,
 )
 from srt_assets.defs.common import calls_progress, column_schema, json_value, judge_metadata
-from srt_assets.defs.evaluation.steps import JUDGE_STEP, checkpoint_step
-from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
-from srt_assets.models.generation import CheckpointGenerator
+from srt_assets.defs.evaluation.steps import JUDGE_STEP, Answer, answer_with_checkpoints, checkpoint_step
+from srt_assets.defs.report_parts import ReportPart
+from srt_assets.defs.training.assets import TRAINING_SETS
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section
-from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TeacherResource
+from srt_assets.resources import ChatModelResource, ComputeResource, StorageResource, StudentModelResource
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {  # alpaca_eval's model_outputs fields, then ours
     "instruction": pl.String(),
@@ -52,10 +48,6 @@ MT_ANSWER_SCHEMA: dict[str, pl.DataType] = {
     "cache_key_1": pl.String(),
     "cache_key_2": pl.String(),
 }
-
-
-T = TypeVar("T")
-Answer = Callable[[list[Messages], GenerationParams], list[tuple[str, Generation]]]
 
 
 class BenchmarkAnswerConfig(Config):
@@ -82,35 +74,6 @@ class MTBenchJudgeConfig(Config):
     max_tokens: int = Field(128, description="judge reply length (FastChat: 2048; the rating comes last)")
 
 
-def answer_with_checkpoints(
-    storage: StorageResource,
-    source: str,
-    student: StudentModelResource,
-    gpu: ComputeResource,
-    batch_size: int,
-    ask: Callable[[Answer], T],
-) -> tuple[dict[str, T], dict[str, dict[str, int]]]:
-    """``ask(answer)`` once per checkpoint of ``source``, where ``answer(conversations, params)``
-    gives that checkpoint's greedy replies through the call cache (vLLM or transformers, per
-    ``gpu``; the engine loads on the first miss and is released after). Returns what ``ask``
-    returned and the calls made and served from the cache, per checkpoint."""
-    results, stats = {}, {}
-    cache = SqliteCache(storage.cache_file, "answers")
-    try:
-        for checkpoint in TRAINING_SETS:
-            model_path = str(checkpoint_dir(storage, source, checkpoint))
-            generator = CheckpointGenerator(model_path, student.template, gpu, batch_size)
-            cached = CachedGenerator(generator, cache, chunk_size=32)
-            try:
-                results[checkpoint] = ask(cached.generate)
-            finally:
-                generator.close()
-            stats[checkpoint] = {"generated": cached.stats.calls, "from_cache": cached.stats.cache_hits}
-    finally:
-        cache.close()
-    return results, stats
-
-
 def export_model_outputs(table: pl.DataFrame, folder: Path) -> dict[str, str]:
     """Each checkpoint's answers as alpaca_eval's model_outputs.json, ready to submit anywhere."""
     written = {}
@@ -120,6 +83,22 @@ def export_model_outputs(table: pl.DataFrame, folder: Path) -> dict[str, str]:
         atomic_write_text(path, json.dumps(part.to_dicts(), indent=2, ensure_ascii=False))
         written[checkpoint] = str(path)
     return written
+
+
+def answers_output(
+    table: pl.DataFrame, stats: dict, example_columns: tuple[str, ...], **figures: object
+) -> Output[pl.DataFrame]:
+    """A benchmark's answers with what every answering asset shows: its figures, the calls made and
+    served from the cache per checkpoint, and a few answers to read."""
+    examples = markdown_table(table.select(*example_columns).head(6))
+    return Output(
+        table,
+        metadata={
+            **{name: json_value(value) if isinstance(value, dict) else value for name, value in figures.items()},
+            "calls": json_value(stats),
+            "examples": MetadataValue.md(examples),
+        },
+    )
 
 
 @asset(**checkpoint_step(), metadata={"dagster/column_schema": column_schema(OUTPUT_SCHEMA)})
@@ -157,14 +136,8 @@ def alpacaeval_outputs(
     ]
     table = pl.concat(parts)
     exported = export_model_outputs(table, storage.exports_dir / "alpacaeval_outputs" / source)
-    return Output(
-        table,
-        metadata={
-            "instructions": len(records),
-            "calls": json_value(stats),
-            "model_outputs_json": json_value(exported),
-            "examples": MetadataValue.md(markdown_table(table.select("checkpoint", "instruction", "output").head(6))),
-        },
+    return answers_output(
+        table, stats, ("checkpoint", "instruction", "output"), instructions=len(records), model_outputs_json=exported
     )
 
 
@@ -173,7 +146,7 @@ def alpacaeval_results(
     context: AssetExecutionContext,
     config: AlpacaEvalConfig,
     alpacaeval_outputs: pl.DataFrame,
-    judge: TeacherResource,
+    judge: ChatModelResource,
     gpu: ComputeResource,
     storage: StorageResource,
 ) -> Output[pl.DataFrame]:
@@ -270,14 +243,7 @@ def mt_bench_answers(
         for checkpoint, (first, second) in answers.items()
     ]
     table = pl.concat(parts).select(*MT_ANSWER_SCHEMA)
-    return Output(
-        table,
-        metadata={
-            "questions": questions.height,
-            "calls": json_value(stats),
-            "examples": MetadataValue.md(markdown_table(table.select("checkpoint", "category", "answer_1").head(6))),
-        },
-    )
+    return answers_output(table, stats, ("checkpoint", "category", "answer_1"), questions=questions.height)
 
 
 @asset(**JUDGE_STEP, metadata={"dagster/column_schema": column_schema(SCORE_SCHEMA)})
@@ -285,7 +251,7 @@ def mt_bench_scores(
     context: AssetExecutionContext,
     config: MTBenchJudgeConfig,
     mt_bench_answers: pl.DataFrame,
-    judge: TeacherResource,
+    judge: ChatModelResource,
     gpu: ComputeResource,
     storage: StorageResource,
 ) -> Output[pl.DataFrame]:
@@ -412,3 +378,12 @@ def mt_bench_section(scores: pl.DataFrame) -> Section:
         f"reference answers for math, reasoning and coding). {sentence} Per category: mt_bench_scores.",
         table,
     )
+
+
+ASSETS = [alpacaeval_outputs, alpacaeval_results, mt_bench_answers, mt_bench_scores]
+REPORT_PARTS = [
+    ReportPart(
+        "AlpacaEval win rate", ("alpacaeval_results",), lambda i: [alpaca_eval_section(i.tables["alpacaeval_results"])]
+    ),
+    ReportPart("MT-Bench", ("mt_bench_scores",), lambda i: [mt_bench_section(i.tables["mt_bench_scores"])]),
+]

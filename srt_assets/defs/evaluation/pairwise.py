@@ -29,13 +29,13 @@ from srt_assets.defs.common import (
     quantiles,
     to_check_results,
 )
-from srt_assets.defs.evaluation.leaderboards import answer_with_checkpoints
-from srt_assets.defs.evaluation.steps import JUDGE_STEP, checkpoint_step
+from srt_assets.defs.evaluation.steps import JUDGE_STEP, answer_with_checkpoints, checkpoint_step
 from srt_assets.defs.partitions import SOURCES
-from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
+from srt_assets.defs.report_parts import ReportPart
+from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir, checkpoint_manifests
 from srt_assets.plots import figure_png, line_figure, markdown_table
 from srt_assets.report import Figure, Section, finite_mean, loss_figure, verdict_figure, verdict_note
-from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TeacherResource
+from srt_assets.resources import ChatModelResource, ComputeResource, StorageResource, StudentModelResource
 
 ANSWER_SCHEMA: dict[str, pl.DataType] = {
     "dataset": pl.String(),
@@ -106,7 +106,7 @@ def judge_pairs(
     context: AssetExecutionContext,
     answers: pl.DataFrame,
     config: JudgeConfig,
-    judge: TeacherResource,
+    judge: ChatModelResource,
     gpu: ComputeResource,
     storage: StorageResource,
 ) -> tuple[pl.DataFrame, CallStats]:
@@ -285,7 +285,7 @@ def pairwise_verdicts(
     context: AssetExecutionContext,
     config: JudgeConfig,
     evaluation_answers: pl.DataFrame,
-    judge: TeacherResource,
+    judge: ChatModelResource,
     gpu: ComputeResource,
     storage: StorageResource,
 ):
@@ -349,3 +349,14 @@ def training_sections(reference_losses: pl.DataFrame, manifests: dict[str, dict 
         ),
         Section("Training curves", figure=training_curves),
     ]
+
+
+ASSETS = [evaluation_prompts, evaluation_answers, reference_loss, pairwise_verdicts]
+REPORT_PARTS = [
+    ReportPart("Pairwise judging", ("pairwise_verdicts",), lambda i: pairwise_sections(i.tables["pairwise_verdicts"])),
+    ReportPart(
+        "Training and reference-answer loss",
+        ("reference_loss",),
+        lambda i: training_sections(i.tables["reference_loss"], checkpoint_manifests(i.storage, i.source)),
+    ),
+]

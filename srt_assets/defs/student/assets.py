@@ -32,6 +32,7 @@ from srt_assets.defs.common import (
     to_check_results,
 )
 from srt_assets.defs.partitions import ROWS, SOURCES
+from srt_assets.defs.report_parts import ReportPart
 from srt_assets.models.identity import BUNDLED_MODEL
 from srt_assets.plots import text_histogram
 from srt_assets.report import Section
@@ -299,3 +300,10 @@ def diagnostics_section(diagnostics: pl.DataFrame) -> Section:
         "noise, and its selection is a coin toss.",
         diagnostics.select("probe", "statistic", "auc", "ci_low", "ci_high", "pairs"),
     )
+
+
+REPORT_PARTS = [
+    ReportPart(
+        "Can the student judge?", ("student_diagnosis",), lambda i: [diagnostics_section(i.tables["student_diagnosis"])]
+    )
+]

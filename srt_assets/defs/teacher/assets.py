@@ -28,15 +28,16 @@ from srt_assets.defs.common import (
     to_check_results,
 )
 from srt_assets.defs.partitions import ROWS
+from srt_assets.defs.report_parts import ReportPart
 from srt_assets.partitions import Partitioning
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section
 from srt_assets.resources import (
+    ChatModelResource,
     ComputeResource,
     SourceCatalogResource,
     StorageResource,
     StudentModelResource,
-    TeacherResource,
 )
 
 CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
@@ -98,7 +99,7 @@ class ReflectionConfig(Config):
 class TeacherModels:
     """The resources a teacher call needs, passed on as one."""
 
-    teacher: TeacherResource
+    teacher: ChatModelResource
     gpu: ComputeResource
     storage: StorageResource
 
@@ -191,7 +192,7 @@ def flag_metadata(table: pl.DataFrame) -> dict:
 def teacher_metadata(
     context: AssetExecutionContext,
     asset: str,
-    teacher: TeacherResource,
+    teacher: ChatModelResource,
     stats: CallStats,
     model_loaded: bool,
     seconds: float,
@@ -316,7 +317,7 @@ def new_instructions(
     context: AssetExecutionContext,
     config: ReflectionConfig,
     raw_samples: pl.DataFrame,
-    teacher: TeacherResource,
+    teacher: ChatModelResource,
     gpu: ComputeResource,
     storage: StorageResource,
     sources: SourceCatalogResource,
@@ -343,7 +344,7 @@ def better_responses(
     config: ReflectionConfig,
     raw_samples: pl.DataFrame,
     new_instructions: pl.DataFrame,
-    teacher: TeacherResource,
+    teacher: ChatModelResource,
     gpu: ComputeResource,
     student: StudentModelResource,
     storage: StorageResource,
@@ -425,3 +426,12 @@ def quality_section(*candidates: pl.DataFrame) -> Section:
         "failed reflection for the selection.",
         pl.DataFrame(rows),
     )
+
+
+REPORT_PARTS = [
+    ReportPart(
+        "Teacher rewrites and their quality flags",
+        ("new_instructions", "better_responses"),
+        lambda i: [quality_section(i.tables["new_instructions"], i.tables["better_responses"])],
+    )
+]

@@ -6,6 +6,8 @@ from srt_assets.defs.partitions import repartition
 from srt_assets.defs.training.assets import CHECKPOINTS
 from srt_assets.partitions import Partitioning
 
+ASSETS = CHECKPOINTS  # finetuned_selected, finetuned_random, finetuned_full
+
 
 def definitions(layout: Partitioning) -> Definitions:
-    return Definitions(assets=repartition(CHECKPOINTS, layout))
+    return Definitions(assets=repartition(ASSETS, layout))

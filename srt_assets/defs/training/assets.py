@@ -17,7 +17,7 @@ from dagster import (
 
 from srt_assets.core.cache import content_key
 from srt_assets.core.ifd import ScoringConfig
-from srt_assets.core.training import MANIFEST, finished_training, run_identity, sft_examples
+from srt_assets.core.training import MANIFEST, finished_training, read_manifest, run_identity, sft_examples
 from srt_assets.defs.common import GPU_STEP, json_value, production_figures
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.models.sft_launch import write_job
@@ -171,4 +171,12 @@ def checkpoint_metadata(
     }
 
 
-CHECKPOINTS = [checkpoint_asset(dataset) for dataset in TRAINING_SETS]
+finetuned_selected = checkpoint_asset("selected")
+finetuned_random = checkpoint_asset("random")
+finetuned_full = checkpoint_asset("full")
+CHECKPOINTS = [finetuned_selected, finetuned_random, finetuned_full]  # one per entry of TRAINING_SETS
+
+
+def checkpoint_manifests(storage: StorageResource, source: str) -> dict[str, dict | None]:
+    """Each checkpoint's training manifest (None where it is not trained yet)."""
+    return {dataset: read_manifest(checkpoint_dir(storage, source, dataset)) for dataset in TRAINING_SETS}

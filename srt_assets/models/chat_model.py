@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from srt_assets.core.cache import SqliteCache
-from srt_assets.core.generation import CachedGenerator, ChatModel, Generation, GenerationParams, OnDone
-from srt_assets.core.reflection import Messages, ReflectionPrompts
+from srt_assets.core.generation import CachedGenerator, ChatModel, Generation, GenerationParams, Messages, OnDone
+from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import ReflectionSettings
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import BUNDLED_MODEL, model_identity
@@ -27,7 +27,7 @@ from srt_assets.models.identity import BUNDLED_MODEL, model_identity
 SMALL_TEACHER_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "small_teacher.yaml"
 
 
-class TeacherSettings(BaseModel, ABC):
+class ChatModelSettings(BaseModel, ABC):
     """Sampling and reflection settings of any teacher (the authors: temperature 0, top_p 1, up to
     2048 tokens, with ChatGPT)."""
 
@@ -103,7 +103,7 @@ class TeacherSettings(BaseModel, ABC):
         """This teacher behind the durable call cache: the backend is built on the first cache miss
         and released on exit."""
         model_id = self.model_id(models_dir, compute)
-        backend = LazyTeacher(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
+        backend = LazyChatModel(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
         cache = SqliteCache(cache_file, "teacher_calls")
         try:
             yield CachedGenerator(
@@ -114,7 +114,7 @@ class TeacherSettings(BaseModel, ABC):
             cache.close()
 
 
-class LocalTeacherSettings(TeacherSettings, ABC):
+class LocalChatModelSettings(ChatModelSettings, ABC):
     """A teacher whose weights this process loads: the cache identity is the weights' fingerprint."""
 
     model: str = Field(BUNDLED_MODEL, description="'bundled:smollm2-135m-instruct', a model directory or hub id")
@@ -131,7 +131,7 @@ class LocalTeacherSettings(TeacherSettings, ABC):
         return self.model == BUNDLED_MODEL
 
 
-class LazyTeacher:
+class LazyChatModel:
     """Builds the backend on the first cache miss: a rerun served from the cache loads no model."""
 
     def __init__(self, model_id: str, build: Callable[[], ChatModel], streams: bool = False):

@@ -9,13 +9,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from srt_assets.core.generation import Generation, GenerationParams, OnDone
-from srt_assets.core.reflection import Messages, continues_reply
+from srt_assets.core.generation import Generation, GenerationParams, Messages, OnDone, continues_reply
+from srt_assets.models.chat_model import LocalChatModelSettings
 from srt_assets.models.compute import ComputeSettings
-from srt_assets.models.teacher_base import LocalTeacherSettings
 
 
-class VLLMTeacherSettings(LocalTeacherSettings):
+class VLLMChatSettings(LocalChatModelSettings):
     """An in-process vLLM engine over a model directory or hub id, on the ``gpu`` resource's dtype."""
 
     backend = "vllm"

@@ -31,17 +31,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
-from srt_assets.core.generation import Generation, GenerationParams, OnDone
-from srt_assets.core.reflection import Messages, continues_reply
+from srt_assets.core.generation import Generation, GenerationParams, Messages, OnDone, continues_reply
+from srt_assets.models.chat_model import ChatModelSettings
 from srt_assets.models.compute import ComputeSettings
-from srt_assets.models.teacher_base import TeacherSettings
 
 log = logging.getLogger(__name__)
 REPLICA_COOLDOWN_S = 30.0  # how long a failed replica goes to the back of the line
 _requests_of_call: contextvars.ContextVar[list[int]] = contextvars.ContextVar("srt_requests_of_call")
 
 
-class OpenAITeacherSettings(TeacherSettings):
+class OpenAIChatSettings(ChatModelSettings):
     """Any OpenAI-compatible ``/chat/completions`` endpoint. The key is read at run time from the
     environment variable that ``api_key_env`` names: a key never becomes resource or run config, which
     every UI viewer and the run storage see (a literal ``api_key`` there is refused as an unknown field)."""
@@ -186,7 +185,7 @@ class OpenAICompatibleModel:
 
     streams = True  # any number of calls at once, each reported (and stored) as it ends
 
-    def __init__(self, settings: OpenAITeacherSettings, api_key: str | None = None, model_id: str | None = None):
+    def __init__(self, settings: OpenAIChatSettings, api_key: str | None = None, model_id: str | None = None):
         urls = replica_urls(settings.base_url)
         if not urls:
             raise ValueError("the OpenAI-compatible teacher needs a base_url (e.g. http://127.0.0.1:8000/v1)")

@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from srt_assets.core.generation import Generation, GenerationParams, OnDone, TextModel
+from srt_assets.core.generation import Generation, GenerationParams, Messages, OnDone, TextModel
 from srt_assets.core.ifd import ScoringConfig
-from srt_assets.core.reflection import Messages
 from srt_assets.core.templates import render_conversation
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import model_fingerprint
@@ -39,11 +38,11 @@ class CheckpointGenerator:
 
     def _load(self):
         if self._compute.backend == "vllm":
-            from srt_assets.models.teacher_vllm import VLLMGenerator
+            from srt_assets.models.vllm_chat import VLLMGenerator
 
             engine = VLLMGenerator(self._model_path, model_id=self.model_id, dtype=self._precision)
             return engine, engine.llm.get_tokenizer()
-        from srt_assets.models.teacher_transformers import TransformersGenerator
+        from srt_assets.models.transformers_chat import TransformersGenerator
 
         engine = TransformersGenerator(
             self._model_path,

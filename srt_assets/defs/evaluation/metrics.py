@@ -1,0 +1,10 @@
+"""The registered evaluations, in the report's reading order. A metric is one module in this folder
+with its assets (``ASSETS``) and its report parts (``REPORT_PARTS``); registering it is one line here,
+and the stage's Definitions and ``experiment_report`` pick up both."""
+
+from srt_assets.defs.evaluation import leaderboards, pairwise
+
+METRICS = (
+    pairwise,  # the authors' protocol: pairwise verdicts on held-out sets, judge-free reference loss
+    leaderboards,  # the field's benchmarks: AlpacaEval, MT-Bench
+)
