@@ -84,8 +84,10 @@ def materialize_partition(
     from dagster import AssetSelection, DagsterInstance
     from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
 
-    from srt_assets.recovery import HOST_TAG, PoolWatcher, free_dead_runs, this_host
+    from srt_assets.recovery import HOST_TAG, PoolWatcher, free_dead_runs, free_slots_of_ended_runs, this_host
 
+    # the job's own executor ($SRT_EXECUTOR) needs a job its workers can rebuild: the module's defs
+    out_of_process = defs is None and bool(os.environ.get("SRT_EXECUTOR", "").strip())
     if defs is None:
         _ensure_dagster_home()
         from srt_assets.definitions import defs
@@ -108,21 +110,48 @@ def materialize_partition(
     results = []
     for partition_key, keys in plan_partition_runs(graph, asset_keys, source, shard, skip_shards):
         run_id = str(uuid.uuid4())  # known before the run starts, so the pool watcher can follow it
+        # progress lines (teacher calls, training steps) without Dagster's per-event debug output
+        config = run_config or load_run_config(None)
+        tags = {"srt/launched_by": "cli", HOST_TAG: this_host()}
         with PoolWatcher(instance, run_id):
-            result = job.execute_in_process(
-                instance=instance,
-                partition_key=partition_key,
-                asset_selection=keys,
-                # progress lines (teacher calls, training steps) without Dagster's per-event debug output
-                run_config=run_config or load_run_config(None),
-                raise_on_error=raise_on_error,
-                run_id=run_id,
-                tags={"srt/launched_by": "cli", HOST_TAG: this_host()},
-            )
+            if out_of_process:
+                result = execute_on_executor(job, instance, partition_key, keys, config, tags, run_id, raise_on_error)
+            else:
+                result = job.execute_in_process(
+                    instance=instance,
+                    partition_key=partition_key,
+                    asset_selection=keys,
+                    run_config=config,
+                    raise_on_error=raise_on_error,
+                    run_id=run_id,
+                    tags=tags,
+                )
+        for line in free_slots_of_ended_runs(instance, [run_id]):
+            print(f"srt: {line}", file=sys.stderr)
         results.append(result)
         if not result.success:
             break
     return results
+
+
+def execute_on_executor(job, instance, partition_key: str, keys, run_config: dict, tags: dict, run_id: str,
+                        raise_on_error: bool):  # fmt: skip
+    """Run ``keys`` of one partition on the job's executor (Celery, Kubernetes, subprocesses): the
+    steps run elsewhere and rebuild the job from ``srt_assets.definitions``, as a code location does."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._core.execution.api import execute_run
+
+    repository = ReconstructableRepository.for_module("srt_assets.definitions", "defs", str(paths.REPO_ROOT))
+    recon_job = repository.get_reconstructable_job(job.name)
+    run = instance.create_run_for_job(
+        job_def=job,
+        run_id=run_id,
+        run_config=run_config,
+        tags={**tags, **job.get_tags_for_partition_key(partition_key, keys)},
+        asset_selection=frozenset(keys),
+        job_code_origin=recon_job.get_python_origin(),
+    )
+    return execute_run(recon_job, run, instance, raise_on_error=raise_on_error)
 
 
 def failure_reason(error) -> str:

@@ -2,9 +2,10 @@
 
 Every model step (teacher generation, student scoring, fine-tuning, evaluation) is in the Dagster
 pool ``gpu`` and carries ``GPU_STEP_TAGS``: on Kubernetes each such step becomes its own pod that
-asks for one GPU, on Celery it goes to the ``gpu`` queue (workers started on GPU machines with
-``-q gpu``), and both executors cap how many GPU steps run at once. Pick one with ``$SRT_EXECUTOR``
-(``k8s`` or ``celery``; unset: the default executor) and size it with ``$SRT_GPU_SLOTS``.
+asks for one GPU; on Celery it goes to the ``gpu`` queue (``celery_cluster`` starts the workers).
+The instance's ``gpu`` pool limit (dagster.yaml) caps GPU steps across all runs and workers; the
+Kubernetes and multiprocess executors also cap them per run at ``$SRT_GPU_SLOTS``. Pick one with
+``$SRT_EXECUTOR`` (``k8s``, ``celery`` or ``multiprocess``; unset: the default executor).
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def executor_from_env(name: str | None = None):
         )
     if name == "celery":
         try:
-            from dagster_celery import celery_executor
+            from srt_assets.celery_cluster import celery_settings, srt_celery_executor
         except ImportError as exc:
             raise RuntimeError("SRT_EXECUTOR=celery needs dagster-celery: pip install 'srt-assets[cluster]'") from exc
-        broker = os.environ.get("SRT_CELERY_BROKER", "pyamqp://guest@localhost//")
-        return celery_executor.configured({"broker": broker}, name="celery")
+        # GPU steps at once: the instance's `gpu` pool (dagster.yaml), which the workers share
+        return srt_celery_executor.configured(celery_settings(), name="celery")
     if name == "multiprocess":
         from dagster import multiprocess_executor
 

@@ -40,6 +40,12 @@ def cache_dir() -> str:
     return os.environ.get("SRT_CACHE_DIR", "")
 
 
+def cache_url() -> str:
+    """``$SRT_CACHE_URL``: a ``postgresql://`` database that holds the model-call cache for every
+    machine of a cluster (workers score and generate once for all); "" keeps the SQLite file."""
+    return os.environ.get("SRT_CACHE_URL", "")
+
+
 BUNDLED_EVAL_DIR = REPO_ROOT / "data" / "eval"
 
 

@@ -2,8 +2,9 @@
 claims on the ``gpu`` pool, and every later model step would wait for them forever. Dagster's run
 monitoring cannot see a dead local run worker (the default launcher has no health check), so srt
 looks for itself: a run still marked started whose process is gone on this machine is marked
-failed and its pool slots are freed. ``srt materialize`` does this before it runs, and the
-``free_dead_runs`` sensor does it every half minute under ``dagster dev``."""
+failed and its pool slots are freed, as are the slots an ended run still claims. ``srt materialize``
+does this before and after it runs, and the ``free_dead_runs`` sensor every half minute under
+``dagster dev``."""
 
 import os
 import socket
@@ -77,6 +78,29 @@ def free_dead_runs(instance: DagsterInstance) -> list[str]:
         instance.report_run_failed(run, message)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)  # (a failed run may free them too)
         done.append(f"{message}, {held} pool slot(s) freed; rerun it to resume from the cache")
+    return done + free_slots_of_ended_runs(instance)
+
+
+def free_slots_of_ended_runs(instance: DagsterInstance, run_ids: list[str] | None = None) -> list[str]:
+    """Free the slots still claimed by runs that have ended (of ``run_ids``, or any). A run frees a
+    step's slot when the step reports its end; a run that failed without that report (its Celery
+    broker died mid-step) would hold the slot for ever. Dagster's daemon does this after
+    ``free_slots_after_run_end_seconds``; ``srt materialize`` runs without the daemon."""
+    storage = instance.event_log_storage
+    claimed = {
+        slot.run_id
+        for pool in storage.get_concurrency_keys()
+        for slot in storage.get_concurrency_info(pool).claimed_slots
+    }
+    done = []
+    for run_id in sorted(claimed if run_ids is None else claimed & set(run_ids)):
+        run = instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished:
+            continue
+        held = slots_held(instance, run_id)
+        storage.free_concurrency_slots_for_run(run_id)
+        done.append(f"run {run_id} ended with {held} pool slot(s) still claimed by steps that never reported back "
+                    "(a lost worker or broker); freed")  # fmt: skip
     return done
 
 

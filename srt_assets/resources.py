@@ -16,9 +16,10 @@ from pathlib import Path
 
 import polars as pl
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from srt_assets import paths
+from srt_assets.core.cache import checked_cache_url
 from srt_assets.core.generation import CachedGenerator
 from srt_assets.core.sources import SourceCatalog, SourceSpec, load_catalog
 from srt_assets.core.training import TrainingHyperparameters
@@ -71,9 +72,25 @@ class StorageResource(ConfigurableResource):
     def models_dir(self) -> Path:
         return Path(self.base_dir) / "models"
 
+    cache_url: str = Field(
+        default_factory=paths.cache_url,
+        description="A postgresql:// URL: the call cache every worker of a cluster shares (then cache_dir is unused).",
+    )
+
+    @field_validator("cache_url")
+    @classmethod
+    def _no_password_in_url(cls, url: str) -> str:
+        return checked_cache_url(url)
+
     @property
     def cache_file(self) -> Path:
         return Path(self.cache_dir or Path(self.base_dir) / "cache") / "model_calls.sqlite"
+
+    @property
+    def cache_location(self) -> str | Path:
+        """Where the model-call cache is: the shared database when ``cache_url`` names one, else the
+        SQLite file on this machine."""
+        return self.cache_url or self.cache_file
 
     @property
     def exports_dir(self) -> Path:
@@ -114,7 +131,7 @@ class StudentModelResource(ConfigurableResource, StudentSettings):
         """The student (or a fine-tuned ``model_path`` of it) behind the durable loss cache; the
         model loads on the first cache miss and is released on exit."""
         with student_session(
-            self, gpu, storage.models_dir, storage.cache_file, model_path, progress, chunk_size
+            self, gpu, storage.models_dir, storage.cache_location, model_path, progress, chunk_size
         ) as session:
             yield session
 
@@ -137,7 +154,7 @@ class ChatModelResource(ConfigurableResource, ChatModelSettings):
         self, gpu: ComputeResource, storage: StorageResource, progress: ProgressFn | None = None, chunk_size: int = 64
     ) -> Iterator[CachedGenerator]:
         """This teacher behind the durable call cache; the backend is built on the first cache miss."""
-        with self.open_session(gpu, storage.models_dir, storage.cache_file, progress, chunk_size) as cached:
+        with self.open_session(gpu, storage.models_dir, storage.cache_location, progress, chunk_size) as cached:
             yield cached
 
 

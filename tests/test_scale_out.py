@@ -1,6 +1,6 @@
-"""The scale-out path, validated as configuration (no cluster here): every model step is in the
-`gpu` pool and asks the Kubernetes and Celery executors for one GPU, the executors chosen by
-SRT_EXECUTOR accept their configuration, and the instance caps the pool."""
+"""The scale-out path as configuration: every model step is in the `gpu` pool and asks the
+Kubernetes and Celery executors for one GPU, the executors chosen by SRT_EXECUTOR accept their
+configuration, and the instance caps the pool. tests/test_cluster.py runs the Celery path for real."""
 
 from __future__ import annotations
 

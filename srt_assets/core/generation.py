@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from srt_assets.core.cache import content_key
+from srt_assets.core.cache import CallCache, content_key
 
 Messages = list[dict[str, str]]  # a chat: {"role", "content"} turns, as every chat API takes them
 
@@ -78,7 +78,7 @@ class CachedGenerator:
     def __init__(
         self,
         backend: ChatModel,
-        cache,
+        cache: CallCache,
         chunk_size: int = 64,
         progress: Callable | None = None,
         max_prompt_chars: int | None = None,

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 
 import polars as pl
 
-from srt_assets.core.cache import content_key
+from srt_assets.core.cache import CallCache, content_key
 from srt_assets.core.templates import PromptTemplate, merged_instruction, reverse_instruction
 
 ContextMode = Literal["auto", "none"]
@@ -254,7 +254,7 @@ class CachedScorer:
     (NaN) losses are not cached: they are retried next time.
     """
 
-    def __init__(self, scorer: LossScorer, cache, model_key: str, chunk_size: int = 512, progress=None):
+    def __init__(self, scorer: LossScorer, cache: CallCache, model_key: str, chunk_size: int = 512, progress=None):
         self.scorer = scorer
         self.cache = cache
         self.model_key = model_key

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from srt_assets.core.cache import SqliteCache
+from srt_assets.core.cache import open_cache
 from srt_assets.core.generation import CachedGenerator, ChatModel, Generation, GenerationParams, Messages, OnDone
 from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.teacher import ReflectionSettings
@@ -96,7 +96,7 @@ class ChatModelSettings(BaseModel, ABC):
         self,
         compute: ComputeSettings,
         models_dir: Path,
-        cache_file: Path,
+        cache_location: str | Path,
         progress: Callable[[int, int], None] | None = None,
         chunk_size: int = 64,
     ) -> Iterator[CachedGenerator]:
@@ -104,7 +104,7 @@ class ChatModelSettings(BaseModel, ABC):
         and released on exit."""
         model_id = self.model_id(models_dir, compute)
         backend = LazyChatModel(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
-        cache = SqliteCache(cache_file, "teacher_calls")
+        cache = open_cache(cache_location, "teacher_calls")
         try:
             yield CachedGenerator(
                 backend, cache, chunk_size=chunk_size, progress=progress, max_prompt_chars=self.max_prompt_chars

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from srt_assets.core.cache import SqliteCache
+from srt_assets.core.cache import open_cache
 from srt_assets.core.ifd import (
     CachedScorer,
     LossScorer,
@@ -140,7 +140,7 @@ def student_session(
     settings: StudentSettings,
     compute: ComputeSettings,
     models_dir: Path,
-    cache_file: Path,
+    cache_location: str | Path,
     model_path: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     chunk_size: int = 256,
@@ -150,7 +150,7 @@ def student_session(
     identity = settings.identity(models_dir) if model_path is None else model_identity(model_path, models_dir)
     builder = build_text_builder(load_tokenizer(identity.path), settings.template, settings.scoring_config())
     backend = LazyStudent(identity.path, compute, settings.max_length)
-    cache = SqliteCache(cache_file, "student_losses")
+    cache = open_cache(cache_location, "student_losses")
     scorer = CachedScorer(
         backend,
         cache,

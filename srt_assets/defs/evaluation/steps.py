@@ -4,7 +4,7 @@ of a source through the call cache."""
 from collections.abc import Callable
 from typing import TypeVar
 
-from srt_assets.core.cache import SqliteCache
+from srt_assets.core.cache import open_cache
 from srt_assets.core.generation import CachedGenerator, Generation, GenerationParams, Messages
 from srt_assets.defs.common import GPU_STEP
 from srt_assets.defs.partitions import SOURCES
@@ -43,7 +43,7 @@ def answer_with_checkpoints(
     ``gpu``; the engine loads on the first miss and is released after). Returns what ``ask``
     returned and the calls made and served from the cache, per checkpoint."""
     results, stats = {}, {}
-    cache = SqliteCache(storage.cache_file, "answers")
+    cache = open_cache(storage.cache_location, "answers")
     try:
         for checkpoint in TRAINING_SETS:
             model_path = str(checkpoint_dir(storage, source, checkpoint))
