@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -244,6 +244,37 @@ def score_items(
         "target_tokens": sum(len(k[0]) - k[1] for k in keys),
     }
     return results, stats
+
+
+SCORING_BLOCK_ROWS = 2048  # variant rows whose texts are built and scored at once
+
+
+def score_table(
+    rows: pl.DataFrame,
+    builder: TextBuilder,
+    scorer: LossScorer,
+    block_rows: int = SCORING_BLOCK_ROWS,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The scores table of ``rows`` (``sample_id``, ``variant``, ``instruction``, ``input``, ``output``),
+    built ``block_rows`` at a time: token ids exist for one block only, and each block's scores
+    become columns at once, so memory follows the block, not the source (a text repeated in a later
+    block is scored again, or served by a caching scorer). ``progress(rows_done, rows)``."""
+    frames, stats = [], dict.fromkeys(("texts", "unique_texts", "tokens", "target_tokens"), 0)
+    for start in range(0, rows.height, block_rows):
+        block = rows.slice(start, block_rows)
+        items = [ScoringItem(*row) for row in block.select("instruction", "input", "output").iter_rows()]
+        if progress and isinstance(scorer, CachedScorer):  # its texts done, counted as rows of the table
+            scorer.progress = lambda done, total, begin=start, size=block.height: progress(
+                begin + size * done // max(total, 1), rows.height
+            )
+        results, work = score_items(items, builder, scorer)
+        frames.append(scores_frame(block["sample_id"].to_list(), block["variant"].to_list(), results))
+        stats = {name: stats[name] + work[name] for name in stats}
+        if progress:
+            progress(start + block.height, rows.height)
+    table = pl.concat(frames) if frames else pl.DataFrame(schema=score_schema())
+    return table, stats
 
 
 class CachedScorer:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import polars as pl
 from pydantic import BaseModel, Field
 
 from srt_assets.core.cache import open_cache
@@ -22,6 +23,7 @@ from srt_assets.core.ifd import (
     TextBuilder,
     resolve_context_token,
     score_items,
+    score_table,
 )
 from srt_assets.core.templates import get_template
 from srt_assets.models.compute import ComputeSettings
@@ -127,6 +129,10 @@ class StudentSession:
     def score(self, items: Sequence[ScoringItem]) -> tuple[list[SampleScores], dict[str, int]]:
         """IFD and r-IFD of every (instruction, input, response), with work statistics."""
         return score_items(items, self.builder, self.scorer)
+
+    def score_table(self, rows: pl.DataFrame, progress=None) -> tuple[pl.DataFrame, dict[str, int]]:
+        """The scores table of many variant rows, a block at a time (memory follows the block)."""
+        return score_table(rows, self.builder, self.scorer, progress=progress)
 
     def answer_losses(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], list[int]]:
         """Mean loss of each answer given its prompt in the training template, and its token count."""

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from srt_assets.core.diagnostics import AUC, PROBES, REQUIRED, Pair, aucs, build_probes
 from srt_assets.core.from_files import load_statistics
-from srt_assets.core.ifd import ScoringItem, score_schema, scores_frame
+from srt_assets.core.ifd import ScoringItem, score_schema
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.sources import SourceSpec
 from srt_assets.core.variants import all_variants
@@ -194,13 +194,11 @@ def student_scores(
         scores, metadata = scores_from_files(spec, variants, raw)
     else:
         context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
-        items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in variants.iter_rows(named=True)]
-        progress = calls_progress(context, "student losses", unit="texts")
+        progress = calls_progress(context, "student scores", unit="variant rows")
         started = time.perf_counter()
-        with student.session(gpu, storage, progress=progress, chunk_size=config.chunk_size) as session:
-            results, work = session.score(items)
+        with student.session(gpu, storage, chunk_size=config.chunk_size) as session:
+            scores, work = session.score_table(variants, progress)
         seconds = time.perf_counter() - started
-        scores = scores_frame(variants["sample_id"].to_list(), variants["variant"].to_list(), results)
         metadata = score_metadata(context, scores, work, session, student, gpu, seconds)
     yield Output(scores, metadata=metadata | layout.shard_metadata(context.partition_key))
     yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
