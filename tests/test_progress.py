@@ -61,3 +61,18 @@ def test_a_steady_stream_without_pauses_still_shows_progress():
         progress(done, 3000)
     assert len(lines) == 5  # at 10, 15, 20, 25 s (once the stream has run 2 × every_s) and at the end
     assert lines[0].startswith("scores: 1000/3000 texts done (100.0/s, ETA 20s)")
+
+
+def test_block_progress_maps_each_blocks_work_onto_the_whole_table_and_never_goes_back():
+    from srt_assets.core.progress import BlockProgress
+
+    seen = []
+    blocks = BlockProgress(lambda done, total: seen.append((done, total)), rows=10)
+    first = blocks.for_block(0, 4)
+    first(1, 8), first(8, 8)  # a block's 8 calls: 4 rows
+    first(1, 2)  # a parse-retry pass of 2 calls starts again from zero: no step back
+    blocks.block_done(0, 4)
+    second = blocks.for_block(4, 6)
+    second(3, 6)
+    blocks.block_done(4, 6)
+    assert seen == [(4, 10), (7, 10), (10, 10)]

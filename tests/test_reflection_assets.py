@@ -158,7 +158,13 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
         storage = StorageResource(base_dir=str(tmp_path / "store"))
         events = list(new_instructions(context, ReflectionConfig(), raw, teacher, ComputeResource(), storage, sources))
         assert server.requests == raw.height
+        # the rows go a block at a time; blocks of 2 (and a fresh cache) give the same table
+        monkeypatch.setattr("srt_assets.defs.teacher.assets.REFLECTION_BLOCK_ROWS", 2)
+        fresh = StorageResource(base_dir=str(tmp_path / "store2"))
+        blocked = list(new_instructions(context, ReflectionConfig(), raw, teacher, ComputeResource(), fresh, sources))
+        assert server.requests == 2 * raw.height > 2
     [output] = [e for e in events if isinstance(e, Output)]
+    assert next(e for e in blocked if isinstance(e, Output)).value.equals(output.value)
     assert output.value["sample_id"].to_list() == raw["sample_id"].to_list()
     assert set(output.value["variant"]) == {"Q"} and set(output.value["status"]) == {"ok"}
     assert output.metadata["calls_made"].value == raw.height

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 import polars as pl
 
 from srt_assets.core.cache import CallCache, content_key
+from srt_assets.core.progress import BlockProgress
 from srt_assets.core.templates import PromptTemplate, merged_instruction, reverse_instruction
 
 ContextMode = Literal["auto", "none"]
@@ -261,18 +262,17 @@ def score_table(
     become columns at once, so memory follows the block, not the source (a text repeated in a later
     block is scored again, or served by a caching scorer). ``progress(rows_done, rows)``."""
     frames, stats = [], dict.fromkeys(("texts", "unique_texts", "tokens", "target_tokens"), 0)
+    blocks = BlockProgress(progress, rows.height) if progress else None
     for start in range(0, rows.height, block_rows):
         block = rows.slice(start, block_rows)
         items = [ScoringItem(*row) for row in block.select("instruction", "input", "output").iter_rows()]
-        if progress and isinstance(scorer, CachedScorer):  # its texts done, counted as rows of the table
-            scorer.progress = lambda done, total, begin=start, size=block.height: progress(
-                begin + size * done // max(total, 1), rows.height
-            )
+        if blocks and isinstance(scorer, CachedScorer):  # its texts done, counted as rows of the table
+            scorer.progress = blocks.for_block(start, block.height)
         results, work = score_items(items, builder, scorer)
         frames.append(scores_frame(block["sample_id"].to_list(), block["variant"].to_list(), results))
         stats = {name: stats[name] + work[name] for name in stats}
-        if progress:
-            progress(start + block.height, rows.height)
+        if blocks:
+            blocks.block_done(start, block.height)
     table = pl.concat(frames) if frames else pl.DataFrame(schema=score_schema())
     return table, stats
 

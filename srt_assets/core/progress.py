@@ -73,3 +73,24 @@ class ThrottledProgress:
         eta = f"ETA {duration((total - done) * elapsed / done)}" if elapsed > 0 else "ETA unknown"
         self.write(f"{self.label}: {done}/{total} {self.unit} done ({self._rate(done, at)}, {eta})")
         self.last = now
+
+
+class BlockProgress:
+    """Progress of work done a block of rows at a time, on one ``progress(done, total)`` for the whole
+    table: ``for_block(begin, size)`` is the callback a block's own work reports to (its calls or texts
+    done, of its own total), mapped onto that block's rows; it never goes back (a parse-retry pass
+    counts again from zero), and ``block_done`` reports the block's last row."""
+
+    def __init__(self, progress: Callable[[int, int], None], rows: int):
+        self.progress, self.rows, self.high = progress, rows, 0
+
+    def _report(self, value: int) -> None:
+        if value > self.high or value >= self.rows:
+            self.high = max(self.high, value)
+            self.progress(self.high, self.rows)
+
+    def for_block(self, begin: int, size: int) -> Callable[[int, int], None]:
+        return lambda done, of: self._report(begin + size * min(done, of) // max(of, 1))
+
+    def block_done(self, begin: int, size: int) -> None:
+        self._report(begin + size)

@@ -12,6 +12,7 @@ from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.generation import CallStats
 from srt_assets.core.ifd import ScoringItem
+from srt_assets.core.progress import BlockProgress
 from srt_assets.core.quality import CheckOutcome, ratio_check
 from srt_assets.core.selection import answers_to_reflect
 from srt_assets.core.sources import SourceSpec
@@ -95,6 +96,9 @@ class ReflectionConfig(Config):
         return {**DEFAULT_SEVERITY, **value}
 
 
+REFLECTION_BLOCK_ROWS = 4096  # rows whose prompts are sent (and replies held) at once
+
+
 @dataclass(frozen=True)
 class TeacherModels:
     """The resources a teacher call needs, passed on as one."""
@@ -113,13 +117,21 @@ def run_reflection(
     chunk_size: int,
     severity: dict[str, str],
 ) -> tuple[pl.DataFrame, CallStats, bool]:
-    """Reflect ``rows`` (variant-schema rows): candidate rows, call statistics, whether a model loaded."""
+    """Reflect ``rows`` (variant-schema rows): candidate rows, call statistics, whether a model loaded.
+    The rows go a block at a time: prompts and replies exist for one block, whose candidates become
+    columns at once, so memory follows the block, not the source."""
     prompts, settings = models.teacher.reflection_settings()
-    progress = calls_progress(context, f"teacher ({kind})")
-    triples = [(r["instruction"], r["input"], r["output"]) for r in rows.iter_rows(named=True)]
-    with models.teacher.session(models.gpu, models.storage, progress, chunk_size) as cached:
-        outcomes = reflect(cached, triples, kind, prompts, settings)
-    table = candidates_frame(rows, outcomes, kind, produced_variants, severity)
+    blocks = BlockProgress(calls_progress(context, f"teacher ({kind})", unit="rows"), rows.height)
+    frames = []
+    with models.teacher.session(models.gpu, models.storage, None, chunk_size) as cached:
+        for start in range(0, rows.height, REFLECTION_BLOCK_ROWS):
+            block = rows.slice(start, REFLECTION_BLOCK_ROWS)
+            cached.progress = blocks.for_block(start, block.height)
+            outcomes = reflect(cached, block.select("instruction", "input", "output").rows(), kind, prompts, settings)
+            variants = produced_variants[start : start + block.height]
+            frames.append(candidates_frame(block, outcomes, kind, variants, severity))
+            blocks.block_done(start, block.height)
+    table = pl.concat(frames) if frames else candidates_frame(rows, [], kind, [], severity)
     return table, cached.stats, cached.backend.was_loaded
 
 
