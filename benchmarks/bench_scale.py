@@ -1,0 +1,183 @@
+"""The pipeline at scale with simulated models: wall time, items per second and peak memory per stage.
+
+    python benchmarks/bench_scale.py --rows 52000 [--shards 0] [--stages raw,teacher,scores,selection]
+
+A generated source of ``--rows`` tiny Alpaca-like rows goes through ``srt materialize`` one stage at
+a time, each a fresh process (as a user runs it), so each stage's peak RSS is its own (``wait4``;
+this process stays small, since a child starts from its parent's peak):
+
+- the teacher is an instant OpenAI-compatible server on 127.0.0.1 (a reply the parser accepts, no
+  latency), so the figures are srt's own overhead per call;
+- the student is a tiny random model with SmolLM2's tokenizer (2 layers, width 64): the figures are
+  srt's bookkeeping around the model, which a real GPU would dwarf;
+- ``rerun`` repeats both teacher stages unchanged: every call comes from the cache.
+
+Prints one line per stage and the ratios that matter: calls/s against the server's own capacity
+(measured first, in the same run, with as many client threads as the teacher's concurrency) and the
+rerun's time per row against the first run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from openai_server import scripted_reply  # noqa: E402  the replies the tests' endpoint gives
+
+STAGES = {
+    "raw": ["raw_samples"],
+    "teacher": ["new_instructions", "better_responses"],
+    "scores": ["student_scores"],
+    "selection": ["sample_decisions", "selected_dataset", "baseline_random"],
+}
+
+
+class InstantHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real endpoint
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = scripted_reply(payload["messages"])
+        body = json.dumps({
+            "id": "x", "object": "chat.completion", "created": 0, "model": payload["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve() -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), InstantHandler)
+    server.daemon_threads = True
+    server.request_queue_size = 256
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def server_capacity(port: int, threads: int, seconds: float = 3.0) -> float:
+    """Requests/s the server answers to bare keep-alive clients: the ceiling srt is measured against."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "[Instruction]\nx\n\n"}]})
+    stop = time.monotonic() + seconds
+
+    def client() -> int:
+        connection, count = HTTPConnection("127.0.0.1", port), 0
+        while time.monotonic() < stop:
+            connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            connection.getresponse().read()
+            count += 1
+        return count
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(lambda _: client(), range(threads))) / seconds
+
+
+def tiny_student(directory: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from srt_assets.models.identity import ensure_bundled_model_dir
+
+    bundled = ensure_bundled_model_dir(directory / "bundled")
+    config = AutoConfig.from_pretrained(bundled)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32})  # fmt: skip
+    torch.manual_seed(0)
+    out = directory / "tiny"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for file in bundled.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+            (out / file.name).write_bytes(file.read_bytes())
+    return out
+
+
+def write_source(directory: Path, rows: int, shards: int) -> Path:
+    with open(directory / "rows.jsonl", "w", encoding="utf-8") as out:
+        for i in range(rows):
+            row = {"instruction": f"Describe item {i} in one sentence.", "input": "", "output": f"Item {i} is small."}
+            out.write(json.dumps(row) + "\n")
+    catalog = {"sources": {"bench": {"path": "rows.jsonl"}}, **({"shards": shards} if shards else {})}
+    (directory / "sources.yaml").write_text(yaml.safe_dump(catalog))
+    return directory / "sources.yaml"
+
+
+def run_stage(env: dict, assets: list[str], shards: int) -> tuple[float, float, str]:
+    """One ``srt materialize`` of ``assets``: wall seconds, peak RSS (MB) of the process, its output."""
+    selection = " or ".join(f"key:{name}" for name in assets)
+    command = [sys.executable, "-m", "srt_assets.cli", "materialize", "--source", "bench", "--select", selection]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"stage {assets} failed:\n{output[-4000:]}")
+    return seconds, usage.ru_maxrss / 1024, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--shards", type=int, default=0)
+    parser.add_argument("--stages", default="raw,teacher,scores,selection,rerun")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--make-student", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.make_student:
+        tiny_student(args.make_student)
+        return
+    work = Path(tempfile.mkdtemp(prefix="srt-bench-scale-"))
+    server = serve()
+    port = server.server_address[1]
+    capacity = server_capacity(port, min(args.concurrency, 16))
+    models = {"teacher": {"backend": "openai", "model": "instant", "base_url": f"http://127.0.0.1:{port}/v1",
+                          "concurrency": args.concurrency}}  # fmt: skip
+    if "scores" in args.stages:  # made in a child: a stage's process inherits this one's peak RSS
+        make = [sys.executable, __file__, "--make-student", str(work)]
+        subprocess.run(make, check=True, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL)
+        models["student"] = {"model": str(work / "tiny")}
+    (work / "models.yaml").write_text(yaml.safe_dump(models))
+    (work / "home").mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(work / "home"), "SRT_STORAGE_DIR": str(work / "store"),
+           "SRT_SOURCES_FILE": str(write_source(work, args.rows, args.shards)),
+           "SRT_MODELS_FILE": str(work / "models.yaml"), "SRT_EXECUTOR": ""}  # fmt: skip
+    print(f"{args.rows:,} rows, {args.shards or 'no'} shards, work in {work}")
+    print(f"server capacity (bare keep-alive clients): {capacity:,.0f} requests/s")
+    teacher_seconds = None
+    for stage in args.stages.split(","):
+        assets = STAGES.get(stage, STAGES["teacher"])
+        seconds, rss, _ = run_stage(env, assets, args.shards)
+        items = {"raw": args.rows, "teacher": 3 * args.rows, "rerun": 3 * args.rows,
+                 "scores": 4 * 4 * args.rows, "selection": args.rows}[stage]  # fmt: skip
+        line = f"{stage:10s} {seconds:8.1f} s  {1000 * seconds / items:7.3f} ms/item  peak RSS {rss:7.0f} MB"
+        if stage == "teacher":
+            teacher_seconds = seconds
+            line += f"  {items / seconds:,.0f} calls/s = {items / seconds / capacity:.2f} of the server's capacity"
+        if stage == "rerun" and teacher_seconds:
+            line += f"  ({seconds / teacher_seconds:.2f} of the first run's time, 0 calls)"
+        print(line, flush=True)
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
