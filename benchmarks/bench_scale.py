@@ -6,8 +6,8 @@ A generated source of ``--rows`` tiny Alpaca-like rows goes through ``srt materi
 a time, each a fresh process (as a user runs it), so each stage's peak RSS is its own (``wait4``;
 this process stays small, since a child starts from its parent's peak):
 
-- the teacher is an instant OpenAI-compatible server on 127.0.0.1 (a reply the parser accepts, no
-  latency), so the figures are srt's own overhead per call;
+- the teacher is an instant OpenAI-compatible server on 127.0.0.1 (starlette on uvicorn in its own
+  process; a reply the parser accepts, no latency), so the figures are srt's own overhead per call;
 - the student is a tiny random model with SmolLM2's tokenizer (2 layers, width 64): the figures are
   srt's bookkeeping around the model, which a real GPU would dwarf;
 - ``rerun`` repeats both teacher stages unchanged: every call comes from the cache.
@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
@@ -46,33 +45,41 @@ STAGES = {
 }
 
 
-class InstantHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a real endpoint
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = scripted_reply(payload["messages"])
-        body = json.dumps({
-            "id": "x", "object": "chat.completion", "created": 0, "model": payload["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def completion(payload: dict) -> dict:
+    text = scripted_reply(payload["messages"])
+    return {
+        "id": "x", "object": "chat.completion", "created": 0, "model": payload["model"],
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }  # fmt: skip
 
 
-def serve() -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), InstantHandler)
-    server.daemon_threads = True
-    server.request_queue_size = 256
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def serve_forever(port: int) -> None:
+    """The instant endpoint: starlette on uvicorn (both come with dagster-webserver), one process."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request):
+        return JSONResponse(completion(await request.json()))
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def start_server() -> tuple[subprocess.Popen, int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server, port
+        time.sleep(0.1)
+    raise SystemExit("the instant endpoint did not start")
 
 
 def server_capacity(port: int, threads: int, seconds: float = 3.0) -> float:
@@ -142,13 +149,16 @@ def main() -> None:
     parser.add_argument("--stages", default="raw,teacher,scores,selection,rerun")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--make-student", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve_forever(args.serve)
+        return
     if args.make_student:
         tiny_student(args.make_student)
         return
     work = Path(tempfile.mkdtemp(prefix="srt-bench-scale-"))
-    server = serve()
-    port = server.server_address[1]
+    server, port = start_server()
     capacity = server_capacity(port, min(args.concurrency, 16))
     models = {"teacher": {"backend": "openai", "model": "instant", "base_url": f"http://127.0.0.1:{port}/v1",
                           "concurrency": args.concurrency}}  # fmt: skip
@@ -176,7 +186,7 @@ def main() -> None:
         if stage == "rerun" and teacher_seconds:
             line += f"  ({seconds / teacher_seconds:.2f} of the first run's time, 0 calls)"
         print(line, flush=True)
-    server.shutdown()
+    server.terminate()
 
 
 if __name__ == "__main__":
