@@ -2,8 +2,8 @@
 claims on the ``gpu`` pool, and every later model step would wait for them forever. Dagster's run
 monitoring cannot see a dead local run worker (the default launcher has no health check), so srt
 looks for itself: a run still marked started whose process is gone on this machine is marked
-failed and its pool slots are freed, as are the slots an ended run still claims. ``srt materialize``
-does this before and after it runs, and the ``free_dead_runs`` sensor every half minute under
+failed and its pool slots are freed. ``srt materialize`` does this before it runs (and frees what
+its own ended run still claims after), and the ``free_dead_runs`` sensor every half minute under
 ``dagster dev``."""
 
 import os
@@ -78,14 +78,14 @@ def free_dead_runs(instance: DagsterInstance) -> list[str]:
         instance.report_run_failed(run, message)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)  # (a failed run may free them too)
         done.append(f"{message}, {held} pool slot(s) freed; rerun it to resume from the cache")
-    return done + free_slots_of_ended_runs(instance)
+    return done
 
 
 def free_slots_of_ended_runs(instance: DagsterInstance, run_ids: list[str] | None = None) -> list[str]:
     """Free the slots still claimed by runs that have ended (of ``run_ids``, or any). A run frees a
-    step's slot when the step reports its end; a run that failed without that report (its Celery
-    broker died mid-step) would hold the slot for ever. Dagster's daemon does this after
-    ``free_slots_after_run_end_seconds``; ``srt materialize`` runs without the daemon."""
+    step's slot when the step reports its end; a run whose executor gave up without that report
+    would hold the slot for ever. Dagster's daemon does this after ``free_slots_after_run_end_seconds``;
+    ``srt materialize`` runs without the daemon, and calls this for its own run once it has ended."""
     storage = instance.event_log_storage
     claimed = {
         slot.run_id

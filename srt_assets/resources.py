@@ -62,6 +62,9 @@ class SourceCatalogResource(ConfigurableResource):
 class StorageResource(ConfigurableResource):
     """Where srt keeps files that are not tables: converted models, checkpoints, model-call caches."""
 
+    # a refused cache URL may hold a password: the error must not echo it (errors reach the event log)
+    model_config = {**ConfigurableResource.model_config, "hide_input_in_errors": True}
+
     base_dir: str = Field(default_factory=lambda: str(paths.storage_dir()))
     cache_dir: str = Field(
         default_factory=paths.cache_dir,

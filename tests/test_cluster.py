@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -58,6 +59,8 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
         }
         self.workers: dict[str, subprocess.Popen] = {}
+        self.seen_pids: dict[int, str] = {}  # pid -> worker name, for every process a worker had
+        self.stopped = threading.Event()
 
     def start_worker(self, name: str) -> None:
         command = [sys.executable, "-m", "celery", "-A", "srt_assets.celery_cluster", "worker", "-Q", "gpu,dagster",
@@ -79,12 +82,20 @@ class Cluster:
         os.killpg(self.workers[name].pid, signal.SIGKILL)
         self.workers.pop(name).wait(timeout=30)
 
-    def worker_pids(self) -> dict[int, str]:
-        pids = {}
-        for name, process in self.workers.items():
-            for member in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-                pids[member.pid] = name
-        return pids
+    def record_worker_pids(self) -> None:
+        """Note every process of every worker, ten times a second, until the cluster stops: each step
+        runs in a pool process of its own (``worker_max_tasks_per_child=1``), gone when it ends."""
+
+        def watch() -> None:
+            while not self.stopped.wait(0.1):
+                for name, process in list(self.workers.items()):
+                    try:
+                        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+                    except psutil.NoSuchProcess:
+                        continue
+                    self.seen_pids.update({member.pid: name for member in family})
+
+        threading.Thread(target=watch, daemon=True).start()
 
     def use_catalog(self, rows: int, shards: int | None = None) -> None:
         """The sources file every process of the cluster reads (workers included)."""
@@ -113,6 +124,7 @@ class Cluster:
         return DagsterInstance.from_config(self.env["DAGSTER_HOME"])
 
     def stop(self) -> None:
+        self.stopped.set()
         for name in list(self.workers):
             self.kill_worker(name)
 
@@ -151,6 +163,7 @@ def test_a_sharded_source_runs_on_two_celery_workers_as_it_does_in_one_process(c
     cluster.use_catalog(6, shards=2)
     cluster.start_worker("gpu-1")
     cluster.start_worker("gpu-2")
+    cluster.record_worker_pids()
     raw = cluster.srt("--source", "tiny", "--select", "raw_samples")
     assert raw.returncode == 0, raw.stdout + raw.stderr
     # two machines launch a shard each at the same moment: both want the single gpu slot
@@ -164,7 +177,7 @@ def test_a_sharded_source_runs_on_two_celery_workers_as_it_does_in_one_process(c
     instance = cluster.instance(monkeypatch)
     steps = model_steps(instance)
     assert Counter(s["step"] for s in steps) == {step: 2 for step in MODEL_STEPS}  # once per shard
-    worker_pids = cluster.worker_pids()
+    worker_pids = cluster.seen_pids
     launcher_pids = {launcher.pid for launcher in launchers}
     for step in steps:  # each ran in a worker's pool process, not in a launching process
         assert step["pid"] in worker_pids and step["pid"] not in launcher_pids, step
@@ -217,7 +230,20 @@ def step_worker(instance: DagsterInstance, step_key: str) -> str | None:
     return None
 
 
-def test_a_worker_killed_mid_step_fails_the_run_frees_its_slot_and_the_rerun_reuses_its_calls(cluster, monkeypatch):
+def running_step_pid(instance: DagsterInstance, step_key: str) -> int | None:
+    for run in instance.get_runs(limit=1):
+        for record in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START):
+            if record.dagster_event.step_key == step_key:
+                return record.dagster_event.pid
+    return None
+
+
+@pytest.mark.parametrize("kill", ["worker", "pool_process"])
+def test_a_worker_killed_mid_step_fails_the_run_frees_its_slot_and_the_rerun_reuses_its_calls(
+    cluster, monkeypatch, kill
+):
+    """``worker``: the machine died (the worker and its pool process at once; nobody reports). ``pool_process``:
+    the process running the step was killed (the kernel's OOM killer); the worker lives and tells Celery."""
     cluster.use_catalog(8)
     cluster.start_worker("gpu-1")
     cluster.start_worker("gpu-2")
@@ -227,14 +253,20 @@ def test_a_worker_killed_mid_step_fails_the_run_frees_its_slot_and_the_rerun_reu
     deadline = time.monotonic() + 240
     while cluster.teacher.requests < 3 and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.1)
-    victim = step_worker(instance, "new_instructions")
-    assert victim and cluster.teacher.requests >= 3, first.stdout.read() if first.poll() is not None else victim
-    cluster.kill_worker(victim)  # in the middle of the teacher's calls, one per row
+    victim, pid = step_worker(instance, "new_instructions"), running_step_pid(instance, "new_instructions")
+    assert victim and pid and cluster.teacher.requests >= 3, first.stdout.read() if first.poll() is not None else victim
+    if kill == "worker":
+        cluster.kill_worker(victim)  # in the middle of the teacher's calls, one per row
+    else:
+        os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     output, _ = first.communicate(timeout=120)
     assert first.returncode != 0, output  # the run ended failed, it did not wait for ever
     assert time.monotonic() - killed_at < 60
-    assert f"Celery worker {victim}@" in output and "stopped answering" in output, output[-3000:]
+    if kill == "worker":
+        assert f"Celery worker {victim}@" in output and "stopped answering" in output, output[-3000:]
+    else:
+        assert "ended without reporting: WorkerLostError" in output, output[-3000:]
     (dead,) = [run for run in instance.get_runs() if run.status != DagsterRunStatus.SUCCESS]
     assert dead.status == DagsterRunStatus.FAILURE
     (failure,) = instance.all_logs(dead.run_id, of_type=DagsterEventType.STEP_FAILURE)
@@ -247,7 +279,8 @@ def test_a_worker_killed_mid_step_fails_the_run_frees_its_slot_and_the_rerun_reu
     second = cluster.srt(*args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert cluster.teacher.requests - before == rows - stored  # no finished call is made again
-    assert step_worker(instance, "new_instructions") == next(iter(cluster.workers))  # the remaining worker
+    if kill == "worker":
+        assert step_worker(instance, "new_instructions") == next(iter(cluster.workers))  # the remaining worker
 
 
 def test_a_broker_that_dies_and_comes_back_ends_the_run_in_flight_and_the_rerun_finishes(cluster, monkeypatch):
@@ -271,6 +304,28 @@ def test_a_broker_that_dies_and_comes_back_ends_the_run_in_flight_and_the_rerun_
     assert (
         teacher_calls_stored(cluster) == pl.read_parquet(cluster.root / "store" / "raw_samples" / "tiny.parquet").height
     )
+
+
+def test_ctrl_c_stops_the_run_and_the_step_on_its_worker(cluster, monkeypatch):
+    cluster.use_catalog(12)
+    cluster.start_worker("gpu-1")
+    first = cluster.srt("--source", "tiny", "--select", "+new_instructions", wait=False)
+    deadline = time.monotonic() + 240
+    while cluster.teacher.requests < 2 and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    output, _ = first.communicate(timeout=60)  # it stops now, not when the step would have ended
+    assert first.returncode != 0, output
+    time.sleep(2)
+    calls = cluster.teacher.requests
+    time.sleep(3)
+    assert cluster.teacher.requests == calls  # the step no longer runs on the worker
+    rows = pl.read_parquet(cluster.root / "store" / "raw_samples" / "tiny.parquet").height
+    assert calls < rows
+    instance = cluster.instance(monkeypatch)
+    (run,) = instance.get_runs()
+    assert run.status in (DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE)
+    assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
 
 
 def write_share(url: str, worker: int, keys: int, results) -> None:

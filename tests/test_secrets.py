@@ -128,3 +128,15 @@ def test_the_teacher_key_reaches_the_endpoint_and_no_ui_viewer(tmp_path):
     assert canary not in json.dumps(served), "the key reached the UI"
     assert refused["__typename"] == "RunConfigValidationInvalid" and "api_key" in json.dumps(refused)
     assert canary not in json.dumps(after) and len(after["data"]["runsOrError"]["results"]) == 1
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://srt:CANARY-7Q@db/srt", "postgresql://srt@db/srt?password=CANARY-7Q", "srt:CANARY-7Q@db"]
+)
+def test_a_refused_cache_url_is_never_quoted_in_the_error(url):
+    """The error reaches stdout and the event log: it names the rule, not the URL with its password."""
+    from srt_assets.resources import StorageResource
+
+    with pytest.raises(Exception, match="SRT_CACHE_URL") as refused:
+        StorageResource(cache_url=url)
+    assert "CANARY" not in str(refused.value)

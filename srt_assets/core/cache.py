@@ -42,17 +42,18 @@ def open_cache(location: str | Path, namespace: str) -> CallCache:
 
 
 def checked_cache_url(url: str) -> str:
-    """A shared cache's URL, refused when it carries a password: the URL travels in resource config
-    (shown in the UI), so the password comes from ``PGPASSWORD`` or ``~/.pgpass``, read by libpq."""
+    """A shared cache's URL, refused when it carries a password: resource settings travel in run
+    config and errors into the event log, so the password comes from ``PGPASSWORD`` or ``~/.pgpass``
+    (libpq reads both). No error here quotes the URL."""
     if not url:
         return url
     parts = urlsplit(url)
-    if not url.startswith(POSTGRES_SCHEMES) or not parts.hostname:
-        raise ValueError(f"SRT_CACHE_URL must be a postgresql://user@host:port/database URL, got {url[:20]!r}...")
-    if parts.password:
+    if not url.startswith(POSTGRES_SCHEMES):
+        raise ValueError("SRT_CACHE_URL must be a postgresql://user@host:port/database URL (or postgresql+psycopg2://)")
+    if parts.password or "password=" in parts.query.lower():
         raise ValueError(
-            "SRT_CACHE_URL carries a password: leave it out of the URL (it would show in the UI's resource "
-            "config) and set PGPASSWORD or a ~/.pgpass entry instead; libpq reads both"
+            "SRT_CACHE_URL carries a password: leave it out of the URL and set PGPASSWORD or a ~/.pgpass "
+            "entry instead; libpq reads both"
         )
     return url
 
