@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 from dagster import ConfigurableResource
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from srt_assets import paths
 from srt_assets.core.cache import checked_cache_url
@@ -63,7 +63,7 @@ class StorageResource(ConfigurableResource):
     """Where srt keeps files that are not tables: converted models, checkpoints, model-call caches."""
 
     # a refused cache URL may hold a password: the error must not echo it (errors reach the event log)
-    model_config = {**ConfigurableResource.model_config, "hide_input_in_errors": True}
+    model_config = ConfigDict(**ConfigurableResource.model_config, hide_input_in_errors=True)
 
     base_dir: str = Field(default_factory=lambda: str(paths.storage_dir()))
     cache_dir: str = Field(
