@@ -23,6 +23,7 @@ import yaml
 from conftest import REPO_ROOT, alpaca_rows, demo_ops, write_jsonl
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from openai_server import ScriptedOpenAIServer
+from polars.testing import assert_frame_equal
 from services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -198,7 +199,10 @@ def test_a_sharded_source_runs_on_two_celery_workers_as_it_does_in_one_process(c
     on_cluster = pl.read_parquet(cluster.root / "store" / "sample_decisions" / "tiny.parquet").sort("sample_id")
     in_process = pl.read_parquet(cluster.root / "local" / "sample_decisions" / "tiny.parquet").sort("sample_id")
     raw_rows = pl.read_parquet(cluster.root / "store" / "raw_samples" / "tiny.parquet").height
-    assert on_cluster.height == raw_rows >= 6 and on_cluster.equals(in_process)
+    assert on_cluster.height == raw_rows >= 6
+    # the same decisions; the float32 scores behind them agree to the engine's stated exactness (1e-4 on a
+    # perplexity; seen in CI: 4e-5 on an IFD, a ratio of two), as each process reduces in its own order
+    assert_frame_equal(on_cluster, in_process, check_exact=False, rel_tol=1e-3)  # other columns: exact
 
     # a rerun on the cluster asks no model anything: every call is in the shared cache
     calls = cluster.teacher.requests
