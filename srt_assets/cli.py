@@ -84,7 +84,14 @@ def materialize_partition(
     from dagster import AssetSelection, DagsterInstance
     from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
 
-    from srt_assets.recovery import HOST_TAG, PoolWatcher, free_dead_runs, free_slots_of_ended_runs, this_host
+    from srt_assets.recovery import (
+        HOST_TAG,
+        PoolWatcher,
+        ensure_pool_limit,
+        free_dead_runs,
+        free_slots_of_ended_runs,
+        this_host,
+    )
 
     # the job's own executor ($SRT_EXECUTOR) needs a job its workers can rebuild: the module's defs
     out_of_process = defs is None and bool(os.environ.get("SRT_EXECUTOR", "").strip())
@@ -93,6 +100,7 @@ def materialize_partition(
         from srt_assets.definitions import defs
     instance = instance or DagsterInstance.get()
     try:  # a killed earlier run must not hold the gpu pool forever
+        ensure_pool_limit(instance)
         for line in free_dead_runs(instance):
             print(f"srt: {line}", file=sys.stderr)
     except Exception as error:

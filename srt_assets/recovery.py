@@ -168,3 +168,19 @@ class PoolWatcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def ensure_pool_limit(instance: DagsterInstance, pool: str = "gpu") -> None:
+    """Create ``pool``'s limit row before any step claims a slot. Dagster creates it at the first
+    claim, and two launchers whose first claims meet on a fresh PostgreSQL instance collide on its
+    unique key (seen: the second run failed at start); here the loser of that race just goes on."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits or pool in storage.get_concurrency_keys():
+        return
+    for _ in range(3):
+        try:
+            storage.initialize_concurrency_limit_to_default(pool)
+            return
+        except Exception:  # the other launcher created it first: look again
+            if pool in storage.get_concurrency_keys():
+                return

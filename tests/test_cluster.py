@@ -167,15 +167,10 @@ def test_a_sharded_source_runs_on_two_celery_workers_as_it_does_in_one_process(c
     cluster.record_worker_pids()
     raw = cluster.srt("--source", "tiny", "--select", "raw_samples")
     assert raw.returncode == 0, raw.stdout + raw.stderr
-    # two machines launch a shard each, the second while the first is in its model steps: both want the
-    # single gpu slot. (Launched at the very same moment on a fresh instance, the second run once failed
-    # at start in CI: a race of two launchers that is still open.)
+    # two machines launch a shard each at the same moment: both want the single gpu slot (and, on a
+    # fresh instance, both create the pool's limit: the second run used to fail at start)
     instance = cluster.instance(monkeypatch)
-    launchers = [cluster.srt("--source", "tiny", "--shard", "0", wait=False)]
-    deadline = time.monotonic() + 240
-    while running_step_pid(instance, "new_instructions") is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    launchers.append(cluster.srt("--source", "tiny", "--shard", "1", wait=False))
+    launchers = [cluster.srt("--source", "tiny", "--shard", s, wait=False) for s in ("0", "1")]
     outputs = [launcher.communicate(timeout=420)[0] for launcher in launchers]
     assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
     assert any("waits for a slot of pool 'gpu'" in output for output in outputs), outputs  # they did contend

@@ -357,6 +357,22 @@ def test_a_step_waiting_for_the_pool_says_so_and_who_holds_it(tmp_path, capsys):
     assert f"held by run {holder.run_id} step step" in err
 
 
+def test_the_pool_limit_exists_before_any_claim_and_creating_it_twice_is_harmless():
+    """ensure_pool_limit makes the gpu pool's row with the instance's default limit up front, so two
+    launchers never race to create it at their first claims; a second launcher's call changes nothing."""
+    from dagster import instance_for_test
+
+    from srt_assets.recovery import ensure_pool_limit
+
+    with instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
+        storage = instance.event_log_storage
+        assert "gpu" not in storage.get_concurrency_keys()
+        ensure_pool_limit(instance)
+        assert storage.get_concurrency_info("gpu").slot_count == 1
+        ensure_pool_limit(instance)
+        assert storage.get_concurrency_keys() == {"gpu"}
+
+
 def test_an_empty_models_file_variable_means_no_settings_file(tmp_path, monkeypatch):
     from srt_assets import paths
 
