@@ -99,7 +99,7 @@ def materialize_partition(
         _ensure_dagster_home()
         from srt_assets.definitions import defs
     instance = instance or DagsterInstance.get()
-    try:  # a killed earlier run must not hold the gpu pool forever
+    try:  # the pool's limit exists before two launchers race to create it; a killed run holds no slot
         ensure_pool_limit(instance)
         for line in free_dead_runs(instance):
             print(f"srt: {line}", file=sys.stderr)

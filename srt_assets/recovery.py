@@ -177,10 +177,8 @@ def ensure_pool_limit(instance: DagsterInstance, pool: str = "gpu") -> None:
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits or pool in storage.get_concurrency_keys():
         return
-    for _ in range(3):
-        try:
-            storage.initialize_concurrency_limit_to_default(pool)
-            return
-        except Exception:  # the other launcher created it first: look again
-            if pool in storage.get_concurrency_keys():
-                return
+    try:
+        storage.initialize_concurrency_limit_to_default(pool)
+    except Exception:
+        if pool not in storage.get_concurrency_keys():  # not the other launcher's row: a real error
+            raise

@@ -225,21 +225,26 @@ def teacher_calls_stored(cluster: Cluster) -> int:
         return cursor.fetchone()[0]
 
 
+def latest_step_events(instance: DagsterInstance, step_key: str, event_type: DagsterEventType) -> list:
+    """The events of ``event_type`` for ``step_key`` in the newest run."""
+    return [
+        record.dagster_event
+        for run in instance.get_runs(limit=1)
+        for record in instance.all_logs(run.run_id, of_type=event_type)
+        if record.dagster_event.step_key == step_key
+    ]
+
+
 def step_worker(instance: DagsterInstance, step_key: str) -> str | None:
-    for run in instance.get_runs(limit=1):
-        for record in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT):
-            metadata = record.dagster_event.engine_event_data.metadata
-            if record.dagster_event.step_key == step_key and "Celery worker" in metadata:
-                return metadata["Celery worker"].value.split("@")[0]
+    for event in latest_step_events(instance, step_key, DagsterEventType.ENGINE_EVENT):
+        metadata = event.engine_event_data.metadata
+        if "Celery worker" in metadata:
+            return metadata["Celery worker"].value.split("@")[0]
     return None
 
 
 def running_step_pid(instance: DagsterInstance, step_key: str) -> int | None:
-    for run in instance.get_runs(limit=1):
-        for record in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START):
-            if record.dagster_event.step_key == step_key:
-                return record.dagster_event.pid
-    return None
+    return next((event.pid for event in latest_step_events(instance, step_key, DagsterEventType.STEP_START)), None)
 
 
 @pytest.mark.parametrize("kill", ["worker", "pool_process"])
