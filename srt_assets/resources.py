@@ -26,6 +26,7 @@ from srt_assets.core.training import TrainingHyperparameters
 from srt_assets.models.chat_model import ChatModelSettings
 from srt_assets.models.compute import ComputeSettings
 from srt_assets.models.identity import ModelIdentity
+from srt_assets.models.openai_batch import OpenAIBatchSettings
 from srt_assets.models.openai_compatible import OpenAIChatSettings
 from srt_assets.models.student import StudentSession, StudentSettings, student_session
 from srt_assets.models.transformers_chat import TransformersChatSettings
@@ -171,6 +172,10 @@ class VLLMChatResource(ChatModelResource, VLLMChatSettings):
 
 class OpenAIChatResource(ChatModelResource, OpenAIChatSettings):
     """Any OpenAI-compatible endpoint as the teacher: hosted APIs, ``vllm serve`` replicas."""
+
+
+class OpenAIBatchResource(ChatModelResource, OpenAIBatchSettings):
+    """A hosted teacher through its Batch API: the same replies at the batch discount, hours later."""
 
 
 class TrainingResource(ConfigurableResource, TrainingHyperparameters, TrainingLauncher):

@@ -46,6 +46,12 @@ class Generation:
 OnDone = Callable[[int, Generation], None]
 
 
+def call_key(model_id: str, messages: Messages, params: GenerationParams) -> str:
+    """The cache key of one call. Defined once: the Batch API backend names each request with it
+    (``custom_id``), so its replies land under exactly the keys the pipeline reads."""
+    return content_key(model_id, messages, asdict(params))
+
+
 class ChatModel(Protocol):
     """Turns chat conversations into replies. ``on_done(i, generation)`` is called as each call
     finishes (any order), so its caller can store it before the others are done."""
@@ -105,7 +111,25 @@ class CachedGenerator:
         )
 
     def key(self, messages: Messages, params: GenerationParams) -> str:
-        return content_key(self.backend.model_id, messages, asdict(params))
+        return call_key(self.backend.model_id, messages, params)
+
+    @property
+    def submits_ahead(self) -> bool:
+        """Whether the backend queues calls to run later (the Batch API): see ``submit_ahead``."""
+        return bool(getattr(self.backend, "submits_ahead", False))
+
+    def submit_ahead(self, conversations: Sequence[Messages], params: GenerationParams) -> int:
+        """Hand calls to a backend that queues them, without waiting for replies, so that a stage
+        can queue every block before it waits on the first; a later ``generate`` of the same calls
+        collects them. Cached and over-budget calls are not sent. Returns the calls handed over."""
+        if not self.submits_ahead:
+            return 0
+        keys = [self.key(m, params) for m in conversations]
+        known = self.cache.get_many(keys)
+        todo = [m for m, k in zip(conversations, keys, strict=True) if k not in known and self.over_budget(m) is None]
+        if todo:
+            self.backend.submit(todo, params)  # type: ignore[attr-defined]
+        return len(todo)
 
     def _record(self, key: str, generation: Generation) -> None:
         self.stats.calls += 1

@@ -55,6 +55,19 @@ def _with_format_note(messages: Messages) -> Messages:
     return [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + JSON_FORMAT_NOTE}]
 
 
+def reflection_calls(
+    rows: Sequence[tuple[str, str, str]], kind: str, prompts: ReflectionPrompts, settings: ReflectionSettings
+) -> tuple[list[Messages], GenerationParams]:
+    """The first attempt's conversations and parameters for (instruction, input, output) rows: what
+    ``reflect`` sends first, and what a stage queues ahead at a Batch API backend."""
+    build = instruction_messages if kind == "instruction" else response_messages
+    conversations = [build(prompts, *row) for row in rows]
+    if not settings.structured:
+        return conversations, settings.params
+    schema = INSTRUCTION_JSON_SCHEMA if kind == "instruction" else RESPONSE_JSON_SCHEMA
+    return [_with_format_note(m) for m in conversations], replace(settings.params, json_schema=schema)
+
+
 def reflect(
     teacher: CachedGenerator,
     rows: Sequence[tuple[str, str, str]],
@@ -64,13 +77,7 @@ def reflect(
 ) -> list[ReflectionOutcome]:
     """Instruction (``kind='instruction'``) or response (``'response'``) reflection of
     (instruction, input, output) rows. Falls back to the original texts where no usable reply came."""
-    build = instruction_messages if kind == "instruction" else response_messages
-    schema = INSTRUCTION_JSON_SCHEMA if kind == "instruction" else RESPONSE_JSON_SCHEMA
-    conversations = [build(prompts, *row) for row in rows]
-    params = settings.params
-    if settings.structured:
-        conversations = [_with_format_note(m) for m in conversations]
-        params = replace(params, json_schema=schema)
+    conversations, params = reflection_calls(rows, kind, prompts, settings)
 
     def parse(text: str) -> Parsed:
         if settings.structured:

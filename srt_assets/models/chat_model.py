@@ -33,6 +33,7 @@ class ChatModelSettings(BaseModel, ABC):
 
     backend: ClassVar[str]  # the name used in configuration files and metadata
     streams: ClassVar[bool] = False  # True: takes any number of calls at once and reports each as it ends
+    submits_ahead: ClassVar[bool] = False  # True: queues calls to run later (``submit``), the Batch API
 
     temperature: float = Field(0.0, description="sampling temperature (the authors: 0)")
     top_p: float = Field(1.0, description="nucleus sampling (the authors: 1)")
@@ -61,8 +62,12 @@ class ChatModelSettings(BaseModel, ABC):
         """The identity of the model behind the calls: part of every cache key (never a secret)."""
 
     @abstractmethod
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> ChatModel:
-        """The backend itself (loads a model or opens a client); called on the first cache miss."""
+    def build(
+        self, compute: ComputeSettings, models_dir: Path, model_id: str, *, cache_location: str | Path | None = None
+    ) -> ChatModel:
+        """The backend itself (loads a model or opens a client); called on the first cache miss.
+        ``cache_location`` is the call cache's database, for a backend that keeps state of its own
+        there (the Batch API's ledger of submitted batches)."""
 
     def is_small_bundled_model(self) -> bool:
         """Whether 'auto' prompts should be the compact, prefilled ones (the bundled 135M model)."""
@@ -103,7 +108,12 @@ class ChatModelSettings(BaseModel, ABC):
         """This teacher behind the durable call cache: the backend is built on the first cache miss
         and released on exit."""
         model_id = self.model_id(models_dir, compute)
-        backend = LazyChatModel(model_id, lambda: self.build(compute, models_dir, model_id), self.streams)
+        backend = LazyChatModel(
+            model_id,
+            lambda: self.build(compute, models_dir, model_id, cache_location=cache_location),
+            self.streams,
+            self.submits_ahead,
+        )
         cache = open_cache(cache_location, "teacher_calls")
         try:
             yield CachedGenerator(
@@ -134,20 +144,29 @@ class LocalChatModelSettings(ChatModelSettings, ABC):
 class LazyChatModel:
     """Builds the backend on the first cache miss: a rerun served from the cache loads no model."""
 
-    def __init__(self, model_id: str, build: Callable[[], ChatModel], streams: bool = False):
+    def __init__(
+        self, model_id: str, build: Callable[[], ChatModel], streams: bool = False, submits_ahead: bool = False
+    ):
         self.model_id = model_id
-        self.streams = streams
+        self.streams, self.submits_ahead = streams, submits_ahead  # what the cached session may ask of it
         self._build = build
         self._backend: ChatModel | None = None
         self.was_loaded = False  # whether any call needed the model (kept after close, for metadata)
 
-    def generate(
-        self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None
-    ) -> list[Generation]:
+    def _loaded(self) -> ChatModel:
         if self._backend is None:
             self._backend = self._build()
             self.was_loaded = True
-        return self._backend.generate(conversations, params, on_done)
+        return self._backend
+
+    def generate(
+        self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None = None
+    ) -> list[Generation]:
+        return self._loaded().generate(conversations, params, on_done)
+
+    def submit(self, conversations: Sequence[Messages], params: GenerationParams) -> None:
+        """Queue calls at a backend that runs them later (``submits_ahead``); ``generate`` collects them."""
+        self._loaded().submit(conversations, params)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         if self._backend is not None and hasattr(self._backend, "close"):

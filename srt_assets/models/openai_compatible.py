@@ -90,7 +90,7 @@ class OpenAIChatSettings(ChatModelSettings):
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.cost_per_1k_input + completion_tokens / 1000 * self.cost_per_1k_output
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> OpenAICompatibleModel:
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str, **_) -> OpenAICompatibleModel:
         return OpenAICompatibleModel(self, api_key=self.resolved_api_key(), model_id=model_id)
 
 

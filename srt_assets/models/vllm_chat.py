@@ -21,7 +21,7 @@ class VLLMChatSettings(LocalChatModelSettings):
 
     max_model_len: int = Field(4096, description="longest prompt plus reply the engine accepts")
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str) -> VLLMGenerator:
+    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str, **_) -> VLLMGenerator:
         return VLLMGenerator(
             self.model_path(models_dir),
             model_id=model_id,

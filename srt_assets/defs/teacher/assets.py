@@ -10,13 +10,14 @@ from pydantic import Field, field_validator
 
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
 from srt_assets.core.from_files import file_outcomes, load_reflections
-from srt_assets.core.generation import CallStats
+from srt_assets.core.generation import CachedGenerator, CallStats
 from srt_assets.core.ifd import ScoringItem
 from srt_assets.core.progress import BlockProgress
 from srt_assets.core.quality import CheckOutcome, ratio_check
+from srt_assets.core.reflection import ReflectionPrompts
 from srt_assets.core.selection import answers_to_reflect
 from srt_assets.core.sources import SourceSpec
-from srt_assets.core.teacher import ReflectionOutcome, reflect
+from srt_assets.core.teacher import ReflectionOutcome, ReflectionSettings, reflect, reflection_calls
 from srt_assets.core.templates import merged_instruction
 from srt_assets.core.variants import VARIANT_SCHEMA, original_variants
 from srt_assets.defs.common import (
@@ -124,6 +125,9 @@ def run_reflection(
     blocks = BlockProgress(calls_progress(context, f"teacher ({kind})", unit="rows"), rows.height)
     frames = []
     with models.teacher.session(models.gpu, models.storage, None, chunk_size) as cached:
+        if cached.submits_ahead:
+            submitted = submit_blocks(cached, rows, kind, prompts, settings)
+            context.log.info(f"teacher ({kind}): {submitted} calls queued at the provider before the first wait")
         for start in range(0, rows.height, REFLECTION_BLOCK_ROWS):
             block = rows.slice(start, REFLECTION_BLOCK_ROWS)
             cached.progress = blocks.for_block(start, block.height)
@@ -133,6 +137,19 @@ def run_reflection(
             blocks.block_done(start, block.height)
     table = pl.concat(frames) if frames else candidates_frame(rows, [], kind, [], severity)
     return table, cached.stats, cached.backend.was_loaded
+
+
+def submit_blocks(
+    cached: CachedGenerator, rows: pl.DataFrame, kind: str, prompts: ReflectionPrompts, settings: ReflectionSettings
+) -> int:
+    """Queue every block's first-attempt calls at a backend that runs them later (the Batch API)
+    before the stage waits on the first block, so the provider works on all of them at once rather
+    than one block after another. Only one block's prompts exist at a time."""
+    submitted = 0
+    for start in range(0, rows.height, REFLECTION_BLOCK_ROWS):
+        block = rows.slice(start, REFLECTION_BLOCK_ROWS).select("instruction", "input", "output").rows()
+        submitted += cached.submit_ahead(*reflection_calls(block, kind, prompts, settings))
+    return submitted
 
 
 def candidates_frame(
