@@ -157,8 +157,15 @@ def main() -> None:
     if args.make_student:
         tiny_student(args.make_student)
         return
-    work = Path(tempfile.mkdtemp(prefix="srt-bench-scale-"))
     server, port = start_server()
+    try:
+        run_benchmark(args, port)
+    finally:  # a failed stage must not leave the endpoint running (it holds the caller's stdout)
+        server.terminate()
+
+
+def run_benchmark(args: argparse.Namespace, port: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="srt-bench-scale-"))
     capacity = server_capacity(port, min(args.concurrency, 16))
     models = {"teacher": {"backend": "openai", "model": "instant", "base_url": f"http://127.0.0.1:{port}/v1",
                           "concurrency": args.concurrency}}  # fmt: skip
@@ -186,7 +193,6 @@ def main() -> None:
         if stage == "rerun" and teacher_seconds:
             line += f"  ({seconds / teacher_seconds:.2f} of the first run's time, 0 calls)"
         print(line, flush=True)
-    server.terminate()
 
 
 if __name__ == "__main__":

@@ -250,11 +250,36 @@ def test_a_sixteen_character_key_is_masked_in_any_case():
 
 def test_a_reply_longer_than_any_answer_is_unusable():
     """A hostile endpoint's 2M-character reply was parsed, redacted, cached and shown."""
-    from types import SimpleNamespace
+    from srt_assets.models.openai_compatible import UnusableReply, completion_reply
 
-    from srt_assets.models.openai_compatible import OpenAICompatibleModel, UnusableReply
-
-    message = SimpleNamespace(content="x" * 2_000_000)
-    completion = SimpleNamespace(choices=[SimpleNamespace(message=message, finish_reason="stop")], usage=None)
+    body = {"choices": [{"message": {"content": "x" * 2_000_000}, "finish_reason": "stop"}], "usage": None}
     with pytest.raises(UnusableReply, match="2,000,000 characters"):
-        OpenAICompatibleModel._reply(completion)
+        completion_reply(body)
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ([1, 2], "not a chat completion"),
+        ({"choices": "none"}, "not a chat completion"),
+        ({"choices": []}, "no choices"),
+        ({"choices": ["text"]}, "no text content"),
+        ({"choices": [{"message": {"content": None}}]}, "no text content"),
+        ({"choices": [{"message": {"content": " \n"}}]}, "is empty"),
+    ],
+)
+def test_a_body_without_usable_text_says_what_is_wrong(body, reason):
+    from srt_assets.models.openai_compatible import UnusableReply, completion_reply
+
+    with pytest.raises(UnusableReply, match=reason):
+        completion_reply(body)
+
+
+def test_odd_usage_values_count_as_no_tokens():
+    """Usage is informational: a negative, boolean or text count must not reach the cost estimate."""
+    from srt_assets.models.openai_compatible import completion_reply
+
+    body = {"choices": [{"message": {"content": "hi"}, "finish_reason": 7}]}
+    for usage in ({"prompt_tokens": -3, "completion_tokens": True}, "n/a", {"prompt_tokens": "9"}):
+        assert completion_reply(body | {"usage": usage}) == ("hi", 0, 0, None)
+    assert completion_reply(body | {"usage": {"prompt_tokens": 5, "completion_tokens": 2}})[1:3] == (5, 2)

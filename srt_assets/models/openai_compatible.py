@@ -1,6 +1,10 @@
-"""A teacher behind any OpenAI-compatible chat-completions endpoint (hosted APIs, ``vllm serve``),
-through the official ``openai`` client: its retries (connection errors, timeouts, 408/409/429/5xx),
-its ``Retry-After`` handling and its per-request timeout. What the client leaves to us:
+"""A teacher behind any OpenAI-compatible chat-completions endpoint (hosted APIs, ``vllm serve``).
+
+Requests go over one aiohttp connection pool with the retry policy of the official OpenAI clients
+(connection errors, timeouts, 408/409/429/5xx; exponential backoff with jitter; ``Retry-After`` and
+``x-should-retry`` honoured; a per-connect and per-read timeout). Not through the ``openai`` client
+itself: its request building and response models cost about 1 ms of CPU per call, more than the
+rest of a call against a fast server, and a teacher stage makes millions of calls. On top of that:
 
 - a cap on concurrent calls (a semaphore over every replica);
 - an overall deadline per call, retries and failover included (``deadline_s``), so a server that
@@ -8,8 +12,8 @@ its ``Retry-After`` handling and its per-request timeout. What the client leaves
 - failover over several replicas (``base_url`` lists them, comma-separated): each call starts at the
   next replica in turn and moves on when one fails; a replica that failed is tried last for a while;
 - turning every reply that cannot be used (no choices, empty content, a body that is not a
-  completion, an undecodable body) into that call's failure with a reason, asked again up to
-  ``max_retries`` times, and never cached;
+  completion, an undecodable or oversized body) into that call's failure with a reason, asked again
+  up to ``max_retries`` times, and never cached;
 - counting the requests each call made, and keeping the API key out of every error text.
 """
 
@@ -18,12 +22,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import email.utils
 import html
+import json
 import logging
 import os
+import random
 import time
 import unicodedata
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,10 +182,122 @@ class UnusableReply(Exception):
     """A 200 answer that holds no completion text we can use."""
 
 
+def completion_reply(body: Any) -> tuple[str, int, int, str | None]:
+    """The text, prompt and completion token counts and finish reason of a chat-completion body
+    (parsed JSON), or UnusableReply saying what is wrong with it. Read as plain JSON: validating it
+    into the client's models costs more than the whole call does against a fast server."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list):
+        raise UnusableReply(f"the body is not a chat completion ({type(body).__name__})")
+    if not choices:
+        raise UnusableReply("the completion has no choices")
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(text, str):
+        raise UnusableReply("the completion has no text content")
+    if not text.strip():
+        raise UnusableReply("the completion's content is empty")
+    if len(text) > MAX_REPLY_CHARS:
+        raise UnusableReply(f"the reply has {len(text):,} characters, more than any answer ({MAX_REPLY_CHARS:,})")
+    usage = body.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+
+    def tokens(name: str) -> int:  # usage is informational: odd values count as 0
+        value = usage.get(name, 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    finish = choice.get("finish_reason")
+    return text, tokens("prompt_tokens"), tokens("completion_tokens"), finish if isinstance(finish, str) else None
+
+
+class RequestFailed(Exception):
+    """A request that may succeed when sent again: a connection error, a timeout, 408/409/429/5xx."""
+
+    def __init__(self, message: str, kind: str, retry_after: float | None = None, should_retry: bool = True):
+        super().__init__(message)
+        self.message, self.kind, self.retry_after, self.should_retry = message, kind, retry_after, should_retry
+
+
+class RequestRejected(Exception):
+    """A 4xx the server means: the request itself is wrong (a bad key, an unknown model)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"HTTP {status}")
+        self.status, self.detail = status, detail
+
+
+class UndecodableBody(Exception):
+    """The body arrived but cannot be decoded (a gzip that is not gzip)."""
+
+
+INITIAL_RETRY_DELAY_S, MAX_RETRY_DELAY_S, MAX_RETRY_AFTER_S = 0.5, 8.0, 60.0  # as the OpenAI clients wait
+MAX_BODY_BYTES = 4 * MAX_REPLY_CHARS + 65_536  # a reply of MAX_REPLY_CHARS in any UTF-8, and its JSON
+
+
+def retryable_status(status: int) -> bool:
+    return status in (408, 409, 429) or status >= 500
+
+
+def retry_backoff(retry: int) -> float:
+    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s … up to 8 s, each up to a quarter shorter."""
+    return min(INITIAL_RETRY_DELAY_S * 2**retry, MAX_RETRY_DELAY_S) * (1 - 0.25 * random.random())
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The wait a 429/503 asks for (``retry-after-ms``, ``retry-after`` in seconds or as a date),
+    when it is a sane one (over 0, at most a minute); else None and the backoff applies."""
+    seconds: float | None = None
+    try:
+        if "retry-after-ms" in headers:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif "retry-after" in headers:
+            value = headers["retry-after"]
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return seconds if seconds is not None and 0 < seconds <= MAX_RETRY_AFTER_S else None
+
+
+def error_detail(body: bytes) -> str:
+    """What a 4xx says, on one line and short: the JSON error's message, else the body's text."""
+    text = body[:4096].decode("utf-8", errors="replace")
+    try:
+        error = json.loads(body).get("error")
+        text = str(error.get("message") or error) if isinstance(error, dict) else text
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(text.split())[:200]
+
+
+async def bounded_body(response: Any) -> bytes:
+    """The whole body, refused once it passes MAX_BODY_BYTES (a hostile endpoint's endless answer)."""
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(65_536):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise UnusableReply(f"the reply body is over {MAX_BODY_BYTES:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @dataclass
 class _Replica:
     base_url: str
     failed_at: float = field(default=-1e9)
+    proxy: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        # the environment's proxy (HTTPS_PROXY, NO_PROXY), read once: aiohttp's trust_env reads it,
+        # and ~/.netrc, in a thread for every request
+        host = urlsplit(self.base_url).hostname or ""
+        proxies = urllib.request.getproxies()
+        self.proxy = (
+            None if not proxies or urllib.request.proxy_bypass(host) else proxies.get(urlsplit(self.base_url).scheme)
+        )
 
 
 class OpenAICompatibleModel:
@@ -198,7 +318,8 @@ class OpenAICompatibleModel:
     def _redact(self, text: str) -> str:
         return redact_secret(text, self._api_key)
 
-    def _request(self, messages: Messages, params: GenerationParams) -> dict[str, Any]:
+    def request_body(self, messages: Messages, params: GenerationParams) -> dict[str, Any]:
+        """The JSON body of one chat-completions request, exactly as it is sent."""
         request: dict[str, Any] = {
             "model": self.settings.model,
             "messages": messages,
@@ -209,7 +330,7 @@ class OpenAICompatibleModel:
         }
         if continues_reply(messages):
             # vLLM's server (and compatible ones) continue a final assistant turn when asked to.
-            request["extra_body"] = {"add_generation_prompt": False, "continue_final_message": True}
+            request |= {"add_generation_prompt": False, "continue_final_message": True}
         if params.json_schema is not None:
             request["response_format"] = {
                 "type": "json_schema",
@@ -229,45 +350,18 @@ class OpenAICompatibleModel:
         now = time.monotonic()
         return sorted(order, key=lambda i: now - self._replicas[i].failed_at < REPLICA_COOLDOWN_S)
 
-    @staticmethod
-    def _reply(completion: Any) -> tuple[str, int, int, str | None]:
-        """The text and token counts of a completion, or UnusableReply saying what is wrong."""
-        choices = getattr(completion, "choices", None)
-        if not isinstance(choices, list):
-            raise UnusableReply(f"the body is not a chat completion ({type(completion).__name__})")
-        if not choices:
-            raise UnusableReply("the completion has no choices")
-        message = getattr(choices[0], "message", None)
-        text = getattr(message, "content", None)
-        if not isinstance(text, str):
-            raise UnusableReply("the completion has no text content")
-        if not text.strip():
-            raise UnusableReply("the completion's content is empty")
-        if len(text) > MAX_REPLY_CHARS:
-            raise UnusableReply(f"the reply has {len(text):,} characters, more than any answer ({MAX_REPLY_CHARS:,})")
-        usage = getattr(completion, "usage", None)
-
-        def tokens(name: str) -> int:  # usage is informational: odd values count as 0
-            value = getattr(usage, name, 0)
-            return value if isinstance(value, int) and value >= 0 else 0
-
-        finish = getattr(choices[0], "finish_reason", None)
-        return text, tokens("prompt_tokens"), tokens("completion_tokens"), finish if isinstance(finish, str) else None
-
-    async def _call(self, clients: list, messages: Messages, params: GenerationParams) -> Generation:
-        """One call: the client retries failed requests on a replica; a replica that still fails
-        hands over to the next; an unusable reply is asked again, up to ``max_retries`` times."""
-        import openai
-
-        request = self._request(messages, params)
+    async def _call(self, session: Any, messages: Messages, params: GenerationParams) -> Generation:
+        """One call: a replica's failed requests are retried there; a replica that still fails hands
+        over to the next; an unusable reply is asked again, up to ``max_retries`` times."""
+        payload = json.dumps(self.request_body(messages, params), ensure_ascii=False).encode()
         order = self._replica_order()
         failed_replicas = unusable = position = 0
         while True:
             index = order[position % len(order)]
             position += 1
             try:
-                completion = await clients[index].chat.completions.create(**request)
-                text, prompt_tokens, completion_tokens, finish = self._reply(completion)
+                body = await self._with_retries(session, self._replicas[index], payload)
+                text, prompt_tokens, completion_tokens, finish = completion_reply(json.loads(body))
                 return Generation(  # a reply that quotes the key must not store it
                     self._redact(text),
                     prompt_tokens,
@@ -275,31 +369,22 @@ class OpenAICompatibleModel:
                     attempts=_requests_of_call.get()[0],
                     finish_reason=finish,
                 )
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                if status not in (408, 409, 429) and status < 500:  # the request itself is wrong
-                    detail = self._redact(" ".join(str(exc.message).split()))[:200]
-                    return self._failure(f"HTTP {status}: {detail}", "client_error")
-                failure = (f"HTTP {status}", "rate_limited" if status == 429 else "server_error")
-            except openai.APITimeoutError:
-                failure = (f"request timed out after {self.settings.timeout_s:g}s", "timeout")
-            except openai.APIConnectionError as exc:
-                cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
-                # httpx's DecodingError (by name: the client bundles its own httpx): the body arrived but cannot
-                # be decoded, and the client has already retried it as a connection error
-                if cause == "DecodingError":
-                    return self._failure(f"the reply body cannot be decoded ({cause})", "unusable_reply")
-                failure = (f"connection failed: {cause}", "connection_error")
-            except (UnusableReply, openai.APIResponseValidationError, ValueError) as exc:
-                # ValueError covers a body that is not JSON and a JSON body the client cannot validate;
-                # anything else (a TypeError from the client, say) is a bug and must not pass as a reply.
+            except RequestRejected as exc:  # the request itself is wrong: asking again cannot help
+                return self._failure(f"HTTP {exc.status}: {self._redact(exc.detail)}", "client_error")
+            except UndecodableBody as exc:
+                return self._failure(f"the reply body cannot be decoded ({exc})", "unusable_reply")
+            except RequestFailed as exc:
+                failure = (exc.message, exc.kind)
+            except (UnusableReply, ValueError) as exc:
+                # ValueError covers a body that is not JSON (or not UTF-8); anything else (a TypeError,
+                # say) is a bug and must not pass as a reply.
                 reason = str(exc) if isinstance(exc, UnusableReply) else f"invalid reply body ({type(exc).__name__})"
                 unusable += 1
                 if unusable > self.settings.max_retries:
                     return self._failure(self._redact(reason), "unusable_reply")
                 log.info("teacher reply unusable (%s); asking again", reason)
                 continue
-            # the client has already retried this replica: fail over to the next, if any is left
+            # this replica's retries are spent: fail over to the next, if any is left
             self._replicas[index].failed_at = time.monotonic()
             failed_replicas += 1
             if failed_replicas >= len(order):
@@ -307,42 +392,81 @@ class OpenAICompatibleModel:
             url = public_url(self._replicas[index].base_url)
             log.info("teacher call failed on %s (%s); trying the next replica", url, failure[0])
 
+    async def _with_retries(self, session: Any, replica: _Replica, payload: bytes) -> bytes:
+        """The body of a 2xx answer from one replica, retrying what the OpenAI clients retry
+        (connection errors, timeouts, 408/409/429/5xx) with their backoff and ``Retry-After``."""
+        retries = self.settings.max_retries
+        for retry in range(retries + 1):
+            try:
+                return await self._send(session, replica, payload)
+            except (RequestFailed, UndecodableBody) as exc:
+                if retry == retries or getattr(exc, "should_retry", True) is False:
+                    raise
+                wait = getattr(exc, "retry_after", None) or retry_backoff(retry)
+                log.debug("teacher request failed (%s); retrying in %.2fs", exc, wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _send(self, session: Any, replica: _Replica, payload: bytes) -> bytes:
+        """One request: the body of a 2xx answer, or the typed failure it ended in."""
+        import aiohttp
+
+        _requests_of_call.get()[0] += 1
+        try:
+            url = f"{replica.base_url}/chat/completions"
+            async with session.post(url, data=payload, proxy=replica.proxy) as response:
+                body = await bounded_body(response)
+                status, headers = response.status, response.headers
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors
+            raise RequestFailed(f"request timed out after {self.settings.timeout_s:g}s", "timeout") from exc
+        except aiohttp.ClientPayloadError as exc:
+            if isinstance(exc.__cause__, aiohttp.http_exceptions.ContentEncodingError) or "encoding" in str(exc):
+                raise UndecodableBody(type(exc).__name__) from exc
+            raise RequestFailed(f"connection failed: {type(exc).__name__}", "connection_error") from exc
+        except aiohttp.ClientError as exc:
+            raise RequestFailed(f"connection failed: {type(exc).__name__}", "connection_error") from exc
+        if status < 300:
+            return body
+        should_retry = headers.get("x-should-retry", "").lower()  # the server's word overrides the status
+        if not retryable_status(status) and should_retry != "true":
+            raise RequestRejected(status, error_detail(body))
+        kind = "rate_limited" if status == 429 else "server_error"
+        raise RequestFailed(f"HTTP {status}", kind, retry_after(headers), should_retry != "false")
+
     @staticmethod
     def _failure(error: str, kind: str) -> Generation:
         return Generation(None, error=error, error_kind=kind, attempts=_requests_of_call.get()[0])
 
+    def _session(self) -> Any:
+        """One connection pool for every replica, sized to the calls in flight."""
+        import aiohttp
+
+        settings = self.settings
+        headers = {"Content-Type": "application/json", "User-Agent": "srt-assets"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(1, settings.concurrency)),
+            # like the OpenAI clients' timeout: per connect and per read, so a server that trickles
+            # bytes is stopped by the call's deadline, not here
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.timeout_s, sock_read=settings.timeout_s),
+            headers=headers,
+        )
+
     async def _generate(
         self, conversations: Sequence[Messages], params: GenerationParams, on_done: OnDone | None
     ) -> list[Generation]:
-        import openai
-
-        async def count_request(_request) -> None:
-            counter = _requests_of_call.get(None)
-            if counter is not None:
-                counter[0] += 1
-
         settings = self.settings
-        http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [count_request]})
-        clients = [
-            openai.AsyncOpenAI(
-                base_url=replica.base_url,
-                api_key=self._api_key or "unused",  # servers without auth ignore it
-                timeout=settings.timeout_s,
-                max_retries=settings.max_retries,
-                http_client=http,
-            )
-            for replica in self._replicas
-        ]
         slots = asyncio.Semaphore(max(1, settings.concurrency))
         results: list[Generation | None] = [None] * len(conversations)
 
         async def one(i: int, messages: Messages) -> None:
             async with slots:
                 started = time.monotonic()
-                requests = [0]  # counted by the client's request hook, retries included
+                requests = [0]  # counted by _send, retries included
                 _requests_of_call.set(requests)
                 try:
-                    generation = await asyncio.wait_for(self._call(clients, messages, params), settings.deadline_s)
+                    generation = await asyncio.wait_for(self._call(session, messages, params), settings.deadline_s)
                 except TimeoutError:
                     generation = Generation(
                         None,
@@ -355,10 +479,8 @@ class OpenAICompatibleModel:
             if on_done:
                 on_done(i, generation)
 
-        try:
+        async with self._session() as session:
             await asyncio.gather(*(one(i, m) for i, m in enumerate(conversations)))
-        finally:
-            await http.aclose()
         return results  # type: ignore[return-value]
 
     def generate(
