@@ -1,6 +1,6 @@
 """The pipeline at scale with simulated models: wall time, items per second and peak memory per stage.
 
-    python benchmarks/bench_scale.py --rows 52000 [--shards 0] [--stages raw,teacher,scores,selection]
+    python benchmarks/bench_scale.py --rows 52000 [--shards 0] [--stages raw,teacher,scores,selection] [--statistics]
 
 A generated source of ``--rows`` tiny Alpaca-like rows goes through ``srt materialize`` one stage at
 a time, each a fresh process (as a user runs it), so each stage's peak RSS is its own (``wait4``;
@@ -9,7 +9,9 @@ this process stays small, since a child starts from its parent's peak):
 - the teacher is an instant OpenAI-compatible server on 127.0.0.1 (starlette on uvicorn in its own
   process; a reply the parser accepts, no latency), so the figures are srt's own overhead per call;
 - the student is a tiny random model with SmolLM2's tokenizer (2 layers, width 64): the figures are
-  srt's bookkeeping around the model, which a real GPU would dwarf;
+  srt's bookkeeping around the model, which a real GPU would dwarf (items: texts scored); with
+  ``--statistics`` its scores come from generated statistics files instead (``use: instead``, items:
+  variant rows), so selection runs at a million rows;
 - ``rerun`` repeats both teacher stages unchanged: every call comes from the cache.
 
 Prints one line per stage and the ratios that matter: calls/s against the server's own capacity
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -41,7 +45,7 @@ STAGES = {
     "raw": ["raw_samples"],
     "teacher": ["new_instructions", "better_responses"],
     "scores": ["student_scores"],
-    "selection": ["sample_decisions", "selected_dataset", "baseline_random"],
+    "selection": ["sample_decisions", "selected_dataset", "baseline_random", "baseline_full"],
 }
 
 
@@ -118,14 +122,33 @@ def tiny_student(directory: Path) -> Path:
     return out
 
 
-def write_source(directory: Path, rows: int, shards: int) -> Path:
+def write_source(directory: Path, rows: int, shards: int, statistics: bool) -> Path:
     with open(directory / "rows.jsonl", "w", encoding="utf-8") as out:
         for i in range(rows):
             row = {"instruction": f"Describe item {i} in one sentence.", "input": "", "output": f"Item {i} is small."}
             out.write(json.dumps(row) + "\n")
-    catalog = {"sources": {"bench": {"path": "rows.jsonl"}}, **({"shards": shards} if shards else {})}
+    source: dict = {"path": "rows.jsonl"}
+    if statistics:
+        source["statistics"] = {"use": "instead", "label": "synthetic", **write_statistics(directory, rows)}
+    catalog = {"sources": {"bench": source}, **({"shards": shards} if shards else {})}
     (directory / "sources.yaml").write_text(yaml.safe_dump(catalog))
     return directory / "sources.yaml"
+
+
+def write_statistics(directory: Path, rows: int) -> dict[str, str]:
+    """A student's statistics per variant in the authors' layout (``data: {loss, ppl}`` in the order
+    Q_direct, A_direct, Q_condition, A_condition), seeded per row: ``student_scores`` reads them
+    instead of scoring, so the selection stages run at a size the tiny student would take hours for."""
+    files = {}
+    for v, variant in enumerate(("ori", "Q", "A", "QA")):
+        files[variant] = f"statistics_{variant}.jsonl"
+        with open(directory / files[variant], "w", encoding="utf-8") as out:
+            for i in range(rows):
+                draw = random.Random(i * 4 + v)
+                ppl = [draw.uniform(2, 30), draw.uniform(2, 30)]
+                ppl += [ppl[0] * draw.uniform(0.3, 1.1), ppl[1] * draw.uniform(0.3, 1.1)]
+                out.write(json.dumps({"data": {"loss": [round(math.log(x), 6) for x in ppl], "ppl": ppl}}) + "\n")
+    return files
 
 
 def run_stage(env: dict, assets: list[str], shards: int) -> tuple[float, float, str]:
@@ -148,6 +171,11 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=0)
     parser.add_argument("--stages", default="raw,teacher,scores,selection,rerun")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--statistics",
+        action="store_true",
+        help="scores from generated statistics files (use: instead) rather than the tiny student",
+    )
     parser.add_argument("--make-student", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,14 +197,14 @@ def run_benchmark(args: argparse.Namespace, port: int) -> None:
     capacity = server_capacity(port, min(args.concurrency, 16))
     models = {"teacher": {"backend": "openai", "model": "instant", "base_url": f"http://127.0.0.1:{port}/v1",
                           "concurrency": args.concurrency}}  # fmt: skip
-    if "scores" in args.stages:  # made in a child: a stage's process inherits this one's peak RSS
+    if "scores" in args.stages and not args.statistics:  # made in a child: a stage inherits this one's peak RSS
         make = [sys.executable, __file__, "--make-student", str(work)]
         subprocess.run(make, check=True, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL)
         models["student"] = {"model": str(work / "tiny")}
     (work / "models.yaml").write_text(yaml.safe_dump(models))
     (work / "home").mkdir()
     env = {**os.environ, "DAGSTER_HOME": str(work / "home"), "SRT_STORAGE_DIR": str(work / "store"),
-           "SRT_SOURCES_FILE": str(write_source(work, args.rows, args.shards)),
+           "SRT_SOURCES_FILE": str(write_source(work, args.rows, args.shards, args.statistics)),
            "SRT_MODELS_FILE": str(work / "models.yaml"), "SRT_EXECUTOR": ""}  # fmt: skip
     print(f"{args.rows:,} rows, {args.shards or 'no'} shards, work in {work}")
     print(f"server capacity (bare keep-alive clients): {capacity:,.0f} requests/s")
@@ -185,7 +213,7 @@ def run_benchmark(args: argparse.Namespace, port: int) -> None:
         assets = STAGES.get(stage, STAGES["teacher"])
         seconds, rss, _ = run_stage(env, assets, args.shards)
         items = {"raw": args.rows, "teacher": 3 * args.rows, "rerun": 3 * args.rows,
-                 "scores": 4 * 4 * args.rows, "selection": args.rows}[stage]  # fmt: skip
+                 "scores": (4 if args.statistics else 16) * args.rows, "selection": args.rows}[stage]  # fmt: skip
         line = f"{stage:10s} {seconds:8.1f} s  {1000 * seconds / items:7.3f} ms/item  peak RSS {rss:7.0f} MB"
         if stage == "teacher":
             teacher_seconds = seconds

@@ -17,6 +17,8 @@ mended); ``FAULT:kindxN`` only on the first N attempts.
     empty      200 with empty content
     oddusage   200 with a usable completion whose usage is "n/a"
     badgzip    200 that claims Content-Encoding gzip over a body that is not gzip
+    hugebody   200 whose body is 6 MB (a completion padded with spaces): more than any reply
+    noretry    503 with ``x-should-retry: false`` (the server says asking again is pointless)
     echokey    401 whose body echoes the request's Authorization header (the key)
     echoaltered  401 whose body echoes the key altered: upper-cased and cut, and base64-encoded
     echoreply  a usable 200 reply that quotes the key in its text
@@ -211,6 +213,10 @@ class ScriptedOpenAIServer:
                     self._send(200, self._completion(payload, user, attempt, content=""))
                 elif fault == "oddusage":
                     self._send(200, self._completion(payload, user, attempt, usage="n/a"))
+                elif fault == "hugebody":
+                    self._send(200, self._completion(payload, user, attempt)[:-1] + b" " * 6_000_000 + b"}")
+                elif fault == "noretry":
+                    self._send(503, b'{"error": {"message": "overloaded"}}', {"x-should-retry": "false"})
                 elif fault == "badgzip":
                     self._send(200, self._completion(payload, user, attempt), {"Content-Encoding": "gzip"})
                 elif fault in ("echoaltered", "echoreply"):

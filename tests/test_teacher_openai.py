@@ -33,6 +33,8 @@ FAULTS = {
     "FAULT:nochoices": ("call_failed", "unusable_reply", 3),
     "FAULT:empty": ("call_failed", "unusable_reply", 3),
     "FAULT:badgzip": ("call_failed", "unusable_reply", 3),
+    "FAULT:hugebody": ("call_failed", "unusable_reply", 3),
+    "FAULT:noretry": ("call_failed", "server_error", 1),
     "FAULT:echokey": ("call_failed", "client_error", 1),
     "FAULT:echoaltered": ("call_failed", "client_error", 1),
     "FAULT:echoreply": ("ok", None, 1),
@@ -72,7 +74,7 @@ def test_every_fault_ends_in_an_outcome_and_a_mended_endpoint_repeats_only_failu
             if status == "call_failed":
                 assert outcome.raw_text is None and outcome.instruction == rows[row][0]
         by_marker = dict(zip(FAULTS, outcomes, strict=True))
-        assert by_marker["FAULT:503"].error == "HTTP 503"
+        assert by_marker["FAULT:503"].error == "HTTP 503" and "bytes" in by_marker["FAULT:hugebody"].error
         assert "empty" in by_marker["FAULT:empty"].error and "no choices" in by_marker["FAULT:nochoices"].error
         assert by_marker["FAULT:echokey"].error.startswith("HTTP 401") and KEY not in by_marker["FAULT:echokey"].error
         assert by_marker["FAULT:oddusage"].prompt_tokens == 0 and by_marker["FAULT:oddusage"].instruction
@@ -283,3 +285,45 @@ def test_odd_usage_values_count_as_no_tokens():
     for usage in ({"prompt_tokens": -3, "completion_tokens": True}, "n/a", {"prompt_tokens": "9"}):
         assert completion_reply(body | {"usage": usage}) == ("hi", 0, 0, None)
     assert completion_reply(body | {"usage": {"prompt_tokens": 5, "completion_tokens": 2}})[1:3] == (5, 2)
+
+
+@pytest.mark.parametrize(
+    "headers, wait",
+    [
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0"}, None),  # not a wait: the backoff applies
+        ({"retry-after": "3600"}, None),  # over a minute: not honoured, as the OpenAI clients do
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_is_honoured_only_when_sane(headers, wait):
+    from srt_assets.models.openai_compatible import retry_after
+
+    assert retry_after(headers) == wait
+
+
+def test_retry_after_as_an_http_date():
+    import email.utils
+    import time
+
+    from srt_assets.models.openai_compatible import retry_after
+
+    wait = retry_after({"retry-after": email.utils.formatdate(time.time() + 5, usegmt=True)})
+    assert wait is not None and 3 < wait <= 5
+
+
+def test_backoff_doubles_up_to_its_ceiling_with_jitter():
+    from srt_assets.models.openai_compatible import retry_backoff
+
+    waits = [retry_backoff(retry) for retry in range(6)]
+    assert 0.375 <= waits[0] <= 0.5 and 0.75 <= waits[1] <= 1.0 and all(6.0 <= w <= 8.0 for w in waits[4:])
+
+
+def test_a_client_error_detail_is_one_short_line():
+    from srt_assets.models.openai_compatible import error_detail
+
+    assert error_detail(b'{"error": {"message": "unknown\n model   x"}}') == "unknown model x"
+    assert error_detail(b"<html>\n" + b"a" * 5000) == "<html> " + "a" * 193
+    assert error_detail(b'{"error": "plain"}') == '{"error": "plain"}'
