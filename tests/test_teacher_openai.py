@@ -324,6 +324,6 @@ def test_backoff_doubles_up_to_its_ceiling_with_jitter():
 def test_a_client_error_detail_is_one_short_line():
     from srt_assets.models.openai_compatible import error_detail
 
-    assert error_detail(b'{"error": {"message": "unknown\n model   x"}}') == "unknown model x"
+    assert error_detail(b'{"error": {"message": "unknown\\n model   x"}}') == "unknown model x"
     assert error_detail(b"<html>\n" + b"a" * 5000) == "<html> " + "a" * 193
     assert error_detail(b'{"error": "plain"}') == '{"error": "plain"}'
