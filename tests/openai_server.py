@@ -22,6 +22,7 @@ mended); ``FAULT:kindxN`` only on the first N attempts.
     echokey    401 whose body echoes the request's Authorization header (the key)
     echoaltered  401 whose body echoes the key altered: upper-cased and cut, and base64-encoded
     echoreply  a usable 200 reply that quotes the key in its text
+    echolong   401 whose message echoes the key after 178 characters of text (across a cut at 200)
     nomarkers  a usable reply without the reflection markers (a parse failure)
 """
 
@@ -94,6 +95,7 @@ class ScriptedOpenAIServer:
         self.attempts: Counter[str] = Counter()  # per user message
         self.times: dict[str, list[float]] = {}
         self.authorization: set[str] = set()
+        self.projects: set[str] = set()  # the OpenAI-Project header of every request
         self.in_flight = 0
         self.max_in_flight = 0
         self.timeout_sleep = 1.5
@@ -144,6 +146,7 @@ class ScriptedOpenAIServer:
                     attempt = outer.attempts[user]
                     outer.times.setdefault(user, []).append(time.monotonic())
                     outer.authorization.add(self.headers.get("Authorization", ""))
+                    outer.projects.add(self.headers.get("OpenAI-Project", ""))
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
@@ -227,6 +230,9 @@ class ScriptedOpenAIServer:
                     else:
                         told = f"key {key.upper()[:-2]} rejected (b64 {base64.b64encode(key.encode()).decode()})"
                         self._send(401, json.dumps({"error": {"message": told}}).encode())
+                elif fault == "echolong":
+                    key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    self._send(401, json.dumps({"error": {"message": f"{'x' * 178} {key}"}}).encode())
                 elif fault == "echokey":
                     echoed = json.dumps({"error": {"message": f"invalid key: {self.headers.get('Authorization')}"}})
                     self._send(401, echoed.encode())

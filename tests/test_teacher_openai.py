@@ -7,6 +7,7 @@ import base64
 import html
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from openai_server import ScriptedOpenAIServer
@@ -321,9 +322,65 @@ def test_backoff_doubles_up_to_its_ceiling_with_jitter():
     assert 0.375 <= waits[0] <= 0.5 and 0.75 <= waits[1] <= 1.0 and all(6.0 <= w <= 8.0 for w in waits[4:])
 
 
-def test_a_client_error_detail_is_one_short_line():
+def test_a_client_error_detail_is_one_line():
     from srt_assets.models.openai_compatible import error_detail
 
     assert error_detail(b'{"error": {"message": "unknown\\n model   x"}}') == "unknown model x"
-    assert error_detail(b"<html>\n" + b"a" * 5000) == "<html> " + "a" * 193
+    assert error_detail(b"<html>\n  <b>gone</b>") == "<html> <b>gone</b>"
     assert error_detail(b'{"error": "plain"}') == '{"error": "plain"}'
+
+
+@pytest.mark.integration
+def test_a_key_straddling_the_cut_of_an_error_is_masked_whole():
+    """The detail was cut to 200 characters before the key was masked: a key echoed across the
+    cut left its first characters in the row's error."""
+    key = "sk-live-" + "k" * 40
+    with ScriptedOpenAIServer() as server:
+        backend = OpenAICompatibleModel(settings(server, max_retries=0), api_key=key)
+        echo = [{"role": "user", "content": "Hi FAULT:echolong"}]
+        [generation] = backend.generate([echo], GenerationParams())
+    assert generation.error_kind == "client_error" and "sk-live" not in generation.error
+
+
+def test_a_key_read_from_the_environment_loses_its_trailing_newline(monkeypatch):
+    monkeypatch.setenv("SRT_TEACHER_API_KEY", "sk-abc123\n")
+    assert OpenAIChatSettings(model="m", base_url="http://127.0.0.1:1/v1").resolved_api_key() == "sk-abc123"
+
+
+@pytest.mark.integration
+def test_a_request_the_client_cannot_send_is_a_client_error_not_an_unusable_reply():
+    """aiohttp's ValueError (here: a key with a newline, which a header cannot carry) passed as
+    "invalid reply body" and was asked again, although no request had been sent."""
+    with ScriptedOpenAIServer() as server:
+        backend = OpenAICompatibleModel(settings(server, max_retries=1), api_key="sk-abc\nX-Injected: 1")
+        [generation] = backend.generate([[{"role": "user", "content": "hi"}]], GenerationParams())
+        assert server.requests == 0
+    assert generation.error_kind == "client_error" and "could not be sent" in generation.error
+    assert generation.attempts == 1 and "sk-abc" not in generation.error
+
+
+@pytest.mark.integration
+def test_the_calls_bill_the_project_the_openai_clients_would(monkeypatch):
+    """The openai client sent OPENAI_PROJECT_ID as a header; the batch backend still does, so the
+    online one must too, or the two charge different projects."""
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj_srt")
+    with ScriptedOpenAIServer() as server:
+        OpenAICompatibleModel(settings(server)).generate([[{"role": "user", "content": "hi"}]], GenerationParams())
+        assert server.projects == {"proj_srt"}
+
+
+def test_certificates_come_from_certifi_unless_the_environment_names_others(monkeypatch, tmp_path):
+    """aiohttp trusts the system store alone: a slim image without ca-certificates reached no
+    hosted API. certifi's bundle, as httpx uses, unless SSL_CERT_FILE / SSL_CERT_DIR say otherwise."""
+    import certifi
+
+    from srt_assets.models.openai_compatible import tls_context
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    assert tls_context().cert_store_stats()["x509_ca"] > 100  # certifi holds over a hundred roots
+    one = tmp_path / "one.pem"
+    pem = Path(certifi.where()).read_text()
+    one.write_text(pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")] + "\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(one))
+    assert tls_context().cert_store_stats()["x509_ca"] == 1

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import time
 import unicodedata
 import urllib.request
@@ -93,7 +94,9 @@ class OpenAIChatSettings(ChatModelSettings):
         return super().describe() | {"base_url": ",".join(public_url(u) for u in replica_urls(self.base_url))}
 
     def resolved_api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) or None
+        """The key, without the whitespace a pasted key or a ``.env`` line ends with (a header
+        cannot carry a newline)."""
+        return (os.environ.get(self.api_key_env) or "").strip() or None
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.cost_per_1k_input + completion_tokens / 1000 * self.cost_per_1k_output
@@ -220,11 +223,9 @@ class RequestFailed(Exception):
 
 
 class RequestRejected(Exception):
-    """A 4xx the server means: the request itself is wrong (a bad key, an unknown model)."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(f"HTTP {status}")
-        self.status, self.detail = status, detail
+    """A request that cannot succeed as it is: a 4xx the server means (a bad key, an unknown model),
+    or one the client cannot send at all (a proxy scheme it does not speak). Its text may quote the
+    server, so it is masked before it is shown."""
 
 
 class UndecodableBody(Exception):
@@ -233,6 +234,8 @@ class UndecodableBody(Exception):
 
 INITIAL_RETRY_DELAY_S, MAX_RETRY_DELAY_S, MAX_RETRY_AFTER_S = 0.5, 8.0, 60.0  # as the OpenAI clients wait
 MAX_BODY_BYTES = 4 * MAX_REPLY_CHARS + 65_536  # a reply of MAX_REPLY_CHARS in any UTF-8, and its JSON
+MAX_ERROR_BODY_BYTES = 4096  # what is read of an error answer: its message, not a hostile megabyte
+MAX_DETAIL_CHARS = 200  # a 4xx's message as a row's error shows it
 
 
 def retryable_status(status: int) -> bool:
@@ -263,14 +266,41 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def error_detail(body: bytes) -> str:
-    """What a 4xx says, on one line and short: the JSON error's message, else the body's text."""
-    text = body[:4096].decode("utf-8", errors="replace")
+    """What a 4xx says, on one line: the JSON error's message, else the body's text (cut to
+    MAX_DETAIL_CHARS only after the key is masked, so no piece of a key survives at the cut)."""
+    text = body.decode("utf-8", errors="replace")
     try:
         error = json.loads(body).get("error")
         text = str(error.get("message") or error) if isinstance(error, dict) else text
     except (ValueError, AttributeError):
         pass
-    return " ".join(text.split())[:200]
+    return " ".join(text.split())
+
+
+def parsed_body(body: bytes) -> Any:
+    """A 2xx body as JSON, or UnusableReply (not JSON, not UTF-8)."""
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise UnusableReply(f"invalid reply body ({type(exc).__name__})") from None
+
+
+def tls_context() -> ssl.SSLContext:
+    """Certificates as the OpenAI clients (httpx) trust them: certifi's bundle, unless
+    SSL_CERT_FILE or SSL_CERT_DIR names the system's own (a corporate CA, say); a slim image
+    without Debian's ca-certificates still reaches a hosted API."""
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE"), capath=os.environ.get("SSL_CERT_DIR"))
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def account_headers() -> dict[str, str]:
+    """The organization and project the OpenAI clients bill to (OPENAI_ORG_ID, OPENAI_PROJECT_ID),
+    so the online and the batch backend charge the same account."""
+    names = {"OpenAI-Organization": "OPENAI_ORG_ID", "OpenAI-Project": "OPENAI_PROJECT_ID"}
+    return {header: os.environ[env].strip() for header, env in names.items() if os.environ.get(env, "").strip()}
 
 
 async def bounded_body(response: Any) -> bytes:
@@ -361,7 +391,7 @@ class OpenAICompatibleModel:
             position += 1
             try:
                 body = await self._with_retries(session, self._replicas[index], payload)
-                text, prompt_tokens, completion_tokens, finish = completion_reply(json.loads(body))
+                text, prompt_tokens, completion_tokens, finish = completion_reply(parsed_body(body))
                 return Generation(  # a reply that quotes the key must not store it
                     self._redact(text),
                     prompt_tokens,
@@ -370,15 +400,13 @@ class OpenAICompatibleModel:
                     finish_reason=finish,
                 )
             except RequestRejected as exc:  # the request itself is wrong: asking again cannot help
-                return self._failure(f"HTTP {exc.status}: {self._redact(exc.detail)}", "client_error")
+                return self._failure(self._redact(str(exc))[:MAX_DETAIL_CHARS], "client_error")
             except UndecodableBody as exc:
                 return self._failure(f"the reply body cannot be decoded ({exc})", "unusable_reply")
             except RequestFailed as exc:
                 failure = (exc.message, exc.kind)
-            except (UnusableReply, ValueError) as exc:
-                # ValueError covers a body that is not JSON (or not UTF-8); anything else (a TypeError,
-                # say) is a bug and must not pass as a reply.
-                reason = str(exc) if isinstance(exc, UnusableReply) else f"invalid reply body ({type(exc).__name__})"
+            except UnusableReply as exc:
+                reason = str(exc)
                 unusable += 1
                 if unusable > self.settings.max_retries:
                     return self._failure(self._redact(reason), "unusable_reply")
@@ -415,8 +443,11 @@ class OpenAICompatibleModel:
         try:
             url = f"{replica.base_url}/chat/completions"
             async with session.post(url, data=payload, proxy=replica.proxy) as response:
-                body = await bounded_body(response)
                 status, headers = response.status, response.headers
+                # an error answer is read only as far as its message: never a hostile megabyte
+                body = (
+                    await bounded_body(response) if status < 300 else await response.content.read(MAX_ERROR_BODY_BYTES)
+                )
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors
             raise RequestFailed(f"request timed out after {self.settings.timeout_s:g}s", "timeout") from exc
         except aiohttp.ClientPayloadError as exc:
@@ -425,11 +456,13 @@ class OpenAICompatibleModel:
             raise RequestFailed(f"connection failed: {type(exc).__name__}", "connection_error") from exc
         except aiohttp.ClientError as exc:
             raise RequestFailed(f"connection failed: {type(exc).__name__}", "connection_error") from exc
+        except ValueError as exc:  # aiohttp refusing what it was given (an unknown proxy scheme, say)
+            raise RequestRejected(f"the request could not be sent ({type(exc).__name__})") from exc
         if status < 300:
             return body
         should_retry = headers.get("x-should-retry", "").lower()  # the server's word overrides the status
         if not retryable_status(status) and should_retry != "true":
-            raise RequestRejected(status, error_detail(body))
+            raise RequestRejected(f"HTTP {status}: {error_detail(body)}")
         kind = "rate_limited" if status == 429 else "server_error"
         raise RequestFailed(f"HTTP {status}", kind, retry_after(headers), should_retry != "false")
 
@@ -442,11 +475,11 @@ class OpenAICompatibleModel:
         import aiohttp
 
         settings = self.settings
-        headers = {"Content-Type": "application/json", "User-Agent": "srt-assets"}
+        headers = {"Content-Type": "application/json", "User-Agent": "srt-assets", **account_headers()}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(1, settings.concurrency)),
+            connector=aiohttp.TCPConnector(limit=max(1, settings.concurrency), ssl=tls_context()),
             # like the OpenAI clients' timeout: per connect and per read, so a server that trickles
             # bytes is stopped by the call's deadline, not here
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.timeout_s, sock_read=settings.timeout_s),
