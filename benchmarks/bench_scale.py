@@ -176,6 +176,7 @@ def main() -> None:
         action="store_true",
         help="scores from generated statistics files (use: instead) rather than the tiny student",
     )
+    parser.add_argument("--work", type=Path, help="a work directory to reuse (the stages already materialized there)")
     parser.add_argument("--make-student", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,7 +194,7 @@ def main() -> None:
 
 
 def run_benchmark(args: argparse.Namespace, port: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="srt-bench-scale-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="srt-bench-scale-"))
     capacity = server_capacity(port, min(args.concurrency, 16))
     models = {"teacher": {"backend": "openai", "model": "instant", "base_url": f"http://127.0.0.1:{port}/v1",
                           "concurrency": args.concurrency}}  # fmt: skip
@@ -202,7 +203,7 @@ def run_benchmark(args: argparse.Namespace, port: int) -> None:
         subprocess.run(make, check=True, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL)
         models["student"] = {"model": str(work / "tiny")}
     (work / "models.yaml").write_text(yaml.safe_dump(models))
-    (work / "home").mkdir()
+    (work / "home").mkdir(exist_ok=True)
     env = {**os.environ, "DAGSTER_HOME": str(work / "home"), "SRT_STORAGE_DIR": str(work / "store"),
            "SRT_SOURCES_FILE": str(write_source(work, args.rows, args.shards, args.statistics)),
            "SRT_MODELS_FILE": str(work / "models.yaml"), "SRT_EXECUTOR": ""}  # fmt: skip
