@@ -13,12 +13,16 @@ batch was created:
 
 ``queue_full = N`` makes the next N batches fail for a full queue (``token_limit_exceeded``), as
 OpenAI's do past the enqueued-token limit; ``refuse_creates = N`` answers the next N creates 429.
+``create_delays`` holds the next creates' answers that many seconds each after the batch is made (a
+client that stopped waiting); ``cut_downloads = N`` breaks off the next N file downloads half-way;
+``missing_file_status`` answers a create from an unknown file (404, or OpenAI's 400 naming it).
 
 The server counts uploads, creates, lists and polls, and logs each event in order (``events``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -44,7 +48,9 @@ class BatchServer(ScriptedOpenAIServer):
         self.page_size = page_size  # at most this many batches a list page, whatever limit asks
         self.mode = "complete"
         self.hold_create = False  # store a created batch, then never answer: a client killed while creating
-        self.queue_full = self.refuse_creates = 0
+        self.queue_full = self.refuse_creates = self.cut_downloads = 0
+        self.create_delays: list[float] = []
+        self.missing_file_status = 404
         self.files: dict[str, bytes] = {}
         self.inputs: dict[str, list[dict]] = {}  # input file id → its request lines
         self.batches: dict[str, dict] = {}  # id → the batch object, in creation order
@@ -174,6 +180,16 @@ class _BatchHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_cut(self, data: bytes) -> None:
+        """Half of a file's bytes under its full length, then the connection closed."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
     def _authorized(self) -> bool:
         authorization = self.headers.get("Authorization", "")
         with self.outer.lock:
@@ -219,7 +235,9 @@ class _BatchHandler(BaseHTTPRequestHandler):
                 self._send(429, {"error": {"message": "too many batches at once"}})
                 return
             if request.get("input_file_id") not in self.outer.inputs:
-                self._send(404, {"error": {"message": "no such file"}})
+                status = self.outer.missing_file_status
+                message = "no such file" if status == 404 else f"invalid input_file_id {request.get('input_file_id')}"
+                self._send(status, {"error": {"message": message}})
                 return
             batch = self.outer._new_batch(request["input_file_id"], request)
             self.outer.creates += 1
@@ -227,7 +245,11 @@ class _BatchHandler(BaseHTTPRequestHandler):
         if self.outer.hold_create:
             time.sleep(60)  # the client is killed while it waits
             return
-        self._send(200, batch)
+        with self.outer.lock:
+            delay = self.outer.create_delays.pop(0) if self.outer.create_delays else 0.0
+        time.sleep(delay)
+        with contextlib.suppress(OSError):  # the client gave up on it
+            self._send(200, batch)
 
     def do_GET(self) -> None:
         if not self._authorized():
@@ -245,6 +267,11 @@ class _BatchHandler(BaseHTTPRequestHandler):
                 self._send(200, batch)
             elif content_id and content_id.group(1) in self.outer.files:
                 self.outer.events.append(("content", content_id.group(1)))
-                self._send(200, self.outer.files[content_id.group(1)], "application/octet-stream")
+                data = self.outer.files[content_id.group(1)]
+                if self.outer.cut_downloads > 0:
+                    self.outer.cut_downloads -= 1
+                    self._send_cut(data)
+                else:
+                    self._send(200, data, "application/octet-stream")
             else:
                 self._send(404, {"error": {"message": f"no such object {path}"}})

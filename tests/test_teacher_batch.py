@@ -276,6 +276,67 @@ def test_a_batch_the_provider_had_no_room_for_is_created_again_from_its_file(tmp
         assert {b["input_file_id"] for b in server.batches.values()} == {"file-1"}
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_a_create_answered_too_late_is_found_not_made_again(tmp_path, max_retries):
+    """The provider made the batch but the client stopped waiting for the answer: neither the
+    client's own retries (no idempotency key) nor the next pass may create a second batch."""
+    with BatchServer(api_key=KEY) as server:
+        server.create_delays = [1.5]
+        replies = ask(tmp_path / "c.sqlite", server.base_url, 3, timeout_s=0.5, max_retries=max_retries)
+        assert server.uploads == server.creates == 1
+    assert all(r.usable for r in replies)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("status", [404, 400])
+def test_a_ledger_file_gone_at_the_provider_is_uploaded_again(tmp_path, status):
+    """The create was refused, then the file went (deleted, expired): the rerun uploads it anew
+    instead of failing on the ledger's file for ever."""
+    cache = tmp_path / "c.sqlite"
+    with BatchServer(api_key=KEY) as server:
+        server.refuse_creates, server.missing_file_status = 10**6, status
+        with pytest.raises(BatchesStillRunning):
+            ask(cache, server.base_url, 3, max_wait_s=0.3)
+        server.refuse_creates = 0
+        del server.files["file-1"], server.inputs["file-1"]
+        replies = ask(cache, server.base_url, 3)
+        assert server.uploads == 2 and server.creates == 1
+    assert all(r.usable for r in replies)
+    states = sorted(json.loads(v)["state"] for k, v in ledger(cache).items() if k.startswith("batch:"))
+    assert states == ["completed", "lost"]
+
+
+@pytest.mark.integration
+def test_a_download_cut_mid_stream_is_downloaded_again(tmp_path):
+    with BatchServer(api_key=KEY) as server:
+        server.cut_downloads = 1
+        replies = ask(tmp_path / "c.sqlite", server.base_url, 3)
+        [output] = {b["output_file_id"] for b in server.batches.values()}
+        assert server.events.count(("content", output)) == 2 and server.uploads == server.creates == 1
+    assert all(r.usable for r in replies)
+
+
+@pytest.mark.integration
+def test_replies_of_a_batch_the_run_asked_only_part_of_are_kept(tmp_path):
+    """A batch of four calls collected by a run that asks for two: the other two replies, paid
+    for, go in the call cache, and a later run asking for them sends nothing."""
+    cache, params = tmp_path / "c.sqlite", GenerationParams()
+    with BatchServer(api_key=KEY) as server:
+        with teacher(cache, server.base_url) as cached:
+            assert cached.submit_ahead(questions(4), params) == 4
+            first = cached.generate(questions(4)[:2], params)
+            keys = [cached.key(m, params) for m in questions(4)]
+        assert all(g.usable for _, g in first)
+        stored = SqliteCache(cache, "teacher_calls").get_many(keys)
+        assert set(stored) == set(keys)
+        assert Generation(**stored[keys[3]]).text and Generation(**stored[keys[3]]).usable
+        with teacher(cache, server.base_url) as cached:
+            second = cached.generate(questions(4), params)
+        assert cached.stats.cache_hits == 4 and server.uploads == server.creates == 1
+    assert [g for _, g in second[:2]] == [g for _, g in first]
+
+
 def wait_until(condition: Callable[[], bool], child: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -285,29 +346,34 @@ def wait_until(condition: Callable[[], bool], child: subprocess.Popen, timeout: 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("killed_while", ["polling", "creating"])
+@pytest.mark.parametrize("killed_while", ["polling", "creating", "creating again"])
 def test_a_run_killed_mid_batch_is_resumed_without_a_new_upload_or_batch(tmp_path, killed_while):
     """SIGKILL while it polls (the ledger has the batch id) or while the create request is out (the
-    ledger has only the file id: the batch is found in the server's list, two pages down)."""
+    ledger has only the file id: the batch is found in the server's list, two pages down), or while
+    it creates again a batch refused for a full queue (the ledger has the refused batch's id)."""
     cache = tmp_path / "c.sqlite"
-    with BatchServer(api_key=KEY, polls_to_finish=None, page_size=2) as server:
+    again = killed_while == "creating again"
+    with BatchServer(api_key=KEY, polls_to_finish=1 if again else None, page_size=2) as server:
         server.hold_create = killed_while == "creating"
+        server.queue_full, server.create_delays = (1, [0, 60]) if again else (0, [])
         command = [sys.executable, __file__, str(cache), server.base_url, "4"]
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             wait_until(
-                lambda: server.creates == 1 and (killed_while == "creating" or sum(server.polls.values()) >= 2), child
+                lambda: server.creates == 1 + again and (killed_while != "polling" or sum(server.polls.values()) >= 2),
+                child,
             )
         finally:
             child.send_signal(signal.SIGKILL)
             child.communicate(timeout=10)
         assert child.returncode == -signal.SIGKILL
-        [created] = server.batches
+        created = list(server.batches)[-1]
         server.hold_create, server.polls_to_finish = False, 1
         server.add_batches(3)  # newer batches of other work
+        lists = server.lists
         replies = ask(cache, server.base_url, 4)
-        assert server.uploads == server.creates == 1
-        assert server.lists == (2 if killed_while == "creating" else 0)
+        assert server.uploads == 1 and server.creates == 1 + again
+        assert server.lists - lists == (0 if killed_while == "polling" else 2)
     assert all(r.usable for r in replies)
     [entry] = [json.loads(v) for k, v in ledger(cache).items() if k.startswith("batch:")]
     assert entry["batch_id"] == created and entry["collected"] and entry["state"] == "completed"

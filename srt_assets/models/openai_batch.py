@@ -11,18 +11,21 @@ as it happens, in a ledger in the call-cache database (namespace ``teacher_batch
 where a batch's id is a hash of its input file's sorted custom_ids, the calls' cache keys. A rerun
 (or another process, after a kill) asking for the same calls finds them there and waits on the
 batch already running instead of paying for it again: with a batch id it polls it; with only a file
-id it looks for the batch made from that file before making one. An ended batch (completed,
-expired, failed, cancelled) is collected once; its calls without a usable reply are ``call_failed``
-rows, asked again in a new batch on the next run.
+id it looks for the batch made from that file before making one (and after any create that failed:
+the provider may have made it all the same), or uploads the calls again if the file is gone. An
+ended batch (completed, expired, failed, cancelled) is collected once: the calls asked are
+delivered, its other usable replies (calls a run asked for before) go straight into the call cache,
+and its calls without a usable reply are ``call_failed`` rows, asked again in a new batch.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,7 +72,8 @@ class OpenAIBatchSettings(OpenAIChatSettings):
     max_wait_s: float = Field(
         26 * 3600.0,
         gt=0,
-        description="longest one run waits for its batches; then the step fails saying they still run, and a "
+        description="longest one wait on a block's batches (each block, and each round of its parse retries, "
+        "may wait this long: it bounds one wait, not the run); then the step fails saying they still run, and a "
         "rerun picks them up (nothing is sent again)",
     )
     completion_window: str = Field("24h", description="the time the provider has to run a batch (OpenAI: 24h)")
@@ -107,8 +111,12 @@ class BatchAPIError(RuntimeError):
         self.transient = transient
 
 
+class FileGone(BatchAPIError):
+    """A create refused because the provider no longer has its input file (a 404, or a 400 naming it)."""
+
+
 class BatchesStillRunning(RuntimeError):
-    """The run waited ``max_wait_s``; the batches go on at the provider and a rerun collects them."""
+    """One wait on a block's batches took ``max_wait_s``; they go on at the provider, a rerun collects them."""
 
 
 @dataclass
@@ -138,6 +146,8 @@ class OpenAIBatchModel(OpenAICompatibleModel):
         self.settings: OpenAIBatchSettings = settings
         self.server = public_url(replica_urls(settings.base_url)[0])
         self._ledger = open_cache(cache_location, "teacher_batches")
+        self._cache_location = cache_location
+        self._calls: Any = None  # the call cache, opened when a batch holds replies no one asked for
         self._client: Any = None
 
     @property
@@ -156,6 +166,8 @@ class OpenAIBatchModel(OpenAICompatibleModel):
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self._calls is not None:
+            self._calls.close()
         self._ledger.close()
 
     def submit(self, conversations: Sequence[Messages], params: GenerationParams) -> None:
@@ -197,18 +209,36 @@ class OpenAIBatchModel(OpenAICompatibleModel):
                 fresh[key] = messages
             else:
                 batches.setdefault(ident, _Batch(ident, entry)).calls.append(key)
+        for batch in list(batches.values()):
+            if not batch.entry.get("batch_id") and not self._created_soon(batch):
+                del batches[batch.key]  # its file is gone: its calls go in a new one
+                fresh.update((key, calls[key]) for key in batch.calls)
         for keys, payload in self._input_files(fresh, params):
             batch = self._uploaded(keys, payload)
+            while not batch.entry.get("batch_id") and not self._created_soon(batch):
+                batch = self._uploaded(keys, payload)  # chained to a new id past the lost entry
             batches[batch.key] = batch
-        for batch in batches.values():
-            if not batch.entry.get("batch_id"):
-                try:
-                    self._started(batch)
-                except BatchAPIError as exc:  # a full queue, say: created when it is looked at again
-                    if not exc.transient:
-                        raise
-                    log.info("%s; the batch is created later", exc)
         return list(batches.values())
+
+    def _created_soon(self, batch: _Batch) -> bool:
+        """Create the batch now, or leave a refused create (a full queue, say) to the polls. False
+        when the ledger's file is gone at the provider (deleted, expired): the entry is marked lost,
+        else every rerun would fail on it."""
+        from_ledger = batch.maybe_made  # a file uploaded just now is not uploaded again: no loop
+        try:
+            self._started(batch)
+        except FileGone as exc:
+            if not from_ledger:
+                raise
+            log.warning("%s; its calls are uploaded again", exc)
+            batch.entry.update(state="lost", collected=True)
+            self._save(batch.key, batch.entry)
+            return False
+        except BatchAPIError as exc:
+            if not exc.transient:
+                raise
+            log.info("%s; the batch is created later", exc)
+        return True
 
     def _input_files(self, calls: dict[str, Messages], params: GenerationParams) -> Iterator[tuple[list[str], bytes]]:
         """The calls as JSONL input files within the provider's limits, requests and bytes per file."""
@@ -255,15 +285,21 @@ class OpenAIBatchModel(OpenAICompatibleModel):
         entry = batch.entry
         remote = self._made_from(entry["file_id"], entry.get("uploaded_at", 0.0)) if batch.maybe_made else None
         if remote is None:
-            remote = self._api(
-                "creating a batch",
-                lambda: self.client.batches.create(
-                    input_file_id=entry["file_id"],
-                    endpoint=CHAT_URL,
-                    completion_window=self.settings.completion_window,
-                    metadata={"srt_batch": batch.key},
-                ),
-            )
+            try:  # no client retries: a create answered too late is found by _made_from, not made twice
+                remote = self._api(
+                    "creating a batch",
+                    lambda: self.client.with_options(max_retries=0).batches.create(
+                        input_file_id=entry["file_id"],
+                        endpoint=CHAT_URL,
+                        completion_window=self.settings.completion_window,
+                        metadata={"srt_batch": batch.key},
+                    ),
+                )
+            except BatchAPIError as exc:
+                batch.maybe_made = True  # the provider may have made it all the same: look first next time
+                if exc.status == 404 or (exc.status == 400 and entry["file_id"] in str(exc)):
+                    raise FileGone(str(exc), exc.status) from None
+                raise
             log.info("created batch %s from %s (%d requests)", remote.id, entry["file_id"], entry["requests"])
         entry.update(batch_id=remote.id, state=remote.status)
         self._save(batch.key, entry)
@@ -295,7 +331,7 @@ class OpenAIBatchModel(OpenAICompatibleModel):
                     if self._advanced(batch, deliver):
                         running.remove(batch)
                 except BatchAPIError as exc:
-                    if exc.status == 404:  # the batch or its files are gone: its calls go in a new batch
+                    if exc.status == 404 or isinstance(exc, FileGone):  # gone: its calls go in a new batch
                         self._collect_lost(batch, str(exc), deliver)
                         running.remove(batch)
                     elif not exc.transient:
@@ -323,8 +359,7 @@ class OpenAIBatchModel(OpenAICompatibleModel):
         remote = self._poll(batch)
         if _refused_for_room(remote):
             log.info("batch %s refused for a full queue at %s; creating it again", remote.id, self.server)
-            batch.maybe_made = False
-            self._started(batch)
+            self._started(batch)  # maybe_made stays: a kill after an earlier re-create left it unnoted
             return False
         if remote.status not in TERMINAL:
             return False
@@ -339,8 +374,9 @@ class OpenAIBatchModel(OpenAICompatibleModel):
         return remote
 
     def _collect(self, batch: _Batch, remote: Any, deliver: Callable[[str, Generation], None]) -> None:
-        """Deliver every asked call of an ended batch, then mark it collected: a kill in between
-        leaves it to be collected again, never lost."""
+        """Deliver every asked call of an ended batch and cache its other usable replies (paid for,
+        asked by an earlier run), then mark it collected: a kill in between leaves it to be
+        collected again, never lost."""
         found: dict[str, Generation] = {}
         if remote.status == "failed":
             errors = (remote.errors.data if remote.errors else None) or []
@@ -349,15 +385,24 @@ class OpenAIBatchModel(OpenAICompatibleModel):
         else:
             for file_id in (remote.output_file_id, remote.error_file_id):
                 if file_id:
-                    found.update(self._api("downloading batch results", lambda f=file_id: self._results(f, batch)))
+                    found.update(self._api("downloading batch results", lambda f=file_id: self._results(f)))
             unanswered = self._failed(*UNANSWERED.get(remote.status, UNANSWERED["cancelled"]))
+        results, asked = len(found), len(batch.calls)
         for key in batch.calls:
-            deliver(key, found.get(key) or unanswered)
+            deliver(key, found.pop(key, None) or unanswered)
+        self._keep(found)
         batch.entry.update(state=remote.status, collected=True)
         self._save(batch.key, batch.entry)
-        log.info(
-            "collected batch %s (%s): %d of %d calls answered", remote.id, remote.status, len(found), len(batch.calls)
-        )
+        log.info("collected batch %s (%s): %d results, %d calls asked", remote.id, remote.status, results, asked)
+
+    def _keep(self, replies: dict[str, Generation]) -> None:
+        """The usable replies no call of this run asked for, stored as ``CachedGenerator`` stores
+        them, so the run that wants them finds them in the cache instead of buying them again."""
+        usable = {key: asdict(generation) for key, generation in replies.items() if generation.usable}
+        if usable:
+            if self._calls is None:
+                self._calls = open_cache(self._cache_location, "teacher_calls")
+            self._calls.put_many(usable)
 
     def _collect_lost(self, batch: _Batch, reason: str, deliver: Callable[[str, Generation], None]) -> None:
         for key in batch.calls:
@@ -365,14 +410,13 @@ class OpenAIBatchModel(OpenAICompatibleModel):
         batch.entry.update(collected=True)
         self._save(batch.key, batch.entry)
 
-    def _results(self, file_id: str, batch: _Batch) -> dict[str, Generation]:
-        """The results a batch output or error file holds for the calls asked, read line by line."""
-        asked = set(batch.calls)
+    def _results(self, file_id: str) -> dict[str, Generation]:
+        """The results a batch output or error file holds, read line by line."""
         found: dict[str, Generation] = {}
         with self.client.files.with_streaming_response.content(file_id) as response:
             for line in response.iter_lines():
                 key, generation = self._line_result(line)
-                if key in asked and generation is not None:
+                if key is not None and generation is not None:
                     found[key] = generation
         return found
 
@@ -420,11 +464,23 @@ class OpenAIBatchModel(OpenAICompatibleModel):
             status: int | None = exc.status_code
             detail = f"HTTP {status}: {exc.message}"
             transient = status in (408, 409, 429) or status >= 500
-        except openai.APIConnectionError as exc:  # timeouts included
+        except (openai.APIConnectionError, *_http_errors()) as exc:  # timeouts, bodies cut mid-stream
             status, detail, transient = None, f"connection failed ({type(exc).__name__})", True
         raise BatchAPIError(
             f"{what} at {self.server}: {self._redact(' '.join(detail.split()))[:MAX_ERROR_CHARS]}", status, transient
         )
+
+
+def _http_errors() -> tuple[type[Exception], ...]:
+    """The errors of the openai client's HTTP library (httpx2 from openai 3, httpx before), which a
+    streamed body read (``iter_lines``) raises unwrapped."""
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
 
 
 def _refused_for_room(remote: Any) -> bool:
