@@ -101,7 +101,9 @@ class OpenAIChatSettings(ChatModelSettings):
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.cost_per_1k_input + completion_tokens / 1000 * self.cost_per_1k_output
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str, **_) -> OpenAICompatibleModel:
+    def build(
+        self, compute: ComputeSettings, models_dir: Path, model_id: str, *, cache_location: str | Path | None = None
+    ) -> OpenAICompatibleModel:
         return OpenAICompatibleModel(self, api_key=self.resolved_api_key(), model_id=model_id)
 
 
@@ -228,8 +230,12 @@ class RequestRejected(Exception):
     server, so it is masked before it is shown."""
 
 
-class UndecodableBody(Exception):
-    """The body arrived but cannot be decoded (a gzip that is not gzip)."""
+class UndecodableBody(RequestFailed):
+    """The body arrived but cannot be decoded (a gzip that is not gzip): retried like any failed
+    request, then the call's unusable reply rather than a reason to fail over."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause, "unusable_reply")
 
 
 INITIAL_RETRY_DELAY_S, MAX_RETRY_DELAY_S, MAX_RETRY_AFTER_S = 0.5, 8.0, 60.0  # as the OpenAI clients wait
@@ -323,10 +329,9 @@ class _Replica:
     def __post_init__(self) -> None:
         # the environment's proxy (HTTPS_PROXY, NO_PROXY), read once: aiohttp's trust_env reads it,
         # and ~/.netrc, in a thread for every request
-        host = urlsplit(self.base_url).hostname or ""
-        proxies = urllib.request.getproxies()
+        parts, proxies = urlsplit(self.base_url), urllib.request.getproxies()
         self.proxy = (
-            None if not proxies or urllib.request.proxy_bypass(host) else proxies.get(urlsplit(self.base_url).scheme)
+            None if not proxies or urllib.request.proxy_bypass(parts.hostname or "") else proxies.get(parts.scheme)
         )
 
 
@@ -423,17 +428,16 @@ class OpenAICompatibleModel:
     async def _with_retries(self, session: Any, replica: _Replica, payload: bytes) -> bytes:
         """The body of a 2xx answer from one replica, retrying what the OpenAI clients retry
         (connection errors, timeouts, 408/409/429/5xx) with their backoff and ``Retry-After``."""
-        retries = self.settings.max_retries
-        for retry in range(retries + 1):
+        for retry in range(self.settings.max_retries):
             try:
                 return await self._send(session, replica, payload)
-            except (RequestFailed, UndecodableBody) as exc:
-                if retry == retries or getattr(exc, "should_retry", True) is False:
+            except RequestFailed as exc:
+                if not exc.should_retry:
                     raise
-                wait = getattr(exc, "retry_after", None) or retry_backoff(retry)
+                wait = exc.retry_after or retry_backoff(retry)
                 log.debug("teacher request failed (%s); retrying in %.2fs", exc, wait)
                 await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return await self._send(session, replica, payload)  # the last try: its failure is the call's
 
     async def _send(self, session: Any, replica: _Replica, payload: bytes) -> bytes:
         """One request: the body of a 2xx answer, or the typed failure it ended in."""
@@ -451,7 +455,7 @@ class OpenAICompatibleModel:
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors
             raise RequestFailed(f"request timed out after {self.settings.timeout_s:g}s", "timeout") from exc
         except aiohttp.ClientPayloadError as exc:
-            if isinstance(exc.__cause__, aiohttp.http_exceptions.ContentEncodingError) or "encoding" in str(exc):
+            if isinstance(exc.__cause__, aiohttp.http_exceptions.ContentEncodingError):
                 raise UndecodableBody(type(exc).__name__) from exc
             raise RequestFailed(f"connection failed: {type(exc).__name__}", "connection_error") from exc
         except aiohttp.ClientError as exc:

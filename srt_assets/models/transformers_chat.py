@@ -25,7 +25,9 @@ class TransformersChatSettings(LocalChatModelSettings):
 
     batch_size: int = Field(16, description="prompts per generate() batch")
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str, **_) -> TransformersGenerator:
+    def build(
+        self, compute: ComputeSettings, models_dir: Path, model_id: str, *, cache_location: str | Path | None = None
+    ) -> TransformersGenerator:
         return TransformersGenerator(
             self.model_path(models_dir),
             model_id=model_id,

@@ -21,7 +21,9 @@ class VLLMChatSettings(LocalChatModelSettings):
 
     max_model_len: int = Field(4096, description="longest prompt plus reply the engine accepts")
 
-    def build(self, compute: ComputeSettings, models_dir: Path, model_id: str, **_) -> VLLMGenerator:
+    def build(
+        self, compute: ComputeSettings, models_dir: Path, model_id: str, *, cache_location: str | Path | None = None
+    ) -> VLLMGenerator:
         return VLLMGenerator(
             self.model_path(models_dir),
             model_id=model_id,
