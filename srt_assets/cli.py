@@ -175,13 +175,15 @@ def failure_reason(error) -> str:
 def _report(results: list, source: str, started: float) -> int:
     from dagster import AssetCheckSeverity, DagsterEventType
 
+    from srt_assets.io_managers import PARTITION_ROW_COUNT, ROW_COUNT
+
     for result in results:
         partition = result.dagster_run.tags.get("dagster/partition", source)
         print(f"\nrun {result.run_id} for partition '{partition}': {'SUCCESS' if result.success else 'FAILURE'}")
         for event in result.all_events:
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                 mat = event.step_materialization_data.materialization
-                rows = mat.metadata.get("dagster/row_count")
+                rows = mat.metadata.get(PARTITION_ROW_COUNT) or mat.metadata.get(ROW_COUNT)
                 rows_text = f" ({rows.value} rows)" if rows is not None else ""
                 print(f"  materialized {mat.asset_key.to_user_string()}{rows_text}")
             elif event.event_type == DagsterEventType.STEP_FAILURE:

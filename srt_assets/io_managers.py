@@ -10,6 +10,7 @@ the temporaries of killed writes are removed by the next write.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import polars as pl
 from dagster import (
     ConfigurableIOManagerFactory,
+    DagsterInvariantViolationError,
     InputContext,
     OutputContext,
     TableColumn,
@@ -25,11 +27,22 @@ from dagster import (
 )
 from upath import UPath
 
-from srt_assets.core.files import read_parquet_file, write_parquet_atomic
+from srt_assets.core.files import (
+    StagedParquet,
+    move_into_place,
+    read_parquet_file,
+    scan_parquet_file,
+    write_parquet_atomic,
+)
 
 # An input (``AssetIn(metadata={OPTIONAL_INPUT: True})``) that loads as None while any of its
 # partitions is not materialized, for a reader that makes do with what exists (the report).
 OPTIONAL_INPUT = "srt/optional_input"
+# Dagster's standard table metadata keys: a partition's rows go under their own key (Dagster keeps
+# dagster/row_count for a whole table).
+ROW_COUNT = "dagster/row_count"
+PARTITION_ROW_COUNT = "dagster/partition_row_count"
+COLUMN_SCHEMA = "dagster/column_schema"
 
 
 def column_schema(schema: Mapping[str, pl.DataType], descriptions: Mapping[str, str] | None = None) -> TableSchema:
@@ -42,7 +55,7 @@ def column_schema(schema: Mapping[str, pl.DataType], descriptions: Mapping[str, 
 
 def declared_descriptions(context: OutputContext) -> dict[str, str]:
     """Column descriptions the asset's definition declares, kept when the stored schema replaces it."""
-    declared = (context.definition_metadata or {}).get("dagster/column_schema")
+    declared = (context.definition_metadata or {}).get(COLUMN_SCHEMA)
     schema = getattr(declared, "schema", declared)
     return {c.name: c.description for c in getattr(schema, "columns", []) if c.description}
 
@@ -51,31 +64,43 @@ class _ParquetTableIOManager(UPathIOManager):
     extension = ".parquet"
 
     def dump_to_path(self, context: OutputContext, obj: Any, path: UPath) -> None:
-        if not isinstance(obj, pl.DataFrame):
+        local = path.protocol in ("", "file", "local")
+        if isinstance(obj, StagedParquet):  # written a block at a time by the asset: moved, never loaded
+            if local:
+                move_into_place(obj.path, Path(path.path))
+            else:
+                with obj.path.open("rb") as staged, path.open("wb") as handle:
+                    shutil.copyfileobj(staged, handle)
+                obj.path.unlink(missing_ok=True)
+            rows, schema = obj.rows, obj.schema
+        elif isinstance(obj, pl.DataFrame):
+            if local:
+                write_parquet_atomic(obj, Path(path.path))
+            else:
+                with path.open("wb") as handle:
+                    obj.write_parquet(handle)
+            rows, schema = obj.height, obj.schema
+        else:
             raise TypeError(
                 f"asset {context.asset_key.to_user_string()} returned {type(obj).__name__}; "
-                "this IO manager stores polars DataFrames"
+                "this IO manager stores polars DataFrames (or tables staged by ParquetBlockWriter)"
             )
-        if path.protocol in ("", "file", "local"):
-            write_parquet_atomic(obj, Path(path.path))
-        else:
-            with path.open("wb") as handle:
-                obj.write_parquet(handle)
         # UPathIOManager records the path; the catalog shows these standard keys for every table.
+        count_key = PARTITION_ROW_COUNT if context.has_partition_key else ROW_COUNT
         context.add_output_metadata(
-            {
-                "dagster/row_count": obj.height,
-                "dagster/column_schema": column_schema(obj.schema, declared_descriptions(context)),
-            }
+            {count_key: rows, COLUMN_SCHEMA: column_schema(schema, declared_descriptions(context))}
         )
 
-    def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
+    def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame | pl.LazyFrame:
         remedy = (
             f"rematerialize asset '{context.asset_key.to_user_string()}' to rewrite it (or delete the file "
             "and materialize it again)"
         )
+        if _wants_lazy(context) and path.protocol in ("", "file", "local"):
+            return scan_parquet_file(Path(path.path), remedy)
         with path.open("rb") as handle:
-            return read_parquet_file(handle, path, remedy)
+            table = read_parquet_file(handle, path, remedy)
+        return table.lazy() if _wants_lazy(context) else table
 
     def load_partitions(self, context: InputContext) -> pl.DataFrame | None:
         """One table however many partitions the input spans (a source reading all its shards gets
@@ -93,6 +118,15 @@ class _ParquetTableIOManager(UPathIOManager):
             )
         frames = [self.load_from_path(context, paths[key]) for key in sorted(paths)]
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
+
+
+def _wants_lazy(context: InputContext) -> bool:
+    """An input annotated ``pl.LazyFrame`` is scanned, not read: its reader collects what it needs,
+    a block at a time, so a stage's memory does not follow the table's size."""
+    try:
+        return context.dagster_type.typing_type is pl.LazyFrame
+    except DagsterInvariantViolationError:  # a context built without a type (a test's): a table
+        return False
 
 
 class PolarsParquetIOManager(ConfigurableIOManagerFactory):

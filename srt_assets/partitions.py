@@ -53,7 +53,7 @@ class Partitioning:
         key = self.row_partitions.get_partition_key_from_str(str(partition_key))
         return int(key.keys_by_dimension[SHARD_DIMENSION])
 
-    def shard_rows(self, partition_key: str, frame: pl.DataFrame) -> pl.DataFrame:
+    def shard_rows(self, partition_key: str, frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | pl.LazyFrame:
         """The rows of a whole-source table that the given row-stage partition owns."""
         if self.shards == 1:
             return frame

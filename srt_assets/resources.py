@@ -10,6 +10,7 @@ resource of its own. ``CHAT_BACKENDS`` maps the names used in configuration file
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from srt_assets import paths
 from srt_assets.core.cache import checked_cache_url
+from srt_assets.core.files import ParquetBlockWriter
 from srt_assets.core.generation import CachedGenerator
 from srt_assets.core.sources import SourceCatalog, SourceSpec, load_catalog
 from srt_assets.core.training import TrainingHyperparameters
@@ -50,8 +52,8 @@ class SourceCatalogResource(ConfigurableResource):
         return self.catalog.get(name)
 
     def row_partition(
-        self, partition_key: str, raw_samples: pl.DataFrame
-    ) -> tuple[Partitioning, pl.DataFrame, SourceSpec]:
+        self, partition_key: str, raw_samples: pl.DataFrame | pl.LazyFrame
+    ) -> tuple[Partitioning, pl.DataFrame | pl.LazyFrame, SourceSpec]:
         """For a row-stage partition, from one reading of the catalog: its partitioning, the raw rows
         its shard owns, and its source."""
         catalog = self.catalog
@@ -95,6 +97,12 @@ class StorageResource(ConfigurableResource):
         """Where the model-call cache is: the shared database when ``cache_url`` names one, else the
         SQLite file on this machine."""
         return self.cache_url or self.cache_file
+
+    def table_writer(self, asset: str, partition_key: str, schema: dict[str, pl.DataType]) -> ParquetBlockWriter:
+        """A writer for a table too large to hold: blocks go to a staged file under
+        ``<base>/.staging/`` (the IO manager's filesystem, so the move into place is a rename)."""
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", partition_key or "all")
+        return ParquetBlockWriter(Path(self.base_dir) / ".staging" / asset / f"{name}.parquet", schema)
 
     @property
     def exports_dir(self) -> Path:

@@ -40,7 +40,7 @@ def test_demo_partition_materializes_through_the_real_definitions(tmp_path: Path
     assert all(checks_by_name(result).values()) and len(checks_by_name(result)) == 5
     materialization = dagster_instance.get_latest_materialization_event(AssetKey("raw_samples"))
     metadata = materialization.asset_materialization.metadata
-    assert metadata["dagster/row_count"].value == 40
+    assert metadata["dagster/partition_row_count"].value == 40
     assert [c.name for c in metadata["dagster/column_schema"].value.columns][:3] == ["sample_id", "source", "row_index"]
     assert metadata["license"].value == "CC BY-NC 4.0" and metadata["file_present"].value is True
     assert "| sample_id |" in metadata["preview"].value

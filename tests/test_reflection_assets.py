@@ -1,8 +1,10 @@
 """Teacher assets end to end through Dagster, with the teacher behind a real local HTTP server."""
 
+import math
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import alpaca_rows, latest_metadata, materialize, write_catalog, write_jsonl
 from openai_server import ScriptedOpenAIServer, scripted_reply
@@ -148,7 +150,7 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
     from srt_assets.resources import ComputeResource, SourceCatalogResource, StorageResource
 
     name = SOURCES.get_partition_keys()[0]  # a partition of the catalog the code location loaded
-    write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(2, with_input=1))
+    write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(5, with_input=1))
     sources = SourceCatalogResource(sources_file=str(write_catalog(tmp_path, {name: {"path": "rows.jsonl"}})))
     raw, _ = load_source(sources.source(name))
     monkeypatch.setenv("SRT_TEST_TEACHER_KEY", KEY)
@@ -156,17 +158,26 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
         teacher = OpenAIChatResource(model="scripted", base_url=server.base_url, api_key_env="SRT_TEST_TEACHER_KEY")
         context = build_asset_context(partition_key=name)
         storage = StorageResource(base_dir=str(tmp_path / "store"))
-        events = list(new_instructions(context, ReflectionConfig(), raw, teacher, ComputeResource(), storage, sources))
+        events = list(
+            new_instructions(context, ReflectionConfig(), raw.lazy(), teacher, ComputeResource(), storage, sources)
+        )
         assert server.requests == raw.height
         # the rows go a block at a time; blocks of 2 (and a fresh cache) give the same table
         monkeypatch.setattr("srt_assets.defs.teacher.assets.REFLECTION_BLOCK_ROWS", 2)
         fresh = StorageResource(base_dir=str(tmp_path / "store2"))
-        blocked = list(new_instructions(context, ReflectionConfig(), raw, teacher, ComputeResource(), fresh, sources))
+        blocked = list(
+            new_instructions(context, ReflectionConfig(), raw.lazy(), teacher, ComputeResource(), fresh, sources)
+        )
         assert server.requests == 2 * raw.height > 2
+    # the candidates are written a block at a time (a row group each) to a staged file, which the IO
+    # manager moves into place; no table is held whole
     [output] = [e for e in events if isinstance(e, Output)]
-    assert next(e for e in blocked if isinstance(e, Output)).value.equals(output.value)
-    assert output.value["sample_id"].to_list() == raw["sample_id"].to_list()
-    assert set(output.value["variant"]) == {"Q"} and set(output.value["status"]) == {"ok"}
+    table = output.value.scan().collect()
+    blocked_output = next(e for e in blocked if isinstance(e, Output)).value
+    assert blocked_output.scan().collect().equals(table)
+    assert pq.ParquetFile(blocked_output.path).metadata.num_row_groups == math.ceil(raw.height / 2)
+    assert table["sample_id"].to_list() == raw["sample_id"].to_list()
+    assert set(table["variant"]) == {"Q"} and set(table["status"]) == {"ok"}
     assert output.metadata["calls_made"].value == raw.height
     assert {e.check_name: e.passed for e in events if isinstance(e, AssetCheckResult)} == {
         "failure_ratio_below_bound": True,

@@ -10,18 +10,22 @@ next write of the same file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
 import polars as pl
+import pyarrow.parquet as pq
 
 STALE_AFTER_S = 3600.0  # a temporary this old is a leftover even if its PID now names a live process
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:24] or "host"
@@ -150,9 +154,86 @@ def read_parquet_file(source: str | Path | IO[bytes], where: object, remedy: str
         ) from exc
 
 
+def scan_parquet_file(path: Path, remedy: str) -> pl.LazyFrame:
+    """``pl.scan_parquet(path)``, its footer read at once, so a truncated file fails here with
+    ``UnreadableFileError`` (as ``read_parquet_file``) rather than later, inside a reader's query."""
+    try:
+        pl.read_parquet_schema(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise UnreadableFileError(
+            f"{path} is not a readable Parquet file (truncated or corrupt: {exc}); {remedy}"
+        ) from exc
+    return pl.scan_parquet(path)
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StagedParquet:
+    """A finished Parquet file in a staging folder, waiting to be moved to its final place (by the
+    IO manager): a table written a block at a time, never held whole."""
+
+    path: Path
+    rows: int
+    schema: dict[str, pl.DataType]
+
+    def scan(self) -> pl.LazyFrame:
+        return pl.scan_parquet(self.path)
+
+
+class ParquetBlockWriter:
+    """Writes a table block by block, each block a row group, to a temporary file (created as
+    ``atomic_path``'s are, so a killed writer's leftover is removed by the next write of the same
+    name); ``finish`` closes it as a ``StagedParquet``. Memory: one block, not the table."""
+
+    def __init__(self, target: Path, schema: dict[str, pl.DataType]) -> None:
+        self.schema = dict(schema)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        fd, self.path = _create_temp(target)
+        os.close(fd)
+        self._arrow_schema = pl.DataFrame(schema=self.schema).to_arrow(compat_level=pl.CompatLevel.oldest()).schema
+        self._writer = pq.ParquetWriter(self.path, self._arrow_schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, block: pl.DataFrame) -> None:
+        if block.height:
+            frame = block.select(list(self.schema)).cast(self.schema)
+            self._writer.write_table(frame.to_arrow(compat_level=pl.CompatLevel.oldest()).cast(self._arrow_schema))
+            self.rows += block.height
+
+    def finish(self) -> StagedParquet:
+        self._writer.close()
+        return StagedParquet(self.path, self.rows, self.schema)
+
+    def discard(self) -> None:
+        with suppress(Exception):
+            self._writer.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ParquetBlockWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.discard()
+
+
+def move_into_place(staged: Path, path: Path) -> None:
+    """Put a staged file at ``path`` atomically: renamed where both are on one filesystem, else
+    copied to a temporary beside ``path`` and renamed (``atomic_path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staged, path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_path(path) as tmp:
+            shutil.copyfile(staged, tmp)
+        staged.unlink(missing_ok=True)

@@ -108,8 +108,26 @@ def _unparsable(exc: Exception) -> str:
     return str(exc).split("; use sys.set_int_max_str_digits")[0][:200]
 
 
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines, read as they are needed (gzip decompressed on the fly), without a UTF-8
+    byte-order mark: a JSONL file of any size costs one line of memory."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    seen = False
+    try:
+        with opener(path, "rb") as handle:
+            for number, line in enumerate(handle):
+                line = line.removeprefix(BOM) if number == 0 else line
+                seen = seen or bool(line.strip())
+                yield line
+    except (OSError, EOFError, zlib.error) as exc:
+        what = "not a valid gzip file" if path.suffix.lower() == ".gz" else "cannot read the file"
+        raise RawDataError(f"{path}: {what}: {exc}") from None
+    if not seen:
+        raise RawDataError(f"{path}: the file is empty (no records)")
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    for index, line in enumerate(_read_bytes(path).split(b"\n")):
+    for index, line in enumerate(_lines(path)):
         if not line.strip():
             continue
         text = line.decode("utf-8", errors="surrogateescape")
@@ -121,15 +139,23 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             yield index, RowProblem("", "invalid_json", f"line {index + 1}: {_unparsable(exc)}")
 
 
+PARQUET_BATCH_ROWS = 8192  # rows of a Parquet source decoded at once
+
+
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        frame = pl.read_parquet(path)
+        pl.read_parquet_schema(path)  # a truncated file fails here, before any row is taken
+        batches = pl.scan_parquet(path).collect_batches(chunk_size=PARQUET_BATCH_ROWS)
+        index = 0
+        for batch in batches:
+            for row in batch.iter_rows(named=True):
+                yield index, row
+                index += 1
     except Exception as exc:  # polars raises several error types for corrupt files
         raise RawDataError(
             f"{path}: not a readable Parquet file (truncated or corrupt: {exc}); replace it with a complete copy "
             "(a download or copy cut short leaves a truncated file)"
         ) from exc
-    yield from enumerate(frame.iter_rows(named=True))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,24 +223,73 @@ def statistics_row(file: VariantFile, position: int, record: Any) -> dict[str, A
     return scores
 
 
+STATISTICS_BLOCK_ROWS = 8192  # source positions whose statistics are parsed at once
+
+
+def _by_row_schema(schema: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    """The statistics columns of ``schema`` keyed by the source's row index instead of the sample."""
+    return {
+        "row_index": pl.Int64(),
+        **{name: t for name, t in schema.items() if name not in ("sample_id", "truncated")},
+    }
+
+
+def _statistics_blocks(spec: SourceSpec, schema: dict[str, pl.DataType]) -> Iterator[pl.DataFrame]:
+    """Each statistics file's rows as score columns keyed by (row_index, variant), a block of
+    positions at a time: the files are read side by side with the source, never held whole, and
+    one that ends before or after the source is named with both counts."""
+    assert spec.statistics is not None
+    files = list(spec.statistics.files.values())
+    for file in files:
+        if not file.path.is_file():
+            raise FileLayoutError(f"source '{spec.name}': statistics.{file.variant}: file not found: {file.path}")
+    streams = [FORMATS[file.format].rows(file.path) for file in files]
+    block: list[dict[str, Any]] = []
+    try:
+        for position, ((row_index, _), *records) in enumerate(
+            zip(FORMATS[spec.format].rows(spec.require_file()), *streams, strict=True)
+        ):
+            for file, (_, record) in zip(files, records, strict=True):
+                block.append({"row_index": row_index, "variant": file.variant} | statistics_row(file, position, record))
+            if len(block) >= STATISTICS_BLOCK_ROWS:
+                yield pl.DataFrame(block, schema=_by_row_schema(schema), strict=False)
+                block = []
+    except RawDataError as exc:
+        raise FileLayoutError(f"source '{spec.name}': statistics: {exc}") from None
+    except ValueError as exc:  # zip(strict=True): one file is longer or shorter than the source
+        if "zip()" not in str(exc):
+            raise
+        raise _row_count_error(spec, files) from None
+    yield pl.DataFrame(block, schema=_by_row_schema(schema), strict=False)
+
+
+def _row_count_error(spec: SourceSpec, files: list[VariantFile]) -> FileLayoutError:
+    """Which statistics file has another row count than the source (counted once more, to say so)."""
+    expected = sum(1 for _ in FORMATS[spec.format].rows(spec.require_file()))
+    for file in files:
+        count = sum(1 for _ in FORMATS[file.format].rows(file.path))
+        if count != expected:
+            return FileLayoutError(
+                f"source '{spec.name}': statistics.{file.variant}: {file.path} has {count} rows, the source file "
+                f"{spec.path} has {expected}: the files must be row-aligned (row i of each is row i of the source)"
+            )
+    return FileLayoutError(f"source '{spec.name}': the statistics files and the source differ in row count")
+
+
 def load_statistics(spec: SourceSpec, wanted: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
     """Score rows for ``wanted`` (sample_id, variant, row_index), from the source's statistics files,
-    in ``schema`` (the student-scores schema). A variant without a file gets null scores saying so."""
+    in ``schema`` (the student-scores schema). A variant without a file gets null scores saying so.
+    The files are parsed a block at a time into columns: no row stays a Python object."""
     assert spec.statistics is not None
-    source = source_rows(spec)
-    count = len(source.row_indexes)
-    positions = {index: i for i, index in enumerate(source.row_indexes)}
-    per_variant = {
-        variant: _records(file, "statistics", spec, count) for variant, file in spec.statistics.files.items()
-    }
-    rows = []
-    for sample_id, variant, row_index in wanted.select("sample_id", "variant", "row_index").iter_rows():
-        row: dict[str, Any] = {"sample_id": sample_id, "variant": variant, "truncated": False}
-        file = spec.statistics.files.get(variant)
-        if file is None:
-            row["null_reason"] = f"no statistics file for variant {variant}"
-        else:
-            position = positions[row_index]
-            row |= statistics_row(file, position, per_variant[variant][position])
-        rows.append(row)
-    return pl.DataFrame(rows, schema=schema, strict=False) if rows else pl.DataFrame(schema=schema)
+    by_row = pl.concat(list(_statistics_blocks(spec, schema))).with_columns(pl.lit(True).alias("_found"))
+    scores = wanted.select("sample_id", "variant", "row_index").join(
+        by_row, on=["row_index", "variant"], how="left", maintain_order="left"
+    )
+    reason = (
+        pl.when(~pl.col("variant").is_in(list(spec.statistics.files)))
+        .then(pl.format("no statistics file for variant {}", pl.col("variant")))
+        .when(pl.col("_found").is_null())
+        .then(pl.format("row {} of the source is not in the statistics files", pl.col("row_index")))
+        .otherwise(pl.col("null_reason"))
+    )
+    return scores.with_columns(pl.lit(False).alias("truncated"), reason.alias("null_reason")).select(list(schema))

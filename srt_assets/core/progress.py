@@ -82,11 +82,13 @@ class BlockProgress:
     counts again from zero), and ``block_done`` reports the block's last row."""
 
     def __init__(self, progress: Callable[[int, int], None], rows: int):
-        self.progress, self.rows, self.high = progress, rows, 0
+        self.progress, self.rows, self.high, self.finished = progress, rows, 0, False
 
     def _report(self, value: int) -> None:
-        if value > self.high or value >= self.rows:
+        """Forward progress, and the end once (a block's last call and ``block_done`` both reach it)."""
+        if value > self.high or (value >= self.rows and not self.finished):
             self.high = max(self.high, value)
+            self.finished = self.high >= self.rows
             self.progress(self.high, self.rows)
 
     def for_block(self, begin: int, size: int) -> Callable[[int, int], None]:

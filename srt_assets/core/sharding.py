@@ -27,12 +27,15 @@ def shard_names(shards: int) -> list[str]:
     return [str(index) for index in range(shards)]
 
 
-def take_shard(frame: pl.DataFrame, shard: int, shards: int) -> pl.DataFrame:
-    """The rows of ``frame`` (which has a ``sample_id`` column) that belong to ``shard``, in order."""
+def take_shard(frame: pl.DataFrame | pl.LazyFrame, shard: int, shards: int) -> pl.DataFrame | pl.LazyFrame:
+    """The rows of ``frame`` (which has a ``sample_id`` column) that belong to ``shard``, in order; a
+    LazyFrame stays lazy (the filter runs batch by batch when it is collected)."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not one of 0..{shards - 1}")
     if shards == 1:
         return frame
-    ids = frame.get_column("sample_id")
-    owned = pl.Series([shard_of(sample_id, shards) == shard for sample_id in ids], dtype=pl.Boolean)
-    return frame.filter(owned)
+
+    def owned(ids: pl.Series) -> pl.Series:
+        return pl.Series([shard_of(sample_id, shards) == shard for sample_id in ids], dtype=pl.Boolean)
+
+    return frame.filter(pl.col("sample_id").map_batches(owned, return_dtype=pl.Boolean, is_elementwise=True))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import polars as pl
 
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 VARIANTS = ("ori", "Q", "A", "QA")
 VARIANT_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String(),
@@ -14,18 +17,17 @@ VARIANT_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def original_variants(raw_samples: pl.DataFrame) -> pl.DataFrame:
+def original_variants(raw_samples: FrameT) -> FrameT:
     """The ``ori`` rows: each raw sample as it came (x0, y0)."""
     return raw_samples.select("sample_id", pl.lit("ori").alias("variant"), "instruction", "input", "output").cast(
         VARIANT_SCHEMA
     )
 
 
-def all_variants(
-    raw_samples: pl.DataFrame, new_instructions: pl.DataFrame, better_responses: pl.DataFrame
-) -> pl.DataFrame:
+def all_variants(raw_samples: FrameT, new_instructions: FrameT, better_responses: FrameT) -> FrameT:
     """ori from the raw rows, Q from instruction reflection, A and QA from response reflection
-    (in lazy mode only the reflected branch exists), sorted by sample then variant."""
+    (in lazy mode only the reflected branch exists), sorted by sample then variant; lazy frames
+    give a lazy frame (a reader that wants only the keys never reads the texts)."""
     parts = [
         original_variants(raw_samples),
         new_instructions.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),

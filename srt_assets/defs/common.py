@@ -26,8 +26,6 @@ SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
 # Arguments of every model step: the Dagster pool "gpu" (capped in dagster.yaml) and the tags that
 # give each step one GPU on the Kubernetes and Celery executors (srt_assets/executors.py).
 GPU_STEP = {"pool": GPU_POOL, "op_tags": GPU_STEP_TAGS}
-ROW_COUNT = "dagster/row_count"
-COLUMN_SCHEMA = "dagster/column_schema"
 
 
 def asset_checks(

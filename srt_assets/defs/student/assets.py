@@ -132,11 +132,13 @@ def score_summary(scores: pl.DataFrame) -> dict:
     }
 
 
-def scores_from_files(spec: SourceSpec, variants: pl.DataFrame, raw: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
-    """A student's statistics made elsewhere, for the same variant rows (no model is loaded)."""
+def scores_from_files(spec: SourceSpec, variants: pl.LazyFrame, raw: pl.LazyFrame) -> tuple[pl.DataFrame, dict]:
+    """A student's statistics made elsewhere, for the same variant rows (no model is loaded; only
+    the rows' keys are read, not their texts)."""
     assert spec.statistics is not None
-    wanted = variants.join(raw.select("sample_id", "row_index"), on="sample_id", how="left", maintain_order="left")
-    scores = load_statistics(spec, wanted, score_schema())
+    keys = variants.select("sample_id", "variant")
+    wanted = keys.join(raw.select("sample_id", "row_index"), on="sample_id", how="left", maintain_order="left")
+    scores = load_statistics(spec, wanted.collect(), score_schema())
     metadata = {
         "statistics_from": json_value({variant: str(f.path) for variant, f in spec.statistics.files.items()}),
         "statistics_label": spec.statistics.label or "(unlabelled)",
@@ -178,9 +180,9 @@ def student_base_model(
 def student_scores(
     context: AssetExecutionContext,
     config: StudentScoresConfig,
-    raw_samples: pl.DataFrame,
-    new_instructions: pl.DataFrame,
-    better_responses: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
+    new_instructions: pl.LazyFrame,
+    better_responses: pl.LazyFrame,
     gpu: ComputeResource,
     student: StudentModelResource,
     storage: StorageResource,
@@ -192,7 +194,10 @@ def student_scores(
     variants = all_variants(raw, new_instructions, better_responses)
     if spec.statistics is not None and spec.statistics.use == "instead":
         scores, metadata = scores_from_files(spec, variants, raw)
+        expected_rows = scores.height
     else:
+        variants = variants.collect()
+        expected_rows = variants.height
         context.log.info(f"scoring {variants.height} variant rows with {student.model} on {gpu.describe()}")
         progress = calls_progress(context, "student scores", unit="variant rows")
         started = time.perf_counter()
@@ -201,7 +206,7 @@ def student_scores(
         seconds = time.perf_counter() - started
         metadata = score_metadata(context, scores, work, session, student, gpu, seconds)
     yield Output(scores, metadata=metadata | layout.shard_metadata(context.partition_key))
-    yield from to_check_results("student_scores", score_checks(scores, variants.height, config.max_null_ratio))
+    yield from to_check_results("student_scores", score_checks(scores, expected_rows, config.max_null_ratio))
 
 
 @asset(

@@ -2,6 +2,7 @@
 reflection (``better_responses``, variants A and QA), every call cached."""
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import polars as pl
@@ -9,6 +10,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field, field_validator
 
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.generation import CachedGenerator, CallStats
 from srt_assets.core.ifd import ScoringItem
@@ -98,6 +100,10 @@ class ReflectionConfig(Config):
 
 
 REFLECTION_BLOCK_ROWS = 4096  # rows whose prompts are sent (and replies held) at once
+# What each reflection makes of the variant rows it reads: instruction reflection turns the original
+# (ori) into Q; response reflection answers the original instruction (A) and the new one (QA).
+PRODUCES = {"instruction": {"ori": "Q"}, "response": {"ori": "A", "Q": "QA"}}
+CANDIDATE_KEYS = ["sample_id", "variant"]
 
 
 @dataclass(frozen=True)
@@ -109,59 +115,86 @@ class TeacherModels:
     storage: StorageResource
 
 
+@dataclass
+class CandidateTally:
+    """The one-candidate-per-input counts, summed block by block as the candidates are written, so
+    the check needs neither table whole."""
+
+    expected: int = 0
+    missing: int = 0
+    duplicated: int = 0
+
+    def add(self, rows: pl.DataFrame, candidates: pl.DataFrame, kind: str) -> None:
+        expected = rows.select("sample_id", pl.col("variant").replace_strict(PRODUCES[kind], return_dtype=pl.String))
+        self.expected += expected.height
+        self.missing += expected.join(candidates.select(CANDIDATE_KEYS), on=CANDIDATE_KEYS, how="anti").height
+        self.duplicated += candidates.height - candidates.select(CANDIDATE_KEYS).unique().height
+
+
+def row_blocks(rows: pl.DataFrame | pl.LazyFrame) -> Iterator[pl.DataFrame]:
+    """The rows a block at a time, read as they are needed (a scanned input is never held whole)."""
+    yield from rows.lazy().collect_batches(chunk_size=REFLECTION_BLOCK_ROWS)
+
+
 def run_reflection(
     context: AssetExecutionContext,
-    rows: pl.DataFrame,
+    rows: pl.DataFrame | pl.LazyFrame,
     kind: str,
-    produced_variants: list[str],
     models: TeacherModels,
-    chunk_size: int,
-    severity: dict[str, str],
-) -> tuple[pl.DataFrame, CallStats, bool]:
-    """Reflect ``rows`` (variant-schema rows): candidate rows, call statistics, whether a model loaded.
-    The rows go a block at a time: prompts and replies exist for one block, whose candidates become
-    columns at once, so memory follows the block, not the source."""
+    config: ReflectionConfig,
+    writer: ParquetBlockWriter,
+) -> tuple[CallStats, bool, CandidateTally]:
+    """Reflect ``rows`` (variant-schema rows) into ``writer``: call statistics, whether a model
+    loaded, the check's counts. The rows go a block at a time: prompts, replies and candidates exist
+    for one block, which is written as a row group at once, so memory follows the block, not the
+    source."""
     prompts, settings = models.teacher.reflection_settings()
-    blocks = BlockProgress(calls_progress(context, f"teacher ({kind})", unit="rows"), rows.height)
-    frames = []
-    with models.teacher.session(models.gpu, models.storage, None, chunk_size) as cached:
+    total = rows.lazy().select(pl.len()).collect().item()
+    blocks = BlockProgress(calls_progress(context, f"teacher ({kind})", unit="rows"), total)
+    tally = CandidateTally()
+    with models.teacher.session(models.gpu, models.storage, None, config.chunk_size) as cached:
         if cached.submits_ahead:
             submitted = submit_blocks(cached, rows, kind, prompts, settings)
             context.log.info(f"teacher ({kind}): {submitted} calls queued at the provider before the first wait")
-        for start in range(0, rows.height, REFLECTION_BLOCK_ROWS):
-            block = rows.slice(start, REFLECTION_BLOCK_ROWS)
+        start = 0
+        for block in row_blocks(rows):
             cached.progress = blocks.for_block(start, block.height)
             outcomes = reflect(cached, block.select("instruction", "input", "output").rows(), kind, prompts, settings)
-            variants = produced_variants[start : start + block.height]
-            frames.append(candidates_frame(block, outcomes, kind, variants, severity))
+            candidates = candidates_frame(block, outcomes, kind, config.flag_severity)
+            tally.add(block, candidates, kind)
+            writer.write(candidates)
             blocks.block_done(start, block.height)
-    table = pl.concat(frames) if frames else candidates_frame(rows, [], kind, [], severity)
-    return table, cached.stats, cached.backend.was_loaded
+            start += block.height
+    return cached.stats, cached.backend.was_loaded, tally
 
 
 def submit_blocks(
-    cached: CachedGenerator, rows: pl.DataFrame, kind: str, prompts: ReflectionPrompts, settings: ReflectionSettings
+    cached: CachedGenerator,
+    rows: pl.DataFrame | pl.LazyFrame,
+    kind: str,
+    prompts: ReflectionPrompts,
+    settings: ReflectionSettings,
 ) -> int:
     """Queue every block's first-attempt calls at a backend that runs them later (the Batch API)
     before the stage waits on the first block, so the provider works on all of them at once rather
     than one block after another. Only one block's prompts exist at a time."""
     submitted = 0
-    for start in range(0, rows.height, REFLECTION_BLOCK_ROWS):
-        block = rows.slice(start, REFLECTION_BLOCK_ROWS).select("instruction", "input", "output").rows()
-        submitted += cached.submit_ahead(*reflection_calls(block, kind, prompts, settings))
+    for block in row_blocks(rows):
+        submitted += cached.submit_ahead(
+            *reflection_calls(block.select("instruction", "input", "output").rows(), kind, prompts, settings)
+        )
     return submitted
 
 
 def candidates_frame(
-    rows: pl.DataFrame,
-    outcomes: list[ReflectionOutcome],
-    kind: str,
-    produced_variants: list[str],
-    severity: dict[str, str] | None = None,
+    rows: pl.DataFrame, outcomes: list[ReflectionOutcome], kind: str, severity: dict[str, str] | None = None
 ) -> pl.DataFrame:
+    """The candidate rows for ``rows`` (variant-schema rows) and the teacher's outcome for each."""
     severity = severity or DEFAULT_SEVERITY
+    produced = PRODUCES[kind]
     records = []
-    for row, outcome, variant in zip(rows.iter_rows(named=True), outcomes, produced_variants, strict=True):
+    for row, outcome in zip(rows.iter_rows(named=True), outcomes, strict=True):
+        variant = produced[row["variant"]]
         # Instruction reflection writes a self-contained instruction (no separate input); its
         # fallback is the original pair, input merged as in docs/method.md "Records".
         instruction = outcome.instruction if kind == "instruction" else row["instruction"]
@@ -196,23 +229,28 @@ def candidates_frame(
     return pl.DataFrame(records, schema=CANDIDATE_SCHEMA)
 
 
-def flag_metadata(table: pl.DataFrame) -> dict:
-    """How many candidates raise each flag, and a few of them to look at."""
+def flag_metadata(table: pl.LazyFrame) -> dict:
+    """How many candidates raise each flag, and a few of them to look at (from the written table,
+    a few columns at a time)."""
     counts = dict.fromkeys(FLAGS, 0)
-    counts.update(
-        dict(table.select(pl.col("quality_flags").explode()).drop_nulls().group_by("quality_flags").len().iter_rows())
-    )
+    exploded = table.select(pl.col("quality_flags").explode()).drop_nulls().group_by("quality_flags").len()
+    counts.update(dict(exploded.collect().iter_rows()))
     flagged = table.filter(pl.col("quality_flags").list.len() > 0)
-    examples = flagged.select(
-        "sample_id", "variant", pl.col("quality_flags").list.join(", ").alias("flags"), "instruction", "output"
-    ).head(4)
-    return {
-        "flagged_rows": flagged.height,
-        "rejected_by_flags": int((table["rejecting_flags"].list.len() > 0).sum()),
+    examples = (
+        flagged.select(
+            "sample_id", "variant", pl.col("quality_flags").list.join(", ").alias("flags"), "instruction", "output"
+        )
+        .head(4)
+        .collect()
+    )
+    figures = table.select(
+        (pl.col("quality_flags").list.len() > 0).sum().alias("flagged_rows"),
+        (pl.col("rejecting_flags").list.len() > 0).sum().alias("rejected_by_flags"),
         # a backend that reports no finish reason leaves `cut_off` blind for these
-        "replies_without_finish_reason": table.filter(
-            (pl.col("status") == "ok") & pl.col("finish_reason").is_null()
-        ).height,
+        ((pl.col("status") == "ok") & pl.col("finish_reason").is_null()).sum().alias("replies_without_finish_reason"),
+    ).collect()
+    return {
+        **{name: int(value) for name, value in figures.row(0, named=True).items()},
         "flags": json_value(counts),
         "flagged_examples": MetadataValue.md(markdown_table(examples, max_chars=100)),
     }
@@ -243,15 +281,24 @@ def teacher_metadata(
     }
 
 
-def candidate_metadata(table: pl.DataFrame, origin: dict, before: pl.DataFrame) -> dict:
+def candidate_metadata(table: pl.LazyFrame, origin: dict, before: pl.LazyFrame, kind: str) -> dict:
     """What a person reads on the materialization: outcomes, where the candidates came from, flags,
-    examples."""
-    statuses = dict(table.group_by("status").len().sort("status").iter_rows()) if table.height else {}
-    examples = (
-        before.select("sample_id", pl.col("instruction").alias("before_instruction"), pl.col("output").alias("before"))
-        .join(table.filter(pl.col("status") == "ok"), on="sample_id")
-        .select("sample_id", "variant", "before_instruction", "instruction", "before", "output")
-        .head(3)
+    examples (each beside the row it rewrote)."""
+    statuses = dict(table.group_by("status").len().sort("status").collect().iter_rows())
+    rewrites = table.filter(pl.col("status") == "ok").select("sample_id", "variant", "instruction", "output")
+    rewrites = rewrites.head(3).collect()
+    originals = (
+        before.filter(pl.col("sample_id").is_in(rewrites["sample_id"].implode()))
+        .select(
+            "sample_id",
+            pl.col("variant").replace_strict(PRODUCES[kind], return_dtype=pl.String),
+            pl.col("instruction").alias("before_instruction"),
+            pl.col("output").alias("before"),
+        )
+        .collect()
+    )
+    examples = rewrites.join(originals, on=CANDIDATE_KEYS, maintain_order="left").select(
+        "sample_id", "variant", "before_instruction", "instruction", "before", "output"
     )
     return {
         "ok_rows": statuses.get("ok", 0),
@@ -262,18 +309,16 @@ def candidate_metadata(table: pl.DataFrame, origin: dict, before: pl.DataFrame) 
     }
 
 
-def candidate_checks(table: pl.DataFrame, expected: pl.DataFrame, max_failure_ratio: float) -> list[CheckOutcome]:
-    failed = int((table["status"] != "ok").sum())
-    keys = ["sample_id", "variant"]
-    missing = expected.select(keys).join(table.select(keys), on=keys, how="anti").height
-    duplicated = table.height - table.select(keys).unique().height
+def candidate_checks(table: pl.LazyFrame, tally: CandidateTally, max_failure_ratio: float) -> list[CheckOutcome]:
+    """The blocking checks, on the written table (its rows and failures) and the blocks' tally."""
+    rows, failed = table.select(pl.len(), (pl.col("status") != "ok").sum()).collect().row(0)
     return [
-        ratio_check("failure_ratio_below_bound", failed, max(table.height, 1), max_failure_ratio, "failed-row"),
+        ratio_check("failure_ratio_below_bound", failed, max(rows, 1), max_failure_ratio, "failed-row"),
         CheckOutcome(
             "one_candidate_per_input",
-            missing == 0 and duplicated == 0 and table.height == expected.height,
+            tally.missing == 0 and tally.duplicated == 0 and rows == tally.expected,
             "exactly one candidate row per input row",
-            {"missing": missing, "duplicated": duplicated, "rows": table.height, "expected": expected.height},
+            {"missing": tally.missing, "duplicated": tally.duplicated, "rows": rows, "expected": tally.expected},
         ),
     ]
 
@@ -287,40 +332,47 @@ class CandidateStep:
     asset_name: str
     kind: str  # the reflection it makes: "instruction" or "response"
     layout: Partitioning
+    storage: StorageResource
 
-    def report(self, table: pl.DataFrame, rows: pl.DataFrame, produced: list[str], origin: dict):
-        """The candidates table with its metadata, then its blocking checks."""
-        shard = self.layout.shard_metadata(self.context.partition_key)
-        yield Output(table, metadata=candidate_metadata(table, origin, rows) | shard)
-        expected = rows.select("sample_id").with_columns(pl.Series("variant", produced, dtype=pl.String))
-        yield from to_check_results(self.asset_name, candidate_checks(table, expected, self.config.max_failure_ratio))
+    def writer(self) -> ParquetBlockWriter:
+        return self.storage.table_writer(self.asset_name, self.context.partition_key, CANDIDATE_SCHEMA)
 
-    def reflect(self, rows: pl.DataFrame, produced: list[str], models: TeacherModels, extra: dict | None = None):
+    def report(self, staged: StagedParquet, before: pl.DataFrame | pl.LazyFrame, tally: CandidateTally, origin: dict):
+        """The written candidates with their metadata, then their blocking checks (both read from the
+        staged file before it is moved into place)."""
+        table = staged.scan()
+        metadata = candidate_metadata(table, origin, before.lazy(), self.kind)
+        outcomes = candidate_checks(table, tally, self.config.max_failure_ratio)
+        yield Output(staged, metadata=metadata | self.layout.shard_metadata(self.context.partition_key))
+        yield from to_check_results(self.asset_name, outcomes)
+
+    def reflect(self, rows: pl.DataFrame | pl.LazyFrame, models: TeacherModels, extra: dict | None = None):
         """Ask the teacher for ``rows`` (its calls cached) and report the candidates."""
         started = time.perf_counter()
-        table, stats, loaded = run_reflection(
-            self.context, rows, self.kind, produced, models, self.config.chunk_size, self.config.flag_severity
-        )
+        with self.writer() as writer:
+            stats, loaded, tally = run_reflection(self.context, rows, self.kind, models, self.config, writer)
+            staged = writer.finish()
         seconds = time.perf_counter() - started
         origin = teacher_metadata(self.context, self.asset_name, models.teacher, stats, loaded, seconds)
-        yield from self.report(table, rows, produced, origin | (extra or {}))
+        yield from self.report(staged, rows, tally, origin | (extra or {}))
 
-    def read(self, parts: list[tuple[str, pl.DataFrame, list]], spec: SourceSpec):
-        """Candidates from the source's reflection files: (variant, rows, outcomes) per declared file."""
-        severity = self.config.flag_severity
-        tables = [
-            candidates_frame(rows, outcomes, self.kind, [variant] * rows.height, severity)
-            for variant, rows, outcomes in parts
-        ]
-        rows = pl.concat([rows for _, rows, _ in parts]) if parts else pl.DataFrame(schema=VARIANT_SCHEMA)
-        produced = [variant for variant, part, _ in parts for _ in range(part.height)]
+    def read(self, parts: list[tuple[pl.DataFrame, list]], spec: SourceSpec):
+        """Candidates from the source's reflection files: (rows, outcomes) per declared file."""
+        tally = CandidateTally()
+        with self.writer() as writer:
+            for rows, outcomes in parts:
+                candidates = candidates_frame(rows, outcomes, self.kind, self.config.flag_severity)
+                tally.add(rows, candidates, self.kind)
+                writer.write(candidates)
+            staged = writer.finish()
+        rows = pl.concat([rows for rows, _ in parts]) if parts else pl.DataFrame(schema=VARIANT_SCHEMA)
+        made = sorted({PRODUCES[self.kind][variant] for variant in rows["variant"].unique()})
         origin = {
-            "candidates_from": json_value({variant: str(spec.reflections[variant].path) for variant, _, _ in parts}),
+            "candidates_from": json_value({variant: str(spec.reflections[variant].path) for variant in made}),
             "calls_made": 0,
             "model_loaded": False,
         }
-        table = pl.concat(tables) if tables else pl.DataFrame(schema=CANDIDATE_SCHEMA)
-        yield from self.report(table, rows, produced, origin)
+        yield from self.report(staged, rows, tally, origin)
 
 
 def candidates_asset(name: str, description: str):
@@ -345,20 +397,21 @@ def candidates_asset(name: str, description: str):
 def new_instructions(
     context: AssetExecutionContext,
     config: ReflectionConfig,
-    raw_samples: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
     teacher: ChatModelResource,
     gpu: ComputeResource,
     storage: StorageResource,
     sources: SourceCatalogResource,
 ):
     layout, raw, spec = sources.row_partition(context.partition_key, raw_samples)
-    step = CandidateStep(context, config, "new_instructions", "instruction", layout)
+    step = CandidateStep(context, config, "new_instructions", "instruction", layout, storage)
     rows = original_variants(raw)
     if spec.reflections:
-        files = load_reflections(spec)
-        yield from step.read([("Q", rows, file_outcomes(files["Q"], raw, "instruction"))] if "Q" in files else [], spec)
+        files, raw = load_reflections(spec), raw.lazy().collect()
+        parts = [(original_variants(raw), file_outcomes(files["Q"], raw, "instruction"))] if "Q" in files else []
+        yield from step.read(parts, spec)
         return
-    yield from step.reflect(rows, ["Q"] * rows.height, TeacherModels(teacher, gpu, storage))
+    yield from step.reflect(rows, TeacherModels(teacher, gpu, storage))
 
 
 @candidates_asset(
@@ -371,8 +424,8 @@ def new_instructions(
 def better_responses(
     context: AssetExecutionContext,
     config: ReflectionConfig,
-    raw_samples: pl.DataFrame,
-    new_instructions: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
+    new_instructions: pl.LazyFrame,
     teacher: ChatModelResource,
     gpu: ComputeResource,
     student: StudentModelResource,
@@ -380,31 +433,31 @@ def better_responses(
     sources: SourceCatalogResource,
 ):
     layout, raw, spec = sources.row_partition(context.partition_key, raw_samples)
-    step = CandidateStep(context, config, "better_responses", "response", layout)
-    ori = original_variants(raw)
-    q = new_instructions.select(*VARIANT_SCHEMA)
+    step = CandidateStep(context, config, "better_responses", "response", layout, storage)
+    ori, q = original_variants(raw), new_instructions.select(*VARIANT_SCHEMA)
     if spec.reflections:
-        yield from step.read(file_answers(spec, raw, ori, q, new_instructions), spec)
+        raw, new_instructions = raw.lazy().collect(), new_instructions.lazy().collect()
+        yield from step.read(file_answers(spec, raw, ori.lazy().collect(), q.lazy().collect(), new_instructions), spec)
         return
-    if teacher.mode == "lazy":
-        rejected = new_instructions.filter(pl.col("rejecting_flags").list.len() > 0)["sample_id"]
-        ori, q = lazy_branches(ori, q, set(rejected), gpu, student, storage)
-    produced = ["A"] * ori.height + ["QA"] * q.height
+    if teacher.mode == "lazy":  # the student's phase-1 choice needs every row's scores
+        rejected = new_instructions.filter(pl.col("rejecting_flags").list.len() > 0).select("sample_id")
+        q_rejected = set(rejected.lazy().collect()["sample_id"])
+        ori, q = lazy_branches(ori.lazy().collect(), q.lazy().collect(), q_rejected, gpu, student, storage)
     models = TeacherModels(teacher, gpu, storage)
-    yield from step.reflect(pl.concat([ori, q]), produced, models, {"teacher_mode": teacher.mode})
+    yield from step.reflect(pl.concat([ori.lazy(), q.lazy()]), models, {"teacher_mode": teacher.mode})
 
 
 def file_answers(
     spec: SourceSpec, raw: pl.DataFrame, ori: pl.DataFrame, q: pl.DataFrame, new_instructions: pl.DataFrame
-) -> list[tuple[str, pl.DataFrame, list]]:
+) -> list[tuple[pl.DataFrame, list]]:
     """The A and QA answers a source's reflection files hold. A QA answer belongs to its new
     instruction: where the Q row is missing (not ok), so is the QA row."""
     files = load_reflections(spec)
-    parts = [("A", ori, file_outcomes(files["A"], raw, "response"))] if "A" in files else []
+    parts = [(ori, file_outcomes(files["A"], raw, "response"))] if "A" in files else []
     if "QA" in files:
         q_rows = new_instructions.join(raw.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
         usable = (q_rows["status"] == "ok").to_list()
-        parts.append(("QA", q, file_outcomes(files["QA"], q_rows, "response", usable)))
+        parts.append((q, file_outcomes(files["QA"], q_rows, "response", usable)))
     return parts
 
 
