@@ -1,6 +1,11 @@
 """The pipeline at scale with simulated models: wall time, items per second and peak memory per stage.
 
     python benchmarks/bench_scale.py --rows 52000 [--shards 0] [--stages raw,teacher,scores,selection] [--statistics]
+    python benchmarks/bench_scale.py --rows 25000,100000 --statistics   # memory at 4x the rows
+
+With several sizes, each runs in its own work directory and the last line per stage gives its peak
+RSS at the largest size as a ratio to the smallest: a stage whose memory follows its blocks, not
+its rows, stays near 1.0.
 
 A generated source of ``--rows`` tiny Alpaca-like rows goes through ``srt materialize`` one stage at
 a time, each a fresh process (as a user runs it), so each stage's peak RSS is its own (``wait4``;
@@ -167,7 +172,7 @@ def run_stage(env: dict, assets: list[str], shards: int) -> tuple[float, float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--rows", default="5000", help="row count, or several separated by commas")
     parser.add_argument("--shards", type=int, default=0)
     parser.add_argument("--stages", default="raw,teacher,scores,selection,rerun")
     parser.add_argument("--concurrency", type=int, default=64)
@@ -186,14 +191,23 @@ def main() -> None:
     if args.make_student:
         tiny_student(args.make_student)
         return
+    sizes = [int(size) for size in args.rows.split(",")]
+    if args.work and len(sizes) > 1:
+        raise SystemExit("--work takes one --rows size")
     server, port = start_server()
     try:
-        run_benchmark(args, port)
+        peaks = [run_benchmark(args, rows, port) for rows in sizes]
     finally:  # a failed stage must not leave the endpoint running (it holds the caller's stdout)
         server.terminate()
+    if len(sizes) > 1:
+        print(f"peak RSS at {sizes[-1]:,} rows against {sizes[0]:,} ({sizes[-1] / sizes[0]:.1f}x the rows):")
+        for stage in peaks[0]:
+            large, small = peaks[-1][stage], peaks[0][stage]
+            print(f"  {stage:10s} {large:7.0f} MB / {small:7.0f} MB = {large / small:.2f}")
 
 
-def run_benchmark(args: argparse.Namespace, port: int) -> None:
+def run_benchmark(args: argparse.Namespace, rows: int, port: int) -> dict[str, float]:
+    """Every stage of ``args.stages`` at ``rows`` rows: prints a line each, returns peak RSS per stage."""
     work = args.work or Path(tempfile.mkdtemp(prefix="srt-bench-scale-"))
     capacity = server_capacity(port, min(args.concurrency, 16))
     models = {"teacher": {"backend": "openai", "model": "instant", "base_url": f"http://127.0.0.1:{port}/v1",
@@ -205,16 +219,17 @@ def run_benchmark(args: argparse.Namespace, port: int) -> None:
     (work / "models.yaml").write_text(yaml.safe_dump(models))
     (work / "home").mkdir(exist_ok=True)
     env = {**os.environ, "DAGSTER_HOME": str(work / "home"), "SRT_STORAGE_DIR": str(work / "store"),
-           "SRT_SOURCES_FILE": str(write_source(work, args.rows, args.shards, args.statistics)),
+           "SRT_SOURCES_FILE": str(write_source(work, rows, args.shards, args.statistics)),
            "SRT_MODELS_FILE": str(work / "models.yaml"), "SRT_EXECUTOR": ""}  # fmt: skip
-    print(f"{args.rows:,} rows, {args.shards or 'no'} shards, work in {work}")
+    print(f"{rows:,} rows, {args.shards or 'no'} shards, work in {work}")
     print(f"server capacity (bare keep-alive clients): {capacity:,.0f} requests/s")
-    teacher_seconds = None
+    teacher_seconds, peaks = None, {}
     for stage in args.stages.split(","):
         assets = STAGES.get(stage, STAGES["teacher"])
         seconds, rss, _ = run_stage(env, assets, args.shards)
-        items = {"raw": args.rows, "teacher": 3 * args.rows, "rerun": 3 * args.rows,
-                 "scores": (4 if args.statistics else 16) * args.rows, "selection": args.rows}[stage]  # fmt: skip
+        items = {"raw": rows, "teacher": 3 * rows, "rerun": 3 * rows,
+                 "scores": (4 if args.statistics else 16) * rows, "selection": rows}[stage]  # fmt: skip
+        peaks[stage] = rss
         line = f"{stage:10s} {seconds:8.1f} s  {1000 * seconds / items:7.3f} ms/item  peak RSS {rss:7.0f} MB"
         if stage == "teacher":
             teacher_seconds = seconds
@@ -222,6 +237,7 @@ def run_benchmark(args: argparse.Namespace, port: int) -> None:
         if stage == "rerun" and teacher_seconds:
             line += f"  ({seconds / teacher_seconds:.2f} of the first run's time, 0 calls)"
         print(line, flush=True)
+    return peaks
 
 
 if __name__ == "__main__":

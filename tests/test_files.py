@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import write_catalog
 from dagster import AssetKey, build_input_context, build_output_context
@@ -240,3 +241,38 @@ def test_a_missing_partition_fails_by_name_unless_the_input_is_optional(tmp_path
     else:
         with pytest.raises(FileNotFoundError, match=r"'t' has no materialization for partition\(s\) y .*y\.parquet"):
             manager.load_input(context)
+
+
+def test_a_staged_table_is_moved_into_place_and_scanned_lazily(tmp_path):
+    """A table written block by block (a row group each) is renamed into the partition's path, not
+    loaded; the partition's count goes under dagster/partition_row_count; an input annotated
+    LazyFrame scans the file instead of reading it."""
+    from dagster import DagsterType, StaticPartitionsDefinition
+
+    from srt_assets.core.files import ParquetBlockWriter
+
+    writer = ParquetBlockWriter(tmp_path / ".staging" / "t" / "p.parquet", {"a": pl.Int64(), "b": pl.String()})
+    for start in range(0, 10, 4):
+        writer.write(pl.DataFrame({"a": range(start, min(start + 4, 10))}).with_columns(b=pl.col("a").cast(str)))
+    staged = writer.finish()
+    assert staged.rows == 10 and pq.ParquetFile(staged.path).metadata.num_row_groups == 3
+    manager = _ParquetTableIOManager(base_path=UPath(tmp_path))
+    partitions = StaticPartitionsDefinition(["p"])
+    output = build_output_context(asset_key=AssetKey("t"), partition_key="p", asset_partitions_def=partitions)
+    target = tmp_path / "t" / "p.parquet"
+    manager.dump_to_path(output, staged, UPath(target))
+    assert target.is_file() and not staged.path.exists()
+    metadata = output.get_logged_metadata()
+    assert metadata["dagster/partition_row_count"].value == 10 and "dagster/row_count" not in metadata
+    lazy_type = DagsterType(lambda _, value: isinstance(value, pl.LazyFrame), "LazyFrame", typing_type=pl.LazyFrame)
+    loaded = manager.load_from_path(build_input_context(asset_key=AssetKey("t"), dagster_type=lazy_type), UPath(target))
+    assert isinstance(loaded, pl.LazyFrame) and loaded.collect()["a"].to_list() == list(range(10))
+
+
+def test_a_failed_block_write_leaves_no_staged_file(tmp_path):
+    from srt_assets.core.files import ParquetBlockWriter
+
+    with pytest.raises(RuntimeError), ParquetBlockWriter(tmp_path / "s" / "x.parquet", {"a": pl.Int64()}) as writer:
+        writer.write(pl.DataFrame({"a": [1, 2]}))
+        raise RuntimeError("the teacher failed half-way")
+    assert list((tmp_path / "s").iterdir()) == []
