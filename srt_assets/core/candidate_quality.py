@@ -17,8 +17,10 @@ from __future__ import annotations
 import re
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 Severity = Literal["reject", "warn", "off"]
@@ -114,6 +116,10 @@ _STOPWORDS = {
 }
 _COMMON = set().union(*_STOPWORDS.values())
 _WORD = re.compile(r"\w+", re.UNICODE)
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_LANGUAGES_OF: dict[str, tuple[str, ...]] = {
+    word: tuple(lang for lang, stops in _STOPWORDS.items() if word in stops) for word in _COMMON
+}
 
 
 @dataclass(frozen=True)
@@ -201,15 +207,25 @@ def cut_off(c: Candidate) -> bool:
     return c.finish_reason == "length" and not c.closed
 
 
+@lru_cache(maxsize=1 << 16)
+def _letter_script(char: str) -> str:
+    """The writing system of one letter, from its Unicode name (LATIN, CYRILLIC, CJK, ...)."""
+    name = unicodedata.name(char, "")
+    script = name.split(" ")[0] if name else ""
+    return "CJK" if script in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL") else script
+
+
 def _script(text: str) -> str | None:
-    """The writing system most letters of ``text`` belong to (LATIN, CYRILLIC, CJK, ...)."""
+    """The writing system most letters of ``text`` belong to (LATIN, CYRILLIC, CJK, ...). Counted
+    per distinct character (a text has few), so a long reply costs one C-speed pass, not a Unicode
+    name lookup per letter."""
+    if text.isascii():
+        return "LATIN" if _ASCII_LETTER.search(text) else None
     counts: dict[str, int] = {}
-    for char in text:
+    for char, n in Counter(text).items():
         if char.isalpha():
-            name = unicodedata.name(char, "")
-            script = name.split(" ")[0] if name else ""
-            script = "CJK" if script in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL") else script
-            counts[script] = counts.get(script, 0) + 1
+            script = _letter_script(char)
+            counts[script] = counts.get(script, 0) + n
     if not counts:
         return None
     script, count = max(counts.items(), key=lambda item: item[1])
@@ -219,11 +235,14 @@ def _script(text: str) -> str | None:
 def _language(text: str) -> str | None:
     """A language guess from stopwords, only when one language clearly leads by two hits or more (one
     word decides nothing: "y" is Spanish, "die" German, and both turn up in English texts)."""
-    words = [w.casefold() for w in _WORD.findall(text)]
-    hits = {lang: sum(w in stops for w in words) for lang, stops in _STOPWORDS.items()}
+    words = Counter(w.casefold() for w in _WORD.findall(text))
+    hits = dict.fromkeys(_STOPWORDS, 0)
+    for word, n in words.items():
+        for lang in _LANGUAGES_OF.get(word, ()):
+            hits[lang] += n
     best, best_hits = max(hits.items(), key=lambda item: item[1])
     second = sorted(hits.values())[-2]
-    enough = min(3, max(2, len(words) // 4))
+    enough = min(3, max(2, words.total() // 4))
     return best if best_hits >= enough and best_hits > second and best_hits >= 1.5 * second else None
 
 
