@@ -19,7 +19,7 @@ from srt_assets.core.provenance import (
     sample_story,
     source_of,
 )
-from srt_assets.core.selection import SelectionRule, branch_counts, decide, select
+from srt_assets.core.selection import SelectionRule, branch_counts, decide, select, unavailable_candidates
 from srt_assets.defs.partitions import SOURCES
 
 
@@ -68,8 +68,66 @@ def test_decide_every_branch(case, rule, branch, chosen):
 def test_reason_names_the_compared_scores():
     ifd, rifd = scores(ori=(0.5, 0.6), Q=(0.7, 1.5), A=(0.4, 0.5), QA=(0.6, 1.2))
     reason = decide(ifd, rifd, PAPER).reason
-    assert "IFD(Q)=0.7000 > IFD(ori)=0.5000" in reason
-    assert "rIFD(QA)=1.2000 not < 1.0" in reason
+    assert "IFD(Q)=0.7 > IFD(ori)=0.5" in reason
+    assert "rIFD(QA)=1.2 not < 1.0" in reason
+
+
+def test_a_failed_or_copied_candidate_is_named_for_what_it_is():
+    """The demo's reasons read "IFD(Q)=0.3366 not > IFD(ori)=0.3366": Q's rewrite had failed to parse
+    and fallen back to the original, so its scores were ori's. The reason now says so, and a copy of
+    another variant is no candidate even where noise would let it win a comparison."""
+    ifd, rifd = scores(ori=(0.33655136283776277, 0.6), Q=(0.33655136283776277, 0.6), A=(0.2, 0.5), QA=(0.2, 0.5))
+    decision = decide(ifd, rifd, PAPER, unavailable={"Q": "parse_failed", "QA": "copy of A"})
+    assert (decision.branch, decision.chosen_variant) == ("A", "A")
+    assert decision.reason.startswith("Q: parse_failed — not a candidate; rIFD(A)=0.5 < rIFD(ori)=0.6")
+    assert "0.3366" not in decision.reason  # no comparison with a fallback's copied score
+    # a copy whose score drifted above its source's (padding, batch noise) still does not win
+    ifd, rifd = scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.3, 0.5999), QA=(0.6, 0.1))
+    assert decide(ifd, rifd, PAPER).chosen_variant == "A"
+    copied = decide(ifd, rifd, PAPER, unavailable={"A": "copy of ori"})
+    assert copied.chosen_variant is None and "A: copy of ori — not a candidate" in copied.reason
+    # failures bind even where the rule ignores quality flags; with keep_unreflected the source stands
+    lenient = SelectionRule(respect_quality_flags=False, keep_unreflected=True)
+    assert decide(ifd, rifd, lenient, unavailable={"A": "call_failed"}).chosen_variant == "ori"
+
+
+def test_unavailable_candidates_from_statuses_and_texts(tiny_pipeline_tables):
+    """Failed reflections are named by their status, unchanged texts as copies of the earlier variant;
+    the decisions record them in their ``unavailable`` column and ``srt explain`` marks the scores."""
+    from srt_assets.core.variants import all_variants
+
+    raw, inst, resp, _ = tiny_pipeline_tables
+    first, second, third = TINY_IDS
+    fallback = pl.col("sample_id") == first
+    inst = inst.with_columns(  # sample 0: the instruction rewrite failed and fell back to the original
+        pl.when(fallback).then(pl.lit("parse_failed")).otherwise("status").alias("status"),
+        pl.when(fallback).then(pl.lit("i0")).otherwise("instruction").alias("instruction"),
+        pl.when(fallback).then(pl.lit("o0")).otherwise("output").alias("output"),
+    )
+    resp = resp.with_columns(  # sample 0: QA then reflects what A reflected; sample 1: A returned ori's answer
+        pl.when(fallback).then(pl.lit("i0")).otherwise("instruction").alias("instruction"),
+        pl.when(fallback & (pl.col("variant") == "QA")).then(pl.lit("A-0"))
+        .when((pl.col("sample_id") == second) & (pl.col("variant") == "A")).then(pl.lit("o1"))
+        .otherwise("output").alias("output"),
+        pl.when(pl.col("sample_id") == second).then(pl.lit("x")).otherwise("input").alias("input"),
+    )  # fmt: skip
+    variants = all_variants(raw, inst, resp)
+    found = unavailable_candidates(variants, inst, resp)
+    assert found == {first: {"Q": "parse_failed", "QA": "copy of A"}, second: {"A": "copy of ori"}}
+    assert third not in found  # real rewrites are candidates
+
+    table = score_table(dict(zip(TINY_IDS, [make_table()["s-a1"]] * 3, strict=True)))
+    decisions = select(TINY_IDS, table, PAPER, unavailable=found)
+    by_id = {row["sample_id"]: row for row in decisions.iter_rows(named=True)}
+    assert by_id[first]["unavailable"] == "Q: parse_failed; QA: copy of A"
+    assert by_id[first]["reason"].startswith("Q: parse_failed — not a candidate")
+    assert by_id[second]["chosen_variant"] is None and "A: copy of ori — not a candidate" in by_id[second]["reason"]
+    assert by_id[third]["unavailable"] is None and by_id[third]["chosen_variant"] == "A"
+    scored = table.filter(pl.col("sample_id") == first)
+    story = format_story(explain_sample(first, {"raw_samples": raw, "student_scores": scored,
+                                                "sample_decisions": decisions}))  # fmt: skip
+    assert "  Q: IFD 0.7  r-IFD 0.8  (parse_failed — not a candidate)" in story
+    assert "not candidates: Q: parse_failed; QA: copy of A" in story
 
 
 def score_table(per_sample: dict[str, tuple[dict, dict]]) -> pl.DataFrame:

@@ -153,6 +153,17 @@ def explain_sample(sample_id: str, tables: dict[str, pl.DataFrame]) -> dict:
     return story
 
 
+def for_people(value: object) -> str:
+    """A number as a person reads it (4 significant digits); the tables and ``--json`` keep it exact."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def not_candidates_of(recorded: str | None) -> dict[str, str]:
+    """A decision's ``unavailable`` column ("Q: parse_failed; QA: copy of A") as variant → why."""
+    pairs = (part.split(": ", 1) for part in (recorded or "").split("; ") if ": " in part)
+    return {variant: why for variant, why in pairs}
+
+
 def format_story(story: dict) -> str:
     """A human-readable account of ``explain_sample``'s result, in pipeline order."""
     lines = [f"sample {story['sample_id']} (source '{story['source']}')"]
@@ -185,13 +196,20 @@ def format_story(story: dict) -> str:
             text("instruction", row.get("instruction"))
             text("output", row.get("output"))
             text("raw teacher text", row.get("raw_text"), limit=800)
+    decisions = story.get("sample_decisions") or []
+    not_candidates = not_candidates_of(decisions[0].get("unavailable") if decisions else None)
     section("student scores")
     for row in story.get("student_scores") or []:
-        lines.append(f"{row.get('variant')!s:>3}: IFD {row.get('ifd')}  r-IFD {row.get('rifd')}")
+        note = not_candidates.get(str(row.get("variant")))
+        mark = f"  ({note} — not a candidate)" if note else ""
+        scores = f"IFD {for_people(row.get('ifd'))}  r-IFD {for_people(row.get('rifd'))}"
+        lines.append(f"{row.get('variant')!s:>3}: {scores}{mark}")
     section("selection")
-    for row in story.get("sample_decisions") or []:
+    for row in decisions:
         lines.append(f"branch {row.get('branch')}, chosen {row.get('chosen_variant')}, selected {row.get('selected')}")
         text("why", row.get("reason"))
+        if row.get("unavailable"):
+            text("not candidates", row["unavailable"])
     lines.append("")
     lines.append(f"in selected_dataset: {story['in_selected_dataset']}")
     if "in_baseline_random" in story:

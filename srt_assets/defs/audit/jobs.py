@@ -18,7 +18,7 @@ STORY_COLUMNS = {
     "better_responses": ["variant", "status", "error", "instruction", "output", "raw_text", "attempts", "cache_key"],
     "student_scores": ["variant", "ifd", "rifd", "ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition",
                        "null_reason"],
-    "sample_decisions": ["branch", "chosen_variant", "kept", "selected", "reason", "ifd_rank"],
+    "sample_decisions": ["branch", "chosen_variant", "kept", "selected", "reason", "unavailable", "flags", "ifd_rank"],
 }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from srt_assets.core.selection import (
     branch_counts,
     recorded_rule,
     select,
+    unavailable_candidates,
 )
 from srt_assets.core.variants import all_variants
 from srt_assets.defs.common import (
@@ -81,6 +82,16 @@ def rejecting_flags(*candidates: pl.DataFrame) -> dict[str, dict[str, list[str]]
         for sample_id, variant, flags in rows.iter_rows():
             flagged.setdefault(sample_id, {})[variant] = list(flags)
     return flagged
+
+
+def excluded_candidates(
+    raw_samples: pl.DataFrame, new_instructions: pl.DataFrame, better_responses: pl.DataFrame
+) -> tuple[pl.DataFrame, dict, dict]:
+    """The four variants, the rejecting quality flags and the candidates that are none (failed
+    reflections, copies): what every use of the rule needs besides the scores."""
+    variants = all_variants(raw_samples, new_instructions, better_responses)
+    unavailable = unavailable_candidates(variants, new_instructions, better_responses)
+    return variants, rejecting_flags(new_instructions, better_responses), unavailable
 
 
 def branch_table(counts: dict[str, int]) -> str:
@@ -179,10 +190,9 @@ def sample_decisions(
 ):
     """One decision record per raw sample: the branch the student took, the scores it compared,
     the chosen variant (or none) and why, and whether the top-k stage selected it."""
-    flagged = rejecting_flags(new_instructions, better_responses)
-    decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged)
+    variants, flagged, unavailable = excluded_candidates(raw_samples, new_instructions, better_responses)
+    decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged, unavailable)
     context.log.info(f"selection: {branch_counts(decisions)}")
-    variants = all_variants(raw_samples, new_instructions, better_responses)
     yield Output(decisions, metadata=decision_metadata(config, decisions, variants))
     missing = raw_samples.height - decisions.select("sample_id").unique().height
     outcome = CheckOutcome(
@@ -211,13 +221,12 @@ def score_agreement(
     if spec.statistics is None:
         note = f"source '{spec.name}' declares no statistics files (sources.yaml: statistics), nothing to compare"
         return Output(pl.DataFrame(schema=AGREEMENT_SCHEMA), metadata={"note": note})
-    variants = all_variants(raw_samples, new_instructions, better_responses)
+    variants, flagged, unavailable = excluded_candidates(raw_samples, new_instructions, better_responses)
     wanted = variants.join(raw_samples.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
     theirs = load_statistics(spec, wanted, score_schema())
     table = rank_agreement(student_scores, theirs)
     rule = recorded_rule(sample_decisions) or SelectionRule()
-    flagged = rejecting_flags(new_instructions, better_responses)
-    their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged)
+    their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged, unavailable)
     summary = decision_agreement(sample_decisions, their_decisions)
     label = spec.statistics.label or "their statistics"
     context.log.info(f"selection: ours {summary['selected_ours']}, {label} {summary['selected_theirs']}")
