@@ -302,3 +302,76 @@ def test_random_baseline_is_reproducible(tiny_pipeline_tables):
     assert random_baseline(raw, 10, seed=7).height == raw.height
     draws = {tuple(random_baseline(raw, 1, seed=s)["sample_id"]) for s in range(20)}
     assert len(draws) > 1  # the seed matters
+
+
+def test_every_exported_set_carries_a_dataset_card_with_the_source_licence(tiny_pipeline_tables, tmp_path):
+    """The exported hf/ folder had a one-line card: no licence (Alpaca's CC BY-NC 4.0 was not passed
+    on), no source, size, method or settings. Each training set's card now has the Hub's front matter
+    (licence from the catalog) and says how the set was made; datasets and huggingface_hub read it."""
+    datasets = pytest.importorskip("datasets")
+    from dagster import Output, build_asset_context
+    from huggingface_hub import DatasetCard
+
+    from srt_assets.core.variants import all_variants
+    from srt_assets.defs.selection.assets import (
+        RandomBaselineConfig,
+        SelectedDatasetConfig,
+        baseline_full,
+        baseline_random,
+        selected_dataset,
+    )
+    from srt_assets.paths import sources_file
+    from srt_assets.resources import (
+        SourceCatalogResource,
+        StorageResource,
+        StudentModelResource,
+        TransformersChatResource,
+    )
+
+    raw, inst, resp, decisions = tiny_pipeline_tables
+    sources = SourceCatalogResource(sources_file=str(sources_file()))
+    storage = StorageResource(base_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    context = build_asset_context(partition_key="demo")
+    models = {"teacher": TransformersChatResource(), "student": StudentModelResource()}
+    events = selected_dataset(context, SelectedDatasetConfig(), raw, inst, resp, decisions, sources=sources,
+                              storage=storage, **models)  # fmt: skip
+    [selected] = [e for e in events if isinstance(e, Output)]
+    assert chosen_training_rows(raw, all_variants(raw, inst, resp), decisions).height == selected.value.height == 2
+    full = baseline_full(build_asset_context(partition_key="demo"), raw, storage=storage, sources=sources)
+    drawn = baseline_random(build_asset_context(partition_key="demo"), RandomBaselineConfig(seed=3), raw,
+                            selected.value, storage=storage, sources=sources)  # fmt: skip
+    for name, output, variants in (("selected_dataset", selected, "| QA | 1 |"), ("baseline_full", full, "| ori | 3 |"),
+                                   ("baseline_random", drawn, "| ori | 2 |")):  # fmt: skip
+        folder = Path(output.metadata["hf_dataset"].value)
+        assert folder == tmp_path / "exports" / name / "demo" / "hf"
+        # datasets keys its cache by the files' mtimes only: sets written in one tick would share an entry
+        loaded = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "hf-cache" / name))
+        assert loaded["sample_id"] == output.value["sample_id"].to_list()
+        card = DatasetCard.load(folder / "README.md")
+        assert card.data.license == "cc-by-nc-4.0"  # from sources.yaml's "CC BY-NC 4.0"
+        assert card.data.source_datasets == ["extended|tatsu-lab/alpaca"]
+        assert card.data.size_categories == ["n<1K"] and card.data.task_categories == ["text-generation"]
+        assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*.parquet"
+        assert f"of the {raw.height} rows of the source" in card.text and "CC BY-NC 4.0" in card.text
+        assert variants in card.text and "| sample_id | the raw row" in card.text
+    card = DatasetCard.load(Path(selected.metadata["hf_dataset"].value) / "README.md").text
+    assert "Selective Reflection-Tuning" in card and "| rule.ifd_below | `1.0` |" in card
+    assert '"backend": "transformers"' in card and "| decision_reason | why the selection" in card
+    assert "| seed | `3` |" in DatasetCard.load(Path(drawn.metadata["hf_dataset"].value) / "README.md").text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("CC BY-NC 4.0", ("cc-by-nc-4.0", None)),
+        ("derived from Alpaca (CC BY-NC 4.0)", ("cc-by-nc-4.0", None)),
+        ("CC-BY-SA-4.0", ("cc-by-sa-4.0", None)),
+        ("Apache 2.0", ("apache-2.0", None)),
+        ("research use only", ("other", "research use only")),
+        ("", ("unknown", None)),
+    ],
+)
+def test_catalog_licences_become_hub_licence_ids(text, expected):
+    from srt_assets.core.datasets import hub_license
+
+    assert hub_license(text) == expected

@@ -23,6 +23,17 @@ PROVENANCE_SCHEMA: dict[str, pl.DataType] = {
     "response_call_key": pl.String(),
     "decision_reason": pl.String(),
 }
+PROVENANCE_COLUMNS = {
+    "source_file": "the source data file the row was read from",
+    "branch": "the branch of the selection rule the sample took (QA, Q, A or ori)",
+    "ifd": "the student's IFD of the chosen variant (exact)",
+    "rifd": "the student's reverse IFD of the chosen variant (exact)",
+    "ifd_threshold": "the IFD the candidate had to stay below",
+    "rifd_threshold": "the reverse IFD the candidate had to stay below",
+    "instruction_call_key": "the instruction-reflection call behind the row's instruction (model-call cache key)",
+    "response_call_key": "the response-reflection call behind the row's answer (model-call cache key)",
+    "decision_reason": "why the selection kept this variant, in words",
+}
 
 
 def _call_keys(candidates: pl.DataFrame, variant: str, name: str) -> pl.DataFrame:

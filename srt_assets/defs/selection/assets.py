@@ -4,9 +4,12 @@ import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
+import srt_assets
 from srt_assets.core.agreement import AGREEMENT_SCHEMA, decision_agreement, rank_agreement
 from srt_assets.core.datasets import (
+    TRAINING_COLUMNS,
     TRAINING_SCHEMA,
+    CardFacts,
     chosen_training_rows,
     export_dataset,
     original_training_rows,
@@ -14,7 +17,7 @@ from srt_assets.core.datasets import (
 )
 from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import score_schema
-from srt_assets.core.provenance import PROVENANCE_SCHEMA, provenance_columns
+from srt_assets.core.provenance import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA, provenance_columns
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.selection import (
     BRANCHES,
@@ -35,7 +38,7 @@ from srt_assets.defs.common import (
 )
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.plots import markdown_table, text_histogram
-from srt_assets.resources import SourceCatalogResource, StorageResource
+from srt_assets.resources import ChatModelResource, SourceCatalogResource, StorageResource, StudentModelResource
 
 DECISION_CHECKS = {"one_decision_per_raw_sample": "exactly one decision record per raw sample"}
 SELECTED_CHECKS = {
@@ -120,9 +123,61 @@ def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants
     }
 
 
-def export_metadata(rows: pl.DataFrame, storage: StorageResource, name: str, partition: str) -> dict:
-    written = export_dataset(rows, storage.exports_dir / name / partition, name)
+SELECTED_METHOD = (
+    "Selective Reflection-Tuning (Li et al., 2024): a teacher model rewrote each instruction (variant Q) and "
+    "each answer (A, and QA for the new instruction); the student's IFD and reverse IFD chose per sample which "
+    'of the four variants to keep (docs/method.md, "Selection"), and samples the rule rejected are left out. '
+    "`decision_reason` says why each row was kept."
+)
+FULL_METHOD = "Every original row of the source, unchanged: the baseline trained on everything."
+RANDOM_METHOD = (
+    "Original rows drawn without replacement with a fixed seed, as many as the selection kept: the baseline "
+    "that separates better data from less data."
+)
+
+
+def export_metadata(
+    rows: pl.DataFrame,
+    storage: StorageResource,
+    name: str,
+    context: AssetExecutionContext,
+    facts: CardFacts,
+) -> dict:
+    """Write the exports (with their dataset card) and name them as metadata paths."""
+    written = export_dataset(rows, storage.exports_dir / name / context.partition_key, name, facts)
     return {key: MetadataValue.path(str(path)) for key, path in written.items()}
+
+
+def card_facts(
+    context: AssetExecutionContext,
+    sources: SourceCatalogResource,
+    method: str,
+    source_rows: int,
+    settings: dict | None = None,
+) -> CardFacts:
+    """The card's facts for this partition: the catalog's source and licence, the run, the method."""
+    spec = sources.source(context.partition_key)
+    return CardFacts(
+        source=spec.name,
+        method=method,
+        source_description=spec.description,
+        license=spec.license,
+        hub_id=spec.hub_id,
+        source_rows=source_rows,
+        settings=settings or {},
+        columns={**TRAINING_COLUMNS, **PROVENANCE_COLUMNS},
+        run_id=context.run_id,
+        version=srt_assets.__version__,
+    )
+
+
+def selection_settings(teacher: ChatModelResource, student: StudentModelResource, rule: SelectionRule) -> dict:
+    """What made the selected set: teacher, student and the rule with its thresholds."""
+    return {
+        "teacher": teacher.describe(),
+        "student": {"model": student.model, "template": student.template, "max_length": student.max_length},
+        **{f"rule.{name}": value for name, value in rule.model_dump().items()},
+    }
 
 
 def selected_checks(
@@ -257,6 +312,8 @@ def selected_dataset(
     sample_decisions: pl.DataFrame,
     sources: SourceCatalogResource,
     storage: StorageResource,
+    teacher: ChatModelResource,
+    student: StudentModelResource,
 ):
     """The student-selected recycled data in the training schema, each row with its provenance:
     source file and row, the teacher calls behind it, and the scores that chose it."""
@@ -269,6 +326,8 @@ def selected_dataset(
         how="left",
         maintain_order="left",
     )
+    settings = selection_settings(teacher, student, recorded_rule(sample_decisions) or SelectionRule())
+    facts = card_facts(context, sources, SELECTED_METHOD, raw_samples.height, settings)
     per_variant = dict(selected.group_by("variant").len().sort("variant").iter_rows()) if selected.height else {}
     yield Output(
         selected,
@@ -276,17 +335,23 @@ def selected_dataset(
             "share_of_raw": round(selected.height / max(raw_samples.height, 1), 4),
             "rows_per_variant": json_value(per_variant),
             "preview": MetadataValue.md(markdown_table(selected.head(5))),
-            **export_metadata(selected, storage, "selected_dataset", context.partition_key),
+            **export_metadata(selected, storage, "selected_dataset", context, facts),
         },
     )
     yield from to_check_results("selected_dataset", selected_checks(selected, raw_samples, config))
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
-def baseline_full(context: AssetExecutionContext, raw_samples: pl.DataFrame, storage: StorageResource):
+def baseline_full(
+    context: AssetExecutionContext,
+    raw_samples: pl.DataFrame,
+    storage: StorageResource,
+    sources: SourceCatalogResource,
+):
     """The full original data in the training schema: the "trained on everything" baseline."""
     rows = original_training_rows(raw_samples)
-    return Output(rows, metadata=export_metadata(rows, storage, "baseline_full", context.partition_key))
+    facts = card_facts(context, sources, FULL_METHOD, raw_samples.height)
+    return Output(rows, metadata=export_metadata(rows, storage, "baseline_full", context, facts))
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
@@ -296,9 +361,12 @@ def baseline_random(
     raw_samples: pl.DataFrame,
     selected_dataset: pl.DataFrame,
     storage: StorageResource,
+    sources: SourceCatalogResource,
 ):
     """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
     that separates "better data" from "less data"."""
     rows = random_baseline(original_training_rows(raw_samples), selected_dataset.height, config.seed)
-    exports = export_metadata(rows, storage, "baseline_random", context.partition_key)
+    settings = {"seed": config.seed, "rows": rows.height}
+    facts = card_facts(context, sources, RANDOM_METHOD, raw_samples.height, settings)
+    exports = export_metadata(rows, storage, "baseline_random", context, facts)
     return Output(rows, metadata={"seed": str(config.seed), **exports})
