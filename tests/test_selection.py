@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import polars as pl
@@ -289,9 +290,46 @@ def test_sample_decisions_is_a_module_level_asset_a_test_can_call(tiny_pipeline_
     [output] = [e for e in events if isinstance(e, Output)]
     assert output.value.select("sample_id", "chosen_variant").equals(expected.select("sample_id", "chosen_variant"))
     assert output.metadata["selected"].value == 2
+    shown = output.metadata["decisions_preview"].value
+    assert "showing 3 of 3 rows" in shown and f"sample_id: {raw['sample_id'][0]}\n" in shown  # explain config
+    assert "| IFD\\, original rows | 0\\.5 |" in output.metadata["scores"].value  # a table, not a JSON block
+    assert "| ifd\\_below | 1 |" in output.metadata["rule"].value
+    assert "showing 0 of 0 rows" in output.metadata["failed_reflections"].value
+    described = sample_decisions.metadata_by_key[sample_decisions.key]["dagster/column_schema"].columns
+    assert all(column.description for column in described)
     assert [(e.check_name, e.passed) for e in events if isinstance(e, AssetCheckResult)] == [
         ("one_decision_per_raw_sample", True)
     ]
+
+
+def shown_text(markdown: str) -> str:
+    """Markdown as the reader sees it: the backslash escapes of untrusted text removed."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
+def test_sample_decisions_lists_failed_reflections_and_names_them_in_reasons(tiny_pipeline_tables, tiny_scores):
+    """A failed rewrite falls back to the original: the decisions say so and the asset lists it."""
+    from dagster import Output, build_asset_context
+
+    from srt_assets.defs.selection.assets import SelectionConfig, sample_decisions
+
+    raw, inst, resp, _ = tiny_pipeline_tables
+    unflagged = pl.lit([], dtype=pl.List(pl.String())).alias("rejecting_flags")
+    failed = pl.col("sample_id") == TINY_IDS[1]
+    inst = inst.with_columns(
+        unflagged,
+        pl.when(failed).then(pl.lit("parse_failed")).otherwise("status").alias("status"),
+        pl.when(failed).then(pl.lit("no [New Instruction] marker")).otherwise("error").alias("error"),
+    )
+    context = build_asset_context(partition_key="demo")
+    events = sample_decisions(context, SelectionConfig(), raw, inst, resp.with_columns(unflagged), tiny_scores)
+    [output] = [e for e in events if isinstance(e, Output)]
+    row = output.value.filter(pl.col("sample_id") == TINY_IDS[1]).row(0, named=True)
+    assert row["reason"].startswith("Q: parse_failed — not a candidate") and row["unavailable"] == "Q: parse_failed"
+    listed = shown_text(output.metadata["failed_reflections"].value)
+    assert "showing 1 of 1 rows" in listed and "| Q | parse_failed | no [New Instruction] marker |" in listed
+    assert "| Q: parse_failed | 1 |" in shown_text(output.metadata["not_candidates"].value)
+    assert "Q: parse_failed — not a candidate" in shown_text(output.metadata["decisions_preview"].value)
 
 
 def test_random_baseline_is_reproducible(tiny_pipeline_tables):

@@ -46,6 +46,25 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
     "rifd_threshold": pl.Float64(),
     "rule": pl.String(),  # the SelectionRule as JSON (every row): what a comparison decides by
 }
+DECISION_COLUMNS = {
+    "sample_id": "the raw sample decided on",
+    "branch": "the branch the rule took: QA, Q, A or ori (the candidate it leads to)",
+    "chosen_variant": "the variant kept, or null when the rule kept none",
+    "kept": "a variant passed the rule and both filters",
+    "selected": "kept and within the optional top-k / top-p% stage",
+    "reason": "why, in words: the comparisons made and the candidates that were none",
+    "flags": "the rejecting quality flags of the sample's candidates, e.g. 'QA: repetition'",
+    "unavailable": "candidates that are none: a failed reflection's status ('Q: parse_failed') or a copy "
+    "('QA: copy of A')",
+    **{f"ifd_{v}": f"the student's IFD of variant {v} (exact)" for v in VARIANTS},
+    **{f"rifd_{v}": f"the student's reverse IFD of variant {v} (exact)" for v in VARIANTS},
+    "chosen_ifd": "IFD of the chosen variant",
+    "chosen_rifd": "reverse IFD of the chosen variant",
+    "ifd_rank": "rank among the kept samples by IFD, highest first",
+    "ifd_threshold": "the IFD a candidate had to stay below",
+    "rifd_threshold": "the reverse IFD a candidate had to stay below",
+    "rule": "the SelectionRule as JSON",
+}
 
 
 class SelectionRule(BaseModel):

@@ -5,7 +5,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 import srt_assets
-from srt_assets.core.agreement import AGREEMENT_SCHEMA, decision_agreement, rank_agreement
+from srt_assets.core.agreement import AGREEMENT_COLUMNS, AGREEMENT_SCHEMA, decision_agreement, rank_agreement
 from srt_assets.core.datasets import (
     TRAINING_COLUMNS,
     TRAINING_SCHEMA,
@@ -21,6 +21,7 @@ from srt_assets.core.provenance import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA, pr
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.selection import (
     BRANCHES,
+    DECISION_COLUMNS,
     DECISION_SCHEMA,
     SelectionRule,
     branch_counts,
@@ -37,7 +38,7 @@ from srt_assets.defs.common import (
     to_check_results,
 )
 from srt_assets.defs.partitions import SOURCES
-from srt_assets.plots import markdown_table, text_histogram
+from srt_assets.plots import full_rows_markdown, mapping_table, markdown_table, preview_markdown, text_histogram
 from srt_assets.resources import ChatModelResource, SourceCatalogResource, StorageResource, StudentModelResource
 
 DECISION_CHECKS = {"one_decision_per_raw_sample": "exactly one decision record per raw sample"}
@@ -48,6 +49,7 @@ SELECTED_CHECKS = {
     "scores_satisfy_filters": "every selected row has IFD and r-IFD below the thresholds its decision used",
 }
 SELECTED_SCHEMA = {**TRAINING_SCHEMA, **{k: v for k, v in PROVENANCE_SCHEMA.items() if k != "sample_id"}}
+SELECTED_COLUMNS = {**TRAINING_COLUMNS, **PROVENANCE_COLUMNS}
 
 
 class SelectionConfig(Config, SelectionRule):
@@ -102,24 +104,49 @@ def branch_table(counts: dict[str, int]) -> str:
     return markdown_table(pl.DataFrame(rows))
 
 
-def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants: pl.DataFrame) -> dict:
+def failed_reflections(*candidates: pl.DataFrame) -> pl.DataFrame:
+    """The teacher rows whose reflection failed (status not ok) and why, in sample order."""
+    columns = ("sample_id", "variant", "status", "error", "attempts")
+    parts = [t.filter(pl.col("status") != "ok").select(c for c in columns if c in t.columns) for t in candidates]
+    parts = [p for p in parts if "status" in p.columns]
+    return pl.concat(parts, how="diagonal_relaxed").sort("sample_id", "variant") if parts else pl.DataFrame()
+
+
+def decisions_preview(decisions: pl.DataFrame, rows: int = 5) -> str:
+    """The first decisions with their reasons whole, and each one's explain_sample config."""
+    shown = decisions.head(rows).select("sample_id", "branch", "chosen_variant", "selected", "reason", "unavailable")
+    return preview_markdown(shown, decisions.height, max_chars=1000) + "\n\n" + full_rows_markdown(shown)
+
+
+def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants: pl.DataFrame, *candidates) -> dict:
+    """What a person auditing the selection reads first, as tables: branches, candidates that were
+    none and why, score distributions, examples; the exact values stay in the table."""
     counts = branch_counts(decisions)
     chosen = decisions.filter(pl.col("selected"))
+    failures = failed_reflections(*candidates)
+    distributions = {
+        "IFD, original rows": quantiles(decisions["ifd_ori"]),
+        "r-IFD, original rows": quantiles(decisions["rifd_ori"]),
+        "IFD, selected rows": quantiles(chosen["chosen_ifd"]),
+        "r-IFD, selected rows": quantiles(chosen["chosen_rifd"]),
+    }
+    reasons = decisions.select(pl.col("unavailable").str.split("; ")).explode("unavailable").drop_nulls()
+    not_candidates = dict(reasons.group_by("unavailable").len().sort("unavailable").iter_rows())
     return {
-        "rule": json_value({name: getattr(config, name) for name in SelectionRule.model_fields}),
-        "branch_counts": json_value(counts),
-        "branches": MetadataValue.md(branch_table(counts)),
         "kept": counts["kept"],
         "selected": counts["selected"],
+        "branches": MetadataValue.md(branch_table(counts)),
+        "branch_counts": json_value(counts),
+        "not_candidates": MetadataValue.md(mapping_table(not_candidates, "variant: why", "samples")),
+        "failed_reflections": MetadataValue.md(preview_markdown(failures.head(20), failures.height, 200)),
         "samples_with_flags": int(decisions["flags"].is_not_null().sum()),
-        "ifd_before": json_value(quantiles(decisions["ifd_ori"])),
-        "rifd_before": json_value(quantiles(decisions["rifd_ori"])),
-        "ifd_after": json_value(quantiles(chosen["chosen_ifd"])),
-        "rifd_after": json_value(quantiles(chosen["chosen_rifd"])),
+        "scores": MetadataValue.md(mapping_table(distributions, "scores")),
         "ifd_original_rows": MetadataValue.md(text_histogram(decisions["ifd_ori"].to_list(), "IFD, original rows")),
         "ifd_selected_rows": MetadataValue.md(text_histogram(chosen["chosen_ifd"].to_list(), "IFD, selected rows")),
+        "decisions_preview": MetadataValue.md(decisions_preview(decisions)),
         "accepted_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=True)),
         "rejected_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=False)),
+        "rule": MetadataValue.md(mapping_table(config.model_dump(include=set(SelectionRule.model_fields)), "setting")),
     }
 
 
@@ -165,7 +192,7 @@ def card_facts(
         hub_id=spec.hub_id,
         source_rows=source_rows,
         settings=settings or {},
-        columns={**TRAINING_COLUMNS, **PROVENANCE_COLUMNS},
+        columns=SELECTED_COLUMNS,
         run_id=context.run_id,
         version=srt_assets.__version__,
     )
@@ -177,6 +204,16 @@ def selection_settings(teacher: ChatModelResource, student: StudentModelResource
         "teacher": teacher.describe(),
         "student": {"model": student.model, "template": student.template, "max_length": student.max_length},
         **{f"rule.{name}": value for name, value in rule.model_dump().items()},
+    }
+
+
+def training_set_metadata(rows: pl.DataFrame, source_rows: int) -> dict:
+    """What every training set shows: its share of the source, a preview that says how much of the set
+    it shows, and the previewed rows whole with their explain_sample configs."""
+    return {
+        "share_of_raw": round(rows.height / max(source_rows, 1), 4),
+        "preview": MetadataValue.md(preview_markdown(rows.head(5), rows.height)),
+        "preview_rows_whole": MetadataValue.md(full_rows_markdown(rows.head(5))),
     }
 
 
@@ -227,12 +264,12 @@ def agreement_markdown(table: pl.DataFrame) -> str:
 
 
 SELECTION_ASSET = {"partitions_def": SOURCES, "group_name": "selection", "kinds": {"polars"}}
-TRAINING_TABLE = {"dagster/column_schema": column_schema(TRAINING_SCHEMA)}
+TRAINING_TABLE = {"dagster/column_schema": column_schema(TRAINING_SCHEMA, TRAINING_COLUMNS)}
 
 
 @asset(
     **SELECTION_ASSET,
-    metadata={"dagster/column_schema": column_schema(DECISION_SCHEMA)},
+    metadata={"dagster/column_schema": column_schema(DECISION_SCHEMA, DECISION_COLUMNS)},
     check_specs=blocking_checks("sample_decisions", DECISION_CHECKS, SOURCES),
 )
 def sample_decisions(
@@ -248,7 +285,8 @@ def sample_decisions(
     variants, flagged, unavailable = excluded_candidates(raw_samples, new_instructions, better_responses)
     decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged, unavailable)
     context.log.info(f"selection: {branch_counts(decisions)}")
-    yield Output(decisions, metadata=decision_metadata(config, decisions, variants))
+    metadata = decision_metadata(config, decisions, variants, new_instructions, better_responses)
+    yield Output(decisions, metadata=metadata)
     missing = raw_samples.height - decisions.select("sample_id").unique().height
     outcome = CheckOutcome(
         "one_decision_per_raw_sample",
@@ -259,7 +297,7 @@ def sample_decisions(
     yield from to_check_results("sample_decisions", [outcome])
 
 
-@asset(**SELECTION_ASSET, metadata={"dagster/column_schema": column_schema(AGREEMENT_SCHEMA)})
+@asset(**SELECTION_ASSET, metadata={"dagster/column_schema": column_schema(AGREEMENT_SCHEMA, AGREEMENT_COLUMNS)})
 def score_agreement(
     context: AssetExecutionContext,
     raw_samples: pl.DataFrame,
@@ -300,7 +338,7 @@ def score_agreement(
 
 @asset(
     **SELECTION_ASSET,
-    metadata={"dagster/column_schema": column_schema(SELECTED_SCHEMA)},
+    metadata={"dagster/column_schema": column_schema(SELECTED_SCHEMA, SELECTED_COLUMNS)},
     check_specs=blocking_checks("selected_dataset", SELECTED_CHECKS, SOURCES),
 )
 def selected_dataset(
@@ -332,9 +370,8 @@ def selected_dataset(
     yield Output(
         selected,
         metadata={
-            "share_of_raw": round(selected.height / max(raw_samples.height, 1), 4),
-            "rows_per_variant": json_value(per_variant),
-            "preview": MetadataValue.md(markdown_table(selected.head(5))),
+            **training_set_metadata(selected, raw_samples.height),
+            "rows_per_variant": MetadataValue.md(mapping_table(per_variant, "variant", "rows")),
             **export_metadata(selected, storage, "selected_dataset", context, facts),
         },
     )
@@ -351,7 +388,8 @@ def baseline_full(
     """The full original data in the training schema: the "trained on everything" baseline."""
     rows = original_training_rows(raw_samples)
     facts = card_facts(context, sources, FULL_METHOD, raw_samples.height)
-    return Output(rows, metadata=export_metadata(rows, storage, "baseline_full", context, facts))
+    exports = export_metadata(rows, storage, "baseline_full", context, facts)
+    return Output(rows, metadata={**training_set_metadata(rows, raw_samples.height), **exports})
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
@@ -369,4 +407,6 @@ def baseline_random(
     settings = {"seed": config.seed, "rows": rows.height}
     facts = card_facts(context, sources, RANDOM_METHOD, raw_samples.height, settings)
     exports = export_metadata(rows, storage, "baseline_random", context, facts)
-    return Output(rows, metadata={"seed": str(config.seed), **exports})
+    return Output(
+        rows, metadata={"seed": str(config.seed), **training_set_metadata(rows, raw_samples.height), **exports}
+    )
