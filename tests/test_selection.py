@@ -413,3 +413,24 @@ def test_catalog_licences_become_hub_licence_ids(text, expected):
     from srt_assets.core.datasets import hub_license
 
     assert hub_license(text) == expected
+
+
+def test_explain_sample_with_an_empty_id_names_ids_that_exist(tiny_pipeline_tables, tmp_path):
+    """The launchpad scaffolds ``sample_id: ''`` and gave no hint what to put there; the refusal now
+    names ids of the materialized raw samples."""
+    from dagster import build_op_context
+
+    from srt_assets.defs.audit.jobs import ExplainSampleConfig, explain_sample_op
+    from srt_assets.paths import sources_file
+    from srt_assets.resources import SourceCatalogResource, StorageResource
+
+    raw = tiny_pipeline_tables[0]
+    (tmp_path / "raw_samples").mkdir()
+    raw.write_parquet(tmp_path / "raw_samples" / "demo.parquet")
+    resources = {
+        "storage": StorageResource(base_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")),
+        "sources": SourceCatalogResource(sources_file=str(sources_file())),
+    }
+    with pytest.raises(SampleNotFound, match="not a sample id") as refused:
+        explain_sample_op(build_op_context(resources=resources), ExplainSampleConfig(sample_id=""))
+    assert f"ids that exist: {', '.join(raw['sample_id'])}" in str(refused.value)

@@ -133,6 +133,16 @@ def source_of(sample_id: str, sources: Collection[str]) -> str:
     return source
 
 
+def some_sample_ids(storage: Path, sources: Collection[str], limit: int = 3) -> list[str]:
+    """A few ids of materialized raw samples per source: what an error shows for a wrong or empty id."""
+    found: list[str] = []
+    for source in sources:
+        file = storage / "raw_samples" / f"{source}.parquet"
+        if file.is_file():
+            found += pl.scan_parquet(file).select("sample_id").head(limit).collect()["sample_id"].to_list()
+    return found
+
+
 def sample_story(sample_id: str, storage: Path, sources: Collection[str], shards: int = 1) -> dict:
     """``explain_sample`` of a stored sample, read from its source partition's tables."""
     sample_id = sample_id.strip()
