@@ -48,7 +48,8 @@ def training_sets(
     return Output(
         table,
         metadata={
-            "comparison": MetadataValue.md(markdown_table(table, max_chars=200)),
+            # the overlap has its own matrix below; without it the table fits the UI's column
+            "comparison": MetadataValue.md(markdown_table(table.drop("overlap", "ifd_mean", "rifd_mean"))),
             "overlap": MetadataValue.md(markdown_table(overlap_matrix(sets))),
             "samples_side_by_side": MetadataValue.md(full_rows_markdown(rows)),
         },
