@@ -3,9 +3,12 @@
     make ui &   # or: dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
     python docs/screenshots.py http://127.0.0.1:3000 [good_partition bad_partition]
 
-Writes docs/asset_graph.png (the whole graph), docs/source_files.png (the catalog as the UI shows it)
-and, given a partition whose raw_samples checks passed and one whose reject-ratio check failed,
-docs/checks_per_partition.png. Uses the machine's Chromium (/usr/bin/chromium); nothing is downloaded.
+Writes docs/asset_graph.png (the whole graph), docs/source_files.png (the catalog as the UI shows it),
+the auditor's views of the `demo` partition (docs/sample_decisions.png: why candidates were none and the
+failed reflections; docs/decisions_preview.png: the previewed decisions whole; docs/training_sets.png:
+the sets side by side) and, given a partition whose raw_samples checks passed and one whose
+reject-ratio check failed, docs/checks_per_partition.png. Uses the machine's Chromium
+(/usr/bin/chromium); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,6 +20,29 @@ from playwright.sync_api import sync_playwright
 
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 DOCS = Path(__file__).resolve().parent
+
+
+def metadata_row(page, label: str):
+    row = page.locator("tr", has=page.get_by_text(label, exact=True)).first
+    row.wait_for()
+    row.evaluate("row => row.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
+    return row
+
+
+def audit_screenshots(page, base_url: str, source: str) -> None:
+    """What an auditor looks at: the decisions' metadata, one previewed decision whole, the sets."""
+    page.goto(f"{base_url}/assets/sample_decisions?partition={source}")
+    metadata_row(page, "branches")
+    page.screenshot(path=str(DOCS / "sample_decisions.png"))
+    metadata_row(page, "decisions_preview").get_by_text("[Show Markdown]", exact=True).click()
+    page.get_by_role("dialog").locator(".dagster-markdown").first.wait_for()
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(DOCS / "decisions_preview.png"))
+    page.keyboard.press("Escape")
+    page.goto(f"{base_url}/assets/training_sets?partition={source}")
+    metadata_row(page, "comparison")
+    page.screenshot(path=str(DOCS / "training_sets.png"))
 
 
 def main(base_url: str, good: str | None, bad: str | None) -> None:
@@ -34,6 +60,7 @@ def main(base_url: str, good: str | None, bad: str | None) -> None:
         page.goto(f"{base_url}/assets/source_files")
         page.get_by_text("file present").first.wait_for()
         page.screenshot(path=str(DOCS / "source_files.png"))
+        audit_screenshots(page, base_url, "demo")
         if good and bad:
             page.goto(f"{base_url}/assets/raw_samples?view=checks&checkDetail=reject_ratio_below_bound")
             page.get_by_text("Execution history", exact=True).wait_for()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import re
+from collections.abc import Mapping
 
 import polars as pl
 
@@ -146,3 +148,56 @@ def markdown_table(frame: pl.DataFrame, max_chars: int = 80) -> str:
     rule = "|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
     return "\n".join([header, rule, *rows])
+
+
+def for_people(value: object) -> str:
+    """A value as a person reads it: floats to 4 significant digits, None as a dash, collections as
+    compact JSON (the tables and JSON metadata keep the exact value)."""
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value).lower()
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return str(value)
+
+
+def mapping_table(data: Mapping[str, object], key: str = "name", value: str = "value") -> str:
+    """A dict as a small Markdown table instead of a JSON block: a dict of dicts (per column, per
+    source) becomes one row per key and one column per inner key; any other dict one row per key."""
+    if not data:
+        return "_(none)_"
+    if all(isinstance(v, Mapping) for v in data.values()):
+        inner = list(dict.fromkeys(name for v in data.values() for name in v))  # type: ignore[union-attr]
+        rows = [{key: str(k), **{c: for_people(v.get(c)) for c in inner}} for k, v in data.items()]  # type: ignore[union-attr]
+    else:
+        rows = [{key: str(k), value: for_people(v)} for k, v in data.items()]
+    return markdown_table(pl.DataFrame(rows, schema=dict.fromkeys(rows[0], pl.String())), max_chars=200)
+
+
+def preview_markdown(frame: pl.DataFrame, total: int, max_chars: int = 80) -> str:
+    """A preview table that says how much of the table it shows ("showing 5 of 6 rows")."""
+    shown = f"_showing {frame.height} of {total} rows_"
+    return shown if frame.is_empty() else f"{shown}\n\n{markdown_table(frame, max_chars)}"
+
+
+def explain_config(sample_id: str) -> str:
+    """The explain_sample launchpad config for one sample, ready to paste (a code block renders no
+    Markdown; a sample id is ``<catalog source>-<16 hex digits>``, but newlines are dropped anyway)."""
+    clean = " ".join(sample_id.split()).replace("`", "")
+    return f"```yaml\nops:\n  explain_sample_op:\n    config:\n      sample_id: {clean}\n```"
+
+
+def full_rows_markdown(frame: pl.DataFrame, max_chars: int = 4000) -> str:
+    """Each row whole, one small two-column table per row (a long text stays readable, not cut at 80
+    characters), each with the explain_sample config of its ``sample_id``; cells are untrusted text."""
+    parts = []
+    for row in frame.iter_rows(named=True):
+        fields = pl.DataFrame(
+            {"field": list(row), "value": [for_people(v) for v in row.values()]},
+            schema={"field": pl.String(), "value": pl.String()},
+        )
+        parts.append(markdown_table(fields, max_chars=max_chars))
+        if row.get("sample_id"):
+            parts.append(f"explain_sample config:\n\n{explain_config(str(row['sample_id']))}")
+    return "\n\n".join(parts) if parts else "_(no rows)_"

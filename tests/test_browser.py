@@ -1,16 +1,18 @@
 """The Dagster UI in a real browser (Playwright driving Debian's Chromium; nothing is downloaded at
 run time): a person opens the catalog, launches one source partition of raw_samples by clicking,
 waits for it, and sees that partition's checks pass while another partition's failed check stays on
-that other partition."""
+that other partition; hostile rows load nothing; an auditor reads a decision whose candidate fell
+back, and the training sets side by side."""
 
 import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import polars as pl
 import pytest
-from conftest import alpaca_rows, write_jsonl
-from dagster_ui import dagster_dev, poll, run_raw_partition, wait_for_location
+from conftest import alpaca_rows, write_catalog, write_jsonl
+from dagster_ui import dagster_dev, poll, run_partition, run_raw_partition, wait_for_location
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install -e '.[dev]'")
@@ -179,3 +181,68 @@ def test_markdown_beacons_in_rows_load_nothing_in_the_viewers_browser(tmp_path: 
     assert beacon.paths == [], f"the browser called the beacon server: {beacon.paths}"
     assert links == 0, "an image or a link to the beacon server is in the page"
     assert "![logo](" in shown and "<img src=" in shown  # the reader sees the characters themselves
+
+
+SELECTION_RUN = [
+    *("raw_samples", "raw_rejects", "new_instructions", "better_responses", "student_scores", "sample_decisions"),
+    *("selected_dataset", "baseline_random", "baseline_full", "training_sets"),
+]
+
+
+def metadata_markdown(page, label: str, screenshot: Path | None = None) -> str:
+    """The text of the Markdown value under metadata ``label``, as the person reads it: inline, or
+    (a long value) in the dialog its "[Show Markdown]" opens, which is then closed again."""
+    row = page.locator("tr", has=page.get_by_text(label, exact=True)).first
+    row.wait_for()
+    row.scroll_into_view_if_needed()
+    expand = row.get_by_text("[Show Markdown]", exact=True)
+    if not expand.count():
+        return row.locator(".dagster-markdown").first.inner_text()
+    expand.click()
+    dialog = page.get_by_role("dialog")
+    dialog.locator(".dagster-markdown").first.wait_for()
+    if screenshot:
+        page.wait_for_timeout(800)  # the dialog fades in
+        page.screenshot(path=str(screenshot))
+    shown = dialog.inner_text()
+    page.keyboard.press("Escape")
+    dialog.wait_for(state="detached")
+    return shown
+
+
+def test_an_auditor_sees_a_fallback_named_as_such_and_the_sets_side_by_side(tmp_path: Path):
+    """The demo's decisions read "IFD(Q)=0.3366 not > IFD(ori)=0.3366" where Q's rewrite had failed:
+    here a source whose Q reflection of row 0 is missing (its text falls back to the original) runs
+    through the selection with no model, and the person reading sample_decisions for `demo` sees that
+    candidate named for what it is, then opens the training sets side by side."""
+    from test_from_files import authors_layout, reflections_entry, write_statistics
+
+    plan = ["QA", "A", "none", "QA"] * 3  # test_from_files.SCENARIOS
+    paths = authors_layout(tmp_path / "files", len(plan))
+    for split in ("reflect_instruction", "reflect_both"):  # row 0 has no new instruction, so no QA either
+        rows = pl.read_parquet(paths[split]).with_columns(
+            pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("")).otherwise("instruction").alias("instruction")
+        )
+        rows.write_parquet(paths[split])
+    statistics = {"use": "instead", **{v: str(p) for v, p in write_statistics(tmp_path / "files", plan).items()}}
+    entry = reflections_entry(paths) | {"statistics": statistics, "license": "CC BY-NC 4.0"}
+    catalog = write_catalog(tmp_path, {"demo": entry})
+    with dagster_dev(tmp_path, SRT_SOURCES_FILE=str(catalog)) as port:
+        assert wait_for_location(port)["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+        assert run_partition(port, "demo", SELECTION_RUN) == "SUCCESS"
+        base = f"http://127.0.0.1:{port}"
+        with browser_page() as page:
+            page.goto(f"{base}/assets/sample_decisions?partition=demo")
+            listed = metadata_markdown(page, "failed_reflections")  # short: inline
+            page.screenshot(path=str(tmp_path / "sample_decisions.png"))
+            preview = metadata_markdown(page, "decisions_preview", tmp_path / "decisions_preview.png")
+            page.goto(f"{base}/assets/training_sets?partition=demo")
+            comparison = metadata_markdown(page, "comparison")
+            page.screenshot(path=str(tmp_path / "training_sets.png"))
+            side = metadata_markdown(page, "samples_side_by_side", tmp_path / "side_by_side.png")
+    assert "Q: missing — not a candidate" in preview  # the reason names the fallback, not IFD(Q) = IFD(ori)
+    assert f"showing 5 of {len(plan)} rows" in preview and "explain_sample_op" in preview
+    assert "showing 2 of 2 rows" in listed  # Q of row 0, and QA, which had no new instruction to answer
+    for name in ("selected_dataset", "baseline_random", "baseline_full"):
+        assert name in comparison
+    assert "original_output" in side

@@ -187,6 +187,8 @@ def test_a_report_over_some_of_the_metrics_shows_them_and_names_the_rest(tmp_pat
     assert "| swapped | ifd | 0.875 |" in markdown
     assert "Not in this report yet: materialize alpacaeval_results for source 'demo'" in markdown
     assert "Not in this report yet: materialize new_instructions, better_responses for source 'demo'" in markdown
+    assert metadata["report_link"] == (store / "reports" / "demo" / "report.html").resolve().as_uri()
+    assert list(metadata)[-2:] == ["report_markdown", "report_html"]  # paths last
 
 
 def test_every_table_a_report_part_reads_is_an_asset_of_the_graph():

@@ -43,8 +43,13 @@ def test_demo_partition_materializes_through_the_real_definitions(tmp_path: Path
     assert metadata["dagster/partition_row_count"].value == 40
     assert [c.name for c in metadata["dagster/column_schema"].value.columns][:3] == ["sample_id", "source", "row_index"]
     assert metadata["license"].value == "CC BY-NC 4.0" and metadata["file_present"].value is True
-    assert "| sample_id |" in metadata["preview"].value
-    assert metadata["length_chars"].value["output"]["max"] <= 300
+    assert "| sample_id |" in metadata["preview"].value and "showing 5 of 40 rows" in metadata["preview"].value
+    assert "sample_id: " + samples["sample_id"][0] in metadata["preview_rows_whole"].value  # explain config
+    longest = samples["output"].str.len_chars().max()
+    assert metadata["length_chars"].value.splitlines()[-1].startswith("| output |")  # a table, not JSON
+    assert metadata["length_chars"].value.endswith(f"| {longest} |")
+    assert [c.description for c in metadata["dagster/column_schema"].value.columns if c.name == "sample_id"] != [None]
+    assert list(metadata).index("file") > list(metadata).index("length_chars")  # paths after what people read
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +20,7 @@ from srt_assets.core.provenance import (
     sample_story,
     source_of,
 )
-from srt_assets.core.selection import SelectionRule, branch_counts, decide, select
+from srt_assets.core.selection import SelectionRule, branch_counts, decide, select, unavailable_candidates
 from srt_assets.defs.partitions import SOURCES
 
 
@@ -68,8 +69,66 @@ def test_decide_every_branch(case, rule, branch, chosen):
 def test_reason_names_the_compared_scores():
     ifd, rifd = scores(ori=(0.5, 0.6), Q=(0.7, 1.5), A=(0.4, 0.5), QA=(0.6, 1.2))
     reason = decide(ifd, rifd, PAPER).reason
-    assert "IFD(Q)=0.7000 > IFD(ori)=0.5000" in reason
-    assert "rIFD(QA)=1.2000 not < 1.0" in reason
+    assert "IFD(Q)=0.7 > IFD(ori)=0.5" in reason
+    assert "rIFD(QA)=1.2 not < 1.0" in reason
+
+
+def test_a_failed_or_copied_candidate_is_named_for_what_it_is():
+    """The demo's reasons read "IFD(Q)=0.3366 not > IFD(ori)=0.3366": Q's rewrite had failed to parse
+    and fallen back to the original, so its scores were ori's. The reason now says so, and a copy of
+    another variant is no candidate even where noise would let it win a comparison."""
+    ifd, rifd = scores(ori=(0.33655136283776277, 0.6), Q=(0.33655136283776277, 0.6), A=(0.2, 0.5), QA=(0.2, 0.5))
+    decision = decide(ifd, rifd, PAPER, unavailable={"Q": "parse_failed", "QA": "copy of A"})
+    assert (decision.branch, decision.chosen_variant) == ("A", "A")
+    assert decision.reason.startswith("Q: parse_failed — not a candidate; rIFD(A)=0.5 < rIFD(ori)=0.6")
+    assert "0.3366" not in decision.reason  # no comparison with a fallback's copied score
+    # a copy whose score drifted above its source's (padding, batch noise) still does not win
+    ifd, rifd = scores(ori=(0.8, 0.6), Q=(0.7, 0.8), A=(0.3, 0.5999), QA=(0.6, 0.1))
+    assert decide(ifd, rifd, PAPER).chosen_variant == "A"
+    copied = decide(ifd, rifd, PAPER, unavailable={"A": "copy of ori"})
+    assert copied.chosen_variant is None and "A: copy of ori — not a candidate" in copied.reason
+    # failures bind even where the rule ignores quality flags; with keep_unreflected the source stands
+    lenient = SelectionRule(respect_quality_flags=False, keep_unreflected=True)
+    assert decide(ifd, rifd, lenient, unavailable={"A": "call_failed"}).chosen_variant == "ori"
+
+
+def test_unavailable_candidates_from_statuses_and_texts(tiny_pipeline_tables):
+    """Failed reflections are named by their status, unchanged texts as copies of the earlier variant;
+    the decisions record them in their ``unavailable`` column and ``srt explain`` marks the scores."""
+    from srt_assets.core.variants import all_variants
+
+    raw, inst, resp, _ = tiny_pipeline_tables
+    first, second, third = TINY_IDS
+    fallback = pl.col("sample_id") == first
+    inst = inst.with_columns(  # sample 0: the instruction rewrite failed and fell back to the original
+        pl.when(fallback).then(pl.lit("parse_failed")).otherwise("status").alias("status"),
+        pl.when(fallback).then(pl.lit("i0")).otherwise("instruction").alias("instruction"),
+        pl.when(fallback).then(pl.lit("o0")).otherwise("output").alias("output"),
+    )
+    resp = resp.with_columns(  # sample 0: QA then reflects what A reflected; sample 1: A returned ori's answer
+        pl.when(fallback).then(pl.lit("i0")).otherwise("instruction").alias("instruction"),
+        pl.when(fallback & (pl.col("variant") == "QA")).then(pl.lit("A-0"))
+        .when((pl.col("sample_id") == second) & (pl.col("variant") == "A")).then(pl.lit("o1"))
+        .otherwise("output").alias("output"),
+        pl.when(pl.col("sample_id") == second).then(pl.lit("x")).otherwise("input").alias("input"),
+    )  # fmt: skip
+    variants = all_variants(raw, inst, resp)
+    found = unavailable_candidates(variants, inst, resp)
+    assert found == {first: {"Q": "parse_failed", "QA": "copy of A"}, second: {"A": "copy of ori"}}
+    assert third not in found  # real rewrites are candidates
+
+    table = score_table(dict(zip(TINY_IDS, [make_table()["s-a1"]] * 3, strict=True)))
+    decisions = select(TINY_IDS, table, PAPER, unavailable=found)
+    by_id = {row["sample_id"]: row for row in decisions.iter_rows(named=True)}
+    assert by_id[first]["unavailable"] == "Q: parse_failed; QA: copy of A"
+    assert by_id[first]["reason"].startswith("Q: parse_failed — not a candidate")
+    assert by_id[second]["chosen_variant"] is None and "A: copy of ori — not a candidate" in by_id[second]["reason"]
+    assert by_id[third]["unavailable"] is None and by_id[third]["chosen_variant"] == "A"
+    scored = table.filter(pl.col("sample_id") == first)
+    story = format_story(explain_sample(first, {"raw_samples": raw, "student_scores": scored,
+                                                "sample_decisions": decisions}))  # fmt: skip
+    assert "  Q: IFD 0.7  r-IFD 0.8  (parse_failed — not a candidate)" in story
+    assert "not candidates: Q: parse_failed; QA: copy of A" in story
 
 
 def score_table(per_sample: dict[str, tuple[dict, dict]]) -> pl.DataFrame:
@@ -231,9 +290,46 @@ def test_sample_decisions_is_a_module_level_asset_a_test_can_call(tiny_pipeline_
     [output] = [e for e in events if isinstance(e, Output)]
     assert output.value.select("sample_id", "chosen_variant").equals(expected.select("sample_id", "chosen_variant"))
     assert output.metadata["selected"].value == 2
+    shown = output.metadata["decisions_preview"].value
+    assert "showing 3 of 3 rows" in shown and f"sample_id: {raw['sample_id'][0]}\n" in shown  # explain config
+    assert "| IFD\\, original rows | 0\\.5 |" in output.metadata["scores"].value  # a table, not a JSON block
+    assert "| ifd\\_below | 1 |" in output.metadata["rule"].value
+    assert "showing 0 of 0 rows" in output.metadata["failed_reflections"].value
+    described = sample_decisions.metadata_by_key[sample_decisions.key]["dagster/column_schema"].columns
+    assert all(column.description for column in described)
     assert [(e.check_name, e.passed) for e in events if isinstance(e, AssetCheckResult)] == [
         ("one_decision_per_raw_sample", True)
     ]
+
+
+def shown_text(markdown: str) -> str:
+    """Markdown as the reader sees it: the backslash escapes of untrusted text removed."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
+def test_sample_decisions_lists_failed_reflections_and_names_them_in_reasons(tiny_pipeline_tables, tiny_scores):
+    """A failed rewrite falls back to the original: the decisions say so and the asset lists it."""
+    from dagster import Output, build_asset_context
+
+    from srt_assets.defs.selection.assets import SelectionConfig, sample_decisions
+
+    raw, inst, resp, _ = tiny_pipeline_tables
+    unflagged = pl.lit([], dtype=pl.List(pl.String())).alias("rejecting_flags")
+    failed = pl.col("sample_id") == TINY_IDS[1]
+    inst = inst.with_columns(
+        unflagged,
+        pl.when(failed).then(pl.lit("parse_failed")).otherwise("status").alias("status"),
+        pl.when(failed).then(pl.lit("no [New Instruction] marker")).otherwise("error").alias("error"),
+    )
+    context = build_asset_context(partition_key="demo")
+    events = sample_decisions(context, SelectionConfig(), raw, inst, resp.with_columns(unflagged), tiny_scores)
+    [output] = [e for e in events if isinstance(e, Output)]
+    row = output.value.filter(pl.col("sample_id") == TINY_IDS[1]).row(0, named=True)
+    assert row["reason"].startswith("Q: parse_failed — not a candidate") and row["unavailable"] == "Q: parse_failed"
+    listed = shown_text(output.metadata["failed_reflections"].value)
+    assert "showing 1 of 1 rows" in listed and "| Q | parse_failed | no [New Instruction] marker |" in listed
+    assert "| Q: parse_failed | 1 |" in shown_text(output.metadata["not_candidates"].value)
+    assert "Q: parse_failed — not a candidate" in shown_text(output.metadata["decisions_preview"].value)
 
 
 def test_random_baseline_is_reproducible(tiny_pipeline_tables):
@@ -244,3 +340,97 @@ def test_random_baseline_is_reproducible(tiny_pipeline_tables):
     assert random_baseline(raw, 10, seed=7).height == raw.height
     draws = {tuple(random_baseline(raw, 1, seed=s)["sample_id"]) for s in range(20)}
     assert len(draws) > 1  # the seed matters
+
+
+def test_every_exported_set_carries_a_dataset_card_with_the_source_licence(tiny_pipeline_tables, tmp_path):
+    """The exported hf/ folder had a one-line card: no licence (Alpaca's CC BY-NC 4.0 was not passed
+    on), no source, size, method or settings. Each training set's card now has the Hub's front matter
+    (licence from the catalog) and says how the set was made; datasets and huggingface_hub read it."""
+    datasets = pytest.importorskip("datasets")
+    from dagster import Output, build_asset_context
+    from huggingface_hub import DatasetCard
+
+    from srt_assets.core.variants import all_variants
+    from srt_assets.defs.selection.assets import (
+        RandomBaselineConfig,
+        SelectedDatasetConfig,
+        baseline_full,
+        baseline_random,
+        selected_dataset,
+    )
+    from srt_assets.paths import sources_file
+    from srt_assets.resources import (
+        SourceCatalogResource,
+        StorageResource,
+        StudentModelResource,
+        TransformersChatResource,
+    )
+
+    raw, inst, resp, decisions = tiny_pipeline_tables
+    sources = SourceCatalogResource(sources_file=str(sources_file()))
+    storage = StorageResource(base_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    context = build_asset_context(partition_key="demo")
+    models = {"teacher": TransformersChatResource(), "student": StudentModelResource()}
+    events = selected_dataset(context, SelectedDatasetConfig(), raw, inst, resp, decisions, sources=sources,
+                              storage=storage, **models)  # fmt: skip
+    [selected] = [e for e in events if isinstance(e, Output)]
+    assert chosen_training_rows(raw, all_variants(raw, inst, resp), decisions).height == selected.value.height == 2
+    full = baseline_full(build_asset_context(partition_key="demo"), raw, storage=storage, sources=sources)
+    drawn = baseline_random(build_asset_context(partition_key="demo"), RandomBaselineConfig(seed=3), raw,
+                            selected.value, storage=storage, sources=sources)  # fmt: skip
+    for name, output, variants in (("selected_dataset", selected, "| QA | 1 |"), ("baseline_full", full, "| ori | 3 |"),
+                                   ("baseline_random", drawn, "| ori | 2 |")):  # fmt: skip
+        folder = Path(output.metadata["hf_dataset"].value)
+        assert folder == tmp_path / "exports" / name / "demo" / "hf"
+        # datasets keys its cache by the files' mtimes only: sets written in one tick would share an entry
+        loaded = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "hf-cache" / name))
+        assert loaded["sample_id"] == output.value["sample_id"].to_list()
+        card = DatasetCard.load(folder / "README.md")
+        assert card.data.license == "cc-by-nc-4.0"  # from sources.yaml's "CC BY-NC 4.0"
+        assert card.data.source_datasets == ["extended|tatsu-lab/alpaca"]
+        assert card.data.size_categories == ["n<1K"] and card.data.task_categories == ["text-generation"]
+        assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*.parquet"
+        assert f"of the {raw.height} rows of the source" in card.text and "CC BY-NC 4.0" in card.text
+        assert variants in card.text and "| sample_id | the raw row" in card.text
+    card = DatasetCard.load(Path(selected.metadata["hf_dataset"].value) / "README.md").text
+    assert "Selective Reflection-Tuning" in card and "| rule.ifd_below | `1.0` |" in card
+    assert '"backend": "transformers"' in card and "| decision_reason | why the selection" in card
+    assert "| seed | `3` |" in DatasetCard.load(Path(drawn.metadata["hf_dataset"].value) / "README.md").text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("CC BY-NC 4.0", ("cc-by-nc-4.0", None)),
+        ("derived from Alpaca (CC BY-NC 4.0)", ("cc-by-nc-4.0", None)),
+        ("CC-BY-SA-4.0", ("cc-by-sa-4.0", None)),
+        ("Apache 2.0", ("apache-2.0", None)),
+        ("research use only", ("other", "research use only")),
+        ("", ("unknown", None)),
+    ],
+)
+def test_catalog_licences_become_hub_licence_ids(text, expected):
+    from srt_assets.core.datasets import hub_license
+
+    assert hub_license(text) == expected
+
+
+def test_explain_sample_with_an_empty_id_names_ids_that_exist(tiny_pipeline_tables, tmp_path):
+    """The launchpad scaffolds ``sample_id: ''`` and gave no hint what to put there; the refusal now
+    names ids of the materialized raw samples."""
+    from dagster import build_op_context
+
+    from srt_assets.defs.audit.jobs import ExplainSampleConfig, explain_sample_op
+    from srt_assets.paths import sources_file
+    from srt_assets.resources import SourceCatalogResource, StorageResource
+
+    raw = tiny_pipeline_tables[0]
+    (tmp_path / "raw_samples").mkdir()
+    raw.write_parquet(tmp_path / "raw_samples" / "demo.parquet")
+    resources = {
+        "storage": StorageResource(base_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")),
+        "sources": SourceCatalogResource(sources_file=str(sources_file())),
+    }
+    with pytest.raises(SampleNotFound, match="not a sample id") as refused:
+        explain_sample_op(build_op_context(resources=resources), ExplainSampleConfig(sample_id=""))
+    assert f"ids that exist: {', '.join(raw['sample_id'])}" in str(refused.value)

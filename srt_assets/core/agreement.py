@@ -17,6 +17,13 @@ AGREEMENT_SCHEMA: dict[str, pl.DataType] = {
     "spearman": pl.Float64(),
     "kendall": pl.Float64(),
 }
+AGREEMENT_COLUMNS = {
+    "statistic": "ifd or rifd",
+    "variant": "ori, Q, A, QA, or all of them",
+    "rows": "rows where both sides have a finite score",
+    "spearman": "Spearman's rank correlation of ours and theirs",
+    "kendall": "Kendall's tau-b of ours and theirs",
+}
 
 
 def _finite(value: float | None) -> bool:

@@ -7,9 +7,13 @@ four texts it is), so a checkpoint's data can always be traced back to a source 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
+import yaml
 
 from srt_assets.core.files import atomic_write_text, write_parquet_atomic
 from srt_assets.core.variants import VARIANT_SCHEMA
@@ -22,6 +26,16 @@ TRAINING_SCHEMA: dict[str, pl.DataType] = {
     "instruction": pl.String(),
     "input": pl.String(),
     "output": pl.String(),
+}
+
+TRAINING_COLUMNS = {
+    "sample_id": "the raw row this row descends from (`srt explain <sample_id>`)",
+    "source": "the source data set (sources.yaml), the partition",
+    "row_index": "the row's position in the source file",
+    "variant": "which text it is: ori (the original), Q (new instruction), A (better answer), QA (both)",
+    "instruction": "the instruction as trained on",
+    "input": "the optional input (context) of the instruction",
+    "output": "the response as trained on",
 }
 
 
@@ -62,11 +76,113 @@ def alpaca_records(rows: pl.DataFrame) -> list[dict]:
     return rows.select("instruction", "input", "output", "sample_id", "variant").to_dicts()
 
 
-def export_dataset(rows: pl.DataFrame, directory: Path, name: str) -> dict[str, Path]:
+@dataclass(frozen=True)
+class CardFacts:
+    """What a dataset card says beyond the rows: where they came from, under which licence, and how
+    they were made, so a set copied away from the run still tells its origin."""
+
+    source: str
+    method: str  # how the set was made, one paragraph
+    source_description: str = ""
+    license: str = ""  # the source catalog's licence text, inherited by every set made from it
+    hub_id: str = ""  # the source's Hugging Face id, if it has one
+    source_rows: int | None = None
+    settings: Mapping[str, object] = field(default_factory=dict)  # teacher, student, rule: name → value
+    columns: Mapping[str, str] = field(default_factory=lambda: dict(TRAINING_COLUMNS))  # column → description
+    run_id: str | None = None
+    version: str = ""
+
+
+_CC = re.compile(r"\bCC[ -]?BY((?:[ -](?:NC|SA|ND))*)[ -]v?(\d\.\d)\b", re.IGNORECASE)
+_NAMED_LICENSES = {
+    r"\bCC0\b": "cc0-1.0",
+    r"\bapache(?: license)?[ -]?(?:v|version )?2\.0\b": "apache-2.0",
+    r"\bMIT\b": "mit",
+}
+
+
+def hub_license(text: str) -> tuple[str, str | None]:
+    """The Hub's licence id for a catalog licence text ("CC BY-NC 4.0", also inside "derived from
+    Alpaca (CC BY-NC 4.0)") → ("cc-by-nc-4.0", None); other text → ("other", the text); none → unknown."""
+    match = _CC.search(text)
+    if match:
+        parts = [p.lower() for p in re.split(r"[ -]", match.group(1)) if p]
+        return "-".join(["cc-by", *parts, match.group(2)]), None
+    for pattern, hub_id in _NAMED_LICENSES.items():
+        if re.search(pattern, text, re.IGNORECASE):
+            return hub_id, None
+    return ("other", text.strip()) if text.strip() else ("unknown", None)
+
+
+def size_category(rows: int) -> str:
+    """The Hub's ``size_categories`` value for a row count."""
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]
+    bounds += [(10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+    return next((label for bound, label in bounds if rows < bound), "n>1T" if rows >= 10**12 else "1B<n<10B")
+
+
+def card_front_matter(rows: pl.DataFrame, name: str, facts: CardFacts) -> dict:
+    """The card's YAML header in the Hub's conventions (licence, sources, size, task, data files)."""
+    license_id, license_name = hub_license(facts.license)
+    header: dict = {"license": license_id}
+    if license_name:
+        header["license_name"] = license_name
+    header |= {
+        "pretty_name": f"{name} ({facts.source}, srt)",
+        "source_datasets": [f"extended|{facts.hub_id or facts.source}"],
+        "size_categories": [size_category(rows.height)],
+        "task_categories": ["text-generation"],
+        "tags": ["instruction-tuning", "reflection-tuning", "srt"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+    }
+    return header
+
+
+def _cell(value: object) -> str:
+    """A setting as a table cell: inline code, pipes escaped (settings are ours, not data)."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
+
+
+def dataset_card(rows: pl.DataFrame, name: str, facts: CardFacts) -> str:
+    """The README.md of an exported set: the Hub's front matter, then how the set was made."""
+    mix = dict(rows.group_by("variant").len().sort("variant").iter_rows()) if rows.height else {}
+    of_source = f" of the {facts.source_rows} rows of the source" if facts.source_rows is not None else ""
+    lines = [
+        "---",
+        yaml.safe_dump(card_front_matter(rows, name, facts), sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        f"# {name} ({facts.source})",
+        "",
+        f"{rows.height} instruction-response rows{of_source}, exported by srt {facts.version}".rstrip()
+        + (f" in Dagster run `{facts.run_id}`." if facts.run_id else "."),
+        "",
+        "## Source",
+        "",
+        f"`{facts.source}`: {facts.source_description or 'no description in the source catalog'}. "
+        f"Licence: {facts.license or 'not declared in the source catalog'} (inherited by this set).",
+        "",
+        "## How it was made",
+        "",
+        facts.method,
+        "",
+        "| variant | rows |",
+        "|---|---:|",
+        *(f"| {variant} | {count} |" for variant, count in mix.items()),
+    ]
+    if facts.settings:
+        lines += ["", "| setting | value |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in facts.settings.items())]
+    described = [(c, facts.columns.get(c, "")) for c in rows.columns]
+    lines += ["", "## Columns", "", "| column | meaning |", "|---|---|", *(f"| {c} | {d} |" for c, d in described)]
+    return "\n".join(lines) + "\n"
+
+
+def export_dataset(rows: pl.DataFrame, directory: Path, name: str, facts: CardFacts | None = None) -> dict[str, Path]:
     """Write ``rows`` where other tools can train on them:
 
     - ``<name>.alpaca.json``: a JSON array of Alpaca records (FastChat, Cherry LLM, LLaMA-Factory);
-    - ``hf/``: a folder ``datasets.load_dataset(path)`` reads (one Parquet shard plus a dataset card).
+    - ``hf/``: a folder ``datasets.load_dataset(path)`` reads (one Parquet shard plus a dataset card
+      that names the licence, the source and how the set was made).
     """
     directory.mkdir(parents=True, exist_ok=True)
     alpaca = directory / f"{name}.alpaca.json"
@@ -74,10 +190,6 @@ def export_dataset(rows: pl.DataFrame, directory: Path, name: str) -> dict[str, 
     hf_dir = directory / "hf"
     shard = hf_dir / "data" / "train-00000-of-00001.parquet"
     write_parquet_atomic(rows, shard)
-    card = (
-        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n---\n"
-        f"# {name}\n\n{rows.height} instruction-response rows exported by srt. Columns: "
-        f"{', '.join(rows.columns)}. `sample_id` traces each row to its source row (`srt explain <sample_id>`).\n"
-    )
-    atomic_write_text(hf_dir / "README.md", card)
+    facts = facts or CardFacts(source=str(rows["source"][0]) if rows.height else "unknown", method="")
+    atomic_write_text(hf_dir / "README.md", dataset_card(rows, name, facts))
     return {"alpaca_json": alpaca, "hf_dataset": hf_dir}

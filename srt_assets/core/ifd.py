@@ -333,6 +333,28 @@ def score_schema() -> dict:
     }
 
 
+SCORE_COLUMNS = {
+    "sample_id": "the raw sample scored",
+    "variant": "which of its texts: ori, Q, A or QA",
+    "ppl_A_direct": "the student's perplexity of the answer alone",
+    "ppl_A_condition": "the student's perplexity of the answer after the instruction",
+    "ppl_Q_direct": "the student's perplexity of the instruction alone",
+    "ppl_Q_condition": "the student's perplexity of the instruction after the answer",
+    "ifd": "IFD = ppl_A_condition / ppl_A_direct: how little the instruction helps (exact)",
+    "rifd": "reverse IFD = ppl_Q_condition / ppl_Q_direct: how little the answer tells of the instruction (exact)",
+    "ifd_loss": "loss_A_condition / loss_A_direct: the IFD's ratio of mean losses",
+    "rifd_loss": "loss_Q_condition / loss_Q_direct: the reverse IFD's ratio of mean losses",
+    "loss_A_direct": "mean token loss of the answer alone",
+    "loss_A_condition": "mean token loss of the answer after the instruction",
+    "loss_Q_direct": "mean token loss of the instruction alone",
+    "loss_Q_condition": "mean token loss of the instruction after the answer",
+    "n_tokens_A": "answer tokens scored",
+    "n_tokens_Q": "instruction tokens scored",
+    "truncated": "a text was cut to max_length tokens",
+    "null_reason": "why a score is missing (e.g. 'A_condition: no target tokens left after truncation')",
+}
+
+
 def scores_frame(sample_ids: Sequence[str], variants: Sequence[str], scores: Sequence[SampleScores]):
     """One row per scored (sample_id, variant), in the order given."""
 

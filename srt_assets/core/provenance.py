@@ -23,6 +23,17 @@ PROVENANCE_SCHEMA: dict[str, pl.DataType] = {
     "response_call_key": pl.String(),
     "decision_reason": pl.String(),
 }
+PROVENANCE_COLUMNS = {
+    "source_file": "the source data file the row was read from",
+    "branch": "the branch of the selection rule the sample took (QA, Q, A or ori)",
+    "ifd": "the student's IFD of the chosen variant (exact)",
+    "rifd": "the student's reverse IFD of the chosen variant (exact)",
+    "ifd_threshold": "the IFD the candidate had to stay below",
+    "rifd_threshold": "the reverse IFD the candidate had to stay below",
+    "instruction_call_key": "the instruction-reflection call behind the row's instruction (model-call cache key)",
+    "response_call_key": "the response-reflection call behind the row's answer (model-call cache key)",
+    "decision_reason": "why the selection kept this variant, in words",
+}
 
 
 def _call_keys(candidates: pl.DataFrame, variant: str, name: str) -> pl.DataFrame:
@@ -122,6 +133,16 @@ def source_of(sample_id: str, sources: Collection[str]) -> str:
     return source
 
 
+def some_sample_ids(storage: Path, sources: Collection[str], limit: int = 3) -> list[str]:
+    """A few ids of materialized raw samples per source: what an error shows for a wrong or empty id."""
+    found: list[str] = []
+    for source in sources:
+        file = storage / "raw_samples" / f"{source}.parquet"
+        if file.is_file():
+            found += pl.scan_parquet(file).select("sample_id").head(limit).collect()["sample_id"].to_list()
+    return found
+
+
 def sample_story(sample_id: str, storage: Path, sources: Collection[str], shards: int = 1) -> dict:
     """``explain_sample`` of a stored sample, read from its source partition's tables."""
     sample_id = sample_id.strip()
@@ -151,6 +172,17 @@ def explain_sample(sample_id: str, tables: dict[str, pl.DataFrame]) -> dict:
     if "baseline_random" in tables:
         story["in_baseline_random"] = bool(story.get("baseline_random"))
     return story
+
+
+def for_people(value: object) -> str:
+    """A number as a person reads it (4 significant digits); the tables and ``--json`` keep it exact."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def not_candidates_of(recorded: str | None) -> dict[str, str]:
+    """A decision's ``unavailable`` column ("Q: parse_failed; QA: copy of A") as variant → why."""
+    pairs = (part.split(": ", 1) for part in (recorded or "").split("; ") if ": " in part)
+    return {variant: why for variant, why in pairs}
 
 
 def format_story(story: dict) -> str:
@@ -185,13 +217,20 @@ def format_story(story: dict) -> str:
             text("instruction", row.get("instruction"))
             text("output", row.get("output"))
             text("raw teacher text", row.get("raw_text"), limit=800)
+    decisions = story.get("sample_decisions") or []
+    not_candidates = not_candidates_of(decisions[0].get("unavailable") if decisions else None)
     section("student scores")
     for row in story.get("student_scores") or []:
-        lines.append(f"{row.get('variant')!s:>3}: IFD {row.get('ifd')}  r-IFD {row.get('rifd')}")
+        note = not_candidates.get(str(row.get("variant")))
+        mark = f"  ({note} — not a candidate)" if note else ""
+        scores = f"IFD {for_people(row.get('ifd'))}  r-IFD {for_people(row.get('rifd'))}"
+        lines.append(f"{row.get('variant')!s:>3}: {scores}{mark}")
     section("selection")
-    for row in story.get("sample_decisions") or []:
+    for row in decisions:
         lines.append(f"branch {row.get('branch')}, chosen {row.get('chosen_variant')}, selected {row.get('selected')}")
         text("why", row.get("reason"))
+        if row.get("unavailable"):
+            text("not candidates", row["unavailable"])
     lines.append("")
     lines.append(f"in selected_dataset: {story['in_selected_dataset']}")
     if "in_baseline_random" in story:

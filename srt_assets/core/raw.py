@@ -33,6 +33,23 @@ REJECT_SCHEMA: dict[str, pl.DataType] = {
     "detail": pl.String(),
     "raw_preview": pl.String(),
 }
+RAW_COLUMNS = {
+    "sample_id": "<source>-<16 hex digits of the content hash>: stable, kept by every later stage",
+    "source": "the source data set (sources.yaml), the partition",
+    "row_index": "the record's position in the source file (0-based)",
+    "instruction": "the instruction (x0) as read, after the source's field mapping",
+    "input": "the optional input (context); empty where the record has none",
+    "output": "the response (y0) as read",
+}
+REJECT_COLUMNS = {
+    "source": "the source data set",
+    "file": "the file the row was read from",
+    "row_index": "the record's position in the file (0-based)",
+    "field": "the field at fault",
+    "reason": "why the row cannot be used (e.g. missing_field, empty_field, wrong_type, too_long)",
+    "detail": "the specifics of the fault",
+    "raw_preview": "the start of the record as it was in the file",
+}
 HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 

@@ -2,7 +2,9 @@
 
 Phase 1 compares IFD(Q) with IFD(ori); phase 2 compares r-IFD of the reflected answer with its
 source on the branch phase 1 took; then both scores of the candidate must be below 1. Comparisons
-are strict, as the authors': a tie or a missing score rejects the reflection. An optional second
+are strict, as the authors': a tie or a missing score rejects the reflection. A candidate whose
+reflection failed (its text fell back to its source) or that copies another variant is no candidate,
+and its decision says so. An optional second
 stage keeps the top k (or top p%) of the kept samples by IFD, following Cherry LLM.
 """
 
@@ -34,6 +36,7 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
     "selected": pl.Boolean(),
     "reason": pl.String(),
     "flags": pl.String(),  # the rejecting quality flags of the sample's candidates, e.g. "QA: repetition"
+    "unavailable": pl.String(),  # candidates that are none, e.g. "Q: parse_failed; QA: copy of A"
     **{f"ifd_{v}": pl.Float64() for v in VARIANTS},
     **{f"rifd_{v}": pl.Float64() for v in VARIANTS},
     "chosen_ifd": pl.Float64(),
@@ -42,6 +45,25 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
     "ifd_threshold": pl.Float64(),
     "rifd_threshold": pl.Float64(),
     "rule": pl.String(),  # the SelectionRule as JSON (every row): what a comparison decides by
+}
+DECISION_COLUMNS = {
+    "sample_id": "the raw sample decided on",
+    "branch": "the branch the rule took: QA, Q, A or ori (the candidate it leads to)",
+    "chosen_variant": "the variant kept, or null when the rule kept none",
+    "kept": "a variant passed the rule and both filters",
+    "selected": "kept and within the optional top-k / top-p% stage",
+    "reason": "why, in words: the comparisons made and the candidates that were none",
+    "flags": "the rejecting quality flags of the sample's candidates, e.g. 'QA: repetition'",
+    "unavailable": "candidates that are none: a failed reflection's status ('Q: parse_failed') or a copy "
+    "('QA: copy of A')",
+    **{f"ifd_{v}": f"the student's IFD of variant {v} (exact)" for v in VARIANTS},
+    **{f"rifd_{v}": f"the student's reverse IFD of variant {v} (exact)" for v in VARIANTS},
+    "chosen_ifd": "IFD of the chosen variant",
+    "chosen_rifd": "reverse IFD of the chosen variant",
+    "ifd_rank": "rank among the kept samples by IFD, highest first",
+    "ifd_threshold": "the IFD a candidate had to stay below",
+    "rifd_threshold": "the reverse IFD a candidate had to stay below",
+    "rule": "the SelectionRule as JSON",
 }
 
 
@@ -88,7 +110,8 @@ def _less(a: float | None, b: float | None) -> bool:
 
 
 def _fmt(value: float | None) -> str:
-    return f"{value:.4f}" if _known(value) else "missing"
+    """A score for people: 4 significant digits (the tables keep it exact)."""
+    return f"{value:.4g}" if _known(value) else "missing"
 
 
 def prefers_new_instruction(ifd_ori: float | None, ifd_q: float | None) -> bool:
@@ -110,27 +133,28 @@ def decide(
     rifd: dict[str, float | None],
     rule: SelectionRule,
     flagged: Mapping[str, Sequence[str]] | None = None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Decision:
     """The decision for one raw sample from its per-variant IFD and r-IFD (missing variants: None).
-    A variant in ``flagged`` (variant → its rejecting quality flags) is not eligible: the rule runs as
-    the authors wrote it on the candidates that are."""
-    flagged = {variant: flags for variant, flags in (flagged or {}).items() if flags}
+    A variant in ``flagged`` (variant → its rejecting quality flags) or in ``unavailable`` (variant →
+    why it is no candidate, e.g. ``parse_failed`` or ``copy of ori``) is not eligible: the rule runs as
+    the authors wrote it on the candidates that are, and the reason names the others for what they are
+    (a fallback's scores equal its source's, so a bare comparison would hide the failure)."""
+    excluded = {v: f"{v} flagged ({', '.join(flags)}), not eligible" for v, flags in (flagged or {}).items() if flags}
+    excluded.update({v: f"{v}: {why} — not a candidate" for v, why in (unavailable or {}).items()})
 
-    def not_eligible(variant: str) -> str:
-        return f"{variant} flagged ({', '.join(flagged[variant])}), not eligible"
-
-    if "Q" in flagged:
+    if "Q" in excluded:
         instruction, source, reflected = "ori", "ori", "A"
-        why = not_eligible("Q")
+        why = excluded["Q"]
     elif prefers_new_instruction(ifd.get("ori"), ifd.get("Q")):
         instruction, source, reflected = "Q", "Q", "QA"
         why = f"IFD(Q)={_fmt(ifd.get('Q'))} > IFD(ori)={_fmt(ifd.get('ori'))}"
     else:
         instruction, source, reflected = "ori", "ori", "A"
         why = f"IFD(Q)={_fmt(ifd.get('Q'))} not > IFD(ori)={_fmt(ifd.get('ori'))}"
-    if reflected in flagged:
+    if reflected in excluded:
         branch = instruction
-        why += f"; {not_eligible(reflected)}"
+        why += f"; {excluded[reflected]}"
         if not rule.keep_unreflected:
             return Decision(branch, None, why + "; reflected answer rejected (keep_unreflected is off)")
         why += f"; keep_unreflected: {branch} stands"
@@ -166,15 +190,18 @@ def select(
     scores: pl.DataFrame,
     rule: SelectionRule,
     flagged: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    unavailable: Mapping[str, Mapping[str, str]] | None = None,
 ) -> pl.DataFrame:
     """Decision records (DECISION_SCHEMA) for every sample id, in the given order.
 
     ``scores`` holds (sample_id, variant, ifd, rifd) rows; a sample without scores gets branch ``ori``
     and no choice, with the reason saying so. ``flagged`` maps sample id → variant → the rejecting
     quality flags of that candidate: recorded in ``flags`` always, binding when
-    ``rule.respect_quality_flags`` is on.
+    ``rule.respect_quality_flags`` is on. ``unavailable`` (``unavailable_candidates``) maps sample id →
+    variant → why it is no candidate: recorded in ``unavailable`` and always binding.
     """
     flagged = flagged or {}
+    unavailable = unavailable or {}
     recorded_rule = rule.model_dump_json()
     wide = wide_scores(scores)
     lookup = {row["sample_id"]: row for row in wide.iter_rows(named=True)}
@@ -184,7 +211,8 @@ def select(
         ifd = {v: row.get(f"ifd_{v}") for v in VARIANTS}
         rifd = {v: row.get(f"rifd_{v}") for v in VARIANTS}
         sample_flags = flagged.get(sample_id, {})  # recorded either way; they bind when the rule respects them
-        decision = decide(ifd, rifd, rule, sample_flags if rule.respect_quality_flags else None)
+        missing = unavailable.get(sample_id, {})
+        decision = decide(ifd, rifd, rule, sample_flags if rule.respect_quality_flags else None, missing)
         reason = decision.reason if row else "no student scores for this sample; " + decision.reason
         chosen = decision.chosen_variant
         records.append(
@@ -196,6 +224,7 @@ def select(
                 "selected": chosen is not None,
                 "reason": reason,
                 "flags": "; ".join(f"{v}: {', '.join(names)}" for v, names in sample_flags.items()) or None,
+                "unavailable": "; ".join(f"{v}: {why}" for v, why in missing.items()) or None,
                 **{f"ifd_{v}": ifd[v] for v in VARIANTS},
                 **{f"rifd_{v}": rifd[v] for v in VARIANTS},
                 "chosen_ifd": ifd[chosen] if chosen else None,
@@ -208,6 +237,37 @@ def select(
         )
     decisions = pl.DataFrame(records, schema=DECISION_SCHEMA)
     return apply_top_stage(decisions, rule)
+
+
+def unavailable_candidates(variants: pl.DataFrame, *candidates: pl.DataFrame) -> dict[str, dict[str, str]]:
+    """sample id → variant → why that variant is no candidate: the status of its reflection where not
+    ``ok`` (its text fell back to its source), else ``copy of <v>`` where its texts equal those of an
+    earlier variant (a teacher that returned the text unchanged). ``variants`` is ``all_variants``'
+    table, ``candidates`` the teacher tables with ``sample_id``, ``variant`` and ``status``."""
+    why_schema = {"sample_id": pl.String(), "variant": pl.String(), "why": pl.String()}
+    failed = [
+        table.filter(pl.col("status") != "ok").select("sample_id", "variant", pl.col("status").alias("why"))
+        for table in candidates
+        if "status" in table.columns
+    ]
+    text = pl.concat_str("instruction", "input", "output", separator="\x1f", ignore_nulls=True)
+    wide = variants.select("sample_id", "variant", text.alias("text")).pivot(
+        on="variant", index="sample_id", values="text", aggregate_function="first"
+    )
+    present = [v for v in VARIANTS if v in wide.columns]
+    copies = []
+    for position, variant in enumerate(present[1:], start=1):
+        why = pl.lit(None, dtype=pl.String())
+        for earlier in reversed(present[:position]):  # the first earlier match wins
+            why = pl.when(pl.col(variant) == pl.col(earlier)).then(pl.lit(f"copy of {earlier}")).otherwise(why)
+        copies.append(wide.select("sample_id", pl.lit(variant).alias("variant"), why.alias("why")))
+    parts = [pl.DataFrame(schema=why_schema), *(part.cast(why_schema) for part in failed + copies)]
+    reasons = pl.concat(parts).drop_nulls("why").unique(["sample_id", "variant"], keep="first", maintain_order=True)
+    order = {name: rank for rank, name in enumerate(VARIANTS)}
+    found: dict[str, dict[str, str]] = {}
+    for sample_id, variant, why in reasons.sort(pl.col("variant").replace_strict(order), maintain_order=True).rows():
+        found.setdefault(sample_id, {})[variant] = why
+    return found
 
 
 def recorded_rule(decisions: pl.DataFrame) -> SelectionRule | None:

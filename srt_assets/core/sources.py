@@ -88,6 +88,7 @@ class SourceSpec:
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS
     description: str = ""
     license: str = ""
+    hub_id: str = ""  # the data set's Hugging Face id, named as source_datasets in exported cards
     path_env: str | None = None
     missing_hint: str = ""
     reflections: dict[str, VariantFile] = field(default_factory=dict)  # variant -> file, instead of the teacher
@@ -129,6 +130,7 @@ _SOURCE_KEYS = {
     "max_field_chars",
     "description",
     "license",
+    "hub_id",
     "path_env",
     "missing_hint",
     "reflections",
@@ -251,6 +253,7 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
         max_field_chars=max_chars,
         description=str(raw.get("description", "")),
         license=str(raw.get("license", "")),
+        hub_id=str(raw.get("hub_id", "")),
         path_env=path_env,
         missing_hint=str(raw.get("missing_hint", "")),
         reflections=_reflections(raw["reflections"], base_dir, fail) if "reflections" in raw else {},

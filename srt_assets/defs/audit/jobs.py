@@ -18,12 +18,15 @@ STORY_COLUMNS = {
     "better_responses": ["variant", "status", "error", "instruction", "output", "raw_text", "attempts", "cache_key"],
     "student_scores": ["variant", "ifd", "rifd", "ppl_A_direct", "ppl_A_condition", "ppl_Q_direct", "ppl_Q_condition",
                        "null_reason"],
-    "sample_decisions": ["branch", "chosen_variant", "kept", "selected", "reason", "ifd_rank"],
+    "sample_decisions": ["branch", "chosen_variant", "kept", "selected", "reason", "unavailable", "flags", "ifd_rank"],
 }  # fmt: skip
 
 
 class ExplainSampleConfig(Config):
-    sample_id: str = Field(description="the id to explain, e.g. demo-0123456789abcdef (a column of every table)")
+    sample_id: str = Field(
+        description="the id to explain, e.g. demo-0123456789abcdef: a column of every table; the previews of "
+        "raw_samples, sample_decisions and the training sets give each previewed row's config ready to paste"
+    )
 
 
 @op(description="Tell the story of one sample from the stored tables of its source.")
@@ -38,7 +41,9 @@ def explain_sample_op(
             config.sample_id, Path(storage.base_dir), sources.catalog.names, sources.catalog.shards
         )
     except provenance.SampleNotFound as error:
-        raise provenance.SampleNotFound(f"explain_sample: {error}") from None
+        known = provenance.some_sample_ids(Path(storage.base_dir), sources.catalog.names)
+        hint = f"; ids that exist: {', '.join(known)}" if known else "; no raw_samples are materialized yet"
+        raise provenance.SampleNotFound(f"explain_sample: {error}{hint}") from None
     source = story["source"]
     context.log.info(provenance.format_story(story))
     metadata: dict = {"source": source}

@@ -9,9 +9,11 @@ import polars as pl
 from dagster import AssetExecutionContext, AssetIn, MaterializeResult, MetadataValue, asset
 
 from srt_assets.defs.common import json_value
+from srt_assets.defs.evaluation import costs
 from srt_assets.defs.evaluation.metrics import METRICS
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.report_parts import ReportInputs, ReportPart
+from srt_assets.defs.selection import comparison
 from srt_assets.defs.student import assets as student_assets
 from srt_assets.defs.teacher import assets as teacher_assets
 from srt_assets.defs.training.assets import CHECKPOINT_KEYS
@@ -22,7 +24,9 @@ from srt_assets.resources import StorageResource
 REPORT_PARTS: tuple[ReportPart, ...] = (
     *student_assets.REPORT_PARTS,
     *teacher_assets.REPORT_PARTS,
+    *comparison.REPORT_PARTS,
     *(part for metric in METRICS for part in metric.REPORT_PARTS),
+    *costs.REPORT_PARTS,
 )
 
 
@@ -36,10 +40,11 @@ REPORT_PARTS: tuple[ReportPart, ...] = (
 def experiment_report(
     context: AssetExecutionContext, storage: StorageResource, **tables: pl.DataFrame | None
 ) -> MaterializeResult:
-    """What the comparison rests on (can the student judge, how many rewrites were usable), then
-    selected vs random vs full: win/tie/lose per test set, reference-answer loss, training curves;
-    ending with AlpacaEval win rates and MT-Bench scores; shown here and written as Markdown and
-    HTML with PNG figures. Parts whose assets are not materialized for the source say so."""
+    """What the comparison rests on (can the student judge, how many rewrites were usable, the
+    training sets side by side), then selected vs random vs full: win/tie/lose per test set,
+    reference-answer loss, training curves; AlpacaEval win rates and MT-Bench scores; ending with what
+    the model calls cost. Shown here and written as Markdown and HTML with PNG figures (the HTML also
+    as a link); parts whose assets are not materialized for the source say so."""
     source = context.partition_key
     inputs = ReportInputs(source, storage, tables)
     missing = sorted(name for name, table in tables.items() if table is None)
@@ -48,10 +53,12 @@ def experiment_report(
     )
     return MaterializeResult(
         metadata={
+            "report": MetadataValue.md(report.inline_markdown),
+            "not_materialized": json_value(missing),
+            "results": json_value(report.results),
+            # a link to open (a browser opens a file:// link pasted into its address bar), paths last
+            "report_link": MetadataValue.url(report.html_path.resolve().as_uri()),
             "report_markdown": MetadataValue.path(str(report.markdown_path)),
             "report_html": MetadataValue.path(str(report.html_path)),
-            "report": MetadataValue.md(report.inline_markdown),
-            "results": json_value(report.results),
-            "not_materialized": json_value(missing),
         }
     )

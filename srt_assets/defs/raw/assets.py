@@ -16,11 +16,11 @@ from dagster import (
 )
 
 from srt_assets.core.quality import TableContract, ratio_check, validate_table
-from srt_assets.core.raw import RAW_SCHEMA, REJECT_SCHEMA, length_stats, load_source
+from srt_assets.core.raw import RAW_COLUMNS, RAW_SCHEMA, REJECT_COLUMNS, REJECT_SCHEMA, length_stats, load_source
 from srt_assets.core.sources import SourceCatalog, SourceSpec
-from srt_assets.defs.common import SOURCE_PARTITIONS_DOC, blocking_checks, column_schema, json_value, to_check_results
+from srt_assets.defs.common import SOURCE_PARTITIONS_DOC, blocking_checks, column_schema, to_check_results
 from srt_assets.defs.partitions import LOADED_CATALOG, SOURCES
-from srt_assets.plots import markdown_table
+from srt_assets.plots import full_rows_markdown, mapping_table, preview_markdown
 from srt_assets.resources import SourceCatalogResource
 
 RAW_CONTRACT = TableContract(
@@ -51,12 +51,11 @@ def source_metadata(spec: SourceSpec) -> dict:
     """What a user wants to know about a source before and after reading it."""
     present = spec.path.is_file()
     metadata = {
-        "file": MetadataValue.path(str(spec.path)),
         "file_present": present,
         "description": spec.description or "—",
         "license": spec.license or "—",
         "format": spec.format,
-        "fields": json_value(spec.fields.as_dict()),
+        "fields": MetadataValue.md(mapping_table(spec.fields.as_dict(), "role", "record key")),
         "limit": str(spec.limit) if spec.limit else "all rows",
     }
     if present:
@@ -65,7 +64,7 @@ def source_metadata(spec: SourceSpec) -> dict:
         metadata["modified"] = MetadataValue.timestamp(stat.st_mtime)
     else:
         metadata["how_to_fix"] = str(spec.missing_message())
-    return metadata
+    return metadata | {"file": MetadataValue.path(str(spec.path))}  # paths last: they run off the edge
 
 
 def file_version(spec: SourceSpec) -> str:
@@ -116,13 +115,13 @@ def source_files(context, sources: SourceCatalogResource) -> DataVersionsByParti
             description="Instruction–response pairs of one source, normalized to one schema, with a "
             "stable `sample_id` (source + content hash) that every later stage keeps. " + SOURCE_PARTITIONS_DOC,
             kinds={"polars", "parquet"},
-            metadata={"dagster/column_schema": column_schema(RAW_SCHEMA)},
+            metadata={"dagster/column_schema": column_schema(RAW_SCHEMA, RAW_COLUMNS)},
             is_required=False,
         ),
         "raw_rejects": AssetOut(
             description="Rows of the source that could not be used, with file, row, field and reason.",
             kinds={"polars", "parquet"},
-            metadata={"dagster/column_schema": column_schema(REJECT_SCHEMA)},
+            metadata={"dagster/column_schema": column_schema(REJECT_SCHEMA, REJECT_COLUMNS)},
             is_required=False,
         ),
     },
@@ -151,15 +150,16 @@ def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource):
             samples,
             output_name="raw_samples",
             metadata={
-                **source_metadata(spec),
                 "read_at": MetadataValue.timestamp(datetime.now(UTC).timestamp()),
                 "rows_read": rows_read,
                 "rejected": rejects.height,
-                "rejects_by_reason": json_value(reasons),
-                "length_chars": json_value(length_stats(samples)),
+                "rejects_by_reason": MetadataValue.md(mapping_table(reasons, "reason", "rows")),
+                "length_chars": MetadataValue.md(mapping_table(length_stats(samples), "column")),
                 "with_input": int((samples.get_column("input") != "").sum()),
-                "preview": MetadataValue.md(markdown_table(samples.head(5))),
+                "preview": MetadataValue.md(preview_markdown(samples.head(5), samples.height)),
+                "preview_rows_whole": MetadataValue.md(full_rows_markdown(samples.head(5))),
                 "load_seconds": round(elapsed, 2),
+                **source_metadata(spec),
             },
         )
     if "raw_rejects" in selected:
@@ -167,8 +167,8 @@ def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource):
             rejects,
             output_name="raw_rejects",
             metadata={
-                "rejects_by_reason": json_value(reasons),
-                "preview": MetadataValue.md(markdown_table(rejects.head(10))),
+                "rejects_by_reason": MetadataValue.md(mapping_table(reasons, "reason", "rows")),
+                "preview": MetadataValue.md(preview_markdown(rejects.head(10), rejects.height)),
             },
         )
     if context.selected_asset_check_keys:

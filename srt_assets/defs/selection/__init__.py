@@ -1,5 +1,5 @@
 """Stage 6, selection: the student's decisions, their agreement with other statistics, the selected
-dataset and the baselines it is compared with."""
+dataset, the baselines it is compared with, and the sets side by side."""
 
 from dagster import Definitions
 
@@ -11,9 +11,10 @@ from srt_assets.defs.selection.assets import (
     score_agreement,
     selected_dataset,
 )
+from srt_assets.defs.selection.comparison import training_sets
 from srt_assets.partitions import Partitioning
 
-ASSETS = [sample_decisions, score_agreement, selected_dataset, baseline_full, baseline_random]
+ASSETS = [sample_decisions, score_agreement, selected_dataset, baseline_full, baseline_random, training_sets]
 
 
 def definitions(layout: Partitioning) -> Definitions:

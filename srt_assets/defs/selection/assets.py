@@ -4,9 +4,12 @@ import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from srt_assets.core.agreement import AGREEMENT_SCHEMA, decision_agreement, rank_agreement
+import srt_assets
+from srt_assets.core.agreement import AGREEMENT_COLUMNS, AGREEMENT_SCHEMA, decision_agreement, rank_agreement
 from srt_assets.core.datasets import (
+    TRAINING_COLUMNS,
     TRAINING_SCHEMA,
+    CardFacts,
     chosen_training_rows,
     export_dataset,
     original_training_rows,
@@ -14,15 +17,17 @@ from srt_assets.core.datasets import (
 )
 from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import score_schema
-from srt_assets.core.provenance import PROVENANCE_SCHEMA, provenance_columns
+from srt_assets.core.provenance import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA, provenance_columns
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.selection import (
     BRANCHES,
+    DECISION_COLUMNS,
     DECISION_SCHEMA,
     SelectionRule,
     branch_counts,
     recorded_rule,
     select,
+    unavailable_candidates,
 )
 from srt_assets.core.variants import all_variants
 from srt_assets.defs.common import (
@@ -33,8 +38,8 @@ from srt_assets.defs.common import (
     to_check_results,
 )
 from srt_assets.defs.partitions import SOURCES
-from srt_assets.plots import markdown_table, text_histogram
-from srt_assets.resources import SourceCatalogResource, StorageResource
+from srt_assets.plots import full_rows_markdown, mapping_table, markdown_table, preview_markdown, text_histogram
+from srt_assets.resources import ChatModelResource, SourceCatalogResource, StorageResource, StudentModelResource
 
 DECISION_CHECKS = {"one_decision_per_raw_sample": "exactly one decision record per raw sample"}
 SELECTED_CHECKS = {
@@ -44,6 +49,7 @@ SELECTED_CHECKS = {
     "scores_satisfy_filters": "every selected row has IFD and r-IFD below the thresholds its decision used",
 }
 SELECTED_SCHEMA = {**TRAINING_SCHEMA, **{k: v for k, v in PROVENANCE_SCHEMA.items() if k != "sample_id"}}
+SELECTED_COLUMNS = {**TRAINING_COLUMNS, **PROVENANCE_COLUMNS}
 
 
 class SelectionConfig(Config, SelectionRule):
@@ -83,35 +89,132 @@ def rejecting_flags(*candidates: pl.DataFrame) -> dict[str, dict[str, list[str]]
     return flagged
 
 
+def excluded_candidates(
+    raw_samples: pl.DataFrame, new_instructions: pl.DataFrame, better_responses: pl.DataFrame
+) -> tuple[pl.DataFrame, dict, dict]:
+    """The four variants, the rejecting quality flags and the candidates that are none (failed
+    reflections, copies): what every use of the rule needs besides the scores."""
+    variants = all_variants(raw_samples, new_instructions, better_responses)
+    unavailable = unavailable_candidates(variants, new_instructions, better_responses)
+    return variants, rejecting_flags(new_instructions, better_responses), unavailable
+
+
 def branch_table(counts: dict[str, int]) -> str:
     rows = {"branch": list(BRANCHES), "meaning": list(BRANCHES.values()), "samples": [counts[b] for b in BRANCHES]}
     return markdown_table(pl.DataFrame(rows))
 
 
-def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants: pl.DataFrame) -> dict:
+def failed_reflections(*candidates: pl.DataFrame) -> pl.DataFrame:
+    """The teacher rows whose reflection failed (status not ok) and why, in sample order."""
+    columns = ("sample_id", "variant", "status", "error", "attempts")
+    parts = [t.filter(pl.col("status") != "ok").select(c for c in columns if c in t.columns) for t in candidates]
+    parts = [p for p in parts if "status" in p.columns]
+    return pl.concat(parts, how="diagonal_relaxed").sort("sample_id", "variant") if parts else pl.DataFrame()
+
+
+def decisions_preview(decisions: pl.DataFrame, rows: int = 5) -> str:
+    """The first decisions with their reasons whole, and each one's explain_sample config."""
+    shown = decisions.head(rows).select("sample_id", "branch", "chosen_variant", "selected", "reason", "unavailable")
+    return preview_markdown(shown, decisions.height, max_chars=1000) + "\n\n" + full_rows_markdown(shown)
+
+
+def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants: pl.DataFrame, *candidates) -> dict:
+    """What a person auditing the selection reads first, as tables: branches, candidates that were
+    none and why, score distributions, examples; the exact values stay in the table."""
     counts = branch_counts(decisions)
     chosen = decisions.filter(pl.col("selected"))
+    failures = failed_reflections(*candidates)
+    distributions = {
+        "IFD, original rows": quantiles(decisions["ifd_ori"]),
+        "r-IFD, original rows": quantiles(decisions["rifd_ori"]),
+        "IFD, selected rows": quantiles(chosen["chosen_ifd"]),
+        "r-IFD, selected rows": quantiles(chosen["chosen_rifd"]),
+    }
+    reasons = decisions.select(pl.col("unavailable").str.split("; ")).explode("unavailable").drop_nulls()
+    not_candidates = dict(reasons.group_by("unavailable").len().sort("unavailable").iter_rows())
     return {
-        "rule": json_value({name: getattr(config, name) for name in SelectionRule.model_fields}),
-        "branch_counts": json_value(counts),
-        "branches": MetadataValue.md(branch_table(counts)),
         "kept": counts["kept"],
         "selected": counts["selected"],
+        "branches": MetadataValue.md(branch_table(counts)),
+        "branch_counts": json_value(counts),
+        "not_candidates": MetadataValue.md(mapping_table(not_candidates, "variant: why", "samples")),
+        "failed_reflections": MetadataValue.md(preview_markdown(failures.head(20), failures.height, 200)),
         "samples_with_flags": int(decisions["flags"].is_not_null().sum()),
-        "ifd_before": json_value(quantiles(decisions["ifd_ori"])),
-        "rifd_before": json_value(quantiles(decisions["rifd_ori"])),
-        "ifd_after": json_value(quantiles(chosen["chosen_ifd"])),
-        "rifd_after": json_value(quantiles(chosen["chosen_rifd"])),
+        "scores": MetadataValue.md(mapping_table(distributions, "scores")),
         "ifd_original_rows": MetadataValue.md(text_histogram(decisions["ifd_ori"].to_list(), "IFD, original rows")),
         "ifd_selected_rows": MetadataValue.md(text_histogram(chosen["chosen_ifd"].to_list(), "IFD, selected rows")),
+        "decisions_preview": MetadataValue.md(decisions_preview(decisions)),
         "accepted_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=True)),
         "rejected_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=False)),
+        "rule": MetadataValue.md(mapping_table(config.model_dump(include=set(SelectionRule.model_fields)), "setting")),
     }
 
 
-def export_metadata(rows: pl.DataFrame, storage: StorageResource, name: str, partition: str) -> dict:
-    written = export_dataset(rows, storage.exports_dir / name / partition, name)
+SELECTED_METHOD = (
+    "Selective Reflection-Tuning (Li et al., 2024): a teacher model rewrote each instruction (variant Q) and "
+    "each answer (A, and QA for the new instruction); the student's IFD and reverse IFD chose per sample which "
+    'of the four variants to keep (docs/method.md, "Selection"), and samples the rule rejected are left out. '
+    "`decision_reason` says why each row was kept."
+)
+FULL_METHOD = "Every original row of the source, unchanged: the baseline trained on everything."
+RANDOM_METHOD = (
+    "Original rows drawn without replacement with a fixed seed, as many as the selection kept: the baseline "
+    "that separates better data from less data."
+)
+
+
+def export_metadata(
+    rows: pl.DataFrame,
+    storage: StorageResource,
+    name: str,
+    context: AssetExecutionContext,
+    facts: CardFacts,
+) -> dict:
+    """Write the exports (with their dataset card) and name them as metadata paths."""
+    written = export_dataset(rows, storage.exports_dir / name / context.partition_key, name, facts)
     return {key: MetadataValue.path(str(path)) for key, path in written.items()}
+
+
+def card_facts(
+    context: AssetExecutionContext,
+    sources: SourceCatalogResource,
+    method: str,
+    source_rows: int,
+    settings: dict | None = None,
+) -> CardFacts:
+    """The card's facts for this partition: the catalog's source and licence, the run, the method."""
+    spec = sources.source(context.partition_key)
+    return CardFacts(
+        source=spec.name,
+        method=method,
+        source_description=spec.description,
+        license=spec.license,
+        hub_id=spec.hub_id,
+        source_rows=source_rows,
+        settings=settings or {},
+        columns=SELECTED_COLUMNS,
+        run_id=context.run_id,
+        version=srt_assets.__version__,
+    )
+
+
+def selection_settings(teacher: ChatModelResource, student: StudentModelResource, rule: SelectionRule) -> dict:
+    """What made the selected set: teacher, student and the rule with its thresholds."""
+    return {
+        "teacher": teacher.describe(),
+        "student": {"model": student.model, "template": student.template, "max_length": student.max_length},
+        **{f"rule.{name}": value for name, value in rule.model_dump().items()},
+    }
+
+
+def training_set_metadata(rows: pl.DataFrame, source_rows: int) -> dict:
+    """What every training set shows: its share of the source, a preview that says how much of the set
+    it shows, and the previewed rows whole with their explain_sample configs."""
+    return {
+        "share_of_raw": round(rows.height / max(source_rows, 1), 4),
+        "preview": MetadataValue.md(preview_markdown(rows.head(5), rows.height)),
+        "preview_rows_whole": MetadataValue.md(full_rows_markdown(rows.head(5))),
+    }
 
 
 def selected_checks(
@@ -161,12 +264,12 @@ def agreement_markdown(table: pl.DataFrame) -> str:
 
 
 SELECTION_ASSET = {"partitions_def": SOURCES, "group_name": "selection", "kinds": {"polars"}}
-TRAINING_TABLE = {"dagster/column_schema": column_schema(TRAINING_SCHEMA)}
+TRAINING_TABLE = {"dagster/column_schema": column_schema(TRAINING_SCHEMA, TRAINING_COLUMNS)}
 
 
 @asset(
     **SELECTION_ASSET,
-    metadata={"dagster/column_schema": column_schema(DECISION_SCHEMA)},
+    metadata={"dagster/column_schema": column_schema(DECISION_SCHEMA, DECISION_COLUMNS)},
     check_specs=blocking_checks("sample_decisions", DECISION_CHECKS, SOURCES),
 )
 def sample_decisions(
@@ -179,11 +282,11 @@ def sample_decisions(
 ):
     """One decision record per raw sample: the branch the student took, the scores it compared,
     the chosen variant (or none) and why, and whether the top-k stage selected it."""
-    flagged = rejecting_flags(new_instructions, better_responses)
-    decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged)
+    variants, flagged, unavailable = excluded_candidates(raw_samples, new_instructions, better_responses)
+    decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged, unavailable)
     context.log.info(f"selection: {branch_counts(decisions)}")
-    variants = all_variants(raw_samples, new_instructions, better_responses)
-    yield Output(decisions, metadata=decision_metadata(config, decisions, variants))
+    metadata = decision_metadata(config, decisions, variants, new_instructions, better_responses)
+    yield Output(decisions, metadata=metadata)
     missing = raw_samples.height - decisions.select("sample_id").unique().height
     outcome = CheckOutcome(
         "one_decision_per_raw_sample",
@@ -194,7 +297,7 @@ def sample_decisions(
     yield from to_check_results("sample_decisions", [outcome])
 
 
-@asset(**SELECTION_ASSET, metadata={"dagster/column_schema": column_schema(AGREEMENT_SCHEMA)})
+@asset(**SELECTION_ASSET, metadata={"dagster/column_schema": column_schema(AGREEMENT_SCHEMA, AGREEMENT_COLUMNS)})
 def score_agreement(
     context: AssetExecutionContext,
     raw_samples: pl.DataFrame,
@@ -211,13 +314,12 @@ def score_agreement(
     if spec.statistics is None:
         note = f"source '{spec.name}' declares no statistics files (sources.yaml: statistics), nothing to compare"
         return Output(pl.DataFrame(schema=AGREEMENT_SCHEMA), metadata={"note": note})
-    variants = all_variants(raw_samples, new_instructions, better_responses)
+    variants, flagged, unavailable = excluded_candidates(raw_samples, new_instructions, better_responses)
     wanted = variants.join(raw_samples.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
     theirs = load_statistics(spec, wanted, score_schema())
     table = rank_agreement(student_scores, theirs)
     rule = recorded_rule(sample_decisions) or SelectionRule()
-    flagged = rejecting_flags(new_instructions, better_responses)
-    their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged)
+    their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged, unavailable)
     summary = decision_agreement(sample_decisions, their_decisions)
     label = spec.statistics.label or "their statistics"
     context.log.info(f"selection: ours {summary['selected_ours']}, {label} {summary['selected_theirs']}")
@@ -236,7 +338,7 @@ def score_agreement(
 
 @asset(
     **SELECTION_ASSET,
-    metadata={"dagster/column_schema": column_schema(SELECTED_SCHEMA)},
+    metadata={"dagster/column_schema": column_schema(SELECTED_SCHEMA, SELECTED_COLUMNS)},
     check_specs=blocking_checks("selected_dataset", SELECTED_CHECKS, SOURCES),
 )
 def selected_dataset(
@@ -248,6 +350,8 @@ def selected_dataset(
     sample_decisions: pl.DataFrame,
     sources: SourceCatalogResource,
     storage: StorageResource,
+    teacher: ChatModelResource,
+    student: StudentModelResource,
 ):
     """The student-selected recycled data in the training schema, each row with its provenance:
     source file and row, the teacher calls behind it, and the scores that chose it."""
@@ -260,24 +364,32 @@ def selected_dataset(
         how="left",
         maintain_order="left",
     )
+    settings = selection_settings(teacher, student, recorded_rule(sample_decisions) or SelectionRule())
+    facts = card_facts(context, sources, SELECTED_METHOD, raw_samples.height, settings)
     per_variant = dict(selected.group_by("variant").len().sort("variant").iter_rows()) if selected.height else {}
     yield Output(
         selected,
         metadata={
-            "share_of_raw": round(selected.height / max(raw_samples.height, 1), 4),
-            "rows_per_variant": json_value(per_variant),
-            "preview": MetadataValue.md(markdown_table(selected.head(5))),
-            **export_metadata(selected, storage, "selected_dataset", context.partition_key),
+            **training_set_metadata(selected, raw_samples.height),
+            "rows_per_variant": MetadataValue.md(mapping_table(per_variant, "variant", "rows")),
+            **export_metadata(selected, storage, "selected_dataset", context, facts),
         },
     )
     yield from to_check_results("selected_dataset", selected_checks(selected, raw_samples, config))
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
-def baseline_full(context: AssetExecutionContext, raw_samples: pl.DataFrame, storage: StorageResource):
+def baseline_full(
+    context: AssetExecutionContext,
+    raw_samples: pl.DataFrame,
+    storage: StorageResource,
+    sources: SourceCatalogResource,
+):
     """The full original data in the training schema: the "trained on everything" baseline."""
     rows = original_training_rows(raw_samples)
-    return Output(rows, metadata=export_metadata(rows, storage, "baseline_full", context.partition_key))
+    facts = card_facts(context, sources, FULL_METHOD, raw_samples.height)
+    exports = export_metadata(rows, storage, "baseline_full", context, facts)
+    return Output(rows, metadata={**training_set_metadata(rows, raw_samples.height), **exports})
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
@@ -287,9 +399,14 @@ def baseline_random(
     raw_samples: pl.DataFrame,
     selected_dataset: pl.DataFrame,
     storage: StorageResource,
+    sources: SourceCatalogResource,
 ):
     """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
     that separates "better data" from "less data"."""
     rows = random_baseline(original_training_rows(raw_samples), selected_dataset.height, config.seed)
-    exports = export_metadata(rows, storage, "baseline_random", context.partition_key)
-    return Output(rows, metadata={"seed": str(config.seed), **exports})
+    settings = {"seed": config.seed, "rows": rows.height}
+    facts = card_facts(context, sources, RANDOM_METHOD, raw_samples.height, settings)
+    exports = export_metadata(rows, storage, "baseline_random", context, facts)
+    return Output(
+        rows, metadata={"seed": str(config.seed), **training_set_metadata(rows, raw_samples.height), **exports}
+    )
