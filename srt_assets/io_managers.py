@@ -96,11 +96,12 @@ class _ParquetTableIOManager(UPathIOManager):
             f"rematerialize asset '{context.asset_key.to_user_string()}' to rewrite it (or delete the file "
             "and materialize it again)"
         )
-        if _wants_lazy(context) and path.protocol in ("", "file", "local"):
+        lazy = _wants_lazy(context)
+        if lazy and path.protocol in ("", "file", "local"):
             return scan_parquet_file(Path(path.path), remedy)
         with path.open("rb") as handle:
             table = read_parquet_file(handle, path, remedy)
-        return table.lazy() if _wants_lazy(context) else table
+        return table.lazy() if lazy else table
 
     def load_partitions(self, context: InputContext) -> pl.DataFrame | None:
         """One table however many partitions the input spans (a source reading all its shards gets

@@ -149,9 +149,7 @@ def read_parquet_file(source: str | Path | IO[bytes], where: object, remedy: str
     try:
         return pl.read_parquet(source)
     except pl.exceptions.PolarsError as exc:
-        raise UnreadableFileError(
-            f"{where} is not a readable Parquet file (truncated or corrupt: {exc}); {remedy}"
-        ) from exc
+        raise _unreadable(where, exc, remedy) from exc
 
 
 def scan_parquet_file(path: Path, remedy: str) -> pl.LazyFrame:
@@ -160,10 +158,12 @@ def scan_parquet_file(path: Path, remedy: str) -> pl.LazyFrame:
     try:
         pl.read_parquet_schema(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise UnreadableFileError(
-            f"{path} is not a readable Parquet file (truncated or corrupt: {exc}); {remedy}"
-        ) from exc
+        raise _unreadable(path, exc, remedy) from exc
     return pl.scan_parquet(path)
+
+
+def _unreadable(where: object, exc: Exception, remedy: str) -> UnreadableFileError:
+    return UnreadableFileError(f"{where} is not a readable Parquet file (truncated or corrupt: {exc}); {remedy}")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -68,11 +68,15 @@ def _records(file: VariantFile, kind: str, source: SourceSpec, expected: int) ->
     except RawDataError as exc:
         raise FileLayoutError(f"source '{source.name}': {kind}.{file.variant}: {exc}") from None
     if len(records) != expected:
-        raise FileLayoutError(
-            f"source '{source.name}': {kind}.{file.variant}: {file.path} has {len(records)} rows, the source file "
-            f"{source.path} has {expected}: the files must be row-aligned (row i of each is row i of the source)"
-        )
+        raise _misaligned(source, kind, file, len(records), expected)
     return records
+
+
+def _misaligned(source: SourceSpec, kind: str, file: VariantFile, count: int, expected: int) -> FileLayoutError:
+    return FileLayoutError(
+        f"source '{source.name}': {kind}.{file.variant}: {file.path} has {count} rows, the source file "
+        f"{source.path} has {expected}: the files must be row-aligned (row i of each is row i of the source)"
+    )
 
 
 def _text(record: Any, key: str) -> str | None:
@@ -244,6 +248,7 @@ def _statistics_blocks(spec: SourceSpec, schema: dict[str, pl.DataType]) -> Iter
         if not file.path.is_file():
             raise FileLayoutError(f"source '{spec.name}': statistics.{file.variant}: file not found: {file.path}")
     streams = [FORMATS[file.format].rows(file.path) for file in files]
+    block_schema = _by_row_schema(schema)
     block: list[dict[str, Any]] = []
     try:
         for position, ((row_index, _), *records) in enumerate(
@@ -252,7 +257,7 @@ def _statistics_blocks(spec: SourceSpec, schema: dict[str, pl.DataType]) -> Iter
             for file, (_, record) in zip(files, records, strict=True):
                 block.append({"row_index": row_index, "variant": file.variant} | statistics_row(file, position, record))
             if len(block) >= STATISTICS_BLOCK_ROWS:
-                yield pl.DataFrame(block, schema=_by_row_schema(schema), strict=False)
+                yield pl.DataFrame(block, schema=block_schema, strict=False)
                 block = []
     except RawDataError as exc:
         raise FileLayoutError(f"source '{spec.name}': statistics: {exc}") from None
@@ -260,7 +265,7 @@ def _statistics_blocks(spec: SourceSpec, schema: dict[str, pl.DataType]) -> Iter
         if "zip()" not in str(exc):
             raise
         raise _row_count_error(spec, files) from None
-    yield pl.DataFrame(block, schema=_by_row_schema(schema), strict=False)
+    yield pl.DataFrame(block, schema=block_schema, strict=False)
 
 
 def _row_count_error(spec: SourceSpec, files: list[VariantFile]) -> FileLayoutError:
@@ -269,10 +274,7 @@ def _row_count_error(spec: SourceSpec, files: list[VariantFile]) -> FileLayoutEr
     for file in files:
         count = sum(1 for _ in FORMATS[file.format].rows(file.path))
         if count != expected:
-            return FileLayoutError(
-                f"source '{spec.name}': statistics.{file.variant}: {file.path} has {count} rows, the source file "
-                f"{spec.path} has {expected}: the files must be row-aligned (row i of each is row i of the source)"
-            )
+            return _misaligned(spec, "statistics", file, count, expected)
     return FileLayoutError(f"source '{spec.name}': the statistics files and the source differ in row count")
 
 

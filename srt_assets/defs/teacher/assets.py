@@ -106,6 +106,11 @@ PRODUCES = {"instruction": {"ori": "Q"}, "response": {"ori": "A", "Q": "QA"}}
 CANDIDATE_KEYS = ["sample_id", "variant"]
 
 
+def produced_variant(kind: str) -> pl.Expr:
+    """The variant a reflection of ``kind`` makes of each row's variant (``PRODUCES``), as a column."""
+    return pl.col("variant").replace_strict(PRODUCES[kind], return_dtype=pl.String)
+
+
 @dataclass(frozen=True)
 class TeacherModels:
     """The resources a teacher call needs, passed on as one."""
@@ -125,7 +130,7 @@ class CandidateTally:
     duplicated: int = 0
 
     def add(self, rows: pl.DataFrame, candidates: pl.DataFrame, kind: str) -> None:
-        expected = rows.select("sample_id", pl.col("variant").replace_strict(PRODUCES[kind], return_dtype=pl.String))
+        expected = rows.select("sample_id", produced_variant(kind))
         self.expected += expected.height
         self.missing += expected.join(candidates.select(CANDIDATE_KEYS), on=CANDIDATE_KEYS, how="anti").height
         self.duplicated += candidates.height - candidates.select(CANDIDATE_KEYS).unique().height
@@ -291,7 +296,7 @@ def candidate_metadata(table: pl.LazyFrame, origin: dict, before: pl.LazyFrame, 
         before.filter(pl.col("sample_id").is_in(rewrites["sample_id"].implode()))
         .select(
             "sample_id",
-            pl.col("variant").replace_strict(PRODUCES[kind], return_dtype=pl.String),
+            produced_variant(kind),
             pl.col("instruction").alias("before_instruction"),
             pl.col("output").alias("before"),
         )
