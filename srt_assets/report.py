@@ -105,7 +105,8 @@ def loss_figure(losses: pl.DataFrame):
 
 INTRO = (
     "_{stamp}._ The student fine-tuned on its selected data (`selected`) against the same student fine-tuned on "
-    "a random sample of equal size (`random`) and on all original rows (`full`). Verdicts are from the first "
+    "a random sample of equal size (`random`), on all original rows (`full`) and on every teacher rewrite without the "
+    "student's choice (`teacher`). Verdicts are from the first "
     "model's side, judged by the judge in both answer orders; winning score = (wins − losses) / judged + 1 "
     "(above 1: the first model is better).\n"
 )

@@ -74,11 +74,35 @@ def test_training_sets_asset(tables):
     from srt_assets.defs.selection.comparison import training_sets
 
     raw, decisions, selected, drawn, full = tables
-    output = training_sets(build_asset_context(partition_key="demo"), raw, decisions, selected, drawn, full)
-    assert output.value["training_set"].to_list() == ["selected_dataset", "baseline_random", "baseline_full"]
+    teacher = full.with_columns(pl.lit("A").alias("variant"), pl.col("output") + "-teacher")
+    output = training_sets(build_asset_context(partition_key="demo"), raw, decisions, selected, drawn, full, teacher)
+    assert output.value["training_set"].to_list() == [
+        "selected_dataset", "baseline_random", "baseline_full", "baseline_teacher"
+    ]  # fmt: skip
     overlap = output.metadata["overlap"].value
-    assert "| baseline\\_full | 3 | 3 | 4 |" in overlap  # it holds every sample of the others
+    assert "| baseline\\_full | 3 | 3 | 4 | 4 |" in overlap  # it holds every sample of the others
     assert output.metadata["samples_side_by_side"].value.count("explain_sample config") == 3
+
+
+def test_the_teacher_set_takes_every_samples_most_rewritten_real_candidate(tables):
+    """QA before A before Q; a failed reflection or a copy is no rewrite, and a sample without any
+    keeps its original text. No student score is read."""
+    from srt_assets.core.datasets import teacher_training_rows
+
+    raw = tables[0]
+    variants = pl.DataFrame(
+        [(IDS[0], v, f"i-{v}", "", f"o-{v}") for v in ("ori", "Q", "A", "QA")]
+        + [(IDS[1], v, f"i-{v}", "", f"o-{v}") for v in ("ori", "Q", "A", "QA")]
+        + [(IDS[2], v, f"i-{v}", "", f"o-{v}") for v in ("ori", "Q")]
+        + [(IDS[3], "ori", "i", "", "o")],
+        schema=["sample_id", "variant", "instruction", "input", "output"],
+        orient="row",
+    )
+    unavailable = {IDS[1]: {"QA": "parse_failed"}, IDS[2]: {"Q": "copy of ori"}}
+    rows = teacher_training_rows(raw, variants, unavailable)
+    assert rows["sample_id"].to_list() == IDS  # one row per sample, in source order
+    assert rows["variant"].to_list() == ["QA", "A", "ori", "ori"]
+    assert rows["output"][0] == "o-QA" and rows["row_index"].to_list() == [0, 1, 2, 3]
 
 
 def test_run_costs_add_up_what_each_stage_recorded():

@@ -85,7 +85,8 @@ def test_the_fingerprint_memo_is_not_written_through_a_symlink(tmp_path, victim)
 
 
 def test_the_report_is_not_written_through_symlinks(tmp_path, victim):
-    from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+    from srt_assets.defs.evaluation.pairwise import pairwise_sections
+    from srt_assets.defs.evaluation.reference_losses import training_sections
     from srt_assets.report import write_report
 
     out = tmp_path / "out"

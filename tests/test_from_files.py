@@ -419,3 +419,71 @@ def test_a_sharded_partition_names_its_source():
     keys = sharded.row_partitions.get_partition_keys()
     assert {sharded.source_name(key) for key in keys} == {"alpaca", "demo"} and len(keys) == 6
     assert Partitioning(StaticPartitionsDefinition(["demo"])).source_name("demo") == "demo"
+
+
+def matched_layout(tmp_path: Path, n: int = 6) -> tuple[dict, list[dict], list[dict]]:
+    """A source of ``n`` rows and an A file that answers some of them again, shuffled, once twice,
+    with other whitespace: the layout of alpaca_gpt4_en_demo_999.json against Stanford Alpaca."""
+    source = originals(n)
+    answered = [source[4], source[1], source[1], source[3]]
+    again = [{**row, "instruction": f"  {row['instruction']}\n", "output": f"A GPT-4 style answer to row {i}."}
+             for i, row in zip((4, 1, 1, 3), answered, strict=True)]  # fmt: skip
+    (tmp_path / "src.json").write_text(json.dumps(source), encoding="utf-8")
+    (tmp_path / "gpt4.json").write_text(json.dumps(again), encoding="utf-8")
+    entry = {
+        "path": str(tmp_path / "src.json"),
+        "reflections": {"A": {"path": str(tmp_path / "gpt4.json"), "match_on": ["instruction", "input"]}},
+    }
+    return entry, source, again
+
+
+def test_a_matched_answer_file_pairs_rows_by_instruction_and_input(tmp_path):
+    entry, source, again = matched_layout(tmp_path)
+    files = load_reflections(spec_of(tmp_path, entry))
+    answers = files["A"].sort("row_index")
+    assert answers["status"].to_list() == ["missing", "ok", "missing", "ok", "ok", "missing"]
+    assert answers["output"][4] == "A GPT-4 style answer to row 4."
+    assert answers["where"][1] == f"{tmp_path / 'gpt4.json'}#row=1"  # the first of the two identical records
+    assert "holds no record with this row's instruction and input" in answers["error"][0]
+
+
+def test_only_matched_reads_just_the_answered_rows_and_limit_counts_them(tmp_path):
+    from srt_assets.core.from_files import matched_keys
+    from srt_assets.core.raw import load_source
+
+    entry, _, _ = matched_layout(tmp_path)
+    spec = spec_of(tmp_path, entry | {"only_matched": True})
+    samples, rejects = load_source(spec, matched_keys(spec))
+    assert samples["row_index"].to_list() == [1, 3, 4] and rejects.height == 0
+    limited = spec_of(tmp_path, entry | {"only_matched": True, "limit": 2})
+    assert load_source(limited, matched_keys(limited))[0]["row_index"].to_list() == [1, 3]
+
+
+def test_a_matched_key_given_twice_with_other_answers_is_refused(tmp_path):
+    entry, _, again = matched_layout(tmp_path)
+    again[2] = {**again[2], "output": "Another answer."}
+    (tmp_path / "gpt4.json").write_text(json.dumps(again), encoding="utf-8")
+    with pytest.raises(FileLayoutError, match=r"gpt4.json#row=2 and row 1 have the same instruction and input"):
+        load_reflections(spec_of(tmp_path, entry))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"reflections": {"Q": {"path": "q.json", "match_on": ["instruction"]}}}, "only 'A' takes it"),
+        ({"reflections": {"A": {"path": "a.json", "match_on": ["output"]}}}, "'match_on' must list 'instruction'"),
+        ({"reflections": {"A": "a.json"}, "only_matched": True}, "give such a file"),
+        ({"only_matched": "yes"}, "'only_matched' must be true or false"),
+    ],
+)
+def test_the_catalog_refuses_a_wrong_match(tmp_path, change, message):
+    with pytest.raises(SourceConfigError, match=message):
+        spec_of(tmp_path, {"path": "src.json", **change})
+
+
+def test_a_path_may_start_with_the_shared_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRT_SHARED_DATA", str(tmp_path / "elsewhere"))
+    assert spec_of(tmp_path, {"path": "$SRT_SHARED_DATA/a.json"}).path == tmp_path / "elsewhere" / "a.json"
+    monkeypatch.delenv("SRT_SHARED_DATA")
+    expected = (tmp_path / ".." / "shared" / "data" / "a.json").resolve()
+    assert spec_of(tmp_path, {"path": "${SRT_SHARED_DATA}/a.json"}).path == expected

@@ -84,7 +84,8 @@ def test_prompt_sets_load_and_fail_clearly(shared_data, tmp_path):
 
 
 def test_report_renders_tables_and_figures(tmp_path):
-    from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+    from srt_assets.defs.evaluation.pairwise import pairwise_sections
+    from srt_assets.defs.evaluation.reference_losses import training_sections
     from srt_assets.report import write_report
 
     judgements = pl.DataFrame(
@@ -119,11 +120,14 @@ def test_report_renders_tables_and_figures(tmp_path):
     for figure in ("verdicts.png", "reference_loss.png", "training_curves.png"):
         assert (tmp_path / "out" / figure).read_bytes()[:4] == b"\x89PNG"
     assert "<table>" in report.html_path.read_text() and "data:image/png;base64," in report.inline_markdown
-    assert {r["dataset"] for r in report.results["training"]} == {"selected", "random", "full"}
+    training = {r["dataset"]: r for r in report.results["training"]}
+    assert set(training) == {"selected", "random", "full", "base"}  # the base student's loss for scale
+    assert training["selected"]["loss_alpaca_eval"] == 1.5 and training["base"]["loss_alpaca_eval"] == 1.7
 
 
 def test_all_unjudged_report_says_why_the_chart_is_missing(tmp_path):
-    from srt_assets.defs.evaluation.pairwise import pairwise_sections, training_sections
+    from srt_assets.defs.evaluation.pairwise import pairwise_sections
+    from srt_assets.defs.evaluation.reference_losses import training_sections
     from srt_assets.report import write_report
 
     judgements = pl.DataFrame(

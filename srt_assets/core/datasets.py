@@ -62,6 +62,44 @@ def chosen_training_rows(raw_samples: pl.DataFrame, variants: pl.DataFrame, deci
     )
 
 
+# checkpoint name → the training dataset asset it is fine-tuned on (the selected set first)
+TRAINING_SETS = {
+    "selected": "selected_dataset",
+    "random": "baseline_random",
+    "full": "baseline_full",
+    "teacher": "baseline_teacher",
+}
+TEACHER_PREFERENCE = ("QA", "A", "Q")  # the Reflection-Tuning baseline takes the most rewritten candidate
+
+
+def teacher_training_rows(
+    raw_samples: pl.DataFrame, variants: pl.DataFrame, unavailable: Mapping[str, Mapping[str, str]]
+) -> pl.DataFrame:
+    """Every sample's most rewritten candidate (QA, else A, else Q; the original where the teacher gave
+    none): all the teacher's reflections without the student's choice, the paper's "Reflection-Tuning"
+    baseline. ``unavailable`` (sample → variant → why) names the candidates that are none: a failed
+    reflection or a copy of another text is not a rewrite."""
+    none = pl.DataFrame(
+        [(sample, variant) for sample, found in unavailable.items() for variant in found],
+        schema={"sample_id": pl.String(), "variant": pl.String()},
+        orient="row",
+    )
+    rank = {variant: position for position, variant in enumerate((*TEACHER_PREFERENCE, "ori"))}
+    best = (
+        variants.select(*VARIANT_SCHEMA)
+        .join(none, on=["sample_id", "variant"], how="anti")
+        .filter(pl.col("variant").is_in(list(rank)))
+        .sort(pl.col("variant").replace_strict(rank, return_dtype=pl.Int64()), maintain_order=True)
+        .unique("sample_id", keep="first")
+    )
+    return (
+        raw_samples.select("sample_id", "source", "row_index")
+        .join(best, on="sample_id", how="inner", maintain_order="left")
+        .select(*TRAINING_SCHEMA)
+        .cast(TRAINING_SCHEMA)
+    )
+
+
 def random_baseline(original_rows: pl.DataFrame, size: int, seed: int) -> pl.DataFrame:
     """``size`` original rows drawn without replacement with a fixed seed, kept in source order so
     the same seed and data always give the same rows."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+from scipy import stats
 
 from srt_assets.core.quality import CheckOutcome
 
@@ -45,13 +47,22 @@ PROMPT_SETS: dict[str, PromptSetSpec] = {
     ),
     "lima": PromptSetSpec("cherry_llm_lima_test_set.jsonl", lambda r: r["conversations"], lambda r, i: str(i)),
     "sinstruct": PromptSetSpec("cherry_llm_sinstruct_test_set.jsonl", _sinstruct, lambda r, i: r["id"]),
+    # AlpacaEval's 805 prompts with two references each: text-davinci-003's answers (Alpaca's own style)
+    # and GPT-4-turbo's (gpt4_1106_preview, a GPT-4 family reference); same prompts, same ids.
     "alpaca_eval": PromptSetSpec(
         "alpaca_eval_text_davinci_003_reference_outputs.json",
         lambda r: r["instruction"],
         lambda r, i: str(i),
         lambda r: r["output"],
     ),
+    "alpaca_eval_gpt4": PromptSetSpec(
+        "alpaca_eval_gpt4_1106_preview_reference_outputs.json",
+        lambda r: r["instruction"],
+        lambda r, i: str(i),
+        lambda r: r["output"],
+    ),
 }
+REFERENCE_SETS = ("alpaca_eval", "alpaca_eval_gpt4")
 
 
 class PromptSetError(ValueError):
@@ -95,26 +106,89 @@ def load_prompt_set(data_dir: Path, name: str, count: int | None = None, seed: i
     return frame
 
 
-def loss_comparisons(mean_loss: dict[str, float]) -> list[CheckOutcome]:
-    """The judge-free result checks: does the model tuned on selected data reach a lower mean loss
-    on reference answers than the random-sample model, and than the base student? A missing mean
-    (no scorable reference) fails the comparison and says so."""
+@dataclass(frozen=True)
+class LossDifference:
+    """Selected minus one baseline on one reference set: the mean paired difference of per-answer losses
+    with its bootstrap interval (negative: the selected-data model fits the references better)."""
+
+    reference_set: str
+    baseline: str
+    pairs: int
+    selected: float
+    other: float
+    difference: float
+    low: float
+    high: float
+
+    def words(self) -> str:
+        if self.pairs < 2:
+            return f"{self.reference_set}: {self.pairs} scorable pair(s), no interval"
+        return f"{self.reference_set}: {self.difference:+.4f} [{self.low:+.4f}, {self.high:+.4f}] over {self.pairs}"
+
+
+def paired_interval(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float, int]:
+    """Mean of a − b over the pairs where both are finite, with a bootstrap confidence interval
+    (resampling prompts, so the pairing is kept; scipy's BCa). NaN bounds below two pairs."""
+    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    diffs = diffs[np.isfinite(diffs)]
+    if diffs.size == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(diffs.mean())
+    if diffs.size < 2 or np.all(diffs == diffs[0]):
+        return mean, (mean if diffs.size > 1 else math.nan), (mean if diffs.size > 1 else math.nan), int(diffs.size)
+    result = stats.bootstrap(
+        (diffs,), np.mean, confidence_level=confidence, n_resamples=resamples, rng=np.random.default_rng(seed)
+    )
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high), int(diffs.size)
+
+
+# The baselines the selected-data model is compared with: checkpoint name (or "base") → words.
+LOSS_BASELINES = {
+    "random": "the random-sample model",
+    "teacher": "the model tuned on every teacher rewrite",
+    "full": "the model tuned on all original rows",
+    "base": "the base student",
+}
+
+
+def loss_differences(losses: pl.DataFrame, baselines: Sequence[str] = tuple(LOSS_BASELINES)) -> list[LossDifference]:
+    """Selected minus each baseline, per reference set, paired by prompt. ``losses`` has dataset,
+    prompt_set, prompt_id, loss and base_loss (the base student's loss on the same answer)."""
+    found = []
+    base = losses.select("prompt_set", "prompt_id", pl.col("base_loss").alias("base")).unique(
+        ["prompt_set", "prompt_id"], keep="first", maintain_order=True
+    )
+    wide = losses.pivot(on="dataset", index=["prompt_set", "prompt_id"], values="loss", aggregate_function="first")
+    wide = wide.join(base, on=["prompt_set", "prompt_id"], how="left")
+    for reference_set in sorted(wide["prompt_set"].unique()) if "selected" in wide.columns else []:
+        part = wide.filter(pl.col("prompt_set") == reference_set)
+        for baseline in (b for b in baselines if b in part.columns):
+            selected, other = part["selected"].to_numpy(), part[baseline].to_numpy()
+            mean, low, high, pairs = paired_interval(selected, other)
+            both = np.isfinite(selected) & np.isfinite(other)
+            means = (float(selected[both].mean()), float(other[both].mean())) if pairs else (math.nan, math.nan)
+            found.append(LossDifference(reference_set, baseline, pairs, *means, mean, low, high))
+    return found
+
+
+def loss_comparisons(differences: Sequence[LossDifference]) -> list[CheckOutcome]:
+    """The judge-free result checks, one per baseline: the selected-data model passes only where the
+    whole confidence interval of its difference lies below zero on every reference set (a single mean
+    below the baseline's is not enough); otherwise the check warns with the intervals."""
     outcomes = []
-    for name, other, label in (
-        ("selected_beats_random", "random", "the random-sample model"),
-        ("selected_beats_base", "base", "the base student"),
-    ):
-        selected, baseline = mean_loss.get("selected", math.nan), mean_loss.get(other, math.nan)
-        known = math.isfinite(selected) and math.isfinite(baseline)
+    for baseline, label in LOSS_BASELINES.items():
+        mine = [d for d in differences if d.baseline == baseline]
+        better = bool(mine) and all(d.pairs >= 2 and d.high < 0 for d in mine)
+        words = "; ".join(d.words() for d in mine) or "no finite reference losses to compare"
         outcomes.append(
             CheckOutcome(
-                name,
-                known and selected < baseline,
-                f"mean reference loss of the selected-data model {selected:.4f} vs {label} {baseline:.4f}"
-                if known
-                else f"no finite mean reference loss to compare with {label}",
-                {"selected": selected if known else None, other: baseline if known else None,
-                 "difference": round(selected - baseline, 6) if known else None},
+                f"selected_beats_{baseline}",
+                better,
+                f"selected − {label}, mean reference loss with a 95% paired bootstrap interval: {words}",
+                {d.reference_set: {"difference": round(d.difference, 6), "low": round(d.low, 6),
+                                   "high": round(d.high, 6), "pairs": d.pairs} for d in mine},
             )
         )  # fmt: skip
     return outcomes

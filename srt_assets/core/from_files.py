@@ -20,7 +20,7 @@ import polars as pl
 
 from srt_assets.core.formats import FORMATS, RawDataError, RowProblem
 from srt_assets.core.raw import normalize_record
-from srt_assets.core.sources import SourceSpec, VariantFile
+from srt_assets.core.sources import SourceSpec, VariantFile, match_key
 from srt_assets.core.teacher import ReflectionOutcome
 from srt_assets.core.templates import merged_instruction
 
@@ -48,16 +48,66 @@ class SourceRows:
 
     row_indexes: list[int]
     instructions: list[str | None]
+    inputs: list[str | None]
 
 
 def source_rows(spec: SourceSpec) -> SourceRows:
     """Every record of the source file, whatever ``limit`` says (the files cover the whole source)."""
-    indexes, instructions = [], []
+    indexes, instructions, inputs = [], [], []
     for row_index, record in FORMATS[spec.format].rows(spec.require_file()):
         indexes.append(row_index)
         normal = normalize_record(spec, record)
         instructions.append(None if isinstance(normal, RowProblem) else normal[0])
-    return SourceRows(indexes, instructions)
+        inputs.append(None if isinstance(normal, RowProblem) else normal[1])
+    return SourceRows(indexes, instructions, inputs)
+
+
+def _matched_index(file: VariantFile, source: SourceSpec) -> dict[tuple[str, str], tuple[int, Any]]:
+    """A matched file's records by their match key, each with its row. A key given twice with other
+    texts is an error naming both rows (which of them would be the teacher's answer?)."""
+    if not file.path.is_file():
+        raise FileLayoutError(f"source '{source.name}': reflections.{file.variant}: file not found: {file.path}")
+    found: dict[tuple[str, str], tuple[int, Any]] = {}
+    try:
+        for position, (_, record) in enumerate(FORMATS[file.format].rows(file.path)):
+            instruction = _text(record, file.fields["instruction"])
+            if instruction is None:
+                raise FileLayoutError(
+                    f"source '{source.name}': {file.where(position)}: field '{file.fields['instruction']}' "
+                    "is missing: a matched file pairs its rows by instruction"
+                )
+            given_input = _text(record, file.fields["input"]) if "input" in file.match_on else ""
+            key = match_key(instruction, given_input)
+            if key in found and found[key][1] != record:
+                raise FileLayoutError(
+                    f"source '{source.name}': {file.where(position)} and row {found[key][0]} have the same "
+                    f"{' and '.join(file.match_on)} but other texts: keep one of them"
+                )
+            found.setdefault(key, (position, record))
+    except RawDataError as exc:
+        raise FileLayoutError(f"source '{source.name}': reflections.{file.variant}: {exc}") from None
+    return found
+
+
+def matched_keys(spec: SourceSpec) -> set[tuple[str, str]]:
+    """The match keys the source's matched reflection files hold (``only_matched`` reads these rows)."""
+    return {key for file in spec.matched_files for key in _matched_index(file, spec)}
+
+
+def _matched_rows(file: VariantFile, spec: SourceSpec, source: SourceRows) -> list[dict[str, Any]]:
+    """A matched file's rows in the source's order; a source row the file does not hold is missing."""
+    index = _matched_index(file, spec)
+    rows = []
+    for row_index, instruction, given_input in zip(source.row_indexes, source.instructions, source.inputs, strict=True):
+        key = match_key(instruction, given_input if "input" in file.match_on else "") if instruction else None
+        position, record = index.get(key, (None, None)) if key else (None, None)
+        if position is None:
+            row = {"row_index": row_index, "instruction": None, "input": "", "output": None, "where": None}
+            error = f"{file.path} holds no record with this row's {' and '.join(file.match_on)}"
+            rows.append(row | {"status": "missing", "error": error})
+        else:
+            rows.append(_file_row(file, position, row_index, record))
+    return rows
 
 
 def _records(file: VariantFile, kind: str, source: SourceSpec, expected: int) -> list[Any]:
@@ -131,6 +181,9 @@ def load_reflections(spec: SourceSpec) -> dict[str, pl.DataFrame]:
     source = source_rows(spec)
     rows: dict[str, list[dict]] = {}
     for variant, file in spec.reflections.items():
+        if file.match_on:
+            rows[variant] = _matched_rows(file, spec, source)
+            continue
         records = _records(file, "reflections", spec, len(source.row_indexes))
         rows[variant] = [
             _file_row(file, i, index, record)
@@ -176,7 +229,7 @@ def file_outcomes(
                 status="ok" if ok else "missing",
                 error=error,
                 raw_text=None,
-                cache_key=found["where"] if found is not None else "",
+                cache_key=(found or {}).get("where") or "",
                 attempts=0,
                 prompt_tokens=0,
                 completion_tokens=0,

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from srt_assets.core.formats import FORMATS, RawDataError, RowProblem
-from srt_assets.core.sources import SourceSpec
+from srt_assets.core.sources import SourceSpec, match_key
 
 RAW_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String(),
@@ -147,8 +147,14 @@ def _preview(record: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def load_source(spec: SourceSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Read one source into (samples, rejects). Raises only when the file as a whole is unusable."""
+def _matched(result: tuple[str, str, str] | RowProblem, keys: set[tuple[str, str]]) -> bool:
+    return not isinstance(result, RowProblem) and match_key(result[0], result[1]) in keys
+
+
+def load_source(spec: SourceSpec, only_keys: set[tuple[str, str]] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Read one source into (samples, rejects). Raises only when the file as a whole is unusable.
+    ``only_keys`` (``only_matched``): read just the rows with these match keys, as if the others were
+    not in the file; ``limit`` then counts the rows read."""
     path = spec.require_file()
     samples: dict[str, list[Any]] = {name: [] for name in RAW_SCHEMA}
     rejects: dict[str, list[Any]] = {name: [] for name in REJECT_SCHEMA}
@@ -170,10 +176,16 @@ def load_source(spec: SourceSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
         ):
             rejects[key].append(value)
 
-    for count, (row_index, record) in enumerate(FORMATS[spec.format].rows(path)):
+    count = 0
+    for row_index, record in FORMATS[spec.format].rows(path):
         if spec.limit is not None and count >= spec.limit:
             break
         result = normalize_record(spec, record)
+        if only_keys is not None and (
+            isinstance(result, RowProblem) or match_key(result[0], result[1]) not in only_keys
+        ):
+            continue
+        count += 1
         if isinstance(result, RowProblem):
             reject(row_index, result, record)
             continue

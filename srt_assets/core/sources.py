@@ -7,6 +7,7 @@ user adds a dataset by editing configuration, not code. Each source becomes one 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ class VariantFile:
     path: Path
     format: str
     fields: dict[str, str]  # role (instruction, input, output; or data) -> record key
+    # Empty: row-aligned. Else the roles whose texts pair a record with its source row (instruction,
+    # input), so a file may hold a subset of the source in any order.
+    match_on: tuple[str, ...] = ()
 
     def where(self, row: int) -> str:
         """How a row is named in provenance and errors: the file and its row number (0-based)."""
@@ -93,6 +97,11 @@ class SourceSpec:
     missing_hint: str = ""
     reflections: dict[str, VariantFile] = field(default_factory=dict)  # variant -> file, instead of the teacher
     statistics: StatisticsFiles | None = None
+    only_matched: bool = False  # read only the source rows a matched reflection file holds
+
+    @property
+    def matched_files(self) -> list[VariantFile]:
+        return [file for file in self.reflections.values() if file.match_on]
 
     def missing_message(self) -> str:
         """What to do when the data file is not there: the path, the hint, the variable to set."""
@@ -135,6 +144,7 @@ _SOURCE_KEYS = {
     "missing_hint",
     "reflections",
     "statistics",
+    "only_matched",
 }
 _FIELD_KEYS = {"instruction", "input", "output", "conversations"}
 REFLECTED_VARIANTS = ("Q", "A", "QA")
@@ -143,21 +153,51 @@ _REFLECTION_ROLES = {"instruction": "instruction", "input": "input", "output": "
 _STATISTICS_ROLES = {"data": "data"}
 
 
+# A path may start with $SRT_SHARED_DATA: the folder of the full data sets, the one variable the tests
+# read too; unset, it is ../shared/data beside the catalog (where CI has it).
+SHARED_DATA_ENV = "SRT_SHARED_DATA"
+SHARED_DATA_DEFAULT = "../shared/data"
+_SHARED_DATA = re.compile(r"\$(\{SRT_SHARED_DATA\}|SRT_SHARED_DATA\b)")
+MATCH_ROLES = ("instruction", "input")
+
+
+def match_key(instruction: str, input_text: str | None) -> tuple[str, str]:
+    """What pairs a matched file's record with a source row: instruction and input, whitespace runs
+    made one space (exports differ in trailing newlines, not in words)."""
+    return " ".join(instruction.split()), " ".join((input_text or "").split())
+
+
 def _path(text: str, base_dir: Path) -> Path:
-    path = Path(os.path.expanduser(text))
+    shared = os.environ.get(SHARED_DATA_ENV) or str((base_dir / SHARED_DATA_DEFAULT).resolve())
+    path = Path(os.path.expanduser(_SHARED_DATA.sub(lambda _: shared, text)))
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
+def _match_on(raw: Any, what: str, fail) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if (
+        not isinstance(raw, list)
+        or "instruction" not in raw
+        or set(raw) - set(MATCH_ROLES)
+        or len(set(raw)) != len(raw)
+    ):
+        raise fail(f"{what}: 'match_on' must list 'instruction' and optionally 'input', got {raw!r}")
+    return tuple(role for role in MATCH_ROLES if role in raw)
+
+
 def _variant_file(variant: str, raw: Any, roles: dict[str, str], base_dir: Path, fail) -> VariantFile:
-    """One entry of ``reflections`` or ``statistics``: a path, or {path, format, fields}."""
+    """One entry of ``reflections`` or ``statistics``: a path, or {path, format, fields} (and, for
+    reflections, ``match_on``)."""
     what = f"'{variant}'"
     if isinstance(raw, str) and raw:
         raw = {"path": raw}
     if not isinstance(raw, dict) or not isinstance(raw.get("path"), str) or not raw["path"]:
         raise fail(f"{what} must be a file path or a mapping with 'path' (and optional 'format', 'fields')")
-    unknown = set(raw) - {"path", "format", "fields"}
+    allowed = {"path", "format", "fields"} | ({"match_on"} if roles is _REFLECTION_ROLES else set())
+    unknown = set(raw) - allowed
     if unknown:
-        raise fail(f"{what}: unknown key(s) {sorted(unknown)}; allowed: format, fields, path")
+        raise fail(f"{what}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
     path = _path(raw["path"], base_dir)
     fmt = raw.get("format") or infer_format(path)
     if fmt not in FORMATS:
@@ -168,7 +208,7 @@ def _variant_file(variant: str, raw: Any, roles: dict[str, str], base_dir: Path,
     for key, value in fields.items():
         if not (isinstance(value, str) and value):
             raise fail(f"{what}: 'fields.{key}' must name one record key (a string), got {value!r}")
-    return VariantFile(variant, path, fmt, {**roles, **fields})
+    return VariantFile(variant, path, fmt, {**roles, **fields}, _match_on(raw.get("match_on"), what, fail))
 
 
 def _variant_files(block: dict[str, Any], allowed: tuple[str, ...], roles: dict[str, str], base_dir: Path, fail):
@@ -188,6 +228,8 @@ def _reflections(raw: Any, base_dir: Path, fail) -> dict[str, VariantFile]:
     files = _variant_files(raw, REFLECTED_VARIANTS, _REFLECTION_ROLES, base_dir, lambda m: fail(f"reflections: {m}"))
     if "QA" in files and "Q" not in files:
         raise fail("reflections: 'QA' answers the new instruction of 'Q': give the Q file too")
+    if any(files[v].match_on for v in ("Q", "QA") if v in files):
+        raise fail("reflections: 'match_on' pairs answers with the source's own instruction: only 'A' takes it")
     return files
 
 
@@ -258,7 +300,19 @@ def _parse_source(name: str, raw: dict[str, Any], base_dir: Path, defaults: dict
         missing_hint=str(raw.get("missing_hint", "")),
         reflections=_reflections(raw["reflections"], base_dir, fail) if "reflections" in raw else {},
         statistics=_statistics(raw["statistics"], base_dir, fail) if "statistics" in raw else None,
+        only_matched=_only_matched(raw, fail),
     )
+
+
+def _only_matched(raw: dict[str, Any], fail) -> bool:
+    value = raw.get("only_matched", False)
+    if not isinstance(value, bool):
+        raise fail(f"'only_matched' must be true or false, got {value!r}")
+    reflections = raw.get("reflections") or {}
+    matched = any(isinstance(entry, dict) and entry.get("match_on") for entry in reflections.values())
+    if value and not matched:
+        raise fail("'only_matched' keeps the rows a reflection file with 'match_on' holds: give such a file")
+    return value
 
 
 @dataclass(frozen=True)

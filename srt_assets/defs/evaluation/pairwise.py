@@ -1,11 +1,10 @@
-"""Stage 8, pairwise: answers of every checkpoint on held-out prompts, pairwise verdicts by the judge,
-and a judge-free loss on reference answers (with WARN checks: does the selected data beat the others?)."""
+"""Stage 8, pairwise: the held-out prompts, answers of every checkpoint to them, and pairwise verdicts
+by the judge (the judge-free loss on reference answers is in reference_losses.py)."""
 
 from pathlib import Path
 
 import polars as pl
 from dagster import (
-    AssetCheckSeverity,
     AssetExecutionContext,
     Config,
     MetadataValue,
@@ -15,12 +14,11 @@ from dagster import (
 from pydantic import Field
 
 from srt_assets import paths
-from srt_assets.core.evaluation import PROMPT_SCHEMA, load_prompt_set, loss_comparisons
+from srt_assets.core.evaluation import PROMPT_SCHEMA, REFERENCE_SETS, load_prompt_set
 from srt_assets.core.generation import CallStats, GenerationParams
 from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, pairwise_summary, parse_judge_reply
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.defs.common import (
-    asset_checks,
     blocking_checks,
     calls_progress,
     column_schema,
@@ -32,9 +30,8 @@ from srt_assets.defs.common import (
 from srt_assets.defs.evaluation.steps import JUDGE_STEP, answer_with_checkpoints, checkpoint_step
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.report_parts import ReportPart
-from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir, checkpoint_manifests
-from srt_assets.plots import figure_png, line_figure, markdown_table
-from srt_assets.report import Figure, Section, finite_mean, loss_figure, verdict_figure, verdict_note
+from srt_assets.plots import figure_png, markdown_table
+from srt_assets.report import Figure, Section, verdict_figure, verdict_note
 from srt_assets.resources import ChatModelResource, ComputeResource, StorageResource, StudentModelResource
 
 ANSWER_SCHEMA: dict[str, pl.DataType] = {
@@ -45,14 +42,6 @@ ANSWER_SCHEMA: dict[str, pl.DataType] = {
     "answer": pl.String(),
     "answer_tokens": pl.Int64(),
     "cache_key": pl.String(),
-}
-LOSS_SCHEMA: dict[str, pl.DataType] = {
-    "prompt_set": pl.String(),
-    "prompt_id": pl.String(),
-    "dataset": pl.String(),
-    "loss": pl.Float64(),
-    "base_loss": pl.Float64(),
-    "tokens": pl.Int64(),
 }
 VERDICT_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String(),
@@ -70,14 +59,9 @@ VERDICT_SCHEMA: dict[str, pl.DataType] = {
 VERDICT_CHECKS = {
     "verdict_per_prompt_and_pair": "every configured pair has a recorded verdict (or 'unjudged') for every prompt"
 }
+
+
 # Result checks in the style of Dagster's project_llm_fine_tune: a worse fine-tune warns, it does not block.
-LOSS_CHECKS = {
-    "selected_beats_random": "on the judge-free metric, the model tuned on selected data has a lower mean "
-    "reference loss than the one tuned on a random sample of the same size",
-    "selected_beats_base": "the model tuned on selected data has a lower mean reference loss than the base student",
-}
-
-
 class EvaluationPromptsConfig(Config):
     data_dir: str = Field(
         "", description="folder with the test sets (default: $SRT_EVAL_DATA_DIR, else the repository's data/eval)"
@@ -86,7 +70,19 @@ class EvaluationPromptsConfig(Config):
         default=["vicuna", "koala", "wizardlm", "lima", "sinstruct"], description="held-out sets to judge on"
     )
     per_set: int | None = Field(2, description="prompts drawn per set (None: all; the paper uses all)")
-    reference_count: int | None = Field(16, description="AlpacaEval reference answers for the judge-free loss")
+    reference_count: int | None = Field(
+        16, description="AlpacaEval prompts (None: all 805) whose reference answers the judge-free loss scores"
+    )
+    reference_sets: list[str] = Field(
+        default=list(REFERENCE_SETS),
+        description="the references of each such prompt: alpaca_eval (text-davinci-003), alpaca_eval_gpt4 "
+        "(GPT-4-turbo)",
+    )
+    max_reference_chars: int | None = Field(
+        None,
+        description="score only the first N characters of each reference answer (the same for every model; "
+        "GPT-4-turbo's run to 2,000 characters, which a CPU scores slowly)",
+    )
     seed: int = 0
 
 
@@ -97,7 +93,8 @@ class AnswerConfig(Config):
 
 class JudgeConfig(Config):
     pairs: list[list[str]] = Field(
-        default=[["selected", "full"], ["selected", "random"]], description="[model, opponent] dataset pairs"
+        default=[["selected", "full"], ["selected", "random"], ["selected", "teacher"]],
+        description="[model, opponent] dataset pairs",
     )
     max_tokens: int = Field(48, description="judge reply length; the scores are on its first line")
 
@@ -178,7 +175,11 @@ def evaluation_prompts(context: AssetExecutionContext, config: EvaluationPrompts
     data_dir = Path(config.data_dir) if config.data_dir else paths.eval_data_dir()
     parts = [load_prompt_set(data_dir, name, config.per_set, config.seed) for name in config.sets]
     if config.reference_count != 0:
-        parts.append(load_prompt_set(data_dir, "alpaca_eval", config.reference_count, config.seed))
+        for name in config.reference_sets:
+            references = load_prompt_set(data_dir, name, config.reference_count, config.seed)
+            if config.max_reference_chars:
+                references = references.with_columns(pl.col("reference").str.slice(0, config.max_reference_chars))
+            parts.append(references)
     table = pl.concat(parts) if parts else pl.DataFrame(schema=PROMPT_SCHEMA)
     per_set = dict(table.group_by("prompt_set").len().sort("prompt_set").iter_rows())
     return Output(
@@ -239,44 +240,6 @@ def evaluation_answers(
 
 
 @asset(
-    **checkpoint_step("student_base_model"),
-    metadata={"dagster/column_schema": column_schema(LOSS_SCHEMA)},
-    check_specs=asset_checks("reference_loss", LOSS_CHECKS, SOURCES, blocking=False),
-)
-def reference_loss(
-    context: AssetExecutionContext,
-    evaluation_prompts: pl.DataFrame,
-    student: StudentModelResource,
-    gpu: ComputeResource,
-    storage: StorageResource,
-):
-    """Judge-free metric: each checkpoint's mean loss on AlpacaEval reference answers, next to the
-    base student's (lower is better; the difference is what fine-tuning changed)."""
-    rows = evaluation_prompts.filter(pl.col("reference").is_not_null())
-    pairs = rows.select("prompt", "reference").rows()
-    with student.session(gpu, storage) as session:
-        base_losses, _ = session.answer_losses(pairs)
-    parts = []
-    for dataset in TRAINING_SETS:
-        model_path = str(checkpoint_dir(storage, context.partition_key, dataset))
-        with student.session(gpu, storage, model_path=model_path) as session:
-            losses, tokens = session.answer_losses(pairs)
-        parts.append(
-            rows.select("prompt_set", "prompt_id").with_columns(
-                pl.lit(dataset).alias("dataset"),
-                pl.Series("loss", losses, dtype=pl.Float64),
-                pl.Series("base_loss", base_losses, dtype=pl.Float64),
-                pl.Series("tokens", tokens, dtype=pl.Int64),
-            )
-        )
-    table = pl.concat(parts).select(*LOSS_SCHEMA)
-    means = {d: finite_mean(table.filter(pl.col("dataset") == d)["loss"]) for d in TRAINING_SETS}
-    means["base"] = finite_mean(table["base_loss"])
-    yield Output(table, metadata={"mean_loss": json_value({k: round(v, 4) for k, v in means.items()})})
-    yield from to_check_results("reference_loss", loss_comparisons(means), severity=AssetCheckSeverity.WARN)
-
-
-@asset(
     **JUDGE_STEP,
     metadata={"dagster/column_schema": column_schema(VERDICT_SCHEMA)},
     check_specs=blocking_checks("pairwise_verdicts", VERDICT_CHECKS, SOURCES),
@@ -317,46 +280,7 @@ def pairwise_sections(judgements: pl.DataFrame) -> list[Section]:
     ]
 
 
-def training_sections(reference_losses: pl.DataFrame, manifests: dict[str, dict | None]) -> list[Section]:
-    """Each checkpoint's training facts beside its judge-free loss on reference answers, and the
-    training curves."""
-    rows = []
-    for dataset, manifest in manifests.items():
-        training = (manifest or {}).get("training", {})
-        part = reference_losses.filter(pl.col("dataset") == dataset)
-        rows.append(
-            {
-                "dataset": dataset,
-                "rows": (manifest or {}).get("rows"),
-                "steps": training.get("steps"),
-                "final_train_loss": (manifest or {}).get("final_loss"),
-                "train_seconds": training.get("seconds"),
-                "reference_loss": finite_mean(part["loss"]),
-                "base_reference_loss": finite_mean(part["base_loss"]),
-            }
-        )
-    curves = {d: (m or {}).get("training", {}).get("losses", []) for d, m in manifests.items()}
-    losses = Figure("reference_loss.png", figure_png(loss_figure(reference_losses)))
-    training_curves = Figure(
-        "training_curves.png", figure_png(line_figure({d: c for d, c in curves.items() if c}, "optimizer step"))
-    )
-    return [
-        Section(
-            "Training and reference-answer loss (lower is better)",
-            table=pl.DataFrame(rows),
-            figure=losses,
-            key="training",
-        ),
-        Section("Training curves", figure=training_curves),
-    ]
-
-
-ASSETS = [evaluation_prompts, evaluation_answers, reference_loss, pairwise_verdicts]
+ASSETS = [evaluation_prompts, evaluation_answers, pairwise_verdicts]
 REPORT_PARTS = [
     ReportPart("Pairwise judging", ("pairwise_verdicts",), lambda i: pairwise_sections(i.tables["pairwise_verdicts"])),
-    ReportPart(
-        "Training and reference-answer loss",
-        ("reference_loss",),
-        lambda i: training_sections(i.tables["reference_loss"], checkpoint_manifests(i.storage, i.source)),
-    ),
 ]

@@ -15,6 +15,7 @@ from dagster import (
     observable_source_asset,
 )
 
+from srt_assets.core.from_files import matched_keys
 from srt_assets.core.quality import TableContract, ratio_check, validate_table
 from srt_assets.core.raw import RAW_COLUMNS, RAW_SCHEMA, REJECT_COLUMNS, REJECT_SCHEMA, length_stats, load_source
 from srt_assets.core.sources import SourceCatalog, SourceSpec
@@ -69,11 +70,11 @@ def source_metadata(spec: SourceSpec) -> dict:
 
 def file_version(spec: SourceSpec) -> str:
     """A cheap data version: size and modification time (hashing a 10 GB file on every observation
-    would not be), or 'missing'."""
-    if not spec.path.is_file():
+    would not be), or 'missing'. With ``only_matched`` the matched files choose the rows: theirs too."""
+    files = [spec.path, *(file.path for file in spec.matched_files if spec.only_matched)]
+    if not all(path.is_file() for path in files):
         return "missing"
-    stat = spec.path.stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
+    return "+".join(f"{stat.st_size}-{stat.st_mtime_ns}" for stat in (path.stat() for path in files))
 
 
 def source_files_description(catalog: SourceCatalog) -> str:
@@ -136,9 +137,13 @@ def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource):
     can be materialized alone; both come from the same reading of the file."""
     spec = sources.source(context.partition_key)
     started = time.perf_counter()
-    samples, rejects = load_source(spec)
+    only_keys = matched_keys(spec) if spec.only_matched else None
+    samples, rejects = load_source(spec, only_keys)
     elapsed = time.perf_counter() - started
     rows_read = samples.height + rejects.height
+    if only_keys is not None:
+        files = ", ".join(str(file.path) for file in spec.matched_files)
+        context.log.info(f"only_matched: read the rows of {spec.path} that {files} hold ({len(only_keys)} keys)")
     reasons = dict(rejects.group_by("reason").len().sort("reason").iter_rows()) if rejects.height else {}
     context.log.info(
         f"source '{spec.name}': {rows_read} rows read from {spec.path} in {elapsed:.1f}s, "

@@ -7,6 +7,7 @@ from srt_assets.defs.partitions import repartition
 from srt_assets.defs.selection.assets import (
     baseline_full,
     baseline_random,
+    baseline_teacher,
     sample_decisions,
     score_agreement,
     selected_dataset,
@@ -14,7 +15,15 @@ from srt_assets.defs.selection.assets import (
 from srt_assets.defs.selection.comparison import training_sets
 from srt_assets.partitions import Partitioning
 
-ASSETS = [sample_decisions, score_agreement, selected_dataset, baseline_full, baseline_random, training_sets]
+ASSETS = [
+    sample_decisions,
+    score_agreement,
+    selected_dataset,
+    baseline_full,
+    baseline_random,
+    baseline_teacher,
+    training_sets,
+]
 
 
 def definitions(layout: Partitioning) -> Definitions:

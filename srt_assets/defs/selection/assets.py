@@ -14,6 +14,7 @@ from srt_assets.core.datasets import (
     export_dataset,
     original_training_rows,
     random_baseline,
+    teacher_training_rows,
 )
 from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import score_schema
@@ -29,6 +30,7 @@ from srt_assets.core.selection import (
     select,
     unavailable_candidates,
 )
+from srt_assets.core.sources import SourceSpec
 from srt_assets.core.variants import all_variants
 from srt_assets.defs.common import (
     blocking_checks,
@@ -157,6 +159,11 @@ SELECTED_METHOD = (
     "`decision_reason` says why each row was kept."
 )
 FULL_METHOD = "Every original row of the source, unchanged: the baseline trained on everything."
+TEACHER_METHOD = (
+    "Reflection-Tuning without selection: every sample's most rewritten candidate from the teacher (QA, else A, "
+    "else Q; the original text where the teacher's reflection failed or copied its source), the baseline that "
+    "shows what the student's choice adds."
+)
 RANDOM_METHOD = (
     "Original rows drawn without replacement with a fixed seed, as many as the selection kept: the baseline "
     "that separates better data from less data."
@@ -198,10 +205,19 @@ def card_facts(
     )
 
 
-def selection_settings(teacher: ChatModelResource, student: StudentModelResource, rule: SelectionRule) -> dict:
-    """What made the selected set: teacher, student and the rule with its thresholds."""
+def candidate_origin(spec: SourceSpec, teacher: ChatModelResource) -> dict:
+    """Who made the candidates: the teacher, or (a source with reflection files) those files."""
+    if spec.reflections:
+        return {"candidates_from": {variant: str(file.path) for variant, file in spec.reflections.items()}}
+    return {"teacher": teacher.describe()}
+
+
+def selection_settings(
+    spec: SourceSpec, teacher: ChatModelResource, student: StudentModelResource, rule: SelectionRule
+) -> dict:
+    """What made the selected set: the candidates' origin, the student and the rule with its thresholds."""
     return {
-        "teacher": teacher.describe(),
+        **candidate_origin(spec, teacher),
         "student": {"model": student.model, "template": student.template, "max_length": student.max_length},
         **{f"rule.{name}": value for name, value in rule.model_dump().items()},
     }
@@ -364,7 +380,8 @@ def selected_dataset(
         how="left",
         maintain_order="left",
     )
-    settings = selection_settings(teacher, student, recorded_rule(sample_decisions) or SelectionRule())
+    spec = sources.source(context.partition_key)
+    settings = selection_settings(spec, teacher, student, recorded_rule(sample_decisions) or SelectionRule())
     facts = card_facts(context, sources, SELECTED_METHOD, raw_samples.height, settings)
     per_variant = dict(selected.group_by("variant").len().sort("variant").iter_rows()) if selected.height else {}
     yield Output(
@@ -409,4 +426,33 @@ def baseline_random(
     exports = export_metadata(rows, storage, "baseline_random", context, facts)
     return Output(
         rows, metadata={"seed": str(config.seed), **training_set_metadata(rows, raw_samples.height), **exports}
+    )
+
+
+@asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
+def baseline_teacher(
+    context: AssetExecutionContext,
+    raw_samples: pl.DataFrame,
+    new_instructions: pl.DataFrame,
+    better_responses: pl.DataFrame,
+    storage: StorageResource,
+    sources: SourceCatalogResource,
+    teacher: ChatModelResource,
+):
+    """All the teacher's rewrites, one per sample, without the student's choice: the paper's
+    Reflection-Tuning baseline, which the selected set has to beat for selection to matter."""
+    variants = all_variants(raw_samples, new_instructions, better_responses)
+    unavailable = unavailable_candidates(variants, new_instructions, better_responses)
+    rows = teacher_training_rows(raw_samples, variants, unavailable)
+    origin = candidate_origin(sources.source(context.partition_key), teacher)
+    facts = card_facts(context, sources, TEACHER_METHOD, raw_samples.height, origin)
+    per_variant = dict(rows.group_by("variant").len().sort("variant").iter_rows()) if rows.height else {}
+    exports = export_metadata(rows, storage, "baseline_teacher", context, facts)
+    return Output(
+        rows,
+        metadata={
+            **training_set_metadata(rows, raw_samples.height),
+            "rows_per_variant": MetadataValue.md(mapping_table(per_variant, "variant", "rows")),
+            **exports,
+        },
     )

@@ -5,13 +5,12 @@ import polars as pl
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from srt_assets.core.comparison import COMPARISON_COLUMNS, COMPARISON_SCHEMA, compare_training_sets, side_by_side
+from srt_assets.core.datasets import TRAINING_SETS
 from srt_assets.defs.common import column_schema
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.report_parts import ReportInputs, ReportPart
 from srt_assets.plots import full_rows_markdown, markdown_table
 from srt_assets.report import Section
-
-TRAINING_SETS = ("selected_dataset", "baseline_random", "baseline_full")  # the selected set first
 
 
 def overlap_matrix(sets: dict[str, pl.DataFrame]) -> pl.DataFrame:
@@ -36,10 +35,18 @@ def training_sets(
     selected_dataset: pl.DataFrame,
     baseline_random: pl.DataFrame,
     baseline_full: pl.DataFrame,
+    baseline_teacher: pl.DataFrame,
 ) -> Output[pl.DataFrame]:
-    """Selected vs random vs full in one table: size, variant mix, score distributions and overlap,
-    with a few samples as each set trains on them, so "better data, not less data" can be checked."""
-    sets = dict(zip(TRAINING_SETS, (selected_dataset, baseline_random, baseline_full), strict=True))
+    """Selected vs random vs full vs all teacher rewrites in one table: size, variant mix, score
+    distributions and overlap, with a few samples as each set trains on them, so "better data, not less
+    data" and "the student's choice, not the teacher alone" can be checked."""
+    given = {
+        "selected_dataset": selected_dataset,
+        "baseline_random": baseline_random,
+        "baseline_full": baseline_full,
+        "baseline_teacher": baseline_teacher,
+    }
+    sets = {name: given[name] for name in TRAINING_SETS.values()}  # the selected set first
     table = compare_training_sets(sets, sample_decisions, raw_samples.height)
     rows = side_by_side(sets, raw_samples)
     context.log.info(
@@ -61,7 +68,8 @@ def comparison_sections(inputs: ReportInputs) -> list[Section]:
     note = (
         "What each model is trained on: size, variant mix (ori is the original text), the student's median and "
         "mean IFD / reverse IFD of the rows, and the samples each set shares with the others. The random "
-        "baseline has the selected set's size, so a win over it is better data, not less data."
+        "baseline has the selected set's size, so a win over it is better data, not less data; the teacher set holds "
+        "every rewrite without the student's choice."
     )
     return [Section("Training sets side by side", note, table, key="training_set_comparison")]
 

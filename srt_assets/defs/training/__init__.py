@@ -6,7 +6,7 @@ from srt_assets.defs.partitions import repartition
 from srt_assets.defs.training.assets import CHECKPOINTS
 from srt_assets.partitions import Partitioning
 
-ASSETS = CHECKPOINTS  # finetuned_selected, finetuned_random, finetuned_full
+ASSETS = CHECKPOINTS  # finetuned_selected, finetuned_random, finetuned_full, finetuned_teacher
 
 
 def definitions(layout: Partitioning) -> Definitions:

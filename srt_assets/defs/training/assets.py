@@ -16,6 +16,7 @@ from dagster import (
 )
 
 from srt_assets.core.cache import content_key
+from srt_assets.core.datasets import TRAINING_SETS
 from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.training import MANIFEST, finished_training, read_manifest, run_identity, sft_examples
 from srt_assets.defs.common import GPU_STEP, json_value, production_figures
@@ -24,9 +25,6 @@ from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
 from srt_assets.plots import text_curve
 from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource, TrainingResource
-
-# checkpoint name → the training dataset asset it is fine-tuned on
-TRAINING_SETS = {"selected": "selected_dataset", "random": "baseline_random", "full": "baseline_full"}
 
 
 def checkpoint_key(dataset: str) -> AssetKey:
@@ -87,8 +85,21 @@ class CheckpointModels:
     training: TrainingResource
 
 
-def fine_tune(context: AssetExecutionContext, dataset: str, rows: pl.DataFrame, models: CheckpointModels):
-    """Reuse the identical finished checkpoint, or train it (resuming from its last save)."""
+@dataclass(frozen=True)
+class TrainedCheckpoint:
+    """A finished checkpoint: where it is, its training record, and what it was trained from."""
+
+    out_dir: Path
+    result: dict
+    data_hash: str
+    base: dict
+
+
+def train_checkpoint(
+    context: AssetExecutionContext, out_dir: Path, dataset_asset: str, rows: pl.DataFrame, models: CheckpointModels
+) -> TrainedCheckpoint:
+    """Reuse the identical finished checkpoint in ``out_dir``, or train it (resuming from its last
+    save): the one training path of every checkpoint, the assets' and the seed repeats'."""
     student, storage, training = models.student, models.storage, models.training
     source = context.partition_key
     base = student.identity_in(storage)
@@ -96,17 +107,16 @@ def fine_tune(context: AssetExecutionContext, dataset: str, rows: pl.DataFrame, 
     builder = build_text_builder(tokenizer, student.template, ScoringConfig(max_length=training.max_length))
     examples = sft_examples(builder, rows.select("instruction", "input", "output").rows(), tokenizer.eos_token_id)
     if not examples:
-        raise ValueError(f"dataset '{TRAINING_SETS[dataset]}' of source '{source}' has no trainable rows")
+        raise ValueError(f"dataset '{dataset_asset}' of source '{source}' has no trainable rows")
     data_hash = dataset_fingerprint(rows)
     identity = run_identity(base.fingerprint, data_hash, student.template, training, training.processes)
-    out_dir = checkpoint_dir(storage, source, dataset)
     result = finished_training(out_dir, identity)
     if result:
-        context.log.info("an identical finished checkpoint exists: reused, no training")
+        context.log.info(f"an identical finished checkpoint exists in {out_dir}: reused, no training")
     else:
         device = models.gpu.resolved_device()
         context.log.info(
-            f"fine-tuning on {len(examples)} rows of {TRAINING_SETS[dataset]}[{source}] → {out_dir} "
+            f"fine-tuning on {len(examples)} rows of {dataset_asset}[{source}] → {out_dir} "
             f"({training.processes} process(es), {training.launcher})"
         )
         job_dir = write_job(
@@ -120,17 +130,23 @@ def fine_tune(context: AssetExecutionContext, dataset: str, rows: pl.DataFrame, 
             dtype=models.gpu.dtype,
             manifest_extra={
                 "base_model": student.model,
-                "dataset_asset": TRAINING_SETS[dataset],
+                "dataset_asset": dataset_asset,
                 "source": source,
                 "rows": rows.height,
             },
         )
         result = training.launch(context, job_dir, on_gpu=device != "cpu")
         shutil.rmtree(job_dir, ignore_errors=True)
-    dataset_facts = {"asset": TRAINING_SETS[dataset], "fingerprint": data_hash, "rows": rows.height}
-    base_facts = {"model": student.model, "fingerprint": base.fingerprint}
+    return TrainedCheckpoint(out_dir, result, data_hash, {"model": student.model, "fingerprint": base.fingerprint})
+
+
+def fine_tune(context: AssetExecutionContext, dataset: str, rows: pl.DataFrame, models: CheckpointModels):
+    """The checkpoint asset's body: train (or reuse) and report it."""
+    out_dir = checkpoint_dir(models.storage, context.partition_key, dataset)
+    trained = train_checkpoint(context, out_dir, TRAINING_SETS[dataset], rows, models)
+    dataset_facts = {"asset": TRAINING_SETS[dataset], "fingerprint": trained.data_hash, "rows": rows.height}
     return MaterializeResult(
-        metadata=checkpoint_metadata(context, dataset, out_dir, result, models, dataset_facts, base_facts)
+        metadata=checkpoint_metadata(context, dataset, out_dir, trained.result, models, dataset_facts, trained.base)
     )
 
 
@@ -174,7 +190,8 @@ def checkpoint_metadata(
 finetuned_selected = checkpoint_asset("selected")
 finetuned_random = checkpoint_asset("random")
 finetuned_full = checkpoint_asset("full")
-CHECKPOINTS = [finetuned_selected, finetuned_random, finetuned_full]  # one per entry of TRAINING_SETS
+finetuned_teacher = checkpoint_asset("teacher")
+CHECKPOINTS = [finetuned_selected, finetuned_random, finetuned_full, finetuned_teacher]  # one per TRAINING_SETS entry
 
 
 def checkpoint_manifests(storage: StorageResource, source: str) -> dict[str, dict | None]:
