@@ -438,7 +438,7 @@ def matched_layout(tmp_path: Path, n: int = 6) -> tuple[dict, list[dict], list[d
 
 
 def test_a_matched_answer_file_pairs_rows_by_instruction_and_input(tmp_path):
-    entry, source, again = matched_layout(tmp_path)
+    entry, _, _ = matched_layout(tmp_path)
     files = load_reflections(spec_of(tmp_path, entry))
     answers = files["A"].sort("row_index")
     assert answers["status"].to_list() == ["missing", "ok", "missing", "ok", "ok", "missing"]

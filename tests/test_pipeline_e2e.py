@@ -22,7 +22,7 @@ from srt_assets.plots import markdown_text
 from srt_assets.resources import StudentModelResource, TrainingResource, TransformersChatResource
 
 pytestmark = [pytest.mark.slow]
-CHECKPOINTS = ("selected", "random", "full")
+CHECKPOINTS = ("selected", "random", "full", "teacher")
 
 
 def run_config(**selection) -> dict:
@@ -37,6 +37,7 @@ def run_config(**selection) -> dict:
         "alpacaeval_results": {"config": {"max_tokens": 12}},
         "mt_bench_answers": {"config": {"count": 1, "max_new_tokens": 12}},
         "mt_bench_scores": {"config": {"max_tokens": 12}},
+        "random_seed_losses": {"config": {"seeds": [1]}},
     }
     return {"ops": ops}
 
@@ -75,7 +76,7 @@ def test_whole_graph_materializes_with_checks_passing(pipeline):
     checks = result.get_asset_check_evaluations()
     blocking = [c for c in checks if c.blocking]
     assert len(blocking) == 18 and all(c.passed for c in blocking), [c.check_name for c in blocking if not c.passed]
-    warn_only = {"selected_beats_random", "selected_beats_base", "student_tells_matched_pairs"}
+    warn_only = {f"selected_beats_{b}" for b in ("random", "teacher", "full", "base")} | {"student_tells_matched_pairs"}
     assert {c.check_name for c in checks if not c.blocking} == warn_only
     assert all(c.partition == "tiny" for c in checks)  # every result belongs to the partition it checked
     materialized = {e.asset_key for e in result.get_asset_materialization_events() if e.asset_key}
@@ -122,13 +123,16 @@ def test_checkpoints_evaluation_and_report(pipeline):
     model = AutoModelForCausalLM.from_pretrained(store / "checkpoints" / "tiny" / "selected")
     assert model.config.model_type == "llama"
     answers = pl.read_parquet(store / "evaluation_answers" / "tiny.parquet")
-    assert answers.height == 3 * 2 and set(answers["dataset"]) == set(CHECKPOINTS)
+    assert answers.height == len(CHECKPOINTS) * 2 and set(answers["dataset"]) == set(CHECKPOINTS)
     judgements = pl.read_parquet(store / "pairwise_verdicts" / "tiny.parquet")
-    assert judgements.height == 2 * 2
+    assert judgements.height == 2 * 3  # two prompts, three pairs
     assert set(judgements["verdict"]) <= {"win", "tie", "lose", "unjudged"}
     assert judgements["judge_text_first"].is_not_null().all()
     losses = pl.read_parquet(store / "reference_loss" / "tiny.parquet")
-    assert losses.height == 3 * 3 and losses["loss"].is_finite().all()
+    assert losses.height == len(CHECKPOINTS) * 3 * 2 and losses["loss"].is_finite().all()  # two reference sets
+    assert set(losses["prompt_set"]) == {"alpaca_eval", "alpaca_eval_gpt4"}
+    seeds = pl.read_parquet(store / "random_seed_losses" / "tiny.parquet")
+    assert set(seeds["draw"]) <= {"baseline_random", "seed 1"} and seeds["loss"].is_finite().all()
     report_dir = store / "reports" / "tiny"
     markdown = (report_dir / "report.md").read_text()
     assert "selected" in markdown and "Pairwise judging" in markdown

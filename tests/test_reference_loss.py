@@ -85,4 +85,6 @@ def test_the_report_shows_differences_and_the_seed_spread(tmp_path):
     assert "## Selected vs each baseline, with 95% intervals" in text and "| ci95_low | ci95_high |" in text
     assert len(written.results["loss_differences"]) == 8
     titles = [p.title for p in report.REPORT_PARTS]
-    assert titles.index("Selected vs each baseline, with 95% intervals") < titles.index("The random baseline over seeds")
+    assert titles.index("Selected vs each baseline, with 95% intervals") < titles.index(
+        "The random baseline over seeds"
+    )

@@ -167,9 +167,14 @@ def match_key(instruction: str, input_text: str | None) -> tuple[str, str]:
     return " ".join(instruction.split()), " ".join((input_text or "").split())
 
 
-def _path(text: str, base_dir: Path) -> Path:
+def expand_shared_data(text: str, base_dir: Path) -> str:
+    """``text`` with a leading $SRT_SHARED_DATA (or ${SRT_SHARED_DATA}) replaced by that folder."""
     shared = os.environ.get(SHARED_DATA_ENV) or str((base_dir / SHARED_DATA_DEFAULT).resolve())
-    path = Path(os.path.expanduser(_SHARED_DATA.sub(lambda _: shared, text)))
+    return _SHARED_DATA.sub(lambda _: shared, text)
+
+
+def _path(text: str, base_dir: Path) -> Path:
+    path = Path(os.path.expanduser(expand_shared_data(text, base_dir)))
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 

@@ -18,6 +18,7 @@ from srt_assets.core.evaluation import PROMPT_SCHEMA, REFERENCE_SETS, load_promp
 from srt_assets.core.generation import CallStats, GenerationParams
 from srt_assets.core.judging import JUDGE_JSON_SCHEMA, JudgePrompt, judge_pair, pairwise_summary, parse_judge_reply
 from srt_assets.core.quality import CheckOutcome
+from srt_assets.core.sources import expand_shared_data
 from srt_assets.defs.common import (
     blocking_checks,
     calls_progress,
@@ -64,7 +65,9 @@ VERDICT_CHECKS = {
 # Result checks in the style of Dagster's project_llm_fine_tune: a worse fine-tune warns, it does not block.
 class EvaluationPromptsConfig(Config):
     data_dir: str = Field(
-        "", description="folder with the test sets (default: $SRT_EVAL_DATA_DIR, else the repository's data/eval)"
+        "",
+        description="folder with the test sets (default: $SRT_EVAL_DATA_DIR, else the repository's data/eval); "
+        "may start with $SRT_SHARED_DATA (unset: ../shared/data beside the repository)",
     )
     sets: list[str] = Field(
         default=["vicuna", "koala", "wizardlm", "lima", "sinstruct"], description="held-out sets to judge on"
@@ -172,7 +175,7 @@ def evaluation_prompts(context: AssetExecutionContext, config: EvaluationPrompts
     """Held-out prompts (Vicuna, Koala, WizardLM, LIMA, Self-Instruct test sets) to judge on, and
     AlpacaEval prompts with reference answers for the judge-free loss. A clone ships a few per set
     (data/eval); point $SRT_EVAL_DATA_DIR at the full sets."""
-    data_dir = Path(config.data_dir) if config.data_dir else paths.eval_data_dir()
+    data_dir = Path(expand_shared_data(config.data_dir, paths.REPO_ROOT)) if config.data_dir else paths.eval_data_dir()
     parts = [load_prompt_set(data_dir, name, config.per_set, config.seed) for name in config.sets]
     if config.reference_count != 0:
         for name in config.reference_sets:
