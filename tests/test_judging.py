@@ -186,7 +186,9 @@ def test_a_report_over_some_of_the_metrics_shows_them_and_names_the_rest(tmp_pat
     assert result.success
     metadata = latest_metadata(dagster_instance, "experiment_report")
     assert "student_diagnosis" not in metadata["not_materialized"]
-    assert {"alpacaeval_results", "mt_bench_scores", "pairwise_verdicts"} <= set(metadata["not_materialized"])
+    assert {"- alpacaeval_results", "- mt_bench_scores", "- pairwise_verdicts"} <= set(
+        metadata["not_materialized"].splitlines()
+    )
     markdown = (store / "reports" / "demo" / "report.md").read_text()
     assert "| swapped | ifd | 0.875 |" in markdown
     assert "Not in this report yet: materialize alpacaeval_results for source 'demo'" in markdown
@@ -204,3 +206,11 @@ def test_every_table_a_report_part_reads_is_an_asset_of_the_graph():
     reads = {name for part in REPORT_PARTS for name in part.reads}
     assert reads and reads <= keys
     assert {"student_diagnosis", "alpacaeval_results", "mt_bench_scores", "reference_loss"} <= reads
+
+
+def test_missing_note_reads_right_when_empty():
+    """The report's not_materialized metadata is a sentence, not "[]", when nothing is missing."""
+    from srt_assets.defs.evaluation.report import missing_note
+
+    assert missing_note([]) == "Every input of the report is materialized."
+    assert missing_note(["b", "a"]).splitlines()[-2:] == ["- b", "- a"]

@@ -30,6 +30,13 @@ REPORT_PARTS: tuple[ReportPart, ...] = (
 )
 
 
+def missing_note(missing: list[str]) -> str:
+    """Which inputs are not materialized, as a sentence and a list a person reads (not "[]")."""
+    if not missing:
+        return "Every input of the report is materialized."
+    return "Not materialized for this source:\n\n" + "\n".join(f"- {name}" for name in missing)
+
+
 @asset(
     partitions_def=SOURCES,
     group_name="evaluation",
@@ -54,7 +61,7 @@ def experiment_report(
     return MaterializeResult(
         metadata={
             "report": MetadataValue.md(report.inline_markdown),
-            "not_materialized": json_value(missing),
+            "not_materialized": MetadataValue.md(missing_note(missing)),
             "results": json_value(report.results),
             # a link to open (a browser opens a file:// link pasted into its address bar), paths last
             "report_link": MetadataValue.url(report.html_path.resolve().as_uri()),
