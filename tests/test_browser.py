@@ -87,8 +87,10 @@ def test_a_person_launches_a_partition_and_sees_its_own_checks(tmp_path: Path, c
         assert run_raw_partition(port, "bad") == "FAILURE"  # its reject-ratio check fails and blocks
         base = f"http://127.0.0.1:{port}"
         with browser_page() as page:
+            page.set_viewport_size({"width": 1600, "height": 2200})  # the catalog lists every asset at once
             page.goto(f"{base}/assets")
             page.locator('a[href="/assets/raw_samples"]').first.click()
+            page.set_viewport_size({"width": 1600, "height": 1000})
             page.wait_for_url("**/assets/raw_samples**")
             page.get_by_role("button", name="Materialize…").first.click()
             dialog = page.get_by_role("dialog")
@@ -185,7 +187,7 @@ def test_markdown_beacons_in_rows_load_nothing_in_the_viewers_browser(tmp_path: 
 
 SELECTION_RUN = [
     *("raw_samples", "raw_rejects", "new_instructions", "better_responses", "student_scores", "sample_decisions"),
-    *("selected_dataset", "baseline_random", "baseline_full", "training_sets"),
+    *("selected_dataset", "baseline_random", "baseline_full", "baseline_teacher", "training_sets"),
 ]
 
 
@@ -243,6 +245,6 @@ def test_an_auditor_sees_a_fallback_named_as_such_and_the_sets_side_by_side(tmp_
     assert "Q: missing — not a candidate" in preview  # the reason names the fallback, not IFD(Q) = IFD(ori)
     assert f"showing 5 of {len(plan)} rows" in preview and "explain_sample_op" in preview
     assert "showing 2 of 2 rows" in listed  # Q of row 0, and QA, which had no new instruction to answer
-    for name in ("selected_dataset", "baseline_random", "baseline_full"):
+    for name in ("selected_dataset", "baseline_random", "baseline_full", "baseline_teacher"):
         assert name in comparison
     assert "original_output" in side
