@@ -66,7 +66,7 @@ def test_reflection_to_scores_then_rerun_makes_no_calls(tmp_path, dagster_instan
         assert scores["ifd"].is_not_null().all()
         meta = metadata(dagster_instance, "new_instructions")
         assert meta["calls_made"] == 5 and meta["cache_hits"] == 0  # 4 rows + 1 retry after a parse failure
-        assert "| ok | 3 |" in meta["outcomes"] and "| parse\\_failed | 1 |" in meta["outcomes"]
+        assert "| ok | 3 |" in meta["outcomes"] and "| parse_failed | 1 |" in meta["outcomes"]
         assert questions.filter(pl.col("status") == "ok")["finish_reason"].to_list() == ["stop"] * 3
         assert meta["replies_without_finish_reason"] == 0  # the server said how each reply ended
         requests = server.requests
@@ -74,10 +74,7 @@ def test_reflection_to_scores_then_rerun_makes_no_calls(tmp_path, dagster_instan
         assert run(defs, dagster_instance).success
         assert server.requests == requests  # a rerun of a materialized partition makes zero calls
         assert metadata(dagster_instance, "better_responses")["calls_made"] == 0
-        scored = metadata(dagster_instance, "student_scores")
-        assert scored["texts_computed"] == 0
-        # the student's settings and the score quantiles are small tables, not JSON blocks
-        assert "| setting | value |" in scored["student"] and "| quantile | value |" in scored["ifd"]
+        assert metadata(dagster_instance, "student_scores")["texts_computed"] == 0
 
     # The key reached the server, and nowhere else: not the files, not the event log.
     assert server.authorization == {f"Bearer {KEY}"}
@@ -182,11 +179,6 @@ def test_new_instructions_is_a_module_level_asset_a_test_can_call(tmp_path, monk
     assert table["sample_id"].to_list() == raw["sample_id"].to_list()
     assert set(table["variant"]) == {"Q"} and set(table["status"]) == {"ok"}
     assert output.metadata["calls_made"].value == raw.height
-    # settings and counts are small tables a person reads, not JSON blocks; no failures says so
-    meta = {key: value.value for key, value in output.metadata.items()}
-    assert "| setting | value |" in meta["teacher"] and "| model | scripted |" in meta["teacher"]
-    assert meta["failures_by_kind"] == "no failures"
-    assert f"| ok | {raw.height} |" in meta["outcomes"] and "| flag | candidates |" in meta["flags"]
     assert {e.check_name: e.passed for e in events if isinstance(e, AssetCheckResult)} == {
         "failure_ratio_below_bound": True,
         "one_candidate_per_input": True,
