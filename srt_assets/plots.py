@@ -162,12 +162,11 @@ def for_people(value: object) -> str:
     return str(value)
 
 
-def mapping_table(data: Mapping[str, object], key: str = "name", value: str = "value", empty: str = "_(none)_") -> str:
+def mapping_table(data: Mapping[str, object], key: str = "name", value: str = "value") -> str:
     """A dict as a small Markdown table instead of a JSON block: a dict of dicts (per column, per
-    source) becomes one row per key and one column per inner key; any other dict one row per key;
-    ``empty`` is the sentence an empty dict reads as (not ``{}``)."""
+    source) becomes one row per key and one column per inner key; any other dict one row per key."""
     if not data:
-        return empty
+        return "_(none)_"
     if all(isinstance(v, Mapping) for v in data.values()):
         inner = list(dict.fromkeys(name for v in data.values() for name in v))  # type: ignore[union-attr]
         rows = [{key: str(k), **{c: for_people(v.get(c)) for c in inner}} for k, v in data.items()]  # type: ignore[union-attr]

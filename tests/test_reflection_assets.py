@@ -66,7 +66,7 @@ def test_reflection_to_scores_then_rerun_makes_no_calls(tmp_path, dagster_instan
         assert scores["ifd"].is_not_null().all()
         meta = metadata(dagster_instance, "new_instructions")
         assert meta["calls_made"] == 5 and meta["cache_hits"] == 0  # 4 rows + 1 retry after a parse failure
-        assert "| ok | 3 |" in meta["outcomes"] and "| parse_failed | 1 |" in meta["outcomes"]
+        assert meta["outcomes"] == {"ok": 3, "parse_failed": 1}
         assert questions.filter(pl.col("status") == "ok")["finish_reason"].to_list() == ["stop"] * 3
         assert meta["replies_without_finish_reason"] == 0  # the server said how each reply ended
         requests = server.requests

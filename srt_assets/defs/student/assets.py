@@ -34,7 +34,7 @@ from srt_assets.defs.common import (
 from srt_assets.defs.partitions import ROWS, SOURCES
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.models.identity import BUNDLED_MODEL
-from srt_assets.plots import mapping_table, text_histogram
+from srt_assets.plots import text_histogram
 from srt_assets.report import Section
 from srt_assets.resources import ComputeResource, SourceCatalogResource, StorageResource, StudentModelResource
 
@@ -103,11 +103,13 @@ def score_metadata(
     figures = {
         "tokens_per_second": round(work["tokens"] / max(seconds, 1e-9), 1),
         "compute_seconds": round(seconds, 1),
-        "compute": MetadataValue.md(mapping_table(gpu.describe(), "setting")),
+        "compute": json_value(gpu.describe()),
     }
-    settings = {"model": student.model, "template": student.template, "max_length": student.max_length}
     return {
-        "student": MetadataValue.md(mapping_table(settings | {"fingerprint": session.identity.fingerprint}, "setting")),
+        "student": json_value(
+            {"model": student.model, "template": student.template, "max_length": student.max_length}
+            | {"fingerprint": session.identity.fingerprint}
+        ),
         "texts": work["texts"],
         "unique_texts": work["unique_texts"],
         "texts_from_cache": session.scorer.hits,
@@ -123,8 +125,8 @@ def score_summary(scores: pl.DataFrame) -> dict:
     return {
         "null_scores": int(scores["ifd"].is_null().sum()),
         "truncated": int(scores["truncated"].sum()),
-        "ifd": MetadataValue.md(mapping_table(quantiles(scores["ifd"]), "quantile")),
-        "rifd": MetadataValue.md(mapping_table(quantiles(scores["rifd"]), "quantile")),
+        "ifd": json_value(quantiles(scores["ifd"])),
+        "rifd": json_value(quantiles(scores["rifd"])),
         "ifd_histogram": MetadataValue.md(text_histogram(scores["ifd"].to_list(), "IFD")),
         "rifd_histogram": MetadataValue.md(text_histogram(scores["rifd"].to_list(), "r-IFD")),
     }

@@ -34,7 +34,7 @@ from srt_assets.defs.common import (
 from srt_assets.defs.partitions import ROWS
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.partitions import Partitioning
-from srt_assets.plots import mapping_table, markdown_table
+from srt_assets.plots import markdown_table
 from srt_assets.report import Section
 from srt_assets.resources import (
     ChatModelResource,
@@ -256,7 +256,7 @@ def flag_metadata(table: pl.LazyFrame) -> dict:
     ).collect()
     return {
         **{name: int(value) for name, value in figures.row(0, named=True).items()},
-        "flags": MetadataValue.md(mapping_table(counts, "flag", "candidates")),
+        "flags": json_value(counts),
         "flagged_examples": MetadataValue.md(markdown_table(examples, max_chars=100)),
     }
 
@@ -272,13 +272,13 @@ def teacher_metadata(
     """Who wrote the candidates, what it cost and how fast it went."""
     figures = {"teacher_seconds": round(seconds, 1), "calls_per_second": round(stats.calls / max(seconds, 1e-9), 2)}
     return {
-        "teacher": MetadataValue.md(mapping_table(teacher.describe(), "setting")),
+        "teacher": json_value(teacher.describe()),
         "prompts_file": teacher.prompts_path() or "(built-in full prompts)",
         "calls_made": stats.calls,
         "requests_sent": stats.requests,
         "cache_hits": stats.cache_hits,
         "model_loaded": model_loaded,
-        "failures_by_kind": MetadataValue.md(mapping_table(stats.failures, "kind", "calls", "no failures")),
+        "failures_by_kind": json_value(stats.failures),
         "tokens_in": stats.prompt_tokens,
         "tokens_out": stats.completion_tokens,
         "estimated_cost": round(teacher.estimated_cost(stats.prompt_tokens, stats.completion_tokens), 4),
@@ -307,7 +307,7 @@ def candidate_metadata(table: pl.LazyFrame, origin: dict, before: pl.LazyFrame, 
     )
     return {
         "ok_rows": statuses.get("ok", 0),
-        "outcomes": MetadataValue.md(mapping_table(statuses, "status", "rows")),
+        "outcomes": json_value(statuses),
         **origin,
         **flag_metadata(table),
         "examples": MetadataValue.md(markdown_table(examples, max_chars=120)),
