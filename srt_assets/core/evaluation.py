@@ -136,8 +136,10 @@ def paired_interval(
     if diffs.size == 0:
         return math.nan, math.nan, math.nan, 0
     mean = float(diffs.mean())
-    if diffs.size < 2 or np.all(diffs == diffs[0]):
-        return mean, (mean if diffs.size > 1 else math.nan), (mean if diffs.size > 1 else math.nan), int(diffs.size)
+    if diffs.size < 2:
+        return mean, math.nan, math.nan, 1
+    if np.all(diffs == diffs[0]):  # no spread: the interval is the point (BCa cannot be computed)
+        return mean, mean, mean, int(diffs.size)
     result = stats.bootstrap(
         (diffs,), np.mean, confidence_level=confidence, n_resamples=resamples, rng=np.random.default_rng(seed)
     )

@@ -182,10 +182,11 @@ def random_seed_losses(
     seen = {dataset_fingerprint(baseline_random)}
     for seed in config.seeds:
         drawn = random_baseline(original_training_rows(raw_samples), selected_dataset.height, seed)
-        if dataset_fingerprint(drawn) in seen:
+        fingerprint = dataset_fingerprint(drawn)
+        if fingerprint in seen:
             context.log.info(f"seed {seed} draws the same rows as an earlier draw: left out")
             continue
-        seen.add(dataset_fingerprint(drawn))
+        seen.add(fingerprint)
         out_dir = checkpoint_dir(storage, source, f"random_seed{seed}")
         trained = train_checkpoint(context, out_dir, f"baseline_random (seed {seed})", drawn, models)
         losses, _ = answer_losses(student, gpu, storage, rows, str(trained.out_dir))
