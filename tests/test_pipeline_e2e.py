@@ -147,16 +147,16 @@ def test_checkpoints_evaluation_and_report(pipeline):
 def test_alpaca_eval_and_mt_bench_end_the_report(pipeline):
     store = pipeline["store"]
     outputs = pl.read_parquet(store / "alpacaeval_outputs" / "tiny.parquet")
-    assert outputs.height == 2 * 3 and set(outputs["checkpoint"]) == set(CHECKPOINTS)
+    assert outputs.height == 2 * len(CHECKPOINTS) and set(outputs["checkpoint"]) == set(CHECKPOINTS)
     exported = json.loads(
         (store / "exports" / "alpacaeval_outputs" / "tiny" / "selected" / "model_outputs.json").read_text()
     )
     assert len(exported) == 2 and set(exported[0]) == {"instruction", "output", "generator", "dataset"}
     results = pl.read_parquet(store / "alpacaeval_results" / "tiny.parquet")
-    assert results.height == 3 * 2 and set(results["reference"]) == {"text_davinci_003", "gpt4_1106_preview"}
+    assert results.height == len(CHECKPOINTS) * 2 and set(results["reference"]) == {"text_davinci_003", "gpt4_1106_preview"}
     assert (results["n_total"] + results["unjudged"] == 2).all() and (results["judge_calls"] <= 2).all()
     scores = pl.read_parquet(store / "mt_bench_scores" / "tiny.parquet")
-    assert scores.height == 3 * 2 and set(scores["turn"]) == {1, 2}
+    assert scores.height == len(CHECKPOINTS) * 2 and set(scores["turn"]) == {1, 2}
     assert scores["score"].drop_nulls().is_between(1, 10).all() and scores["judge_reply"].is_not_null().all()
     markdown = (store / "reports" / "tiny" / "report.md").read_text()
     assert markdown.index("## AlpacaEval win rate") > markdown.index("## Training curves")
@@ -192,7 +192,7 @@ def test_selection_change_reruns_only_what_it_affects(pipeline):
     assert latest_metadata(instance, "better_responses")["calls_made"] == 0
     assert latest_metadata(instance, "student_scores")["texts_computed"] == 0
     reused = {d: latest_metadata(instance, AssetKey(f"finetuned_{d}"))["reused_existing"] for d in CHECKPOINTS}
-    assert reused == {"selected": False, "random": False, "full": True}  # the full data did not change
+    assert reused == {"selected": False, "random": False, "full": True, "teacher": True}  # only the selection changed
     assert other_file.stat().st_mtime_ns == other_before[0]  # the other source was not touched
     partitions = instance.get_materialized_partitions(AssetKey("raw_samples"))
     assert partitions == {"tiny", "other"}
@@ -204,7 +204,7 @@ def test_report_is_in_dagster_metadata(pipeline):
     meta = latest_metadata(pipeline["instance"], "experiment_report")
     assert Path(meta["report_html"]).is_file()
     assert "data:image/png;base64" in meta["report"]
-    assert {r["dataset"] for r in meta["results"]["training"]} == set(CHECKPOINTS)
+    assert {r["dataset"] for r in meta["results"]["training"]} == {*CHECKPOINTS, "base"}  # base: the untrained student
 
 
 def test_demo_partition_to_selected_dataset_with_the_paper_rule(tmp_path, student_model_dir, dagster_instance):
