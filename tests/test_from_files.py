@@ -457,6 +457,8 @@ def test_only_matched_reads_just_the_answered_rows_and_limit_counts_them(tmp_pat
     assert samples["row_index"].to_list() == [1, 3, 4] and rejects.height == 0
     limited = spec_of(tmp_path, entry | {"only_matched": True, "limit": 2})
     assert load_source(limited, matched_keys(limited))[0]["row_index"].to_list() == [1, 3]
+    answers = load_reflections(spec)["A"]  # only the rows raw_samples holds, not a missing row per source row
+    assert sorted(answers["row_index"]) == [1, 3, 4] and set(answers["status"]) == {"ok"}
 
 
 def test_a_matched_key_given_twice_with_other_answers_is_refused(tmp_path):

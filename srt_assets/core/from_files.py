@@ -95,12 +95,15 @@ def matched_keys(spec: SourceSpec) -> set[tuple[str, str]]:
 
 
 def _matched_rows(file: VariantFile, spec: SourceSpec, source: SourceRows) -> list[dict[str, Any]]:
-    """A matched file's rows in the source's order; a source row the file does not hold is missing."""
+    """A matched file's rows in the source's order; a source row the file does not hold is missing,
+    or left out where the source reads ``only_matched`` (its raw_samples never has that row)."""
     index = _matched_index(file, spec)
     rows = []
     for row_index, instruction, given_input in zip(source.row_indexes, source.instructions, source.inputs, strict=True):
         key = match_key(instruction, given_input if "input" in file.match_on else "") if instruction else None
         position, record = index.get(key, (None, None)) if key else (None, None)
+        if position is None and spec.only_matched:
+            continue
         if position is None:
             row = {"row_index": row_index, "instruction": None, "input": "", "output": None, "where": None}
             error = f"{file.path} holds no record with this row's {' and '.join(file.match_on)}"
@@ -190,7 +193,7 @@ def load_reflections(spec: SourceSpec) -> dict[str, pl.DataFrame]:
             for i, (index, record) in enumerate(zip(source.row_indexes, records, strict=True))
         ]
     problems = []
-    if "A" in rows:
+    if "A" in rows and not spec.reflections["A"].match_on:  # a matched file agrees with the source by its key
         where = f"the source file {spec.path}"
         problems.append(_first_mismatch(rows["A"], source.instructions, spec.reflections["A"], "instruction", where))
     if "QA" in rows:
