@@ -162,11 +162,12 @@ def for_people(value: object) -> str:
     return str(value)
 
 
-def mapping_table(data: Mapping[str, object], key: str = "name", value: str = "value") -> str:
+def mapping_table(data: Mapping[str, object], key: str = "name", value: str = "value", empty: str = "_(none)_") -> str:
     """A dict as a small Markdown table instead of a JSON block: a dict of dicts (per column, per
-    source) becomes one row per key and one column per inner key; any other dict one row per key."""
+    source) becomes one row per key and one column per inner key; any other dict one row per key;
+    an empty dict reads as the sentence ``empty``, not as ``{}``."""
     if not data:
-        return "_(none)_"
+        return empty
     if all(isinstance(v, Mapping) for v in data.values()):
         inner = list(dict.fromkeys(name for v in data.values() for name in v))  # type: ignore[union-attr]
         rows = [{key: str(k), **{c: for_people(v.get(c)) for c in inner}} for k, v in data.items()]  # type: ignore[union-attr]

@@ -123,6 +123,21 @@ def latest_metadata(instance, key) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
+def table_cells(markdown: str) -> dict:
+    """A metadata table as the UI shows it (``table_value``), read back: first column → the cell of a
+    two-column table, else → {column: cell}; cells as the text a person reads, escapes undone."""
+    import re
+
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    if not lines:
+        return {}
+    split = [[re.sub(r"\\(.)", r"\1", c.strip()) for c in line.strip("|").split(" | ")] for line in lines]
+    header, rows = split[0], split[2:]
+    if len(header) == 2:
+        return {row[0]: row[1] for row in rows}
+    return {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in rows}
+
+
 @pytest.fixture(scope="session")
 def reference_scorer(student_model_dir):
     """The authors' straightforward computation as a LossScorer: batch of one, context labels -100,

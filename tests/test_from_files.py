@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import latest_metadata, materialize, write_catalog
+from conftest import latest_metadata, materialize, table_cells, write_catalog
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.core.agreement import decision_agreement, rank_agreement
@@ -17,6 +17,7 @@ from srt_assets.core.from_files import FileLayoutError, load_reflections, statis
 from srt_assets.core.provenance import explain_sample, format_story, load_partition_tables
 from srt_assets.core.sources import SourceConfigError, VariantFile, load_catalog
 from srt_assets.definitions import build_definitions
+from srt_assets.plots import for_people
 from srt_assets.resources import OpenAIChatResource, StudentModelResource
 
 TOPICS = ["photosynthesis", "the water cycle", "compound interest", "plate tectonics", "vaccines", "recursion"]
@@ -364,8 +365,8 @@ def test_score_agreement_decides_by_the_rule_its_decisions_table_holds(tmp_path,
         assert materialize(defs, "s", dagster_instance, selection=keys, run_config=config).success
         with DagsterInstance.ephemeral(tempdir=str(tmp_path / "second_machine")) as second:
             assert materialize(defs, "s", second, selection=[_key("score_agreement")]).success
-            compared_by = latest_metadata(second, "score_agreement")["rule"]
-    assert {name: compared_by[name] for name in rule} == rule
+            compared_by = table_cells(latest_metadata(second, "score_agreement")["rule"])
+    assert {name: compared_by[name] for name in rule} == {name: for_people(value) for name, value in rule.items()}
 
 
 def _key(name: str):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO_ROOT, latest_metadata, materialize, write_catalog, write_jsonl
+from conftest import REPO_ROOT, latest_metadata, materialize, table_cells, write_catalog, write_jsonl
 from openai_server import ScriptedOpenAIServer
 
 from srt_assets.definitions import build_definitions
@@ -47,9 +47,10 @@ def test_demo_scores_then_rerun_makes_no_model_calls(
     assert scores["ifd"].is_not_null().all() and (scores["ifd"] > 0).all()
     assert scores["rifd"].is_not_null().all()
     meta = latest_metadata(dagster_instance, "student_scores")
-    assert meta["compute"]["device"] == "cpu" and meta["compute"]["dtype"] == "float32"
+    compute = table_cells(meta["compute"])
+    assert compute["device"] == "cpu" and compute["dtype"] == "float32"
     computed, latest_first = meta["texts_computed"], meta
-    assert meta["student"]["fingerprint"] and meta["model_loaded"] is True
+    assert table_cells(meta["student"])["fingerprint"] and meta["model_loaded"] is True
     assert 0 < computed == meta["unique_texts"] <= meta["texts"] == 16 * 40
     assert meta["ifd_histogram"].startswith("| IFD | n |") and len(meta["ifd_histogram"]) < 1000  # shown inline
     assert meta["served_from_cache"] is False and meta["tokens_per_second"] > 0

@@ -2,7 +2,7 @@
 
 import dagster
 import pytest
-from conftest import alpaca_rows, materialize
+from conftest import alpaca_rows, materialize, table_cells
 
 from srt_assets.core.ifd import ScoringConfig, ScoringItem, score_items
 from srt_assets.models.student import build_text_builder
@@ -65,7 +65,7 @@ def _run_on_vllm(tmp_path, dagster_instance, student_model_dir, teacher):
     scores = pl.read_parquet(tmp_path / "store" / "student_scores" / "v.parquet")
     assert scores.height == 3 * 4 and scores["ifd"].is_not_null().all()
     event = dagster_instance.get_latest_materialization_event(dagster.AssetKey("student_scores"))
-    assert event.asset_materialization.metadata["compute"].value["backend"] == "vllm"
+    assert table_cells(event.asset_materialization.metadata["compute"].value)["backend"] == "vllm"
 
 
 @pytest.mark.slow

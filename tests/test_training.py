@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import alpaca_rows, training_examples
+from conftest import alpaca_rows, table_cells, training_examples
 
 from srt_assets.core.training import TrainingHyperparameters, run_identity
 from srt_assets.models.student import load_tokenizer
@@ -140,8 +140,8 @@ def test_a_checkpoint_asset_called_directly_reuses_an_identical_training(student
     result = selected(build_asset_context(partition_key=partition), rows, student, ComputeResource(), storage, training)
     assert result.metadata["reused_existing"] is True
     assert result.metadata["steps"] == trained.steps == 1
-    assert result.metadata["dataset"].value == {
+    assert table_cells(result.metadata["dataset"].value) == {
         "asset": "selected_dataset",
         "fingerprint": identity["dataset_fingerprint"],
-        "rows": rows.height,
+        "rows": str(rows.height),
     }

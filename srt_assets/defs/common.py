@@ -21,6 +21,7 @@ from srt_assets.core.progress import ThrottledProgress
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.executors import GPU_POOL, GPU_STEP_TAGS
 from srt_assets.io_managers import column_schema  # noqa: F401 (re-exported for asset definitions)
+from srt_assets.plots import mapping_table
 
 SOURCE_PARTITIONS_DOC = "Partitioned per source dataset (see sources.yaml)."
 # Arguments of every model step: the Dagster pool "gpu" (capped in dagster.yaml) and the tags that
@@ -75,7 +76,16 @@ def json_safe(value: Any) -> Any:
 
 
 def json_value(value: Any) -> MetadataValue:
+    """For what programs read (the report's results, exported summaries); a person gets ``table_value``."""
     return MetadataValue.json(json_safe(value))
+
+
+def table_value(
+    data: Mapping[str, Any], key: str = "setting", value: str = "value", empty: str = "_(none)_"
+) -> MetadataValue:
+    """Settings, counts and quantiles as the small table a person reads in the UI, not a JSON block
+    (numbers to 4 significant digits there; the Parquet tables keep them exact)."""
+    return MetadataValue.md(mapping_table(json_safe(data), key, value, empty))
 
 
 def quantiles(values: pl.Series) -> dict[str, float]:
@@ -127,8 +137,8 @@ def judge_metadata(judge, stats) -> dict[str, Any]:
     """What every judging asset shows: which judge, the calls it made or took from the cache, and
     the failures by kind (never a key: ``describe`` hides it)."""
     return {
-        "judge": json_value(judge.describe()),
+        "judge": table_value(judge.describe()),
         "calls_made": stats.calls,
         "cache_hits": stats.cache_hits,
-        "failures_by_kind": json_value(stats.failures),
+        "failures_by_kind": table_value(stats.failures, "kind", "calls", "no failures"),
     }

@@ -21,7 +21,7 @@ from srt_assets.core.winrates import (
     load_reference,
     win_rate,
 )
-from srt_assets.defs.common import calls_progress, column_schema, json_value, judge_metadata
+from srt_assets.defs.common import calls_progress, column_schema, json_value, judge_metadata, table_value
 from srt_assets.defs.evaluation.steps import JUDGE_STEP, Answer, answer_with_checkpoints, checkpoint_step
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.defs.training.assets import TRAINING_SETS
@@ -94,8 +94,8 @@ def answers_output(
     return Output(
         table,
         metadata={
-            **{name: json_value(value) if isinstance(value, dict) else value for name, value in figures.items()},
-            "calls": json_value(stats),
+            **{name: table_value(value) if isinstance(value, dict) else value for name, value in figures.items()},
+            "calls": table_value(stats, "checkpoint"),
             "examples": MetadataValue.md(examples),
         },
     )
@@ -274,8 +274,8 @@ def mt_bench_scores(
             "per_category": MetadataValue.md(markdown_table(summary, max_chars=40)),
             "unjudged": int(table["score"].is_null().sum()),
             **judge_metadata(judge, cached.stats),
-            "judge_tokens": json_value(
-                {"prompt": cached.stats.prompt_tokens, "completion": cached.stats.completion_tokens}
+            "judge_tokens": table_value(
+                {"prompt": cached.stats.prompt_tokens, "completion": cached.stats.completion_tokens}, "tokens"
             ),
         },
     )

@@ -26,6 +26,7 @@ from srt_assets.defs.common import (
     json_value,
     judge_metadata,
     quantiles,
+    table_value,
     to_check_results,
 )
 from srt_assets.defs.evaluation.steps import JUDGE_STEP, answer_with_checkpoints, checkpoint_step
@@ -190,7 +191,7 @@ def evaluation_prompts(context: AssetExecutionContext, config: EvaluationPrompts
         metadata={
             "data_dir": MetadataValue.path(str(data_dir)),
             "bundled_samples": data_dir == paths.BUNDLED_EVAL_DIR.resolve(),
-            "prompts_per_set": json_value(per_set),
+            "prompts_per_set": table_value(per_set, "prompt set", "prompts"),
             "preview": MetadataValue.md(markdown_table(table.head(5))),
         },
     )
@@ -232,9 +233,9 @@ def evaluation_answers(
     return Output(
         table,
         metadata={
-            "calls": json_value(stats),
+            "calls": table_value(stats, "checkpoint"),
             "generated": sum(s["generated"] for s in stats.values()),
-            "answer_tokens": json_value(quantiles(table["answer_tokens"].cast(pl.Float64))),
+            "answer_tokens": table_value(quantiles(table["answer_tokens"].cast(pl.Float64)), "quantile"),
             "examples": MetadataValue.md(
                 markdown_table(table.select("dataset", "prompt_set", "prompt", "answer").head(6))
             ),

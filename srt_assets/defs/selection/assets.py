@@ -35,8 +35,8 @@ from srt_assets.core.variants import all_variants
 from srt_assets.defs.common import (
     blocking_checks,
     column_schema,
-    json_value,
     quantiles,
+    table_value,
     to_check_results,
 )
 from srt_assets.defs.partitions import SOURCES
@@ -138,7 +138,6 @@ def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants
         "kept": counts["kept"],
         "selected": counts["selected"],
         "branches": MetadataValue.md(branch_table(counts)),
-        "branch_counts": json_value(counts),
         "not_candidates": MetadataValue.md(mapping_table(not_candidates, "variant: why", "samples")),
         "failed_reflections": MetadataValue.md(preview_markdown(failures.head(20), failures.height, 200)),
         "samples_with_flags": int(decisions["flags"].is_not_null().sum()),
@@ -344,9 +343,9 @@ def score_agreement(
         metadata={
             "theirs": label,
             "statistics_use": spec.statistics.use,
-            "rule": json_value({name: getattr(rule, name) for name in SelectionRule.model_fields}),
+            "rule": table_value({name: getattr(rule, name) for name in SelectionRule.model_fields}),
             **{name: value for name, value in summary.items() if value is not None},
-            "their_branch_counts": json_value(branch_counts(their_decisions)),
+            "their_branches": MetadataValue.md(branch_table(branch_counts(their_decisions))),
             "correlations": MetadataValue.md(agreement_markdown(table)),
         },
     )

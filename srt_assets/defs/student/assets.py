@@ -26,9 +26,9 @@ from srt_assets.defs.common import (
     blocking_checks,
     calls_progress,
     column_schema,
-    json_value,
     production_figures,
     quantiles,
+    table_value,
     to_check_results,
 )
 from srt_assets.defs.partitions import ROWS, SOURCES
@@ -103,10 +103,10 @@ def score_metadata(
     figures = {
         "tokens_per_second": round(work["tokens"] / max(seconds, 1e-9), 1),
         "compute_seconds": round(seconds, 1),
-        "compute": json_value(gpu.describe()),
+        "compute": table_value(gpu.describe()),
     }
     return {
-        "student": json_value(
+        "student": table_value(
             {"model": student.model, "template": student.template, "max_length": student.max_length}
             | {"fingerprint": session.identity.fingerprint}
         ),
@@ -125,8 +125,8 @@ def score_summary(scores: pl.DataFrame) -> dict:
     return {
         "null_scores": int(scores["ifd"].is_null().sum()),
         "truncated": int(scores["truncated"].sum()),
-        "ifd": json_value(quantiles(scores["ifd"])),
-        "rifd": json_value(quantiles(scores["rifd"])),
+        "ifd": table_value(quantiles(scores["ifd"]), "quantile"),
+        "rifd": table_value(quantiles(scores["rifd"]), "quantile"),
         "ifd_histogram": MetadataValue.md(text_histogram(scores["ifd"].to_list(), "IFD")),
         "rifd_histogram": MetadataValue.md(text_histogram(scores["rifd"].to_list(), "r-IFD")),
     }
@@ -140,7 +140,7 @@ def scores_from_files(spec: SourceSpec, variants: pl.LazyFrame, raw: pl.LazyFram
     wanted = keys.join(raw.select("sample_id", "row_index"), on="sample_id", how="left", maintain_order="left")
     scores = load_statistics(spec, wanted.collect(), score_schema())
     metadata = {
-        "statistics_from": json_value({variant: str(f.path) for variant, f in spec.statistics.files.items()}),
+        "statistics_from": table_value({v: str(f.path) for v, f in spec.statistics.files.items()}, "variant", "file"),
         "statistics_label": spec.statistics.label or "(unlabelled)",
         "texts_computed": 0,
         "model_loaded": False,
@@ -257,8 +257,8 @@ def student_diagnosis(
             "rows_sampled": len(chosen),
             "probes": len(probes),
             "aucs": MetadataValue.md(auc_markdown(table)),
-            "student": json_value({"model": student.model, "fingerprint": session.identity.fingerprint}),
-            "compute": json_value(gpu.describe()),
+            "student": table_value({"model": student.model, "fingerprint": session.identity.fingerprint}),
+            "compute": table_value(gpu.describe()),
         },
     )
     yield from to_check_results(

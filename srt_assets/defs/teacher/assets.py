@@ -27,8 +27,8 @@ from srt_assets.defs.common import (
     blocking_checks,
     calls_progress,
     column_schema,
-    json_value,
     production_figures,
+    table_value,
     to_check_results,
 )
 from srt_assets.defs.partitions import ROWS
@@ -256,7 +256,7 @@ def flag_metadata(table: pl.LazyFrame) -> dict:
     ).collect()
     return {
         **{name: int(value) for name, value in figures.row(0, named=True).items()},
-        "flags": json_value(counts),
+        "flags": table_value(counts, "flag", "candidates", "no flags"),
         "flagged_examples": MetadataValue.md(markdown_table(examples, max_chars=100)),
     }
 
@@ -272,13 +272,13 @@ def teacher_metadata(
     """Who wrote the candidates, what it cost and how fast it went."""
     figures = {"teacher_seconds": round(seconds, 1), "calls_per_second": round(stats.calls / max(seconds, 1e-9), 2)}
     return {
-        "teacher": json_value(teacher.describe()),
+        "teacher": table_value(teacher.describe()),
         "prompts_file": teacher.prompts_path() or "(built-in full prompts)",
         "calls_made": stats.calls,
         "requests_sent": stats.requests,
         "cache_hits": stats.cache_hits,
         "model_loaded": model_loaded,
-        "failures_by_kind": json_value(stats.failures),
+        "failures_by_kind": table_value(stats.failures, "kind", "calls", "no failures"),
         "tokens_in": stats.prompt_tokens,
         "tokens_out": stats.completion_tokens,
         "estimated_cost": round(teacher.estimated_cost(stats.prompt_tokens, stats.completion_tokens), 4),
@@ -307,7 +307,7 @@ def candidate_metadata(table: pl.LazyFrame, origin: dict, before: pl.LazyFrame, 
     )
     return {
         "ok_rows": statuses.get("ok", 0),
-        "outcomes": json_value(statuses),
+        "outcomes": table_value(statuses, "status", "rows"),
         **origin,
         **flag_metadata(table),
         "examples": MetadataValue.md(markdown_table(examples, max_chars=120)),
@@ -373,7 +373,7 @@ class CandidateStep:
         rows = pl.concat([rows for rows, _ in parts]) if parts else pl.DataFrame(schema=VARIANT_SCHEMA)
         made = sorted({PRODUCES[self.kind][variant] for variant in rows["variant"].unique()})
         origin = {
-            "candidates_from": json_value({variant: str(spec.reflections[variant].path) for variant in made}),
+            "candidates_from": table_value({v: str(spec.reflections[v].path) for v in made}, "variant", "file"),
             "calls_made": 0,
             "model_loaded": False,
         }

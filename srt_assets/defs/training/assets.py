@@ -19,7 +19,7 @@ from srt_assets.core.cache import content_key
 from srt_assets.core.datasets import TRAINING_SETS
 from srt_assets.core.ifd import ScoringConfig
 from srt_assets.core.training import MANIFEST, finished_training, read_manifest, run_identity, sft_examples
-from srt_assets.defs.common import GPU_STEP, json_value, production_figures
+from srt_assets.defs.common import GPU_STEP, production_figures, table_value
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.models.sft_launch import write_job
 from srt_assets.models.student import build_text_builder, load_tokenizer
@@ -165,17 +165,17 @@ def checkpoint_metadata(
         "wall_seconds": result["seconds"],
         "tokens_per_second": round(result["tokens_trained"] / max(result["seconds"], 1e-9), 1),
         "processes": result["processes"],
-        "compute": json_value(models.gpu.describe()),
+        "compute": table_value(models.gpu.describe()),
     }
     losses = result["losses"]
     launch = {"processes": training.processes, "accelerate_config": training.accelerate_config}
     return {
         "path": MetadataValue.path(str(out_dir)),
         "manifest": MetadataValue.path(str(out_dir / MANIFEST)),
-        "dataset": json_value(dataset_facts),
-        "base_model": json_value(base_facts),
-        "hyperparameters": json_value(training.as_dict()),
-        "launch": json_value(launch | {"launcher": training.launcher}),
+        "dataset": table_value(dataset_facts),
+        "base_model": table_value(base_facts),
+        "hyperparameters": table_value(training.as_dict()),
+        "launch": table_value(launch | {"launcher": training.launcher}),
         "steps": result["steps"],
         "final_loss": losses[-1] if losses else None,
         "tokens_trained": result["tokens_trained"],
