@@ -66,6 +66,22 @@ def plan_partition_runs(
     return runs + ([(source, sorted(after))] if after else [])
 
 
+def selected_asset_keys(graph, selection: str | None) -> set:
+    """What a selection string (default: everything) runs: its assets with the multi-assets they
+    need, and the observable source_files too, so after `srt demo` the UI shows the files it read."""
+    from dagster import AssetSelection
+    from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
+
+    try:
+        chosen = AssetSelection.from_string(selection) if selection else AssetSelection.all(include_sources=True)
+    except DagsterInvalidAssetSelectionError:
+        raise SystemExit(
+            f"srt: cannot read the selection {selection!r}: name assets (raw_samples), add + for upstream "
+            "(+selected_dataset), or combine with 'key:a or key:b'"
+        ) from None
+    return chosen.required_multi_asset_neighbors().resolve(graph) & graph.executable_asset_keys
+
+
 def materialize_partition(
     source: str,
     selection: str | None = None,
@@ -81,8 +97,7 @@ def materialize_partition(
     the first failed run (a rerun resumes: finished shards and cached model calls are reused)."""
     import uuid
 
-    from dagster import AssetSelection, DagsterInstance
-    from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
+    from dagster import DagsterInstance
 
     from srt_assets.recovery import (
         HOST_TAG,
@@ -107,14 +122,7 @@ def materialize_partition(
         print(f"srt: could not look for dead runs ({type(error).__name__}: {error}); going on", file=sys.stderr)
     job = defs.resolve_implicit_global_asset_job_def()
     graph = defs.resolve_asset_graph()
-    try:
-        chosen = AssetSelection.from_string(selection) if selection else AssetSelection.all()
-    except DagsterInvalidAssetSelectionError:
-        raise SystemExit(
-            f"srt: cannot read the selection {selection!r}: name assets (raw_samples), add + for upstream "
-            "(+selected_dataset), or combine with 'key:a or key:b'"
-        ) from None
-    asset_keys = chosen.required_multi_asset_neighbors().resolve(graph) & graph.materializable_asset_keys
+    asset_keys = selected_asset_keys(graph, selection)
     results = []
     for partition_key, keys in plan_partition_runs(graph, asset_keys, source, shard, skip_shards):
         run_id = str(uuid.uuid4())  # known before the run starts, so the pool watcher can follow it
@@ -180,6 +188,9 @@ def _report(results: list, source: str, started: float) -> int:
     for result in results:
         partition = result.dagster_run.tags.get("dagster/partition", source)
         print(f"\nrun {result.run_id} for partition '{partition}': {'SUCCESS' if result.success else 'FAILURE'}")
+        observed = [e for e in result.all_events if e.event_type == DagsterEventType.ASSET_OBSERVATION]
+        if observed:
+            print(f"  observed source_files ({len(observed)} sources of the catalog)")
         for event in result.all_events:
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                 mat = event.step_materialization_data.materialization

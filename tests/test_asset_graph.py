@@ -174,6 +174,19 @@ def test_every_asset_can_be_selected_alone():
         assert not (subset.asset_layer.executable_asset_keys - {key}), key  # nothing else comes along
 
 
+def test_srt_runs_observe_the_source_files_and_a_selection_takes_what_it_names():
+    """`srt demo` (every asset) observes source_files, so the UI does not read "Never observed"
+    after a complete run; a named selection runs just that asset."""
+    from srt_assets.cli import selected_asset_keys
+
+    graph = build_definitions(sources_file=REPO_ROOT / "sources.yaml").resolve_asset_graph()
+    everything = selected_asset_keys(graph, None)
+    assert AssetKey("source_files") in everything and everything >= graph.materializable_asset_keys
+    assert selected_asset_keys(graph, "raw_samples") == {AssetKey("raw_samples")}  # raw_rejects may stay
+    with pytest.raises(SystemExit, match="cannot read the selection"):
+        selected_asset_keys(graph, "raw_samples+(")
+
+
 @pytest.mark.integration
 def test_dagsters_own_cli_materializes_one_raw_asset(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "SRT_STORAGE_DIR": str(tmp_path / "store")}

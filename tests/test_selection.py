@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import table_cells
 
 from srt_assets.core.datasets import chosen_training_rows, export_dataset, original_training_rows, random_baseline
 from srt_assets.core.provenance import (
@@ -22,6 +23,7 @@ from srt_assets.core.provenance import (
 )
 from srt_assets.core.selection import SelectionRule, branch_counts, decide, select, unavailable_candidates
 from srt_assets.defs.partitions import SOURCES
+from srt_assets.plots import for_people
 
 
 def scores(**pairs: tuple[float | None, float | None]) -> tuple[dict, dict]:
@@ -292,6 +294,8 @@ def test_sample_decisions_is_a_module_level_asset_a_test_can_call(tiny_pipeline_
     assert output.metadata["selected"].value == 2
     shown = output.metadata["decisions_preview"].value
     assert "showing 3 of 3 rows" in shown and f"sample_id: {raw['sample_id'][0]}\n" in shown  # explain config
+    whole_row = table_cells(shown.split("explain_sample config")[0].strip().split("\n\n")[-1])  # the first row, whole
+    assert whole_row["ifd_ori"] == for_people(output.value["ifd_ori"][0])  # its scores too
     assert "| IFD\\, original rows | 0\\.5 |" in output.metadata["scores"].value  # a table, not a JSON block
     assert "| ifd\\_below | 1 |" in output.metadata["rule"].value
     assert "showing 0 of 0 rows" in output.metadata["failed_reflections"].value

@@ -115,9 +115,13 @@ def failed_reflections(*candidates: pl.DataFrame) -> pl.DataFrame:
 
 
 def decisions_preview(decisions: pl.DataFrame, rows: int = 5) -> str:
-    """The first decisions with their reasons whole, and each one's explain_sample config."""
-    shown = decisions.head(rows).select("sample_id", "branch", "chosen_variant", "selected", "reason", "unavailable")
-    return preview_markdown(shown, decisions.height, max_chars=1000) + "\n\n" + full_rows_markdown(shown)
+    """The first decisions with their reasons whole, then each of them as a whole row with every
+    score and threshold the rule compared, and its explain_sample config."""
+    head = decisions.head(rows)
+    shown = head.select("sample_id", "branch", "chosen_variant", "selected", "reason", "unavailable")
+    scores = [c for c in head.columns if c.startswith(("ifd_", "rifd_", "chosen_")) and c not in shown.columns]
+    whole = head.select(*shown.columns, *scores)
+    return preview_markdown(shown, decisions.height, max_chars=1000) + "\n\n" + full_rows_markdown(whole)
 
 
 def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants: pl.DataFrame, *candidates) -> dict:
