@@ -58,7 +58,7 @@ def audit_screenshots(page, base_url: str, source: str) -> None:
     metadata_row(page, "comparison")
     page.screenshot(path=str(DOCS / "training_sets.png"))
     page.goto(f"{base_url}/assets/run_costs?partition={source}")
-    metadata_row(page, "total_partitions")
+    metadata_row(page, "total_calls_made")
     page.screenshot(path=str(DOCS / "run_costs.png"))
     page.set_viewport_size({"width": 1600, "height": 900})
 

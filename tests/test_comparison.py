@@ -119,7 +119,8 @@ def test_run_costs_add_up_what_each_stage_recorded():
             ("better_responses", "demo", {"calls_made": 80, "cache_hits": 2, "tokens_in": 9000, "tokens_out": 3000,
                                           "estimated_cost": 0.5}),
             ("student_scores", "demo", {"texts_computed": 480, "texts_from_cache": 20}),
-            ("pairwise_verdicts", "demo", {"calls_made": 12, "cache_hits": 0}),
+            ("pairwise_verdicts", "demo", {"calls_made": 12, "cache_hits": 0, "tokens_in": 600, "tokens_out": 60,
+                                           "estimated_cost": 0.01}),  # a judge's tokens count too
             ("better_responses", "alpaca", {"calls_made": 999, "cache_hits": 0}),  # another source
         ]  # fmt: skip
         for stage, partition, metadata in events:
@@ -131,8 +132,9 @@ def test_run_costs_add_up_what_each_stage_recorded():
     assert by_stage["new_instructions"]["calls_made"] == 0 and by_stage["new_instructions"]["cache_hits"] == 40
     assert by_stage["student_scores"]["calls_made"] == 480 and by_stage["student_scores"]["tokens_in"] is None
     assert by_stage["total"]["calls_made"] == 0 + 80 + 480 + 12 and by_stage["total"]["cache_hits"] == 62
-    assert by_stage["total"]["estimated_cost"] == pytest.approx(0.5) and by_stage["total"]["tokens_in"] == 9000
+    assert by_stage["total"]["estimated_cost"] == pytest.approx(0.51) and by_stage["total"]["tokens_in"] == 9600
     assert output.metadata["total_calls_made"].value == 572 and "mt_bench_scores" not in by_stage
+    assert output.metadata["total_tokens_out"].value == 3060 and "total_partitions" not in output.metadata
     assert cost_table([]).is_empty()
 
 

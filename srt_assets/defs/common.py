@@ -134,11 +134,15 @@ def calls_progress(context, label: str, unit: str = "calls") -> ThrottledProgres
 
 
 def judge_metadata(judge, stats) -> dict[str, Any]:
-    """What every judging asset shows: which judge, the calls it made or took from the cache, and
-    the failures by kind (never a key: ``describe`` hides it)."""
+    """What every judging asset shows: which judge, the calls it made or took from the cache, their
+    tokens and estimated cost (run_costs adds them up), and the failures by kind (never a key:
+    ``describe`` hides it)."""
     return {
         "judge": table_value(judge.describe()),
         "calls_made": stats.calls,
         "cache_hits": stats.cache_hits,
+        "tokens_in": stats.prompt_tokens,
+        "tokens_out": stats.completion_tokens,
+        "estimated_cost": round(judge.estimated_cost(stats.prompt_tokens, stats.completion_tokens), 4),
         "failures_by_kind": table_value(stats.failures, "kind", "calls", "no failures"),
     }

@@ -14,16 +14,15 @@ from srt_assets.plots import markdown_table
 from srt_assets.report import Section
 from srt_assets.resources import SourceCatalogResource
 
-TEACHER_FIGURES = {name: name for name in ("calls_made", "cache_hits", "tokens_in", "tokens_out", "estimated_cost")}
-JUDGE_FIGURES = {"calls_made": "calls_made", "cache_hits": "cache_hits"}
+CHAT_FIGURES = {name: name for name in ("calls_made", "cache_hits", "tokens_in", "tokens_out", "estimated_cost")}
 # stage → (whether it is a row stage, partitioned per source x shard; cost column → its metadata key)
 COST_STAGES: dict[str, tuple[bool, dict[str, str]]] = {
-    "new_instructions": (True, TEACHER_FIGURES),
-    "better_responses": (True, TEACHER_FIGURES),
+    "new_instructions": (True, CHAT_FIGURES),
+    "better_responses": (True, CHAT_FIGURES),
     "student_scores": (True, {"calls_made": "texts_computed", "cache_hits": "texts_from_cache"}),
-    "pairwise_verdicts": (False, JUDGE_FIGURES),
-    "alpacaeval_results": (False, JUDGE_FIGURES),
-    "mt_bench_scores": (False, JUDGE_FIGURES),
+    "pairwise_verdicts": (False, CHAT_FIGURES),
+    "alpacaeval_results": (False, CHAT_FIGURES),
+    "mt_bench_scores": (False, CHAT_FIGURES),
 }
 
 
@@ -58,7 +57,9 @@ def run_costs(context: AssetExecutionContext, sources: SourceCatalogResource) ->
     student, judges) and their total, from each stage partition's latest materialization."""
     table = cost_table(stage_records(context, sources))
     total = table.filter(pl.col("stage") == "total").to_dicts()
-    figures = {k: v for k, v in (total[0] if total else {}).items() if k != "stage" and v is not None}
+    # the total row's figures; its partitions count stage partitions, no figure a person adds up
+    row = total[0] if total else {}
+    figures = {k: v for k, v in row.items() if k not in ("stage", "partitions") and v is not None}
     context.log.info(f"model calls of source '{context.partition_key}': {figures or 'none recorded yet'}")
     return Output(
         table,

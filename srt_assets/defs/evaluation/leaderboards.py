@@ -274,9 +274,6 @@ def mt_bench_scores(
             "per_category": MetadataValue.md(markdown_table(summary, max_chars=40)),
             "unjudged": int(table["score"].is_null().sum()),
             **judge_metadata(judge, cached.stats),
-            "judge_tokens": table_value(
-                {"prompt": cached.stats.prompt_tokens, "completion": cached.stats.completion_tokens}, "tokens"
-            ),
         },
     )
 
