@@ -398,7 +398,9 @@ def test_every_exported_set_carries_a_dataset_card_with_the_source_licence(tiny_
         assert variants in card.text and "| sample_id | the raw row" in card.text
     card = DatasetCard.load(Path(selected.metadata["hf_dataset"].value) / "README.md").text
     assert "Selective Reflection-Tuning" in card and "| rule.ifd_below | `1.0` |" in card
-    assert '"backend": "transformers"' in card and "| decision_reason | why the selection" in card
+    assert "| teacher.backend | `transformers` |" in card and "| student.max_length |" in card  # a row each
+    assert "| rule.top_k | not set |" in card and "null" not in card  # an unset rule setting says so
+    assert "| decision_reason | why the selection" in card
     assert "| seed | `3` |" in DatasetCard.load(Path(drawn.metadata["hf_dataset"].value) / "README.md").text
 
 

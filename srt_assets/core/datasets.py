@@ -177,9 +177,23 @@ def card_front_matter(rows: pl.DataFrame, name: str, facts: CardFacts) -> dict:
 
 
 def _cell(value: object) -> str:
-    """A setting as a table cell: inline code, pipes escaped (settings are ours, not data)."""
+    """A setting as a table cell: inline code, pipes escaped (settings are ours, not data); a
+    setting left unset (a rule without a top-k) says so instead of ``null``."""
+    if value is None:
+        return "not set"
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
+
+
+def setting_rows(settings: Mapping[str, object], prefix: str = "") -> list[tuple[str, object]]:
+    """Nested settings as one row each (``student.model``), not a line of JSON a colleague must parse."""
+    rows: list[tuple[str, object]] = []
+    for name, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            rows += setting_rows(value, f"{prefix}{name}.")
+        else:
+            rows.append((f"{prefix}{name}", value))
+    return rows
 
 
 def dataset_card(rows: pl.DataFrame, name: str, facts: CardFacts) -> str:
@@ -209,7 +223,8 @@ def dataset_card(rows: pl.DataFrame, name: str, facts: CardFacts) -> str:
         *(f"| {variant} | {count} |" for variant, count in mix.items()),
     ]
     if facts.settings:
-        lines += ["", "| setting | value |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in facts.settings.items())]
+        rows_of_settings = (f"| {k} | {_cell(v)} |" for k, v in setting_rows(facts.settings))
+        lines += ["", "| setting | value |", "|---|---|", *rows_of_settings]
     described = [(c, facts.columns.get(c, "")) for c in rows.columns]
     lines += ["", "## Columns", "", "| column | meaning |", "|---|---|", *(f"| {c} | {d} |" for c, d in described)]
     return "\n".join(lines) + "\n"
