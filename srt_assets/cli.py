@@ -72,8 +72,10 @@ def selected_asset_keys(graph, selection: str | None) -> set:
     from dagster import AssetSelection
     from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
 
+    if not selection:
+        return set(graph.executable_asset_keys)
     try:
-        chosen = AssetSelection.from_string(selection) if selection else AssetSelection.all(include_sources=True)
+        chosen = AssetSelection.from_string(selection)
     except DagsterInvalidAssetSelectionError:
         raise SystemExit(
             f"srt: cannot read the selection {selection!r}: name assets (raw_samples), add + for upstream "
