@@ -203,3 +203,48 @@ def test_max_field_chars_is_read_from_the_catalog(tmp_path: Path):
     catalog.write_text("sources:\n  a:\n    path: d.jsonl\n    max_field_chars: -1\n")
     with pytest.raises(SourceConfigError, match="max_field_chars"):
         load_catalog(catalog)
+
+
+def test_a_source_read_in_blocks_is_the_source_read_at_once(tmp_path: Path):
+    """Blocks of 3 rows give the rows and rejects of one block, in order; a duplicate of a row kept in
+    an earlier block is still a duplicate of that row."""
+    from srt_assets.core.raw import read_source
+
+    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(10)]
+    records[4] = {"instruction": "q0", "input": "", "output": "a0"}  # row 0's pair, in the second block
+    records[5] = {"instruction": "", "input": "", "output": "x"}
+    records[8] = {"instruction": "q7", "input": "", "output": "a7"}  # row 7's, in the same block
+    spec = spec_for(write_jsonl(tmp_path / "d.jsonl", records))
+    blocks = list(read_source(spec, block_rows=3))
+    assert len(blocks) == 4 and [s.height + r.height for s, r in blocks] == [3, 3, 3, 1]
+    samples, rejects = load_source(spec)
+    assert pl.concat([s for s, _ in blocks]).equals(samples) and pl.concat([r for _, r in blocks]).equals(rejects)
+    assert samples["row_index"].to_list() == [0, 1, 2, 3, 6, 7, 9]
+    assert rejects.select("row_index", "reason", "detail").rows() == [
+        (4, "duplicate", "same instruction, input and output as row 0"),
+        (5, "empty_field", "field 'instruction' is empty"),
+        (8, "duplicate", "same instruction, input and output as row 7"),
+    ]
+    assert list(read_source(spec_for(spec.path, limit=5), block_rows=2))[-1][1]["row_index"].to_list() == [4]
+
+
+def test_the_checks_of_a_written_table_are_validate_tables(tmp_path: Path):
+    """``contract_outcomes`` (the raw stage's checks, read a column at a time from the written file)
+    gives what the Great Expectations suite gives the whole table: names, verdicts, counts, examples
+    (a null shows as None, where pandas shows nan)."""
+    from srt_assets.core.quality import validate_table
+    from srt_assets.core.raw import RAW_SCHEMA, contract_outcomes
+    from srt_assets.defs.raw.assets import RAW_CONTRACT
+
+    bad = pl.DataFrame(
+        {"sample_id": ["a", "b", "a", "c"], "source": ["s", None, "s", "s"], "row_index": [0, 1, 2, 3],
+         "instruction": ["x", " ", "y", "\t"], "input": ["", "", "", ""], "output": ["o", "o", None, "o"]},
+        schema=RAW_SCHEMA,
+    )  # fmt: skip
+    for frame in (bad, bad.drop("input").with_columns(pl.col("row_index").cast(pl.Int32)), bad.head(1)):
+        frame.write_parquet(tmp_path / "t.parquet")
+        expected = [[o.name, o.passed, o.description, o.metadata] for o in validate_table(frame, RAW_CONTRACT, "t")]
+        got = contract_outcomes(pl.scan_parquet(tmp_path / "t.parquet"), RAW_CONTRACT)
+        assert [[o.name, o.passed, o.description, o.metadata] for o in got] == json.loads(
+            json.dumps(expected).replace('"nan"', '"None"')
+        )

@@ -1,4 +1,4 @@
-"""Reading a source file into one normalized polars table, with every bad row kept as a reject.
+"""Reading a source file, a block of rows at a time, into normalized polars tables, with every bad row kept as a reject.
 
 A malformed row never crashes a run and is never dropped silently: it lands in the rejects table with
 the file, the row and the field at fault. Only a file that is missing or cannot be parsed at all fails.
@@ -9,11 +9,15 @@ from __future__ import annotations
 import hashlib
 import re
 import reprlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from srt_assets.core.formats import FORMATS, RawDataError, RowProblem
+from srt_assets.core.quality import CheckOutcome, TableContract
 from srt_assets.core.sources import SourceSpec, match_key
 
 RAW_SCHEMA: dict[str, pl.DataType] = {
@@ -151,63 +155,133 @@ def _matched(result: tuple[str, str, str] | RowProblem, keys: set[tuple[str, str
     return not isinstance(result, RowProblem) and match_key(result[0], result[1]) in keys
 
 
-def load_source(spec: SourceSpec, only_keys: set[tuple[str, str]] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Read one source into (samples, rejects). Raises only when the file as a whole is unusable.
-    ``only_keys`` (``only_matched``): read just the rows with these match keys, as if the others were
-    not in the file; ``limit`` then counts the rows read."""
-    path = spec.require_file()
-    samples: dict[str, list[Any]] = {name: [] for name in RAW_SCHEMA}
-    rejects: dict[str, list[Any]] = {name: [] for name in REJECT_SCHEMA}
-    first_row_of: dict[str, int] = {}
+RAW_BLOCK_ROWS = 16_384  # source rows normalized (and their records held) at once
 
-    def reject(row_index: int, problem: RowProblem, record: Any) -> None:
-        for key, value in zip(
-            REJECT_SCHEMA,
-            (
-                spec.name,
-                str(path),
-                row_index,
-                problem.field,
-                problem.reason,
-                problem.detail,
-                _preview(record),
-            ),
-            strict=True,
-        ):
-            rejects[key].append(value)
 
+class SeenIds:
+    """The sample ids kept so far, each as the 8-byte digest its id ends in, sorted, beside the row
+    it came from (16 bytes a row: the one table that grows with the source). The source's name
+    is the same for every id of a load, so equal digests are equal ids."""
+
+    def __init__(self) -> None:
+        self.digests = np.empty(0, dtype=np.uint64)
+        self.rows = np.empty(0, dtype=np.int64)
+
+    @staticmethod
+    def digest(sid: str) -> int:
+        return int(sid[-16:], 16)
+
+    def first_rows(self, digests: np.ndarray) -> np.ndarray:
+        """The row each digest was first kept at, -1 where it is new."""
+        if not self.digests.size:
+            return np.full(digests.size, -1, dtype=np.int64)
+        positions = np.minimum(np.searchsorted(self.digests, digests), self.digests.size - 1)
+        return np.where(self.digests[positions] == digests, self.rows[positions], -1)
+
+    def add(self, digests: np.ndarray, rows: np.ndarray) -> None:
+        order = np.argsort(digests, kind="stable")
+        positions = np.searchsorted(self.digests, digests[order])
+        self.digests = np.insert(self.digests, positions, digests[order])
+        self.rows = np.insert(self.rows, positions, rows[order])
+
+
+Normalized = tuple[int, Any, tuple[str, str, str] | RowProblem]  # row index, record, what it maps to
+
+
+def _record_blocks(
+    spec: SourceSpec, path: Path, only_keys: set[tuple[str, str]] | None, block_rows: int
+) -> Iterator[list[Normalized]]:
+    """The rows the load counts (``only_keys`` leaves the others out, ``limit`` stops it), normalized,
+    ``block_rows`` at a time."""
+    block: list[Normalized] = []
     count = 0
     for row_index, record in FORMATS[spec.format].rows(path):
         if spec.limit is not None and count >= spec.limit:
             break
         result = normalize_record(spec, record)
-        if only_keys is not None and (
-            isinstance(result, RowProblem) or match_key(result[0], result[1]) not in only_keys
-        ):
+        if only_keys is not None and not _matched(result, only_keys):
             continue
         count += 1
+        block.append((row_index, record, result))
+        if len(block) >= block_rows:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _block_tables(spec: SourceSpec, path: Path, block: list[Normalized], seen: SeenIds) -> tuple[pl.DataFrame, ...]:
+    """One block's (samples, rejects); a sample whose id an earlier row has, in this block or in one
+    before it (``seen``), is a duplicate of that row."""
+    samples: dict[str, list[Any]] = {name: [] for name in RAW_SCHEMA}
+    rejects: dict[str, list[Any]] = {name: [] for name in REJECT_SCHEMA}
+    ids = [sample_id(spec.name, *result) if not isinstance(result, RowProblem) else "" for _, _, result in block]
+    digests = np.fromiter((SeenIds.digest(sid) for sid in ids if sid), dtype=np.uint64)
+    earlier = iter(seen.first_rows(digests).tolist())
+    first_in_block: dict[str, int] = {}
+    for (row_index, record, result), sid in zip(block, ids, strict=True):
         if isinstance(result, RowProblem):
-            reject(row_index, result, record)
-            continue
-        instruction, input_text, output = result
-        sid = sample_id(spec.name, instruction, input_text, output)
-        if sid in first_row_of:
-            detail = f"same instruction, input and output as row {first_row_of[sid]}"
-            reject(row_index, RowProblem("", "duplicate", detail), record)
-            continue
-        first_row_of[sid] = row_index
-        for key, value in zip(RAW_SCHEMA, (sid, spec.name, row_index, instruction, input_text, output), strict=True):
-            samples[key].append(value)
-    if not samples["sample_id"] and not rejects["row_index"]:
-        raise RawDataError(f"{path}: the file holds no records")
+            problem = result
+        else:
+            first = next(earlier)
+            first = first if first >= 0 else first_in_block.get(sid)
+            if first is None:
+                first_in_block[sid] = row_index
+                for key, value in zip(RAW_SCHEMA, (sid, spec.name, row_index, *result), strict=True):
+                    samples[key].append(value)
+                continue
+            problem = RowProblem("", "duplicate", f"same instruction, input and output as row {first}")
+        values = (spec.name, str(path), row_index, problem.field, problem.reason, problem.detail, _preview(record))
+        for key, value in zip(REJECT_SCHEMA, values, strict=True):
+            rejects[key].append(value)
+    kept = np.fromiter((SeenIds.digest(sid) for sid in first_in_block), dtype=np.uint64)
+    seen.add(kept, np.fromiter(first_in_block.values(), dtype=np.int64))
     return pl.DataFrame(samples, schema=RAW_SCHEMA), pl.DataFrame(rejects, schema=REJECT_SCHEMA)
 
 
-def length_stats(samples: pl.DataFrame, columns: tuple[str, ...] = ("instruction", "input", "output")) -> dict:
-    """Character-length summary per text column, for asset metadata."""
+def read_source(
+    spec: SourceSpec, only_keys: set[tuple[str, str]] | None = None, block_rows: int = RAW_BLOCK_ROWS
+) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    """Read one source a block at a time: (samples, rejects) per ``block_rows`` rows read, memory
+    one block (and the kept ids, ``SeenIds``). Raises only when the file as a whole is unusable, at
+    the first block or, for a file that holds no records, after the last. ``only_keys``
+    (``only_matched``): read just the rows with these match keys, as if the others were not in the
+    file; ``limit`` then counts the rows read."""
+    path = spec.require_file()
+    seen = SeenIds()
+    empty = True
+    for block in _record_blocks(spec, path, only_keys, block_rows):
+        empty = False
+        yield _block_tables(spec, path, block, seen)
+    if empty:
+        raise RawDataError(f"{path}: the file holds no records")
+
+
+def load_source(spec: SourceSpec, only_keys: set[tuple[str, str]] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``read_source`` whole: (samples, rejects) as two tables."""
+    blocks = list(read_source(spec, only_keys))
+    return pl.concat([samples for samples, _ in blocks]), pl.concat([rejects for _, rejects in blocks])
+
+
+STREAMING = "streaming"  # polars' engine that reads a written table a morsel at a time
+SCAN_BATCH_ROWS = 16_384  # rows of a written table whose values a check holds at once
+
+
+def _column_batches(table: pl.LazyFrame, expr: pl.Expr) -> Iterator[pl.Series]:
+    """``expr`` (one value a row) over ``table``, a batch of rows at a time."""
+    for batch in table.select(expr.alias("value")).collect_batches(chunk_size=SCAN_BATCH_ROWS):
+        yield batch.get_column("value")
+
+
+def length_stats(
+    samples: pl.DataFrame | pl.LazyFrame, columns: tuple[str, ...] = ("instruction", "input", "output")
+) -> dict:
+    """Character-length summary per text column, for asset metadata; of a written table, one
+    column's lengths at a time (4 bytes a row, never its texts)."""
     stats: dict[str, dict[str, float]] = {}
     for column in columns:
-        lengths = samples.get_column(column).str.len_chars()
+        parts = list(_column_batches(samples.lazy(), pl.col(column).str.len_chars()))
+        lengths = pl.concat(parts) if parts else pl.Series(dtype=pl.UInt32)
         if lengths.len() == 0:
             stats[column] = {}
             continue
@@ -219,3 +293,61 @@ def length_stats(samples: pl.DataFrame, columns: tuple[str, ...] = ("instruction
             "max": int(lengths.max()),
         }
     return stats
+
+
+def _examples(table: pl.LazyFrame, column: str, condition: pl.Expr, count: int) -> dict[str, Any]:
+    """A fault's count and the first few values at fault, as ``validate_table`` reports them; {} for none."""
+    if not count:
+        return {}
+    examples = table.filter(condition).select(column).head(5).collect(engine=STREAMING).get_column(column)
+    return {"unexpected_count": count, "unexpected_examples": [str(value)[:120] for value in examples]}
+
+
+def _repeated(table: pl.LazyFrame, column: str) -> dict[str, Any]:
+    """The rows whose ``column`` value another row has too: found among 8-byte hashes (sorted, a
+    batch at a time read), then, where two hashes are equal, among those rows' values."""
+    parts = [batch.to_numpy() for batch in _column_batches(table, pl.col(column).hash())]
+    hashes = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
+    equal = hashes[1:][hashes[1:] == hashes[:-1]]
+    if not equal.size:
+        return {}
+    suspects = pl.Series(np.unique(equal))
+    condition = pl.col(column).is_duplicated()
+    candidates = table.filter(pl.col(column).hash().is_in(suspects.implode())).select(column).collect()
+    return _examples(candidates.lazy(), column, condition, int(candidates.select(condition.sum()).item()))
+
+
+def contract_outcomes(table: pl.LazyFrame, contract: TableContract) -> list[CheckOutcome]:
+    """The outcomes ``validate_table`` gives (same checks, descriptions and metadata) for a table too
+    large to hold, such as a written file: each check streams one column at a time."""
+    schema = table.collect_schema()
+    rows = int(table.select(pl.len()).collect(engine=STREAMING).item())
+    columns_of = {
+        "no_nulls": contract.not_null,
+        "text_not_blank": contract.not_blank,
+        **{f"{column}_unique": (column,) for column in contract.unique},
+    }
+    failures: dict[str, dict[str, Any]] = {name: {} for name in contract.check_descriptions()}
+    if list(schema) != list(contract.schema):
+        failures["schema_matches"]["table"] = {"observed": str(list(schema))}
+    dtypes = {c: f"{schema[c]} (expected {t})" for c, t in contract.schema.items() if c in schema and schema[c] != t}
+    if dtypes:
+        failures["schema_matches"]["dtypes"] = dtypes
+    for check, columns in columns_of.items():
+        for column in [c for c in columns if c in schema] if check in failures else []:
+            value = pl.col(column)
+            fault = {"no_nulls": value.is_null(), "text_not_blank": value.is_not_null() & ~value.str.contains(r"\S")}
+            if check in fault:
+                count = int(table.select(fault[check].sum()).collect(engine=STREAMING).item())
+                found = _examples(table, column, fault[check], count)
+            else:
+                found = _repeated(table, column)
+            if found:
+                failures[check][column] = found
+        if missing := [c for c in columns if c not in schema and check in failures]:
+            failures[check]["missing_columns"] = missing
+    descriptions = contract.check_descriptions()
+    return [
+        CheckOutcome(name, not found, descriptions[name], {"failures": found} if found else {"rows_checked": rows})
+        for name, found in failures.items()
+    ]

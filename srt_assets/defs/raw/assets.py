@@ -4,6 +4,7 @@ rejects, behind blocking quality gates."""
 import time
 from datetime import UTC, datetime
 
+import polars as pl
 from dagster import (
     AssetExecutionContext,
     AssetObservation,
@@ -15,14 +16,25 @@ from dagster import (
     observable_source_asset,
 )
 
+from srt_assets.core.files import StagedParquet
 from srt_assets.core.from_files import matched_keys
-from srt_assets.core.quality import TableContract, ratio_check, validate_table
-from srt_assets.core.raw import RAW_COLUMNS, RAW_SCHEMA, REJECT_COLUMNS, REJECT_SCHEMA, length_stats, load_source
+from srt_assets.core.quality import TableContract, ratio_check
+from srt_assets.core.raw import (
+    RAW_BLOCK_ROWS,
+    RAW_COLUMNS,
+    RAW_SCHEMA,
+    REJECT_COLUMNS,
+    REJECT_SCHEMA,
+    STREAMING,
+    contract_outcomes,
+    length_stats,
+    read_source,
+)
 from srt_assets.core.sources import SourceCatalog, SourceSpec
 from srt_assets.defs.common import SOURCE_PARTITIONS_DOC, blocking_checks, column_schema, to_check_results
 from srt_assets.defs.partitions import LOADED_CATALOG, SOURCES
 from srt_assets.plots import full_rows_markdown, mapping_table, preview_markdown
-from srt_assets.resources import SourceCatalogResource
+from srt_assets.resources import SourceCatalogResource, StorageResource
 
 RAW_CONTRACT = TableContract(
     schema=RAW_SCHEMA,
@@ -132,53 +144,83 @@ def source_files(context, sources: SourceCatalogResource) -> DataVersionsByParti
     can_subset=True,
     check_specs=blocking_checks("raw_samples", RAW_CHECKS, SOURCES),
 )
-def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource):
+def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource, storage: StorageResource):
     """Read one source file into usable samples and rejects, and gate the samples. Either table
-    can be materialized alone; both come from the same reading of the file."""
+    can be materialized alone; both come from the same reading of the file, written a block at a
+    time (``read_source``): memory follows the block, not the file."""
     spec = sources.source(context.partition_key)
     started = time.perf_counter()
     only_keys = matched_keys(spec) if spec.only_matched else None
-    samples, rejects = load_source(spec, only_keys)
-    elapsed = time.perf_counter() - started
-    rows_read = samples.height + rejects.height
+    with (
+        storage.table_writer("raw_samples", context.partition_key, RAW_SCHEMA) as samples_writer,
+        storage.table_writer("raw_rejects", context.partition_key, REJECT_SCHEMA) as rejects_writer,
+    ):
+        for samples, rejects in read_source(spec, only_keys, RAW_BLOCK_ROWS):
+            samples_writer.write(samples)
+            rejects_writer.write(rejects)
+        staged = {"raw_samples": samples_writer.finish(), "raw_rejects": rejects_writer.finish()}
+    try:
+        yield from report_raw(context, spec, staged, time.perf_counter() - started, only_keys)
+    except BaseException:  # no staged file outlives a failed step (the IO manager moved those it took)
+        for table in staged.values():
+            table.path.unlink(missing_ok=True)
+        raise
+
+
+def report_raw(
+    context: AssetExecutionContext,
+    spec: SourceSpec,
+    staged: dict[str, StagedParquet],
+    elapsed: float,
+    only_keys: set | None,
+):
+    """The selected tables with their metadata, then the blocking checks: all read from the staged
+    files, a few columns at a time, before any is moved into place."""
+    samples, rejects = staged["raw_samples"].scan(), staged["raw_rejects"].scan()
+    kept, rejected = staged["raw_samples"].rows, staged["raw_rejects"].rows
+    rows_read = kept + rejected
     if only_keys is not None:
         files = ", ".join(str(file.path) for file in spec.matched_files)
         context.log.info(f"only_matched: read the rows of {spec.path} that {files} hold ({len(only_keys)} keys)")
-    reasons = dict(rejects.group_by("reason").len().sort("reason").iter_rows()) if rejects.height else {}
+    by_reason = rejects.group_by("reason").len().sort("reason")
+    reasons = dict(by_reason.collect(engine=STREAMING).iter_rows()) if rejected else {}
     context.log.info(
         f"source '{spec.name}': {rows_read} rows read from {spec.path} in {elapsed:.1f}s, "
-        f"{samples.height} kept, {rejects.height} rejected {reasons or ''}"
+        f"{kept} kept, {rejected} rejected {reasons or ''}"
     )
     selected = {key.to_user_string() for key in context.selected_asset_keys}  # also when called directly
-    if "raw_samples" in selected:
-        yield Output(
-            samples,
-            output_name="raw_samples",
-            metadata={
-                "read_at": MetadataValue.timestamp(datetime.now(UTC).timestamp()),
-                "rows_read": rows_read,
-                "rejected": rejects.height,
-                "rejects_by_reason": MetadataValue.md(mapping_table(reasons, "reason", "rows")),
-                "length_chars": MetadataValue.md(mapping_table(length_stats(samples), "column")),
-                "with_input": int((samples.get_column("input") != "").sum()),
-                "preview": MetadataValue.md(preview_markdown(samples.head(5), samples.height)),
-                "preview_rows_whole": MetadataValue.md(full_rows_markdown(samples.head(5))),
-                "load_seconds": round(elapsed, 2),
-                **source_metadata(spec),
-            },
-        )
-    if "raw_rejects" in selected:
-        yield Output(
-            rejects,
-            output_name="raw_rejects",
-            metadata={
-                "rejects_by_reason": MetadataValue.md(mapping_table(reasons, "reason", "rows")),
-                "preview": MetadataValue.md(preview_markdown(rejects.head(10), rejects.height)),
-            },
-        )
+    metadata = {
+        "raw_samples": samples_metadata(samples, kept, rows_read, reasons, elapsed) | source_metadata(spec),
+        "raw_rejects": {
+            "rejects_by_reason": MetadataValue.md(mapping_table(reasons, "reason", "rows")),
+            "preview": MetadataValue.md(preview_markdown(rejects.head(10).collect(), rejected)),
+        },
+    }
+    outcomes = []
     if context.selected_asset_check_keys:
-        outcomes = validate_table(samples, RAW_CONTRACT, suite_name=f"raw_samples_{spec.name}")
+        outcomes = contract_outcomes(samples, RAW_CONTRACT)
         outcomes.append(
-            ratio_check("reject_ratio_below_bound", rejects.height, rows_read, spec.max_reject_ratio, "rejected-row")
+            ratio_check("reject_ratio_below_bound", rejected, rows_read, spec.max_reject_ratio, "rejected-row")
         )
-        yield from to_check_results("raw_samples", outcomes)
+    for name in ("raw_samples", "raw_rejects"):
+        if name in selected:
+            yield Output(staged[name], output_name=name, metadata=metadata[name])
+        else:
+            staged[name].path.unlink(missing_ok=True)
+    yield from to_check_results("raw_samples", outcomes)
+
+
+def samples_metadata(samples: pl.LazyFrame, kept: int, rows_read: int, reasons: dict, elapsed: float) -> dict:
+    """What the samples' materialization shows, from the written table."""
+    head = samples.head(5).collect()
+    return {
+        "read_at": MetadataValue.timestamp(datetime.now(UTC).timestamp()),
+        "rows_read": rows_read,
+        "rejected": rows_read - kept,
+        "rejects_by_reason": MetadataValue.md(mapping_table(reasons, "reason", "rows")),
+        "length_chars": MetadataValue.md(mapping_table(length_stats(samples), "column")),
+        "with_input": int(samples.select((pl.col("input") != "").sum()).collect(engine=STREAMING).item()),
+        "preview": MetadataValue.md(preview_markdown(head, kept)),
+        "preview_rows_whole": MetadataValue.md(full_rows_markdown(head)),
+        "load_seconds": round(elapsed, 2),
+    }
