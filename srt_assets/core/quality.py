@@ -3,7 +3,8 @@
 A contract names the expected schema, the columns that must not be null, the text columns that must
 not be blank and the key columns that must be unique. ``validate_table`` runs one GX suite over the
 table (converted to pandas at this boundary only, since GX validates pandas) and returns one outcome
-per check, so each stage can expose them as separate Dagster asset checks.
+per check, so each stage can expose them as separate Dagster asset checks; ``validate_written_table``
+runs the same suite over a written file a block of rows at a time, so memory follows the block.
 """
 
 from __future__ import annotations
@@ -148,6 +149,67 @@ def validate_table(frame: pl.DataFrame, contract: TableContract, suite_name: str
             )
         )
     return outcomes
+
+
+GX_BLOCK_ROWS = 32_768  # rows of a written table the GX suite validates at once (pandas holds one block)
+
+
+def validate_written_table(
+    table: pl.LazyFrame, contract: TableContract, suite_name: str, block_rows: int = GX_BLOCK_ROWS
+) -> list[CheckOutcome]:
+    """``validate_table`` for a table too large to hold (a written file): the same GX suite runs on
+    each block of rows, verdicts and counts add up, and each unique column is also checked across
+    blocks (GX sees one block at a time) among 8-byte hashes, so memory follows the block."""
+    failures: dict[str, dict[str, Any]] = {name: {} for name in contract.check_descriptions()}
+    rows, blocks = 0, 0
+    for block in table.collect_batches(chunk_size=block_rows):
+        rows, blocks = rows + block.height, blocks + 1
+        for outcome in validate_table(block, contract, suite_name):
+            _add_failures(failures[outcome.name], outcome.metadata.get("failures", {}))
+    if not blocks:  # an empty table still gets its schema and column checks
+        for outcome in validate_table(table.head(0).collect(), contract, suite_name):
+            _add_failures(failures[outcome.name], outcome.metadata.get("failures", {}))
+    columns = table.collect_schema().names()
+    for column in (c for c in contract.unique if c in columns and c not in failures[f"{c}_unique"]):
+        if repeated := repeated_values(table, column):
+            failures[f"{column}_unique"][column] = repeated
+    descriptions = contract.check_descriptions()
+    return [
+        CheckOutcome(name, not found, descriptions[name], {"failures": found} if found else {"rows_checked": rows})
+        for name, found in failures.items()
+    ]
+
+
+def _add_failures(total: dict[str, Any], block: dict[str, Any]) -> None:
+    """One block's failures added to the table's: counts summed, the first five examples kept; a
+    schema finding (the same in every block) kept once."""
+    for key, found in block.items():
+        if key not in total:
+            total[key] = found
+        elif isinstance(found, dict) and "unexpected_count" in found:
+            total[key]["unexpected_count"] += found["unexpected_count"]
+            examples = total[key].get("unexpected_examples", []) + found.get("unexpected_examples", [])
+            total[key]["unexpected_examples"] = examples[:5]
+
+
+def repeated_values(table: pl.LazyFrame, column: str, batch_rows: int = GX_BLOCK_ROWS) -> dict[str, Any]:
+    """The rows whose ``column`` value another row has too, as GX reports them (count, first five):
+    found among sorted 8-byte hashes read a batch at a time, then, where two hashes are equal, among
+    those rows' values; {} when every value is unique."""
+    import numpy as np
+
+    batches = table.select(pl.col(column).hash().alias("h")).collect_batches(chunk_size=batch_rows)
+    parts = [batch.get_column("h").to_numpy() for batch in batches]
+    hashes = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
+    equal = hashes[1:][hashes[1:] == hashes[:-1]]
+    if not equal.size:
+        return {}
+    suspects = pl.Series(np.unique(equal))
+    candidates = table.filter(pl.col(column).hash().is_in(suspects.implode())).select(column).collect()
+    repeated = candidates.filter(pl.col(column).is_duplicated()).get_column(column)
+    if repeated.is_empty():
+        return {}
+    return {"unexpected_count": repeated.len(), "unexpected_examples": [str(v)[:120] for v in repeated.head(5)]}
 
 
 def _columns_named_by(check: str, contract: TableContract) -> tuple[str, ...]:

@@ -17,7 +17,6 @@ import numpy as np
 import polars as pl
 
 from srt_assets.core.formats import FORMATS, RawDataError, RowProblem
-from srt_assets.core.quality import CheckOutcome, TableContract
 from srt_assets.core.sources import SourceSpec, match_key
 
 RAW_SCHEMA: dict[str, pl.DataType] = {
@@ -293,61 +292,3 @@ def length_stats(
             "max": int(lengths.max()),
         }
     return stats
-
-
-def _examples(table: pl.LazyFrame, column: str, condition: pl.Expr, count: int) -> dict[str, Any]:
-    """A fault's count and the first few values at fault, as ``validate_table`` reports them; {} for none."""
-    if not count:
-        return {}
-    examples = table.filter(condition).select(column).head(5).collect(engine=STREAMING).get_column(column)
-    return {"unexpected_count": count, "unexpected_examples": [str(value)[:120] for value in examples]}
-
-
-def _repeated(table: pl.LazyFrame, column: str) -> dict[str, Any]:
-    """The rows whose ``column`` value another row has too: found among 8-byte hashes (sorted, a
-    batch at a time read), then, where two hashes are equal, among those rows' values."""
-    parts = [batch.to_numpy() for batch in _column_batches(table, pl.col(column).hash())]
-    hashes = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
-    equal = hashes[1:][hashes[1:] == hashes[:-1]]
-    if not equal.size:
-        return {}
-    suspects = pl.Series(np.unique(equal))
-    condition = pl.col(column).is_duplicated()
-    candidates = table.filter(pl.col(column).hash().is_in(suspects.implode())).select(column).collect()
-    return _examples(candidates.lazy(), column, condition, int(candidates.select(condition.sum()).item()))
-
-
-def contract_outcomes(table: pl.LazyFrame, contract: TableContract) -> list[CheckOutcome]:
-    """The outcomes ``validate_table`` gives (same checks, descriptions and metadata) for a table too
-    large to hold, such as a written file: each check streams one column at a time."""
-    schema = table.collect_schema()
-    rows = int(table.select(pl.len()).collect(engine=STREAMING).item())
-    columns_of = {
-        "no_nulls": contract.not_null,
-        "text_not_blank": contract.not_blank,
-        **{f"{column}_unique": (column,) for column in contract.unique},
-    }
-    failures: dict[str, dict[str, Any]] = {name: {} for name in contract.check_descriptions()}
-    if list(schema) != list(contract.schema):
-        failures["schema_matches"]["table"] = {"observed": str(list(schema))}
-    dtypes = {c: f"{schema[c]} (expected {t})" for c, t in contract.schema.items() if c in schema and schema[c] != t}
-    if dtypes:
-        failures["schema_matches"]["dtypes"] = dtypes
-    for check, columns in columns_of.items():
-        for column in [c for c in columns if c in schema] if check in failures else []:
-            value = pl.col(column)
-            fault = {"no_nulls": value.is_null(), "text_not_blank": value.is_not_null() & ~value.str.contains(r"\S")}
-            if check in fault:
-                count = int(table.select(fault[check].sum()).collect(engine=STREAMING).item())
-                found = _examples(table, column, fault[check], count)
-            else:
-                found = _repeated(table, column)
-            if found:
-                failures[check][column] = found
-        if missing := [c for c in columns if c not in schema and check in failures]:
-            failures[check]["missing_columns"] = missing
-    descriptions = contract.check_descriptions()
-    return [
-        CheckOutcome(name, not found, descriptions[name], {"failures": found} if found else {"rows_checked": rows})
-        for name, found in failures.items()
-    ]

@@ -18,7 +18,7 @@ from dagster import (
 
 from srt_assets.core.files import StagedParquet
 from srt_assets.core.from_files import matched_keys
-from srt_assets.core.quality import TableContract, ratio_check
+from srt_assets.core.quality import TableContract, ratio_check, validate_written_table
 from srt_assets.core.raw import (
     RAW_BLOCK_ROWS,
     RAW_COLUMNS,
@@ -26,7 +26,6 @@ from srt_assets.core.raw import (
     REJECT_COLUMNS,
     REJECT_SCHEMA,
     STREAMING,
-    contract_outcomes,
     length_stats,
     read_source,
 )
@@ -198,7 +197,7 @@ def report_raw(
     }
     outcomes = []
     if context.selected_asset_check_keys:
-        outcomes = contract_outcomes(samples, RAW_CONTRACT)
+        outcomes = validate_written_table(samples, RAW_CONTRACT, f"raw_samples_{spec.name}", RAW_BLOCK_ROWS)
         outcomes.append(
             ratio_check("reject_ratio_below_bound", rejected, rows_read, spec.max_reject_ratio, "rejected-row")
         )
