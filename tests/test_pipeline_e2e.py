@@ -38,6 +38,7 @@ def run_config(**selection) -> dict:
         "mt_bench_answers": {"config": {"count": 1, "max_new_tokens": 12}},
         "mt_bench_scores": {"config": {"max_tokens": 12}},
         "random_seed_losses": {"config": {"seeds": [1]}},
+        "benchmark_scores": {"config": {"limit": 1, "tasks": ["truthfulqa_mc2"]}},
     }
     return {"ops": ops}
 
@@ -75,7 +76,7 @@ def test_whole_graph_materializes_with_checks_passing(pipeline):
     assert result.success, failures
     checks = result.get_asset_check_evaluations()
     blocking = [c for c in checks if c.blocking]
-    assert len(blocking) == 18 and all(c.passed for c in blocking), [c.check_name for c in blocking if not c.passed]
+    assert len(blocking) == 19 and all(c.passed for c in blocking), [c.check_name for c in blocking if not c.passed]
     warn_only = {f"selected_beats_{b}" for b in ("random", "teacher", "full", "base")} | {"student_tells_matched_pairs"}
     assert {c.check_name for c in checks if not c.blocking} == warn_only
     assert all(c.partition == "tiny" for c in checks)  # every result belongs to the partition it checked

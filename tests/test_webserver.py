@@ -54,7 +54,7 @@ def test_ui_lists_everything_and_runs_a_partition(webserver: int):
     checks = {
         (name, c["name"]): c["blocking"] for name, node in by_key.items() for c in node["assetChecksOrError"]["checks"]
     }
-    assert len(checks) == 23 and sum(checks.values()) == 18  # every data check blocks; the result checks warn
+    assert len(checks) == 24 and sum(checks.values()) == 19  # every data check blocks; the result checks warn
     assert not checks[("reference_loss", "selected_beats_random")]
     assert checks[("raw_samples", "sample_id_unique")] and checks[("selected_dataset", "traces_to_one_raw_row")]
 

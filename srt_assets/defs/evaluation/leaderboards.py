@@ -22,7 +22,7 @@ from srt_assets.core.winrates import (
     win_rate,
 )
 from srt_assets.defs.common import calls_progress, column_schema, json_value, judge_metadata, table_value
-from srt_assets.defs.evaluation.steps import JUDGE_STEP, Answer, answer_with_checkpoints, checkpoint_step
+from srt_assets.defs.evaluation.steps import BASE, JUDGE_STEP, Answer, answer_with_checkpoints, checkpoint_step
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.defs.training.assets import TRAINING_SETS
 from srt_assets.plots import markdown_table
@@ -279,10 +279,11 @@ def mt_bench_scores(
 
 
 def side_by_side(frame: pl.DataFrame, row: str, column: str, cell: pl.Expr) -> pl.DataFrame:
-    """One row per ``row`` value, one column per checkpoint (selected, random, full in that order)."""
+    """One row per ``row`` value, one column per checkpoint (selected, random, full, teacher, then the base
+    student where the frame has it)."""
     cells = frame.select(row, column, cell.alias("cell"))
     wide = cells.pivot(on=column, index=row, values="cell", maintain_order=True)
-    return wide.select(row, *[c for c in TRAINING_SETS if c in wide.columns])
+    return wide.select(row, *[c for c in (*TRAINING_SETS, BASE) if c in wide.columns])
 
 
 def alpaca_eval_table(results: pl.DataFrame) -> pl.DataFrame:

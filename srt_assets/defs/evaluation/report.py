@@ -49,9 +49,10 @@ def experiment_report(
 ) -> MaterializeResult:
     """What the comparison rests on (can the student judge, how many rewrites were usable, the
     training sets side by side), then selected vs random vs full: win/tie/lose per test set,
-    reference-answer loss, training curves; AlpacaEval win rates and MT-Bench scores; ending with what
-    the model calls cost. Shown here and written as Markdown and HTML with PNG figures (the HTML also
-    as a link); parts whose assets are not materialized for the source say so."""
+    reference-answer loss, training curves; AlpacaEval win rates, MT-Bench scores and the Open LLM
+    Leaderboard v1 tasks; ending with what the model calls cost. Shown here and written as Markdown
+    and HTML with PNG figures (the HTML also as a link); parts whose assets are not materialized for
+    the source say so."""
     source = context.partition_key
     inputs = ReportInputs(source, storage, tables)
     missing = sorted(name for name, table in tables.items() if table is None)
