@@ -192,19 +192,14 @@ def _add_failures(total: dict[str, Any], block: dict[str, Any]) -> None:
             total[key]["unexpected_examples"] = examples[:5]
 
 
-def repeated_values(table: pl.LazyFrame, column: str, batch_rows: int = GX_BLOCK_ROWS) -> dict[str, Any]:
+def repeated_values(table: pl.LazyFrame, column: str) -> dict[str, Any]:
     """The rows whose ``column`` value another row has too, as GX reports them (count, first five):
-    found among sorted 8-byte hashes read a batch at a time, then, where two hashes are equal, among
-    those rows' values; {} when every value is unique."""
-    import numpy as np
-
-    batches = table.select(pl.col(column).hash().alias("h")).collect_batches(chunk_size=batch_rows)
-    parts = [batch.get_column("h").to_numpy() for batch in batches]
-    hashes = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
-    equal = hashes[1:][hashes[1:] == hashes[:-1]]
-    if not equal.size:
+    found among the values' 8-byte hashes (read by the streaming engine), then, where two hashes are
+    equal, among those rows' values; {} when every value is unique."""
+    hashes = table.select(pl.col(column).hash()).collect(engine="streaming").to_series()
+    suspects = hashes.filter(hashes.is_duplicated()).unique()
+    if suspects.is_empty():
         return {}
-    suspects = pl.Series(np.unique(equal))
     candidates = table.filter(pl.col(column).hash().is_in(suspects.implode())).select(column).collect()
     repeated = candidates.filter(pl.col(column).is_duplicated()).get_column(column)
     if repeated.is_empty():

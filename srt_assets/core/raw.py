@@ -263,32 +263,37 @@ def load_source(spec: SourceSpec, only_keys: set[tuple[str, str]] | None = None)
 
 
 STREAMING = "streaming"  # polars' engine that reads a written table a morsel at a time
-SCAN_BATCH_ROWS = 16_384  # rows of a written table whose values a check holds at once
-
-
-def _column_batches(table: pl.LazyFrame, expr: pl.Expr) -> Iterator[pl.Series]:
-    """``expr`` (one value a row) over ``table``, a batch of rows at a time."""
-    for batch in table.select(expr.alias("value")).collect_batches(chunk_size=SCAN_BATCH_ROWS):
-        yield batch.get_column("value")
 
 
 def length_stats(
     samples: pl.DataFrame | pl.LazyFrame, columns: tuple[str, ...] = ("instruction", "input", "output")
 ) -> dict:
-    """Character-length summary per text column, for asset metadata; of a written table, one
-    column's lengths at a time (4 bytes a row, never its texts)."""
+    """Character-length summary per text column, for asset metadata; of a written table, polars'
+    streaming engine reads the lengths a morsel at a time (never the whole texts)."""
     stats: dict[str, dict[str, float]] = {}
     for column in columns:
-        parts = list(_column_batches(samples.lazy(), pl.col(column).str.len_chars()))
-        lengths = pl.concat(parts) if parts else pl.Series(dtype=pl.UInt32)
-        if lengths.len() == 0:
+        lengths = pl.col(column).str.len_chars()
+        figures = (
+            samples.lazy()
+            .select(
+                lengths.len().alias("rows"),
+                lengths.min().alias("min"),
+                lengths.mean().alias("mean"),
+                lengths.median().alias("p50"),
+                lengths.quantile(0.95).alias("p95"),
+                lengths.max().alias("max"),
+            )
+            .collect(engine=STREAMING)
+            .row(0, named=True)
+        )
+        if not figures["rows"]:
             stats[column] = {}
             continue
         stats[column] = {
-            "min": int(lengths.min()),
-            "mean": round(float(lengths.mean()), 1),
-            "p50": float(lengths.median()),
-            "p95": float(lengths.quantile(0.95)),
-            "max": int(lengths.max()),
+            "min": int(figures["min"]),
+            "mean": round(float(figures["mean"]), 1),
+            "p50": float(figures["p50"]),
+            "p95": float(figures["p95"]),
+            "max": int(figures["max"]),
         }
     return stats
