@@ -186,6 +186,10 @@ class StagedParquet:
     def scan(self) -> pl.LazyFrame:
         return pl.scan_parquet(self.path)
 
+    def discard(self) -> None:
+        """A staged table no output took (not selected, or the step failed before yielding it)."""
+        self.path.unlink(missing_ok=True)
+
 
 class ParquetBlockWriter:
     """Writes a table block by block, each block a row group, to a temporary file (created as

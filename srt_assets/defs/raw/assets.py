@@ -162,7 +162,7 @@ def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource, 
         yield from report_raw(context, spec, staged, time.perf_counter() - started, only_keys)
     except BaseException:  # no staged file outlives a failed step (the IO manager moved those it took)
         for table in staged.values():
-            table.path.unlink(missing_ok=True)
+            table.discard()
         raise
 
 
@@ -205,7 +205,7 @@ def report_raw(
         if name in selected:
             yield Output(staged[name], output_name=name, metadata=metadata[name])
         else:
-            staged[name].path.unlink(missing_ok=True)
+            staged[name].discard()
     yield from to_check_results("raw_samples", outcomes)
 
 
