@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
+from srt_assets.core.datasets import BASE
 from srt_assets.core.files import atomic_write_bytes, atomic_write_text
 from srt_assets.plots import _pyplot, markdown_table, png_markdown
 
@@ -94,7 +95,7 @@ def loss_figure(losses: pl.DataFrame):
     datasets = sorted(losses["dataset"].unique()) if losses.height else []
     data = [losses.filter((pl.col("dataset") == d) & pl.col("loss").is_finite())["loss"].to_list() for d in datasets]
     if losses.height:
-        datasets.append("base")
+        datasets.append(BASE)
         base = losses.filter((pl.col("dataset") == datasets[0]) & pl.col("base_loss").is_finite())
         data.append(base["base_loss"].to_list())
     if data:

@@ -69,6 +69,7 @@ TRAINING_SETS = {
     "full": "baseline_full",
     "teacher": "baseline_teacher",
 }
+BASE = "base"  # the untrained student, where an evaluation scores it beside the checkpoints
 TEACHER_PREFERENCE = ("QA", "A", "Q")  # the Reflection-Tuning baseline takes the most rewritten candidate
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
+from srt_assets.core.datasets import BASE
 from srt_assets.core.quality import CheckOutcome
 
 PROMPT_SCHEMA: dict[str, pl.DataType] = {
@@ -151,7 +152,7 @@ LOSS_BASELINES = {
     "random": "the random-sample model",
     "teacher": "the model tuned on every teacher rewrite",
     "full": "the model tuned on all original rows",
-    "base": "the base student",
+    BASE: "the base student",
 }
 
 
@@ -159,7 +160,7 @@ def loss_differences(losses: pl.DataFrame, baselines: Sequence[str] = tuple(LOSS
     """Selected minus each baseline, per reference set, paired by prompt. ``losses`` has dataset,
     prompt_set, prompt_id, loss and base_loss (the base student's loss on the same answer)."""
     found = []
-    base = losses.select("prompt_set", "prompt_id", pl.col("base_loss").alias("base")).unique(
+    base = losses.select("prompt_set", "prompt_id", pl.col("base_loss").alias(BASE)).unique(
         ["prompt_set", "prompt_id"], keep="first", maintain_order=True
     )
     wide = losses.pivot(on="dataset", index=["prompt_set", "prompt_id"], values="loss", aggregate_function="first")

@@ -9,12 +9,13 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from srt_assets import paths
+from srt_assets.core.datasets import BASE
 from srt_assets.core.harness import AVERAGE_TASK, LEADERBOARD_V1, TABLE_SCHEMA, BenchmarkData, run_leaderboard
 from srt_assets.core.quality import CheckOutcome
 from srt_assets.core.sources import expand_shared_data
 from srt_assets.defs.common import blocking_checks, column_schema, table_value, to_check_results
 from srt_assets.defs.evaluation.leaderboards import side_by_side
-from srt_assets.defs.evaluation.steps import BASE, checkpoint_step
+from srt_assets.defs.evaluation.steps import checkpoint_step
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir

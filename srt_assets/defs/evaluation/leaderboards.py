@@ -10,6 +10,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from srt_assets import paths
+from srt_assets.core.datasets import BASE
 from srt_assets.core.files import atomic_write_text
 from srt_assets.core.generation import GenerationParams
 from srt_assets.core.mt_bench import SCORE_SCHEMA, grade, load_judge_templates, load_questions, score_summary
@@ -22,7 +23,7 @@ from srt_assets.core.winrates import (
     win_rate,
 )
 from srt_assets.defs.common import calls_progress, column_schema, json_value, judge_metadata, table_value
-from srt_assets.defs.evaluation.steps import BASE, JUDGE_STEP, Answer, answer_with_checkpoints, checkpoint_step
+from srt_assets.defs.evaluation.steps import JUDGE_STEP, Answer, answer_with_checkpoints, checkpoint_step
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.defs.training.assets import TRAINING_SETS
 from srt_assets.plots import markdown_table

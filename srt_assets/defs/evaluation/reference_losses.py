@@ -6,7 +6,7 @@ import polars as pl
 from dagster import AssetCheckSeverity, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from srt_assets.core.datasets import original_training_rows, random_baseline
+from srt_assets.core.datasets import BASE, original_training_rows, random_baseline
 from srt_assets.core.evaluation import LOSS_BASELINES, LossDifference, loss_comparisons, loss_differences
 from srt_assets.defs.common import GPU_STEP, asset_checks, column_schema, to_check_results
 from srt_assets.defs.evaluation.steps import checkpoint_step
@@ -137,7 +137,7 @@ def mean_table(losses: pl.DataFrame) -> pl.DataFrame:
     base = (
         losses.filter(pl.col("base_loss").is_finite())
         .group_by("prompt_set")
-        .agg(pl.lit("base").alias("dataset"), pl.col("base_loss").mean().round(4).alias("mean_loss"))
+        .agg(pl.lit(BASE).alias("dataset"), pl.col("base_loss").mean().round(4).alias("mean_loss"))
     )
     both = pl.concat([per_set, base.select(per_set.columns)])
     return both.pivot(on="prompt_set", index="dataset", values="mean_loss").sort("dataset")
@@ -242,9 +242,9 @@ def training_sections(reference_losses: pl.DataFrame, manifests: dict[str, dict 
                 **{f"loss_{name}": value for name, value in (mine[0] if mine else {}).items()},
             }
         )
-    base = means.filter(pl.col("dataset") == "base").drop("dataset").to_dicts() if means.height else []
+    base = means.filter(pl.col("dataset") == BASE).drop("dataset").to_dicts() if means.height else []
     if base:
-        rows.append({"dataset": "base", **{f"loss_{name}": value for name, value in base[0].items()}})
+        rows.append({"dataset": BASE, **{f"loss_{name}": value for name, value in base[0].items()}})
     curves = {d: (m or {}).get("training", {}).get("losses", []) for d, m in manifests.items()}
     losses = Figure("reference_loss.png", figure_png(loss_figure(reference_losses)))
     training_curves = Figure(

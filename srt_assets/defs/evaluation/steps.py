@@ -14,7 +14,6 @@ from srt_assets.resources import ComputeResource, StorageResource, StudentModelR
 
 T = TypeVar("T")
 Answer = Callable[[list[Messages], GenerationParams], list[tuple[str, Generation]]]
-BASE = "base"  # the base student, where a step scores it beside the checkpoints
 
 
 def checkpoint_step(*also_reads: str) -> dict:
