@@ -97,6 +97,9 @@ def test_every_checkpoint_and_the_base_student_get_a_row_per_task(student_model_
     truthful = table.filter(pl.col("task") == "truthfulqa_mc2")
     assert truthful["n_items"].to_list() == [1] * 5 and (truthful["tokens"] > 0).all()
     assert (truthful["seconds"] > 0).all() and (truthful["status"] == "ok").all()
+    # one fingerprint under five names: scored once, read from the call cache four times
+    assert truthful["from_cache"].to_list() == [False, True, True, True, True]
+    assert (output.metadata["scores_from_cache"].value, output.metadata["scores_computed"].value) == (4, 1)
     assert truthful["value"].is_between(0, 1).all() and truthful["value"].n_unique() == 1  # one model, five names
     arc = table.filter(pl.col("task") == "arc_challenge")
     assert arc["value"].is_null().all() and arc["status"].str.starts_with("data absent").all()

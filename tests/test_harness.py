@@ -15,6 +15,8 @@ import polars as pl
 import pytest
 import yaml
 
+from srt_assets.core import harness
+from srt_assets.core.cache import SqliteCache
 from srt_assets.core.harness import (
     AVERAGE_TASK,
     OWN_ITEMS_DIR,
@@ -250,6 +252,31 @@ def test_a_run_needs_no_network(student_model_dir, tmp_path, monkeypatch):
     assert 0 < rows["truthfulqa_mc2"]["value"] < 1 and rows["truthfulqa_mc2"]["n_items"] == 1
     assert all(rows[t]["status"].startswith("data absent") for t in ("arc_challenge", "hellaswag", "mmlu"))
     assert "HF_HUB_OFFLINE" not in os.environ  # set for the run only
+
+
+@pytest.mark.slow
+def test_a_rerun_reads_its_scores_back_and_changed_data_is_scored_again(student_model_dir, tmp_path, monkeypatch):
+    """The second run loads no model (its rows come from the cache, equal to the first run's); other items in the
+    data file, another limit or another model fingerprint are new keys, scored again."""
+    cache, source = SqliteCache(tmp_path / "cache.sqlite", "benchmarks"), tmp_path / "mc.json"
+    source.write_bytes(TRUTHFULQA_SAMPLE.read_bytes())
+    data, loads = BenchmarkData(truthfulqa_mc=source), []
+    real_load = harness.load_hf_model
+    monkeypatch.setattr(harness, "load_hf_model", lambda *a: loads.append(a) or real_load(*a))
+
+    def truthful(**kwargs) -> dict:
+        kwargs = {"limit": 1, "cache": cache, "fingerprint": "model-a"} | kwargs
+        table = run_leaderboard(student_model_dir, tmp_path / "run", data, tasks=["truthfulqa_mc2"], **kwargs)
+        return table.filter(pl.col("task") == "truthfulqa_mc2").row(0, named=True)
+
+    first, again = truthful(), truthful()
+    assert len(loads) == 1 and (first["from_cache"], again["from_cache"]) == (False, True)
+    assert {k: again[k] for k in harness.CACHED_FIELDS} == {k: first[k] for k in harness.CACHED_FIELDS}
+    assert truthful(limit=2)["from_cache"] is False and truthful(fingerprint="model-b")["from_cache"] is False
+    records = json.loads(source.read_text())
+    json_array(source, records[1:] + records[:1])  # another first item
+    assert truthful()["from_cache"] is False and len(loads) == 4
+    assert truthful(cache=None)["from_cache"] is False and len(loads) == 5  # no cache: always scored
 
 
 @pytest.mark.slow

@@ -9,10 +9,14 @@ ARC, HellaSwag and MMLU are read from a folder in the Hub's layout (``<owner>/<n
 Every input record is checked before lm-eval sees it, so a bad one is reported by file, line (or row) and
 field instead of as a Jinja error deep inside a run. A task without data is a row "data absent" with no
 value, never a zero, and the leaderboard average is given only when all four tasks were scored.
+
+A task's row is kept in the call cache under what decides it (lm-eval's version, the model's fingerprint, the
+contents of the task's data files, items and run settings), so a rerun loads no model for what it scored before.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -27,6 +31,8 @@ from typing import Any
 import polars as pl
 import yaml
 
+from srt_assets.core.cache import CallCache, content_key
+from srt_assets.core.files import file_sha256
 from srt_assets.core.sources import SHARED_DATA_ENV
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "benchmarks"
@@ -54,6 +60,7 @@ TABLE_SCHEMA: dict[str, pl.DataType] = {
     "seconds": pl.Float64(),
     "status": pl.String(),
     "data": pl.String(),
+    "from_cache": pl.Boolean(),  # the row was scored by an earlier run with the same model, data and settings
 }
 
 
@@ -115,6 +122,7 @@ class TaskSetup:
     status: str = "ok"
     data: str = ""
     subjects: list[str] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)  # the data files lm-eval reads: their contents key the cache
 
     @property
     def runnable(self) -> bool:
@@ -357,14 +365,14 @@ def _setup_hub_task(task: BenchmarkTask, hub_dir: Path | None, tasks_dir: Path) 
         task, task.lm_eval_name, lm_eval_tasks_dir() / task.base_yaml, files, tasks_dir.parent / "cache"
     )
     _write(tasks_dir / f"{task.lm_eval_name}.yaml", config)
-    return TaskSetup(task, data=str(folder))
+    return TaskSetup(task, data=str(folder), inputs=[p for paths in files.values() for p in paths])
 
 
 def _setup_mmlu(task: BenchmarkTask, hub_dir: Path | None, tasks_dir: Path) -> TaskSetup:
     """One config per subject folder present, and an unweighted group over them (as the leaderboard v1)."""
     if hub_dir is None:
         return TaskSetup(task, f"data absent: no Hub-layout folder given for {task.hub_dataset}")
-    root, present = hub_dir / task.hub_dataset, []
+    root, present, inputs = hub_dir / task.hub_dataset, [], []
     for subject in mmlu_subjects():
         files, _ = _hub_files(task, root / subject) if (root / subject).is_dir() else (None, "")
         if files is not None:
@@ -372,6 +380,7 @@ def _setup_mmlu(task: BenchmarkTask, hub_dir: Path | None, tasks_dir: Path) -> T
             config = _task_yaml(task, f"{task.lm_eval_name}_{subject}", include, files, tasks_dir.parent / "cache")
             _write(tasks_dir / f"{task.lm_eval_name}_{subject}.yaml", config)
             present.append(subject)
+            inputs += [p for paths in files.values() for p in paths]
     if not present:
         return TaskSetup(task, f"data absent: no MMLU subject folder with test and dev splits in {root}")
     group = {
@@ -382,7 +391,7 @@ def _setup_mmlu(task: BenchmarkTask, hub_dir: Path | None, tasks_dir: Path) -> T
     }
     _write(tasks_dir / f"{task.lm_eval_name}_group.yaml", group)
     status = "ok" if len(present) == MMLU_SUBJECT_COUNT else f"partial: {len(present)} of {MMLU_SUBJECT_COUNT} subjects"
-    return TaskSetup(task, status, str(root), present)
+    return TaskSetup(task, status, str(root), present, inputs)
 
 
 def _setup_truthfulqa(task: BenchmarkTask, source: Path | None, tasks_dir: Path) -> TaskSetup:
@@ -396,7 +405,7 @@ def _setup_truthfulqa(task: BenchmarkTask, source: Path | None, tasks_dir: Path)
     include = lm_eval_tasks_dir() / task.base_yaml
     config = _task_yaml(task, task.lm_eval_name, include, {"validation": [converted]}, tasks_dir.parent / "cache")
     _write(tasks_dir / f"{task.lm_eval_name}.yaml", config)
-    return TaskSetup(task, data=f"{source} ({len(rows)} items)")
+    return TaskSetup(task, data=f"{source} ({len(rows)} items)", inputs=[converted])
 
 
 def write_task_configs(run_dir: Path, data: BenchmarkData, tasks: Sequence[str] | None = None) -> dict[str, TaskSetup]:
@@ -459,7 +468,7 @@ def _float(value: Any) -> float | None:
 def _row(setup: TaskSetup, checkpoint: str, limit: int | None, **values: Any) -> dict:
     task = setup.task
     base = dict.fromkeys(TABLE_SCHEMA) | {"checkpoint": checkpoint, "task": task.name, "metric": task.metric}
-    base |= {"num_fewshot": task.num_fewshot, "limit": limit}
+    base |= {"num_fewshot": task.num_fewshot, "limit": limit, "from_cache": False}
     return base | {"status": setup.status, "data": setup.data} | values
 
 
@@ -486,6 +495,15 @@ def load_hf_model(checkpoint: Path, device: str, dtype: str, batch_size: int | s
     return HFLM(pretrained=str(checkpoint), device=device, dtype=dtype, batch_size=batch_size)
 
 
+def task_cache_key(setup: TaskSetup, fingerprint: str, settings: dict[str, Any]) -> str:
+    """What decides a task's row: lm-eval's version, the model, the task, its data files' contents and the settings."""
+    digests = [[p.name, file_sha256(p)] for p in setup.inputs]
+    version = importlib.metadata.version("lm_eval")
+    return content_key(
+        "lm_eval", version, fingerprint, setup.task.name, setup.status, setup.subjects, digests, settings
+    )
+
+
 def run_leaderboard(
     checkpoint: Path,
     run_dir: Path,
@@ -497,33 +515,67 @@ def run_leaderboard(
     batch_size: int | str = 1,
     limit: int | None = None,
     tasks: Sequence[str] | None = None,
+    cache: CallCache | None = None,
+    fingerprint: str | None = None,
 ) -> pl.DataFrame:
     """The leaderboard v1 tasks on one checkpoint through ``lm_eval.simple_evaluate`` (model ``hf``), offline.
 
     One row per task (checkpoint, task, metric, value, stderr, n_items, seconds, status, ...) plus the average
-    row; ``limit`` caps the items per task (a smoke run, said in every row), None scores them all.
+    row; ``limit`` caps the items per task (a smoke run, said in every row), None scores them all. Given a
+    ``cache`` and the model's ``fingerprint``, a task scored before is read back (``from_cache``) and the model
+    is loaded only for the others; each newly scored row is stored as soon as it is computed.
     """
+    setups = write_task_configs(run_dir, data or BenchmarkData.default(), tasks)
+    name, settings = label or checkpoint.name, {"device": device, "dtype": dtype, "batch_size": batch_size}
+    settings["limit"] = limit
+    keyed = cache is not None and fingerprint is not None  # not ``cache and ...``: an empty cache is falsy
+    keys = {t: task_cache_key(s, fingerprint, settings) for t, s in setups.items() if s.runnable and keyed}
+    found = cache.get_many(keys.values()) if keys else {}
+    rows, to_score = {}, []
+    for task, setup in setups.items():
+        if not setup.runnable:
+            rows[task] = _row(setup, name, limit)
+        elif keys.get(task) in found:
+            rows[task] = _row(setup, name, limit, **found[keys[task]], from_cache=True)
+        else:
+            to_score.append(setup)
+    for setup, row in score_tasks(checkpoint, run_dir, to_score, name, limit, device, dtype, batch_size):
+        rows[setup.task.name] = row
+        if setup.task.name in keys:
+            cache.put_many({keys[setup.task.name]: {k: row[k] for k in CACHED_FIELDS}})
+    table = pl.DataFrame([rows[t] for t in setups], schema=TABLE_SCHEMA)
+    return pl.concat([table, average_row(table, name, limit)])
+
+
+CACHED_FIELDS = ("value", "stderr", "n_items", "tokens", "seconds")
+
+
+def score_tasks(
+    checkpoint: Path,
+    run_dir: Path,
+    setups: list[TaskSetup],
+    name: str,
+    limit: int | None,
+    device: str,
+    dtype: str,
+    batch_size: int | str,
+) -> Iterator[tuple[TaskSetup, dict]]:
+    """Each setup's row as lm-eval scores it, the model loaded once (and not at all when there is nothing to score)."""
+    if not setups:
+        return
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    setups = write_task_configs(run_dir, data or BenchmarkData.default(), tasks)
-    name, rows = label or checkpoint.name, []
-    runnable = [s for s in setups.values() if s.runnable]
     with hub_offline():
-        lm = load_hf_model(checkpoint, device, dtype, batch_size) if runnable else None
-        manager = TaskManager(include_path=str(run_dir / "tasks"), include_defaults=False) if runnable else None
-        for setup in setups.values():
-            if not setup.runnable:
-                rows.append(_row(setup, name, limit))
-                continue
+        lm = load_hf_model(checkpoint, device, dtype, batch_size)
+        manager = TaskManager(include_path=str(run_dir / "tasks"), include_defaults=False)
+        for setup in setups:
             started = time.perf_counter()
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=[setup.task.lm_eval_name], task_manager=manager, limit=limit, log_samples=True
             )
             row = _result_row(setup, results, name, limit, time.perf_counter() - started)
-            rows.append(row | {"tokens": request_tokens(lm, results.get("samples", {}))})
-    table = pl.DataFrame(rows, schema=TABLE_SCHEMA)
-    return pl.concat([table, average_row(table, name, limit)])
+            yield setup, row | {"tokens": request_tokens(lm, results.get("samples", {}))}
 
 
 def leaderboard_average(table: pl.DataFrame) -> tuple[float | None, str]:

@@ -9,6 +9,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from srt_assets import paths
+from srt_assets.core.cache import open_cache
 from srt_assets.core.datasets import BASE
 from srt_assets.core.harness import AVERAGE_TASK, LEADERBOARD_V1, TABLE_SCHEMA, BenchmarkData, run_leaderboard
 from srt_assets.core.quality import CheckOutcome
@@ -19,6 +20,7 @@ from srt_assets.defs.evaluation.steps import checkpoint_step
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
+from srt_assets.models.identity import ModelIdentity, model_fingerprint
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section
 from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource
@@ -56,10 +58,14 @@ def benchmark_data(config: BenchmarkConfig) -> BenchmarkData:
     return BenchmarkData.default(hub_dir=hub_dir)
 
 
-def checkpoint_models(storage: StorageResource, student: StudentModelResource, source: str) -> dict[str, Path]:
-    """Every checkpoint of the source (selected, random, full, teacher) and the base student, by label."""
-    models = {name: checkpoint_dir(storage, source, name) for name in TRAINING_SETS}
-    return models | {BASE: Path(student.identity_in(storage).path)}
+def checkpoint_models(storage: StorageResource, student: StudentModelResource, source: str) -> dict[str, ModelIdentity]:
+    """Every checkpoint of the source (selected, random, full, teacher) and the base student, by label, with the
+    fingerprint that keys their cached scores."""
+    models = {}
+    for name in TRAINING_SETS:
+        folder = checkpoint_dir(storage, source, name)
+        models[name] = ModelIdentity(str(folder), model_fingerprint(folder))
+    return models | {BASE: student.identity_in(storage)}
 
 
 def why_none() -> pl.Expr:
@@ -122,12 +128,22 @@ def benchmark_scores(
     settings = {"device": gpu.resolved_device(), "dtype": gpu.dtype, "batch_size": config.batch_size}
     settings |= {"limit": config.limit, "tasks": config.tasks}
     models, parts = checkpoint_models(storage, student, source), []
-    for name, model in models.items():
-        context.log.info(f"lm-eval on {name} ({model}): {', '.join(config.tasks)}, {smoke_label(config.limit)}")
-        parts.append(
-            run_leaderboard(model, storage.reports_dir / source / "lm_eval" / name, data, label=name, **settings)
-        )
+    cache = open_cache(storage.cache_location, "benchmarks")
+    try:
+        for name, model in models.items():
+            context.log.info(
+                f"lm-eval on {name} ({model.path}): {', '.join(config.tasks)}, {smoke_label(config.limit)}"
+            )
+            run_dir = storage.reports_dir / source / "lm_eval" / name
+            part = run_leaderboard(
+                Path(model.path), run_dir, data, label=name, cache=cache, fingerprint=model.fingerprint, **settings
+            )
+            parts.append(part)
+    finally:
+        cache.close()
     table = pl.concat(parts)
+    scored = table.filter(pl.col("task") != AVERAGE_TASK, pl.col("value").is_not_null())
+    context.log.info(f"lm-eval: {scored['from_cache'].sum()} of {scored.height} task scores read from the cache")
     first = parts[0].filter(pl.col("task") != AVERAGE_TASK)
     data_used = {r["task"]: r["data"] or r["status"] for r in first.iter_rows(named=True)}
     yield Output(
@@ -135,6 +151,8 @@ def benchmark_scores(
         metadata={
             "scores": MetadataValue.md(markdown_table(scores_by_checkpoint(table), max_chars=40)),
             "run": smoke_label(config.limit),
+            "scores_from_cache": MetadataValue.int(int(scored["from_cache"].sum())),
+            "scores_computed": MetadataValue.int(int((~scored["from_cache"]).sum())),
             "seconds_and_tokens": MetadataValue.md(markdown_table(cost_by_checkpoint(table), max_chars=40)),
             "data": table_value(data_used, "task", "data"),
             "settings": table_value(settings | {"tasks": ", ".join(config.tasks), "checkpoints": ", ".join(models)}),
