@@ -277,3 +277,23 @@ def test_a_failed_block_write_leaves_no_staged_file(tmp_path):
         writer.write(pl.DataFrame({"a": [1, 2]}))
         raise RuntimeError("the teacher failed half-way")
     assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_a_teacher_step_whose_report_fails_leaves_no_staged_file(tmp_path):
+    """The candidates were written and staged; reading them back for the metadata fails (here: the rows they
+    rewrote lack their texts), so no output moves the file into place: it is discarded, not left behind."""
+    from dagster import StaticPartitionsDefinition, build_asset_context
+
+    from srt_assets.defs.teacher.assets import CandidateStep, CandidateTally, ReflectionConfig
+    from srt_assets.partitions import Partitioning
+    from srt_assets.resources import StorageResource
+
+    storage, layout = StorageResource(base_dir=str(tmp_path)), Partitioning(StaticPartitionsDefinition(["s"]))
+    step = CandidateStep(build_asset_context(partition_key="s"), ReflectionConfig(), "new_instructions",
+                         "instruction", layout, storage)  # fmt: skip
+    with step.writer() as writer:
+        staged = writer.finish()
+    assert staged.path.is_file()
+    with pytest.raises(pl.exceptions.ColumnNotFoundError):
+        list(step.report(staged, pl.DataFrame({"sample_id": ["s-1"]}), CandidateTally(), {}))
+    assert not staged.path.exists() and list(staged.path.parent.iterdir()) == []

@@ -346,8 +346,12 @@ class CandidateStep:
         """The written candidates with their metadata, then their blocking checks (both read from the
         staged file before it is moved into place)."""
         table = staged.scan()
-        metadata = candidate_metadata(table, origin, before.lazy(), self.kind)
-        outcomes = candidate_checks(table, tally, self.config.max_failure_ratio)
+        try:
+            metadata = candidate_metadata(table, origin, before.lazy(), self.kind)
+            outcomes = candidate_checks(table, tally, self.config.max_failure_ratio)
+        except BaseException:
+            staged.discard()  # no output will move it into place (the calls are in the cache, not lost)
+            raise
         yield Output(staged, metadata=metadata | self.layout.shard_metadata(self.context.partition_key))
         yield from to_check_results(self.asset_name, outcomes)
 
