@@ -255,7 +255,9 @@ def test_a_run_needs_no_network(student_model_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_rerun_reads_its_scores_back_and_changed_data_is_scored_again(student_model_dir, tmp_path, monkeypatch):
+def test_a_rerun_reads_its_scores_back_and_changed_data_is_scored_again(
+    student_model_dir, tmp_path, monkeypatch, capsys
+):
     """The second run loads no model (its rows come from the cache, equal to the first run's); other items in the
     data file, another limit or another model fingerprint are new keys, scored again."""
     cache, source = SqliteCache(tmp_path / "cache.sqlite", "benchmarks"), tmp_path / "mc.json"
@@ -277,6 +279,8 @@ def test_a_rerun_reads_its_scores_back_and_changed_data_is_scored_again(student_
     json_array(source, records[1:] + records[:1])  # another first item
     assert truthful()["from_cache"] is False and len(loads) == 4
     assert truthful(cache=None)["from_cache"] is False and len(loads) == 5  # no cache: always scored
+    # lm-eval's own progress bars stay off the terminal and the compute logs (the step logs its own lines)
+    assert "loglikelihood requests" not in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -492,7 +492,15 @@ def load_hf_model(checkpoint: Path, device: str, dtype: str, batch_size: int | s
     """lm-eval's ``hf`` model on a checkpoint directory, loaded once for all four tasks."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=str(checkpoint), device=device, dtype=dtype, batch_size=batch_size)
+    class QuietHFLM(HFLM):
+        """lm-eval's hf model without its two progress bars per task ("Tokenizing inputs", "Running loglikelihood
+        requests"): it passes ``disable=False`` to tqdm, so TQDM_DISABLE cannot reach them, and they would fill
+        the terminal and every compute log; the step logs a line per checkpoint instead."""
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+    return QuietHFLM(pretrained=str(checkpoint), device=device, dtype=dtype, batch_size=batch_size)
 
 
 def task_cache_key(setup: TaskSetup, fingerprint: str, settings: dict[str, Any]) -> str:

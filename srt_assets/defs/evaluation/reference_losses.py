@@ -8,7 +8,7 @@ from pydantic import Field
 
 from srt_assets.core.datasets import BASE, original_training_rows, random_baseline
 from srt_assets.core.evaluation import LOSS_BASELINES, LossDifference, loss_comparisons, loss_differences
-from srt_assets.defs.common import GPU_STEP, asset_checks, column_schema, to_check_results
+from srt_assets.defs.common import GPU_STEP, asset_checks, calls_progress, column_schema, to_check_results
 from srt_assets.defs.evaluation.steps import checkpoint_step
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.report_parts import ReportPart
@@ -54,10 +54,17 @@ def reference_pairs(evaluation_prompts: pl.DataFrame) -> pl.DataFrame:
 
 
 def answer_losses(
-    student: StudentModelResource, gpu: ComputeResource, storage: StorageResource, rows: pl.DataFrame, model: str | None
+    context: AssetExecutionContext,
+    models: tuple[StudentModelResource, ComputeResource, StorageResource],
+    rows: pl.DataFrame,
+    model: str | None,
+    label: str,
 ) -> tuple[list[float], list[int]]:
-    """Each reference answer's mean loss given its prompt under one model (None: the base student)."""
-    with student.session(gpu, storage, model_path=model) as session:
+    """Each reference answer's mean loss given its prompt under one model (None: the base student), with a
+    progress line every few seconds: 805 prompts × 2 references is most of an hour per model on a CPU."""
+    student, gpu, storage = models
+    progress = calls_progress(context, f"reference loss of {label}", unit="texts")
+    with student.session(gpu, storage, model_path=model, progress=progress) as session:
         return session.answer_losses(rows.select("prompt", "reference").rows())
 
 
@@ -105,11 +112,12 @@ def reference_loss(
     GPT-4-turbo's), next to the base student's; lower is better. The checks compare the selected-data
     model with each baseline by the interval of the paired difference, not by one number."""
     rows = reference_pairs(evaluation_prompts)
-    base_losses, _ = answer_losses(student, gpu, storage, rows, None)
+    scoring = (student, gpu, storage)
+    base_losses, _ = answer_losses(context, scoring, rows, None, BASE)
     parts = []
     for dataset in TRAINING_SETS:
         model = str(checkpoint_dir(storage, context.partition_key, dataset))
-        losses, tokens = answer_losses(student, gpu, storage, rows, model)
+        losses, tokens = answer_losses(context, scoring, rows, model, dataset)
         parts.append(
             rows.select("prompt_set", "prompt_id").with_columns(
                 pl.lit(dataset).alias("dataset"),
@@ -189,7 +197,7 @@ def random_seed_losses(
         seen.add(fingerprint)
         out_dir = checkpoint_dir(storage, source, f"random_seed{seed}")
         trained = train_checkpoint(context, out_dir, f"baseline_random (seed {seed})", drawn, models)
-        losses, _ = answer_losses(student, gpu, storage, rows, str(trained.out_dir))
+        losses, _ = answer_losses(context, (student, gpu, storage), rows, str(trained.out_dir), f"seed {seed}")
         parts.append(
             rows.select("prompt_set", "prompt_id").with_columns(
                 pl.lit(f"seed {seed}").alias("draw"),
