@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/srt demo
 
-# Everything, as CI runs it (about 20 minutes on 2 cores).
+# Everything, as CI runs it (about 45 minutes on 2 cores).
 test: setup
 	$(VENV)/bin/python -m pytest
 
