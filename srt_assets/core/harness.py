@@ -534,8 +534,8 @@ def run_leaderboard(
     is loaded only for the others; each newly scored row is stored as soon as it is computed.
     """
     setups = write_task_configs(run_dir, data or BenchmarkData.default(), tasks)
-    name, settings = label or checkpoint.name, {"device": device, "dtype": dtype, "batch_size": batch_size}
-    settings["limit"] = limit
+    name = label or checkpoint.name
+    settings = {"device": device, "dtype": dtype, "batch_size": batch_size, "limit": limit}
     keyed = cache is not None and fingerprint is not None  # not ``cache and ...``: an empty cache is falsy
     keys = {t: task_cache_key(s, fingerprint, settings) for t, s in setups.items() if s.runnable and keyed}
     found = cache.get_many(keys.values()) if keys else {}

@@ -20,7 +20,7 @@ from srt_assets.defs.evaluation.steps import checkpoint_step
 from srt_assets.defs.partitions import SOURCES
 from srt_assets.defs.report_parts import ReportPart
 from srt_assets.defs.training.assets import TRAINING_SETS, checkpoint_dir
-from srt_assets.models.identity import ModelIdentity, model_fingerprint
+from srt_assets.models.identity import ModelIdentity, model_identity
 from srt_assets.plots import markdown_table
 from srt_assets.report import Section
 from srt_assets.resources import ComputeResource, StorageResource, StudentModelResource
@@ -61,10 +61,8 @@ def benchmark_data(config: BenchmarkConfig) -> BenchmarkData:
 def checkpoint_models(storage: StorageResource, student: StudentModelResource, source: str) -> dict[str, ModelIdentity]:
     """Every checkpoint of the source (selected, random, full, teacher) and the base student, by label, with the
     fingerprint that keys their cached scores."""
-    models = {}
-    for name in TRAINING_SETS:
-        folder = checkpoint_dir(storage, source, name)
-        models[name] = ModelIdentity(str(folder), model_fingerprint(folder))
+    folders = {name: str(checkpoint_dir(storage, source, name)) for name in TRAINING_SETS}
+    models = {name: model_identity(folder, storage.models_dir) for name, folder in folders.items()}
     return models | {BASE: student.identity_in(storage)}
 
 
