@@ -1,16 +1,21 @@
 """Student scoring speed: the reference batch-of-one loop versus the packed engine (exact and fast).
 
     python benchmarks/bench_scoring.py [--rows 64] [--model DIR] [--device cpu|cuda] [--token-budget N]
+                                       [--kernels segments,flex]
 
 Scores the first ``--rows`` rows of Alpaca (``../shared/data``; the demo sample when absent) with the
-default student, and prints tokens/s, the speed ratio over the reference loop, the largest relative
-error of the four perplexities and the Spearman correlation of IFD against the reference.
+default student, and prints, per attention kernel and precision, tokens/s, the speed ratio over the
+reference loop, the largest relative error of the four perplexities and the Spearman correlation of
+IFD against the reference. Each engine first scores two rows untimed (FlexAttention compiles then).
+Needs only torch and transformers besides this repository (a GPU machine with random weights from
+``benchmarks/random_model.py`` is enough).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import time
 from pathlib import Path
@@ -72,6 +77,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--token-budget", type=int, default=1024, help="tokens per packed forward pass")
     parser.add_argument("--data", type=Path, default=None, help="Alpaca-format JSON (default: ../shared, else demo)")
+    parser.add_argument("--kernels", default="segments,flex", help="attention kernels to measure, comma-separated")
     args = parser.parse_args()
     model_dir = args.model or ensure_bundled_model_dir(paths.storage_dir() / "models")
     items = load_rows(args.rows, args.data)
@@ -87,13 +93,18 @@ def main() -> None:
     ref_matrix = np.array([[getattr(s, k) for k in STATS] for s in ref_scores], dtype=float)
     ref_ifd = np.array([s.ifd for s in ref_scores], dtype=float)
     del reference
-    for label, dtype in (("packed exact fp32", "float32"), ("packed fast bf16", "bfloat16")):
-        engine = TransformersStudent(model_dir, device=args.device, dtype=dtype, token_budget=args.token_budget)
+    for kernel, dtype in itertools.product(args.kernels.split(","), ("float32", "bfloat16")):
+        engine = TransformersStudent(
+            model_dir, device=args.device, dtype=dtype, token_budget=args.token_budget, attention_kernel=kernel
+        )
+        warm_up = timed(engine, items[:2], builder)[2]  # compiling (flex) is paid once per process, not per row
         scores, _, seconds = timed(engine, items, builder)
         matrix = np.array([[getattr(s, k) for k in STATS] for s in scores], dtype=float)
         error = float(np.nanmax(np.abs(matrix - ref_matrix) / np.abs(ref_matrix)))
         rho = spearman(np.array([s.ifd for s in scores], dtype=float), ref_ifd)
-        print(f"{label:28s} {seconds:8.1f} {tokens / seconds:9.0f} {ref_time / seconds:8.2f} {error:12.2e} {rho:13.4f}")
+        label = f"packed {kernel} {'exact fp32' if dtype == 'float32' else 'fast bf16'}"
+        print(f"{label:28s} {seconds:8.1f} {tokens / seconds:9.0f} {ref_time / seconds:8.2f} {error:12.2e} {rho:13.4f}"
+              f"   (warm-up {warm_up:.1f} s)")  # fmt: skip
 
 
 def _device_name(device: str) -> str:

@@ -80,15 +80,22 @@ def test_texts_locate_the_target_and_truncate_as_the_reference(student_tokenizer
 
 
 @pytest.mark.slow
-def test_packed_engine_matches_the_straightforward_loop(student_model_dir, student_tokenizer, reference_scorer):
-    """float32: batch of one, context labels -100, outputs.loss (as the authors) vs the packed engine."""
+@pytest.mark.parametrize("kernel", ["segments", "flex"])
+def test_packed_engine_matches_the_straightforward_loop(
+    student_model_dir, student_tokenizer, reference_scorer, kernel: str
+):
+    """float32: batch of one, context labels -100, outputs.loss (as the authors) vs the packed engine,
+    with either attention kernel (flex: one compiled FlexAttention call per layer, padded packs)."""
     from srt_assets.models.student_hf import TransformersStudent
 
     rows = alpaca_rows(4, with_input=2)
     items = [ScoringItem(r["instruction"], r["input"], r["output"]) for r in rows]
     builder = build_text_builder(student_tokenizer, "alpaca", ScoringConfig())
     expected, _ = score_items(items, builder, reference_scorer)
-    engine = TransformersStudent(student_model_dir, device="cpu", dtype="float32", token_budget=256)
+    engine = TransformersStudent(
+        student_model_dir, device="cpu", dtype="float32", token_budget=256, attention_kernel=kernel
+    )
+    assert engine.attention_kernel == kernel
     got, work = score_items(items, builder, engine)
     assert work["unique_texts"] == 4 * len(items)
     for want, have in zip(expected, got, strict=True):

@@ -67,3 +67,46 @@ def test_shared_prefixes_save_tokens():
     assert len(packs[0]) == (len(header) - 1) + 20 * 4
     unshared = plan_packs(sequences, starts, token_budget=4096, min_shared_prefix=10_000)
     assert len(unshared[0]) == 20 * 43
+
+
+def expected_visibility(pack, length: int) -> list[list[bool]]:
+    """Who sees whom, straight from the segments: each row its context chain and itself causally;
+    padding rows past the pack only the padding before them."""
+    allowed = [[False] * length for _ in range(length)]
+    for segment in pack.segments:
+        context = [r for start, span in segment.context for r in range(start, start + span)]
+        for offset in range(segment.length):
+            row = segment.start + offset
+            for key in [*context, *range(segment.start, row + 1)]:
+                allowed[row][key] = True
+    for row in range(len(pack), length):
+        for key in range(len(pack), row + 1):
+            allowed[row][key] = True
+    return allowed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_flex_block_mask_lets_each_row_see_exactly_what_its_segment_sees(seed: int):
+    """One FlexAttention call per pack must mask like one attention call per segment does, with
+    prefixes nested and the pack padded to its compiled length."""
+    import torch
+    from torch.nn.attention.flex_attention import create_mask
+
+    from srt_assets.models.packed_attention import FlexAttention
+
+    sequences, starts = random_requests(seed)
+    packs = plan_packs(sequences, starts, token_budget=200, min_shared_prefix=3)
+    assert any(len(s.context) >= 2 for p in packs for s in p.segments)  # nested prefixes are covered
+    for pack in packs:
+        length = FlexAttention.padded_length(len(pack), 200)
+        assert length % 128 == 0 and length >= len(pack)
+        mask_mod = FlexAttention.build(pack.segments, length, torch.device("cpu")).block_mask.mask_mod
+        dense = create_mask(mask_mod, 1, 1, length, length, device="cpu")[0, 0]
+        assert dense.tolist() == expected_visibility(pack, length)
+
+
+def test_packs_are_padded_to_a_few_compiled_lengths():
+    from srt_assets.models.packed_attention import FlexAttention
+
+    lengths = {FlexAttention.padded_length(n, 1000) for n in range(1, 5000)}
+    assert lengths == {1024, 2048, 4096, 8192}

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 StudentBackend = Literal["transformers", "vllm"]
 Precision = Literal["float32", "bfloat16", "float16"]
+PackKernel = Literal["auto", "segments", "flex"]
 
 
 class ComputeSettings(BaseModel):
@@ -23,6 +24,11 @@ class ComputeSettings(BaseModel):
     )
     token_budget: int = Field(default=1024, description="tokens per packed forward pass (batch size)")
     backend: StudentBackend = Field(default="transformers", description="student backend: transformers or vllm")
+    attention_kernel: PackKernel = Field(
+        default="auto",
+        description="packed attention of the transformers student: flex (one FlexAttention call per layer), "
+        "segments (one call per sequence) or auto (flex on CUDA, segments on CPU)",
+    )
 
     def resolved_device(self) -> str:
         from srt_assets.models.loading import resolve_device
@@ -45,4 +51,5 @@ class ComputeSettings(BaseModel):
             "generation_dtype": self.resolved_generation_dtype(device),
             "backend": self.backend,
             "token_budget": self.token_budget,
+            "attention_kernel": self.attention_kernel,
         }

@@ -2,24 +2,49 @@
 
 Registered with transformers' ``AttentionInterface`` as ``srt_packed``, so any model that routes its
 attention through that interface (Llama, Qwen2, Mistral, SmolLM, ...) can run packed rows built by
-``core.packing``. Each segment runs one ``scaled_dot_product_attention``: it sees the keys of the
-shared prefixes above it, then its own causally, so no position ever sees another sequence and no
-padding is computed.
+``core.packing``. A segment sees the keys of the shared prefixes above it, then its own causally, so
+no position ever sees another sequence and no padding is computed. Two kernels compute that:
+
+* ``segments``: one ``scaled_dot_product_attention`` per segment. Few large calls suit a CPU, but on a
+  GPU a pack of hundreds of short segments is bound by kernel launches, not arithmetic.
+* ``flex``: one FlexAttention call per layer for the whole pack, with a block mask built once per pack
+  from the same segments (blocks that no query of theirs may see are skipped, not computed). Packs are
+  padded to a few lengths, so the kernel is compiled a few times, not once per pack.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from srt_assets.core.packing import Segment
+from srt_assets.core.packing import MAX_PREFIX_DEPTH, Segment
+from srt_assets.models.compute import PackKernel
 
 ATTENTION_NAME = "srt_packed"
+FLEX_BLOCK = 128  # FlexAttention's block size: padded pack lengths are multiples of it
+
+
+class PackAttention(Protocol):
+    """The attention of one pack: built once per forward pass, called by every layer."""
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, gqa: bool
+    ) -> torch.Tensor: ...
+
+
+class PackKernelType(Protocol):
+    @staticmethod
+    def padded_length(length: int, token_budget: int) -> int: ...
+
+    @classmethod
+    def build(cls, segments: Sequence[Segment], length: int, device: torch.device) -> PackAttention: ...
 
 
 @dataclass(frozen=True)
@@ -30,25 +55,127 @@ class SegmentTensors:
     mask: torch.Tensor | None  # [length, context + length] boolean, only with a context
 
 
-def prepare_segments(segments: Sequence[Segment], device: torch.device) -> list[SegmentTensors]:
-    """Build each context-aware causal mask once per pack (every layer reuses it)."""
-    masks: dict[tuple[int, int], torch.Tensor] = {}
-    prepared = []
-    for seg in segments:
-        mask = None
-        if seg.context:
-            key = (seg.length, seg.context_length)
-            if key not in masks:
-                full = torch.ones(seg.length, seg.context_length + seg.length, dtype=torch.bool, device=device)
-                masks[key] = torch.tril(full, diagonal=seg.context_length)
-            mask = masks[key]
-        prepared.append(SegmentTensors(seg.start, seg.length, seg.context, mask))
-    return prepared
-
-
 def _gather(states: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
     parts = [states[:, :, start : start + length] for start, length in spans]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+@dataclass(frozen=True)
+class SegmentAttention:
+    """One ``scaled_dot_product_attention`` per segment (the CPU kernel)."""
+
+    segments: tuple[SegmentTensors, ...]
+
+    @staticmethod
+    def padded_length(length: int, token_budget: int) -> int:
+        return length
+
+    @classmethod
+    def build(cls, segments: Sequence[Segment], length: int, device: torch.device) -> SegmentAttention:
+        """Each context-aware causal mask once per pack (every layer reuses it)."""
+        masks: dict[tuple[int, int], torch.Tensor] = {}
+        prepared = []
+        for seg in segments:
+            mask = None
+            if seg.context:
+                key = (seg.length, seg.context_length)
+                if key not in masks:
+                    full = torch.ones(seg.length, seg.context_length + seg.length, dtype=torch.bool, device=device)
+                    masks[key] = torch.tril(full, diagonal=seg.context_length)
+                mask = masks[key]
+            prepared.append(SegmentTensors(seg.start, seg.length, seg.context, mask))
+        return cls(tuple(prepared))
+
+    def attend(self, query, key, value, scaling, gqa):
+        output = torch.empty_like(query)
+        for seg in self.segments:
+            own = (seg.start, seg.length)
+            q = query[:, :, seg.start : seg.start + seg.length]
+            k, v = _gather(key, (*seg.context, own)), _gather(value, (*seg.context, own))
+            if seg.context:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, scale=scaling, enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+            output[:, :, seg.start : seg.start + seg.length] = out
+        return output
+
+
+def segment_tables(segments: Sequence[Segment], length: int) -> tuple[list[int], list[int], list[list[int]]]:
+    """The pack's structure as lookup tables: the segment of each position, each segment's depth
+    (how many prefixes it attends to) and its ancestors by depth (-1 past its own depth). Positions
+    past the last segment, up to ``length``, are padding: one more segment that sees only itself."""
+    end = segments[-1].start + segments[-1].length if segments else 0
+    if length > end:
+        segments = [*segments, Segment(end, length - end)]
+    index_at = {seg.start: i for i, seg in enumerate(segments)}
+    width = MAX_PREFIX_DEPTH + 1  # fixed, like the row count below: the compiled kernel sees one shape
+    segment_of: list[int] = []
+    depth: list[int] = []
+    ancestors: list[list[int]] = []
+    for i, seg in enumerate(segments):
+        segment_of.extend([i] * seg.length)
+        depth.append(len(seg.context))
+        chain = [index_at[start] for start, _ in seg.context]
+        ancestors.append(chain + [-1] * (width - len(chain)))
+    unused = length - len(segments)  # at most one segment per position: tables of ``length`` rows
+    return segment_of, depth + [0] * unused, ancestors + [[-1] * width] * unused
+
+
+@dataclass(frozen=True)
+class FlexAttention:
+    """One FlexAttention call per layer for the whole pack (the GPU kernel)."""
+
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+
+    @staticmethod
+    def padded_length(length: int, token_budget: int) -> int:
+        """Packs come padded to a few shapes (the budget, else a power of two), each compiled once:
+        Inductor's CPU kernel cannot take dynamic shapes, and a shape per pack would recompile."""
+        if length <= token_budget:
+            return -(-token_budget // FLEX_BLOCK) * FLEX_BLOCK
+        return max(FLEX_BLOCK, 1 << (length - 1).bit_length())
+
+    @classmethod
+    def build(cls, segments: Sequence[Segment], length: int, device: torch.device) -> FlexAttention:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        segment_of, depth, ancestors = segment_tables(segments, length)
+        width = len(ancestors[0]) if ancestors else 1
+        # int32 and 1-D lookups: the mask is evaluated over length² pairs, and kernels index simply
+        segment_of, depth, ancestors = (
+            torch.tensor(table, dtype=torch.int32, device=device).flatten() for table in (segment_of, depth, ancestors)
+        )
+
+        def visible(batch, head, q, k):
+            sq, sk = segment_of[q], segment_of[k]
+            own = (sq == sk) & (k <= q)
+            return own | (ancestors[sq * width + depth[sk]] == sk)
+
+        return cls(create_block_mask(visible, None, None, length, length, device=device))
+
+    def attend(self, query, key, value, scaling, gqa):
+        return _compiled_flex()(query, key, value, block_mask=self.block_mask, scale=scaling, enable_gqa=gqa)
+
+
+@functools.cache
+def _compiled_flex():
+    """Uncompiled, FlexAttention materializes every score; compiled, once per padded pack shape."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def resolve_kernel(kernel: PackKernel, device: torch.device) -> Literal["segments", "flex"]:
+    """``auto``: FlexAttention on CUDA (one launch per layer), segments elsewhere (measured faster on CPU)."""
+    if kernel != "auto":
+        return kernel
+    return "flex" if device.type == "cuda" else "segments"
+
+
+KERNELS: dict[str, PackKernelType] = {
+    "segments": SegmentAttention,
+    "flex": FlexAttention,
+}
 
 
 def packed_attention_forward(
@@ -59,24 +186,12 @@ def packed_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    srt_segments: Sequence[SegmentTensors] | None = None,
+    srt_pack: PackAttention | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if srt_segments is None:
-        raise RuntimeError(f"attention '{ATTENTION_NAME}' needs srt_segments (use the packed scorer)")
-    gqa = query.shape[1] != key.shape[1]
-    output = torch.empty_like(query)
-    for seg in srt_segments:
-        own = (seg.start, seg.length)
-        q = query[:, :, seg.start : seg.start + seg.length]
-        if seg.context:
-            spans = (*seg.context, own)
-            k, v = _gather(key, spans), _gather(value, spans)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, scale=scaling, enable_gqa=gqa)
-        else:
-            k, v = _gather(key, (own,)), _gather(value, (own,))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        output[:, :, seg.start : seg.start + seg.length] = out
+    if srt_pack is None:
+        raise RuntimeError(f"attention '{ATTENTION_NAME}' needs srt_pack (use the packed scorer)")
+    output = srt_pack.attend(query, key, value, scaling, query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous(), None
 
 

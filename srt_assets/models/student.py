@@ -98,6 +98,7 @@ class LazyStudent:
             device=self.compute.resolved_device(),
             dtype=self.compute.dtype,
             token_budget=self.compute.token_budget,
+            attention_kernel=self.compute.attention_kernel,
         )
 
     def close(self) -> None:

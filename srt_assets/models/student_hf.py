@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from srt_assets.core.packing import plan_packs
+from srt_assets.models.compute import PackKernel
 from srt_assets.models.loading import DTYPES, resolve_device
-from srt_assets.models.packed_attention import ATTENTION_NAME, prepare_segments
+from srt_assets.models.packed_attention import ATTENTION_NAME, KERNELS, resolve_kernel
 
 
 class TransformersStudent:
@@ -31,6 +32,7 @@ class TransformersStudent:
         device: str = "auto",
         dtype: str = "float32",
         token_budget: int = 1024,
+        attention_kernel: PackKernel = "auto",
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,6 +42,8 @@ class TransformersStudent:
         self.device = resolve_device(device)
         self.dtype = dtype
         self.token_budget = token_budget
+        self.attention_kernel = resolve_kernel(attention_kernel, self.device)
+        self._pack_attention = KERNELS[self.attention_kernel]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=DTYPES[dtype], attn_implementation=ATTENTION_NAME
@@ -48,19 +52,22 @@ class TransformersStudent:
         self._decoder = self.model.get_decoder()
         self._head = self.model.get_output_embeddings()
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self._pad_id = self.tokenizer.pad_token_id or 0  # padding rows are computed, never read
 
     @torch.inference_mode()
     def mean_losses(self, sequences: Sequence[Sequence[int]], target_starts: Sequence[int]) -> list[float]:
         totals = torch.zeros(len(sequences), dtype=torch.float64)
         counts = torch.zeros(len(sequences), dtype=torch.float64)
         for pack in plan_packs(sequences, target_starts, self.token_budget):
-            ids = torch.tensor([pack.token_ids], device=self.device)
-            positions = torch.tensor([pack.position_ids], device=self.device)
+            length = self._pack_attention.padded_length(len(pack), self.token_budget)
+            padding = length - len(pack)
+            ids = torch.tensor([pack.token_ids + [self._pad_id] * padding], device=self.device)
+            positions = torch.tensor([pack.position_ids + list(range(padding))], device=self.device)
             hidden = self._decoder(
                 input_ids=ids,
                 position_ids=positions,
                 use_cache=False,
-                srt_segments=prepare_segments(pack.segments, self.device),
+                srt_pack=self._pack_attention.build(pack.segments, length, self.device),
             ).last_hidden_state[0]
             rows = hidden[torch.tensor(pack.predict_rows, device=self.device)]
             # float32 logits stay float32 (exact mode); bfloat16 ones go into the loss as they are,
