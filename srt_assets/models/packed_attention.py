@@ -3,9 +3,9 @@
 Registered with transformers' ``AttentionInterface`` as ``srt_packed``, so any model that routes its
 attention through that interface (Llama, Qwen2, Mistral, SmolLM, ...) can run packed rows built by
 ``core.packing``. A segment sees the keys of the shared prefixes above it, then its own causally, so
-no position ever sees another sequence and no padding is computed. Two kernels compute that:
+no position ever sees another sequence. Two kernels compute that:
 
-* ``segments``: one ``scaled_dot_product_attention`` per segment. Few large calls suit a CPU, but on a
+* ``segments``: one ``scaled_dot_product_attention`` per segment, no padding. Few large calls suit a CPU, but on a
   GPU a pack of hundreds of short segments is bound by kernel launches, not arithmetic.
 * ``flex``: one FlexAttention call per layer for the whole pack, with a block mask built once per pack
   from the same segments (blocks that no query of theirs may see are skipped, not computed). Packs are
@@ -29,6 +29,7 @@ from srt_assets.models.compute import PackKernel
 
 ATTENTION_NAME = "srt_packed"
 FLEX_BLOCK = 128  # FlexAttention's block size: padded pack lengths are multiples of it
+ANCESTOR_WIDTH = MAX_PREFIX_DEPTH + 1  # fixed table width: the compiled kernel sees one shape per length
 
 
 class PackAttention(Protocol):
@@ -108,7 +109,7 @@ def segment_tables(segments: Sequence[Segment], length: int) -> tuple[list[int],
     if length > end:
         segments = [*segments, Segment(end, length - end)]
     index_at = {seg.start: i for i, seg in enumerate(segments)}
-    width = MAX_PREFIX_DEPTH + 1  # fixed, like the row count below: the compiled kernel sees one shape
+    width = ANCESTOR_WIDTH
     segment_of: list[int] = []
     depth: list[int] = []
     ancestors: list[list[int]] = []
@@ -140,7 +141,6 @@ class FlexAttention:
         from torch.nn.attention.flex_attention import create_block_mask
 
         segment_of, depth, ancestors = segment_tables(segments, length)
-        width = len(ancestors[0]) if ancestors else 1
         # int32 and 1-D lookups: the mask is evaluated over length² pairs, and kernels index simply
         segment_of, depth, ancestors = (
             torch.tensor(table, dtype=torch.int32, device=device).flatten() for table in (segment_of, depth, ancestors)
@@ -149,7 +149,7 @@ class FlexAttention:
         def visible(batch, head, q, k):
             sq, sk = segment_of[q], segment_of[k]
             own = (sq == sk) & (k <= q)
-            return own | (ancestors[sq * width + depth[sk]] == sk)
+            return own | (ancestors[sq * ANCESTOR_WIDTH + depth[sk]] == sk)
 
         return cls(create_block_mask(visible, None, None, length, length, device=device))
 
