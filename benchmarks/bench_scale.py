@@ -1,6 +1,7 @@
 """The pipeline at scale with simulated models: wall time, items per second and peak memory per stage.
 
     python benchmarks/bench_scale.py --rows 52000 [--shards 0] [--stages raw,teacher,scores,selection] [--statistics]
+    (``selection`` is ``decisions`` then ``sets``: name those to see each part's peak)
     python benchmarks/bench_scale.py --rows 25000,100000 --statistics   # memory at 4x the rows
 
 With several sizes, each runs in its own work directory and the last line per stage gives its peak
@@ -51,6 +52,8 @@ STAGES = {
     "teacher": ["new_instructions", "better_responses"],
     "scores": ["student_scores"],
     "selection": ["sample_decisions", "selected_dataset", "baseline_random", "baseline_full"],
+    "decisions": ["sample_decisions"],  # the selection's two parts apart: each one's peak RSS
+    "sets": ["selected_dataset", "baseline_random", "baseline_full"],
 }
 
 
@@ -228,7 +231,8 @@ def run_benchmark(args: argparse.Namespace, rows: int, port: int) -> dict[str, f
         assets = STAGES.get(stage, STAGES["teacher"])
         seconds, rss, _ = run_stage(env, assets, args.shards)
         items = {"raw": rows, "teacher": 3 * rows, "rerun": 3 * rows,
-                 "scores": (4 if args.statistics else 16) * rows, "selection": rows}[stage]  # fmt: skip
+                 "scores": (4 if args.statistics else 16) * rows, "selection": rows, "decisions": rows,
+                 "sets": rows}[stage]  # fmt: skip
         peaks[stage] = rss
         line = f"{stage:10s} {seconds:8.1f} s  {1000 * seconds / items:7.3f} ms/item  peak RSS {rss:7.0f} MB"
         if stage == "teacher":

@@ -153,3 +153,19 @@ def reference_scorer(student_model_dir):
             return batch_of_one_losses(model, sequences, starts)
 
     return Reference()
+
+
+def in_fresh_interpreter(module: str, function: str, *args: object) -> object:
+    """``module.function(*args)`` run in a new Python process (as ``srt materialize`` runs a stage,
+    so a peak-memory probe measures the stage alone); its JSON result. ``args`` go as their repr."""
+    import subprocess
+    import sys
+
+    call = ", ".join(repr(arg) for arg in args)
+    probe = (
+        f"import sys, json; from pathlib import PosixPath; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"from {module} import {function}; print(json.dumps({function}({call})))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

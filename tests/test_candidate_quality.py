@@ -164,7 +164,7 @@ def test_a_flagged_candidate_is_a_failed_reflection_and_the_reason_says_why():
 
 
 def test_the_flags_can_be_turned_off_for_the_selection():
-    flagged = {"s": {"QA": ["repetition"]}}
+    flagged = pl.DataFrame({"sample_id": ["s"], "variant": ["QA"], "flags": [["repetition"]]})
     strict = select(["s"], SCORES, SelectionRule(), flagged).row(0, named=True)
     assert strict["selected"] is False and strict["flags"] == "QA: repetition"
     authors = select(["s"], SCORES, SelectionRule(respect_quality_flags=False), flagged).row(0, named=True)

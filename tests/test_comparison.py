@@ -98,7 +98,11 @@ def test_the_teacher_set_takes_every_samples_most_rewritten_real_candidate(table
         schema=["sample_id", "variant", "instruction", "input", "output"],
         orient="row",
     )
-    unavailable = {IDS[1]: {"QA": "parse_failed"}, IDS[2]: {"Q": "copy of ori"}}
+    unavailable = pl.DataFrame(
+        [(IDS[1], "QA", "parse_failed"), (IDS[2], "Q", "copy of ori")],
+        schema=["sample_id", "variant", "why"],
+        orient="row",
+    )
     rows = teacher_training_rows(raw, variants, unavailable)
     assert rows["sample_id"].to_list() == IDS  # one row per sample, in source order
     assert rows["variant"].to_list() == ["QA", "A", "ori", "ori"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO_ROOT, alpaca_rows, write_catalog, write_jsonl
+from conftest import REPO_ROOT, alpaca_rows, in_fresh_interpreter, write_catalog, write_jsonl
 from dagster import AssetKey, Definitions, asset
 
 from srt_assets.definitions import build_definitions
@@ -250,16 +250,5 @@ def test_raw_samples_memory_follows_the_block_not_the_rows(tmp_path: Path):
     uniqueness across blocks), never the texts: every row's texts were Python lists at once before
     (1.1 GB at a million rows; ~500 bytes a row of these texts). Measured in a fresh interpreter, as
     `srt materialize` runs the stage."""
-    import json
-    import subprocess
-    import sys
-
-    probe = (
-        f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        f"from test_raw_assets import raw_stage_peaks; from pathlib import Path; "
-        f"print(json.dumps(raw_stage_peaks(Path({str(tmp_path)!r}))))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    small, large = json.loads(done.stdout.strip().splitlines()[-1])
+    small, large = in_fresh_interpreter("test_raw_assets", "raw_stage_peaks", tmp_path)
     assert (large - small) / 6000 <= 128, (small, large)  # bytes per extra row: ids and hashes, no texts

@@ -15,8 +15,8 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from srt_assets.core.files import atomic_write_text, write_parquet_atomic
-from srt_assets.core.variants import VARIANT_SCHEMA
+from srt_assets.core.files import atomic_path, atomic_write_text
+from srt_assets.core.variants import VARIANT_SCHEMA, FrameT
 
 TRAINING_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String(),
@@ -39,14 +39,14 @@ TRAINING_COLUMNS = {
 }
 
 
-def original_training_rows(raw_samples: pl.DataFrame) -> pl.DataFrame:
+def original_training_rows(raw_samples: FrameT) -> FrameT:
     """The raw rows as training rows (variant ``ori``): the "full original data" baseline."""
     return raw_samples.select(
         "sample_id", "source", "row_index", pl.lit("ori").alias("variant"), "instruction", "input", "output"
     ).cast(TRAINING_SCHEMA)
 
 
-def chosen_training_rows(raw_samples: pl.DataFrame, variants: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
+def chosen_training_rows(raw_samples: FrameT, variants: FrameT, decisions: FrameT) -> FrameT:
     """The selected variant of each selected sample, in the training schema, ordered as the raw rows.
 
     ``variants`` holds every variant row (ori, Q, A, QA) in VARIANT_SCHEMA; ``decisions`` the
@@ -73,46 +73,55 @@ BASE = "base"  # the untrained student, where an evaluation scores it beside the
 TEACHER_PREFERENCE = ("QA", "A", "Q")  # the Reflection-Tuning baseline takes the most rewritten candidate
 
 
-def teacher_training_rows(
-    raw_samples: pl.DataFrame, variants: pl.DataFrame, unavailable: Mapping[str, Mapping[str, str]]
-) -> pl.DataFrame:
+def teacher_training_rows(raw_samples: FrameT, variants: FrameT, unavailable: FrameT) -> FrameT:
     """Every sample's most rewritten candidate (QA, else A, else Q; the original where the teacher gave
     none): all the teacher's reflections without the student's choice, the paper's "Reflection-Tuning"
-    baseline. ``unavailable`` (sample → variant → why) names the candidates that are none: a failed
-    reflection or a copy of another text is not a rewrite."""
-    none = pl.DataFrame(
-        [(sample, variant) for sample, found in unavailable.items() for variant in found],
-        schema={"sample_id": pl.String(), "variant": pl.String()},
-        orient="row",
-    )
-    rank = {variant: position for position, variant in enumerate((*TEACHER_PREFERENCE, "ori"))}
+    baseline. ``unavailable`` (``unavailable_table``: sample_id, variant, why) names the candidates
+    that are none: a failed reflection or a copy of another text is not a rewrite. The choice is made
+    on the keys alone, so over scans no text is held but the chosen rows' own, a block at a time."""
+    preference = (*TEACHER_PREFERENCE, "ori")
+    rank = pl.col("variant").replace_strict({v: position for position, v in enumerate(preference)}, default=None)
     best = (
-        variants.select(*VARIANT_SCHEMA)
-        .join(none, on=["sample_id", "variant"], how="anti")
-        .filter(pl.col("variant").is_in(list(rank)))
-        .sort(pl.col("variant").replace_strict(rank, return_dtype=pl.Int64()), maintain_order=True)
-        .unique("sample_id", keep="first")
+        variants.select("sample_id", "variant")
+        .join(unavailable.select("sample_id", "variant"), on=["sample_id", "variant"], how="anti")
+        .filter(pl.col("variant").is_in(list(preference)))
+        .group_by("sample_id")
+        .agg(pl.col("variant").sort_by(rank).first())
     )
+    texts = variants.select(*VARIANT_SCHEMA).join(best, on=["sample_id", "variant"], how="semi")
     return (
         raw_samples.select("sample_id", "source", "row_index")
-        .join(best, on="sample_id", how="inner", maintain_order="left")
+        .join(texts, on="sample_id", how="inner", maintain_order="left")
         .select(*TRAINING_SCHEMA)
         .cast(TRAINING_SCHEMA)
     )
 
 
-def random_baseline(original_rows: pl.DataFrame, size: int, seed: int) -> pl.DataFrame:
+def random_baseline(original_rows: FrameT, size: int, seed: int) -> FrameT:
     """``size`` original rows drawn without replacement with a fixed seed, kept in source order so
-    the same seed and data always give the same rows."""
-    size = min(size, original_rows.height)
+    the same seed and data always give the same rows (the draw is of positions: 8 bytes a row)."""
+    total = original_rows.lazy().select(pl.len()).collect().item()
+    every = pl.DataFrame({"_position": pl.int_range(total, eager=True, dtype=pl.UInt32)})
+    drawn = every.sample(n=min(size, total), seed=seed, shuffle=False)["_position"]
     indexed = original_rows.with_row_index("_position")
-    drawn = indexed.sample(n=size, seed=seed, shuffle=False).sort("_position")
-    return drawn.drop("_position")
+    return indexed.filter(pl.col("_position").is_in(drawn.implode())).drop("_position")
 
 
-def alpaca_records(rows: pl.DataFrame) -> list[dict]:
-    """Alpaca-style records (instruction/input/output) plus the id that traces each back."""
-    return rows.select("instruction", "input", "output", "sample_id", "variant").to_dicts()
+EXPORT_BLOCK_ROWS = 16_384  # rows of a training set exported (and their records held) at once
+
+
+def write_alpaca_json(rows: pl.LazyFrame, path: Path) -> None:
+    """Alpaca-style records (instruction/input/output plus the id and variant that trace each back)
+    as one JSON array, written a block of records at a time, atomically."""
+    columns = ("instruction", "input", "output", "sample_id", "variant")
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        handle.write("[")
+        separator = "\n"
+        for block in rows.select(columns).collect_batches(chunk_size=EXPORT_BLOCK_ROWS):
+            for record in block.iter_rows(named=True):
+                handle.write(separator + json.dumps(record, ensure_ascii=False))
+                separator = ",\n"
+        handle.write("\n]\n")
 
 
 @dataclass(frozen=True)
@@ -160,7 +169,7 @@ def size_category(rows: int) -> str:
     return next((label for bound, label in bounds if rows < bound), "n>1T" if rows >= 10**12 else "1B<n<10B")
 
 
-def card_front_matter(rows: pl.DataFrame, name: str, facts: CardFacts) -> dict:
+def card_front_matter(row_count: int, name: str, facts: CardFacts) -> dict:
     """The card's YAML header in the Hub's conventions (licence, sources, size, task, data files)."""
     license_id, license_name = hub_license(facts.license)
     header: dict = {"license": license_id}
@@ -169,7 +178,7 @@ def card_front_matter(rows: pl.DataFrame, name: str, facts: CardFacts) -> dict:
     header |= {
         "pretty_name": f"{name} ({facts.source}, srt)",
         "source_datasets": [f"extended|{facts.hub_id or facts.source}"],
-        "size_categories": [size_category(rows.height)],
+        "size_categories": [size_category(row_count)],
         "task_categories": ["text-generation"],
         "tags": ["instruction-tuning", "reflection-tuning", "srt"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
@@ -197,17 +206,18 @@ def setting_rows(settings: Mapping[str, object], prefix: str = "") -> list[tuple
     return rows
 
 
-def dataset_card(rows: pl.DataFrame, name: str, facts: CardFacts) -> str:
+def dataset_card(rows: pl.LazyFrame, name: str, facts: CardFacts) -> str:
     """The README.md of an exported set: the Hub's front matter, then how the set was made."""
-    mix = dict(rows.group_by("variant").len().sort("variant").iter_rows()) if rows.height else {}
+    mix = dict(rows.group_by("variant").len().sort("variant").collect().iter_rows())
+    count = sum(mix.values())
     of_source = f" of the {facts.source_rows} rows of the source" if facts.source_rows is not None else ""
     lines = [
         "---",
-        yaml.safe_dump(card_front_matter(rows, name, facts), sort_keys=False, allow_unicode=True).rstrip(),
+        yaml.safe_dump(card_front_matter(count, name, facts), sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         f"# {name} ({facts.source})",
         "",
-        f"{rows.height} instruction-response rows{of_source}, exported by srt {facts.version}".rstrip()
+        f"{count} instruction-response rows{of_source}, exported by srt {facts.version}".rstrip()
         + (f" in Dagster run `{facts.run_id}`." if facts.run_id else "."),
         "",
         "## Source",
@@ -226,24 +236,31 @@ def dataset_card(rows: pl.DataFrame, name: str, facts: CardFacts) -> str:
     if facts.settings:
         rows_of_settings = (f"| {k} | {_cell(v)} |" for k, v in setting_rows(facts.settings))
         lines += ["", "| setting | value |", "|---|---|", *rows_of_settings]
-    described = [(c, facts.columns.get(c, "")) for c in rows.columns]
+    described = [(c, facts.columns.get(c, "")) for c in rows.collect_schema().names()]
     lines += ["", "## Columns", "", "| column | meaning |", "|---|---|", *(f"| {c} | {d} |" for c, d in described)]
     return "\n".join(lines) + "\n"
 
 
-def export_dataset(rows: pl.DataFrame, directory: Path, name: str, facts: CardFacts | None = None) -> dict[str, Path]:
-    """Write ``rows`` where other tools can train on them:
+def export_dataset(
+    rows: pl.DataFrame | pl.LazyFrame, directory: Path, name: str, facts: CardFacts | None = None
+) -> dict[str, Path]:
+    """Write ``rows`` (a table, or a scan of one too large to hold) where other tools can train on them:
 
     - ``<name>.alpaca.json``: a JSON array of Alpaca records (FastChat, Cherry LLM, LLaMA-Factory);
     - ``hf/``: a folder ``datasets.load_dataset(path)`` reads (one Parquet shard plus a dataset card
       that names the licence, the source and how the set was made).
     """
+    rows = rows.lazy()
     directory.mkdir(parents=True, exist_ok=True)
     alpaca = directory / f"{name}.alpaca.json"
-    atomic_write_text(alpaca, json.dumps(alpaca_records(rows), ensure_ascii=False, indent=1))
+    write_alpaca_json(rows, alpaca)
     hf_dir = directory / "hf"
     shard = hf_dir / "data" / "train-00000-of-00001.parquet"
-    write_parquet_atomic(rows, shard)
-    facts = facts or CardFacts(source=str(rows["source"][0]) if rows.height else "unknown", method="")
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(shard) as tmp:
+        rows.sink_parquet(tmp)
+    if facts is None:
+        first = rows.select("source").head(1).collect()["source"]
+        facts = CardFacts(source=str(first[0]) if len(first) else "unknown", method="")
     atomic_write_text(hf_dir / "README.md", dataset_card(rows, name, facts))
     return {"alpaca_json": alpaca, "hf_dataset": hf_dir}

@@ -191,6 +191,18 @@ class StagedParquet:
         self.path.unlink(missing_ok=True)
 
 
+@contextmanager
+def discarded_on_failure(*tables: StagedParquet) -> Iterator[None]:
+    """A staged table is the step's until the IO manager moves it into place: when the step fails
+    first (or a generator's consumer stops it), none outlives it."""
+    try:
+        yield
+    except BaseException:
+        for table in tables:
+            table.discard()
+        raise
+
+
 class ParquetBlockWriter:
     """Writes a table block by block, each block a row group, to a temporary file (created as
     ``atomic_path``'s are, so a killed writer's leftover is removed by the next write of the same

@@ -11,13 +11,14 @@ stage keeps the top k (or top p%) of the kept samples by IFD, following Cherry L
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
 from pydantic import BaseModel, Field, model_validator
 
-from srt_assets.core.variants import VARIANTS
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet
+from srt_assets.core.variants import VARIANTS, FrameT, variant_rows
 
 # The four branches the authors count, named by the candidate each one leads to.
 BRANCHES = {
@@ -27,6 +28,7 @@ BRANCHES = {
     "ori": "new instruction rejected, reflected answer rejected",
 }
 REFLECTED = ("QA", "A")
+DECISION_BLOCK_ROWS = 16_384  # samples decided (and their records held) at once
 
 DECISION_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String(),
@@ -174,7 +176,11 @@ def decide(
     return Decision(branch, branch, why + f"; both filters pass: keep {branch}")
 
 
-def wide_scores(scores: pl.DataFrame) -> pl.DataFrame:
+FLAG_SCHEMA: dict[str, pl.DataType] = {"sample_id": pl.String(), "variant": pl.String(), "flags": pl.List(pl.String())}
+WHY_SCHEMA: dict[str, pl.DataType] = {"sample_id": pl.String(), "variant": pl.String(), "why": pl.String()}
+
+
+def wide_scores(scores: FrameT) -> FrameT:
     """One row per sample with ``ifd_<variant>`` and ``rifd_<variant>`` columns (null where absent)."""
     base = scores.select("sample_id").unique(maintain_order=True)
     for variant in VARIANTS:
@@ -185,39 +191,55 @@ def wide_scores(scores: pl.DataFrame) -> pl.DataFrame:
     return base
 
 
-def select(
-    sample_ids: list[str],
-    scores: pl.DataFrame,
-    rule: SelectionRule,
-    flagged: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    unavailable: Mapping[str, Mapping[str, str]] | None = None,
-) -> pl.DataFrame:
-    """Decision records (DECISION_SCHEMA) for every sample id, in the given order.
+def flag_table(*candidates: FrameT) -> FrameT:
+    """The candidates with rejecting quality flags (FLAG_SCHEMA), in table then row order."""
+    parts = [
+        table.filter(pl.col("rejecting_flags").list.len() > 0)
+        .select("sample_id", "variant", pl.col("rejecting_flags").alias("flags"))
+        .cast(FLAG_SCHEMA)
+        for table in candidates
+    ]
+    return pl.concat(parts) if parts else pl.DataFrame(schema=FLAG_SCHEMA)
 
-    ``scores`` holds (sample_id, variant, ifd, rifd) rows; a sample without scores gets branch ``ori``
-    and no choice, with the reason saying so. ``flagged`` maps sample id → variant → the rejecting
-    quality flags of that candidate: recorded in ``flags`` always, binding when
-    ``rule.respect_quality_flags`` is on. ``unavailable`` (``unavailable_candidates``) maps sample id →
-    variant → why it is no candidate: recorded in ``unavailable`` and always binding.
-    """
-    flagged = flagged or {}
-    unavailable = unavailable or {}
+
+def _per_sample(table: FrameT, value: str) -> FrameT:
+    """sample_id → a list of {variant, <value>} structs, the rows' order kept."""
+    return table.group_by("sample_id", maintain_order=True).agg(pl.struct("variant", value).alias(value))
+
+
+def sample_facts(sample_ids: FrameT, scores: FrameT, flags: FrameT, unavailable: FrameT) -> FrameT:
+    """What the rule reads per sample, one row per id of ``sample_ids`` in its order: ``scored``
+    (the student scored it), ``ifd_<v>``/``rifd_<v>``, ``flags`` (FLAG_SCHEMA rows as structs) and
+    ``unavailable`` (WHY_SCHEMA rows as structs). Lazy frames give a lazy frame that reads only the
+    score columns, so the texts never enter memory."""
+    wide = wide_scores(scores.select("sample_id", "variant", "ifd", "rifd")).with_columns(scored=pl.lit(True))
+    return (
+        sample_ids.select("sample_id")
+        .join(wide, on="sample_id", how="left", maintain_order="left")
+        .join(_per_sample(flags, "flags"), on="sample_id", how="left", maintain_order="left")
+        .join(_per_sample(unavailable, "why"), on="sample_id", how="left", maintain_order="left")
+        .rename({"why": "unavailable"})
+        .with_columns(pl.col("scored").fill_null(False))
+    )
+
+
+def decision_rows(facts: pl.DataFrame, rule: SelectionRule) -> pl.DataFrame:
+    """Decision records (DECISION_SCHEMA) for a block of ``sample_facts`` rows, before the top stage
+    (``selected`` equals ``kept``, ``ifd_rank`` is null: ``apply_top_stage`` ranks all blocks)."""
     recorded_rule = rule.model_dump_json()
-    wide = wide_scores(scores)
-    lookup = {row["sample_id"]: row for row in wide.iter_rows(named=True)}
     records = []
-    for sample_id in sample_ids:
-        row = lookup.get(sample_id, {})
-        ifd = {v: row.get(f"ifd_{v}") for v in VARIANTS}
-        rifd = {v: row.get(f"rifd_{v}") for v in VARIANTS}
-        sample_flags = flagged.get(sample_id, {})  # recorded either way; they bind when the rule respects them
-        missing = unavailable.get(sample_id, {})
+    for row in facts.iter_rows(named=True):
+        ifd = {v: row[f"ifd_{v}"] for v in VARIANTS}
+        rifd = {v: row[f"rifd_{v}"] for v in VARIANTS}
+        sample_flags = {item["variant"]: item["flags"] for item in row["flags"] or []}
+        missing = {item["variant"]: item["why"] for item in row["unavailable"] or []}
+        # flags are recorded either way; they bind when the rule respects them
         decision = decide(ifd, rifd, rule, sample_flags if rule.respect_quality_flags else None, missing)
-        reason = decision.reason if row else "no student scores for this sample; " + decision.reason
+        reason = decision.reason if row["scored"] else "no student scores for this sample; " + decision.reason
         chosen = decision.chosen_variant
         records.append(
             {
-                "sample_id": sample_id,
+                "sample_id": row["sample_id"],
                 "branch": decision.branch,
                 "chosen_variant": chosen,
                 "kept": chosen is not None,
@@ -235,44 +257,97 @@ def select(
                 "rule": recorded_rule,
             }
         )
-    decisions = pl.DataFrame(records, schema=DECISION_SCHEMA)
-    return apply_top_stage(decisions, rule)
+    return pl.DataFrame(records, schema=DECISION_SCHEMA)
 
 
-def unavailable_candidates(variants: pl.DataFrame, *candidates: pl.DataFrame) -> dict[str, dict[str, str]]:
-    """sample id → variant → why that variant is no candidate: the status of its reflection where not
-    ``ok`` (its text fell back to its source), else ``copy of <v>`` where its texts equal those of an
-    earlier variant (a teacher that returned the text unchanged). ``variants`` is ``all_variants``'
-    table, ``candidates`` the teacher tables with ``sample_id``, ``variant`` and ``status``."""
-    why_schema = {"sample_id": pl.String(), "variant": pl.String(), "why": pl.String()}
+def select(
+    sample_ids: list[str],
+    scores: pl.DataFrame,
+    rule: SelectionRule,
+    flags: pl.DataFrame | None = None,
+    unavailable: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Decision records (DECISION_SCHEMA) for every sample id, in the given order, held in memory
+    (``write_decisions`` is the same rule a block at a time).
+
+    ``scores`` holds (sample_id, variant, ifd, rifd) rows; a sample without scores gets branch ``ori``
+    and no choice, with the reason saying so. ``flags`` (FLAG_SCHEMA, ``flag_table``) are the
+    rejecting quality flags of candidates: recorded in ``flags`` always, binding when
+    ``rule.respect_quality_flags`` is on. ``unavailable`` (WHY_SCHEMA, ``unavailable_table``) says
+    why a candidate is none: recorded in ``unavailable`` and always binding.
+    """
+    facts = sample_facts(
+        pl.DataFrame({"sample_id": sample_ids}, schema={"sample_id": pl.String()}),
+        scores,
+        pl.DataFrame(schema=FLAG_SCHEMA) if flags is None else flags,
+        pl.DataFrame(schema=WHY_SCHEMA) if unavailable is None else unavailable,
+    )
+    return apply_top_stage(decision_rows(facts, rule), rule)
+
+
+def write_decisions(
+    facts: pl.LazyFrame, rule: SelectionRule, writers: Callable[[], ParquetBlockWriter]
+) -> StagedParquet:
+    """``select`` for a table too large to hold: ``facts`` (``sample_facts`` of scans) is decided a
+    block at a time into one staged file, the kept samples are ranked from its few score columns,
+    and a second pass marks the top stage into the final staged file. Memory: a block of records
+    and a rank (8 bytes) per sample."""
+    with writers() as first:
+        for block in facts.collect_batches(chunk_size=DECISION_BLOCK_ROWS):
+            first.write(decision_rows(block, rule))
+        undecided = first.finish()
+    try:
+        ranked = undecided.scan().select("sample_id", "kept", "chosen_ifd").collect()
+        ranks, limit = top_ranks(ranked, rule)
+        del ranked
+        with writers() as final:
+            offset = 0
+            for block in undecided.scan().collect_batches(chunk_size=DECISION_BLOCK_ROWS):
+                final.write(mark_top(block, ranks.slice(offset, block.height), limit))
+                offset += block.height
+            return final.finish()
+    finally:
+        undecided.discard()
+
+
+def unavailable_table(raw_samples: FrameT, new_instructions: FrameT, better_responses: FrameT) -> FrameT:
+    """Why each candidate that is none is none (WHY_SCHEMA, in variant order per sample): the status
+    of its reflection where not ``ok`` (its text fell back to its source), else ``copy of <v>`` where
+    its texts equal those of an earlier variant (a teacher that returned the text unchanged). Texts
+    are compared by their 64-bit hashes, so a scan's query holds eight bytes a variant, never the
+    texts (a false "copy" needs a hash collision within one sample: about 1e-19 a pair)."""
     failed = [
         table.filter(pl.col("status") != "ok").select("sample_id", "variant", pl.col("status").alias("why"))
-        for table in candidates
-        if "status" in table.columns
+        for table in (new_instructions, better_responses)
+        if "status" in table.collect_schema().names()
     ]
     text = pl.concat_str("instruction", "input", "output", separator="\x1f", ignore_nulls=True)
-    wide = variants.select("sample_id", "variant", text.alias("text")).pivot(
-        on="variant", index="sample_id", values="text", aggregate_function="first"
+    hashed = variant_rows(raw_samples, new_instructions, better_responses).select(
+        "sample_id", "variant", text.hash().alias("text")
     )
-    present = [v for v in VARIANTS if v in wide.columns]
+    wide = hashed.filter(pl.col("variant") == VARIANTS[0]).select("sample_id", pl.col("text").alias(VARIANTS[0]))
+    for variant in VARIANTS[1:]:
+        part = hashed.filter(pl.col("variant") == variant).select("sample_id", pl.col("text").alias(variant))
+        wide = wide.join(part, on="sample_id", how="left", maintain_order="left")
     copies = []
-    for position, variant in enumerate(present[1:], start=1):
+    for position, variant in enumerate(VARIANTS[1:], start=1):
         why = pl.lit(None, dtype=pl.String())
-        for earlier in reversed(present[:position]):  # the first earlier match wins
+        for earlier in reversed(VARIANTS[:position]):  # the first earlier match wins
             why = pl.when(pl.col(variant) == pl.col(earlier)).then(pl.lit(f"copy of {earlier}")).otherwise(why)
         copies.append(wide.select("sample_id", pl.lit(variant).alias("variant"), why.alias("why")))
-    parts = [pl.DataFrame(schema=why_schema), *(part.cast(why_schema) for part in failed + copies)]
-    reasons = pl.concat(parts).drop_nulls("why").unique(["sample_id", "variant"], keep="first", maintain_order=True)
     order = {name: rank for rank, name in enumerate(VARIANTS)}
-    found: dict[str, dict[str, str]] = {}
-    for sample_id, variant, why in reasons.sort(pl.col("variant").replace_strict(order), maintain_order=True).rows():
-        found.setdefault(sample_id, {})[variant] = why
-    return found
+    return (
+        pl.concat([part.cast(WHY_SCHEMA) for part in failed + copies])
+        .drop_nulls("why")
+        .unique(["sample_id", "variant"], keep="first", maintain_order=True)
+        .sort("sample_id", pl.col("variant").replace_strict(order, return_dtype=pl.Int8), maintain_order=True)
+    )
 
 
-def recorded_rule(decisions: pl.DataFrame) -> SelectionRule | None:
+def recorded_rule(decisions: pl.DataFrame | pl.LazyFrame) -> SelectionRule | None:
     """The rule a decisions table was made with (its ``rule`` column), None for an empty table."""
-    return SelectionRule.model_validate_json(decisions["rule"][0]) if decisions.height else None
+    first = decisions.lazy().select("rule").head(1).collect()["rule"]
+    return SelectionRule.model_validate_json(first[0]) if len(first) else None
 
 
 def top_count(kept: int, rule: SelectionRule) -> int:
@@ -283,22 +358,34 @@ def top_count(kept: int, rule: SelectionRule) -> int:
     return kept
 
 
-def apply_top_stage(decisions: pl.DataFrame, rule: SelectionRule) -> pl.DataFrame:
-    """Rank the kept samples by IFD (highest first; ties by sample id for a stable result) and mark
-    the top ``top_count`` as selected; the others stay ``kept`` and say why they were not selected."""
-    kept = decisions.filter(pl.col("kept")).sort(["chosen_ifd", "sample_id"], descending=[True, False])
-    limit = top_count(kept.height, rule)
-    ranks = kept.select("sample_id", pl.int_range(1, kept.height + 1, dtype=pl.Int64).alias("_rank"))
-    out = decisions.join(ranks, on="sample_id", how="left", maintain_order="left")
+def top_ranks(decisions: pl.DataFrame, rule: SelectionRule) -> tuple[pl.Series, int]:
+    """Each row's rank among the kept samples by IFD (highest first; ties by sample id for a stable
+    result; null where not kept), aligned with the rows, and how many of the top are selected."""
+    indexed = decisions.select("sample_id", "kept", "chosen_ifd").with_row_index("_row")
+    kept = indexed.filter(pl.col("kept")).sort(["chosen_ifd", "sample_id"], descending=[True, False])
+    ranked = kept.select("_row", pl.int_range(1, kept.height + 1, dtype=pl.Int64).alias("ifd_rank"))
+    ranks = indexed.select("_row").join(ranked, on="_row", how="left", maintain_order="left")["ifd_rank"]
+    return ranks, top_count(kept.height, rule)
+
+
+def mark_top(decisions: pl.DataFrame, ranks: pl.Series, limit: int) -> pl.DataFrame:
+    """Record the ranks and select the top ``limit``; the others stay ``kept`` and say why they were
+    not selected."""
+    rank = pl.col("ifd_rank")
     cut = f"; below the top {limit} by IFD"
-    return out.with_columns(
-        pl.col("_rank").alias("ifd_rank"),
-        (pl.col("kept") & (pl.col("_rank") <= limit)).fill_null(False).alias("selected"),
-        pl.when(pl.col("kept") & (pl.col("_rank") > limit))
+    return decisions.with_columns(ranks.alias("ifd_rank")).with_columns(
+        (pl.col("kept") & (rank <= limit)).fill_null(False).alias("selected"),
+        pl.when(pl.col("kept") & (rank > limit))
         .then(pl.col("reason") + pl.lit(cut))
-        .otherwise(pl.col("reason"))
+        .otherwise("reason")
         .alias("reason"),
-    ).drop("_rank")
+    )
+
+
+def apply_top_stage(decisions: pl.DataFrame, rule: SelectionRule) -> pl.DataFrame:
+    """Rank the kept samples by IFD and mark the top ``top_count`` as selected (``top_ranks``)."""
+    ranks, limit = top_ranks(decisions, rule)
+    return mark_top(decisions, ranks, limit)
 
 
 def branch_counts(decisions: pl.DataFrame) -> dict[str, int]:

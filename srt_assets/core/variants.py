@@ -24,19 +24,25 @@ def original_variants(raw_samples: FrameT) -> FrameT:
     )
 
 
-def all_variants(raw_samples: FrameT, new_instructions: FrameT, better_responses: FrameT) -> FrameT:
-    """ori from the raw rows, Q from instruction reflection, A and QA from response reflection
-    (in lazy mode only the reflected branch exists), sorted by sample then variant; lazy frames
-    give a lazy frame (a reader that wants only the keys never reads the texts)."""
+def variant_rows(raw_samples: FrameT, new_instructions: FrameT, better_responses: FrameT) -> FrameT:
+    """ori from the raw rows, Q from instruction reflection, A and QA from response reflection (in
+    lazy mode only the reflected branch exists), table after table: for joins on (sample_id,
+    variant), which need no order, so a scan's query never gathers the texts to sort them."""
     parts = [
         original_variants(raw_samples),
         new_instructions.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
         better_responses.select(*VARIANT_SCHEMA).cast(VARIANT_SCHEMA),
     ]
+    return pl.concat(parts)
+
+
+def all_variants(raw_samples: FrameT, new_instructions: FrameT, better_responses: FrameT) -> FrameT:
+    """``variant_rows`` sorted by sample then variant; lazy frames give a lazy frame (a reader that
+    wants only the keys never reads the texts)."""
     order = {name: rank for rank, name in enumerate(VARIANTS)}
-    frame = pl.concat(parts)
     return (
-        frame.with_columns(pl.col("variant").replace_strict(order, return_dtype=pl.Int8).alias("_rank"))
+        variant_rows(raw_samples, new_instructions, better_responses)
+        .with_columns(pl.col("variant").replace_strict(order, return_dtype=pl.Int8).alias("_rank"))
         .sort("sample_id", "_rank", maintain_order=True)
         .drop("_rank")
     )

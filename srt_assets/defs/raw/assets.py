@@ -16,7 +16,7 @@ from dagster import (
     observable_source_asset,
 )
 
-from srt_assets.core.files import StagedParquet
+from srt_assets.core.files import StagedParquet, discarded_on_failure
 from srt_assets.core.from_files import matched_keys
 from srt_assets.core.quality import TableContract, ratio_check, validate_written_table
 from srt_assets.core.raw import (
@@ -158,12 +158,8 @@ def raw_samples(context: AssetExecutionContext, sources: SourceCatalogResource, 
             samples_writer.write(samples)
             rejects_writer.write(rejects)
         staged = {"raw_samples": samples_writer.finish(), "raw_rejects": rejects_writer.finish()}
-    try:
+    with discarded_on_failure(*staged.values()):
         yield from report_raw(context, spec, staged, time.perf_counter() - started, only_keys)
-    except BaseException:  # no staged file outlives a failed step (the IO manager moved those it took)
-        for table in staged.values():
-            table.discard()
-        raise
 
 
 def report_raw(

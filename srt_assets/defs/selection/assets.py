@@ -16,6 +16,7 @@ from srt_assets.core.datasets import (
     random_baseline,
     teacher_training_rows,
 )
+from srt_assets.core.files import StagedParquet, discarded_on_failure
 from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import score_schema
 from srt_assets.core.provenance import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA, provenance_columns
@@ -26,12 +27,15 @@ from srt_assets.core.selection import (
     DECISION_SCHEMA,
     SelectionRule,
     branch_counts,
+    flag_table,
     recorded_rule,
+    sample_facts,
     select,
-    unavailable_candidates,
+    unavailable_table,
+    write_decisions,
 )
 from srt_assets.core.sources import SourceSpec
-from srt_assets.core.variants import all_variants
+from srt_assets.core.variants import all_variants, variant_rows
 from srt_assets.defs.common import (
     blocking_checks,
     column_schema,
@@ -67,38 +71,30 @@ class RandomBaselineConfig(Config):
     seed: int = Field(42, description="fixed seed of the draw, so the baseline is reproducible")
 
 
-def decision_examples(decisions: pl.DataFrame, variants: pl.DataFrame, accepted: bool) -> str:
+def decision_examples(decisions: pl.DataFrame, variants: pl.LazyFrame, accepted: bool) -> str:
     """A few rewrites the student accepted (or rejected), original next to reflected text."""
     branch_filter = pl.col("selected") if accepted else (~pl.col("selected"))
     picked = decisions.filter(branch_filter).head(3).select("sample_id", "branch", "reason")
-    original = variants.filter(pl.col("variant") == "ori").select(
+    texts = variants.filter(pl.col("sample_id").is_in(picked["sample_id"].implode())).collect()
+    original = texts.filter(pl.col("variant") == "ori").select(
         "sample_id", pl.col("instruction").alias("original_instruction"), pl.col("output").alias("original_output")
     )
-    reflected = variants.filter(pl.col("variant") == "QA").select(
+    reflected = texts.filter(pl.col("variant") == "QA").select(
         "sample_id", pl.col("instruction").alias("reflected_instruction"), pl.col("output").alias("reflected_output")
     )
     table = picked.join(original, on="sample_id", how="left").join(reflected, on="sample_id", how="left")
     return markdown_table(table, max_chars=100)
 
 
-def rejecting_flags(*candidates: pl.DataFrame) -> dict[str, dict[str, list[str]]]:
-    """sample id → variant → the rejecting quality flags of that candidate (only flagged ones)."""
-    flagged: dict[str, dict[str, list[str]]] = {}
-    for table in candidates:
-        rows = table.filter(pl.col("rejecting_flags").list.len() > 0).select("sample_id", "variant", "rejecting_flags")
-        for sample_id, variant, flags in rows.iter_rows():
-            flagged.setdefault(sample_id, {})[variant] = list(flags)
-    return flagged
-
-
 def excluded_candidates(
-    raw_samples: pl.DataFrame, new_instructions: pl.DataFrame, better_responses: pl.DataFrame
-) -> tuple[pl.DataFrame, dict, dict]:
+    raw_samples: pl.LazyFrame, new_instructions: pl.LazyFrame, better_responses: pl.LazyFrame
+) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
     """The four variants, the rejecting quality flags and the candidates that are none (failed
-    reflections, copies): what every use of the rule needs besides the scores."""
+    reflections, copies), as queries over the inputs: what every use of the rule needs besides the
+    scores."""
     variants = all_variants(raw_samples, new_instructions, better_responses)
-    unavailable = unavailable_candidates(variants, new_instructions, better_responses)
-    return variants, rejecting_flags(new_instructions, better_responses), unavailable
+    unavailable = unavailable_table(raw_samples, new_instructions, better_responses)
+    return variants, flag_table(new_instructions, better_responses), unavailable
 
 
 def branch_table(counts: dict[str, int]) -> str:
@@ -106,51 +102,68 @@ def branch_table(counts: dict[str, int]) -> str:
     return markdown_table(pl.DataFrame(rows))
 
 
-def failed_reflections(*candidates: pl.DataFrame) -> pl.DataFrame:
+def failed_reflections(*candidates: pl.LazyFrame) -> pl.LazyFrame:
     """The teacher rows whose reflection failed (status not ok) and why, in sample order."""
     columns = ("sample_id", "variant", "status", "error", "attempts")
-    parts = [t.filter(pl.col("status") != "ok").select(c for c in columns if c in t.columns) for t in candidates]
-    parts = [p for p in parts if "status" in p.columns]
-    return pl.concat(parts, how="diagonal_relaxed").sort("sample_id", "variant") if parts else pl.DataFrame()
+    names = [table.collect_schema().names() for table in candidates]
+    parts = [
+        table.filter(pl.col("status") != "ok").select(c for c in columns if c in present)
+        for table, present in zip(candidates, names, strict=True)
+        if "status" in present
+    ]
+    return pl.concat(parts, how="diagonal_relaxed").sort("sample_id", "variant") if parts else pl.LazyFrame()
 
 
-def decisions_preview(decisions: pl.DataFrame, rows: int = 5) -> str:
-    """The first decisions with their reasons whole, then each of them as a whole row with every
-    score and threshold the rule compared, and its explain_sample config."""
-    head = decisions.head(rows)
+def decisions_preview(head: pl.DataFrame, rows: int) -> str:
+    """The first decisions (``head`` of ``rows``) with their reasons whole, then each of them as a
+    whole row with every score and threshold the rule compared, and its explain_sample config."""
     shown = head.select("sample_id", "branch", "chosen_variant", "selected", "reason", "unavailable")
     scores = [c for c in head.columns if c.startswith(("ifd_", "rifd_", "chosen_")) and c not in shown.columns]
     whole = head.select(*shown.columns, *scores)
-    return preview_markdown(shown, decisions.height, max_chars=1000) + "\n\n" + full_rows_markdown(whole)
+    return preview_markdown(shown, rows, max_chars=1000) + "\n\n" + full_rows_markdown(whole)
 
 
-def decision_metadata(config: SelectionConfig, decisions: pl.DataFrame, variants: pl.DataFrame, *candidates) -> dict:
+def decision_metadata(
+    config: SelectionConfig, decisions: pl.LazyFrame, variants: pl.LazyFrame, *candidates: pl.LazyFrame
+) -> dict:
     """What a person auditing the selection reads first, as tables: branches, candidates that were
-    none and why, score distributions, examples; the exact values stay in the table."""
-    counts = branch_counts(decisions)
-    chosen = decisions.filter(pl.col("selected"))
+    none and why, score distributions, examples; the exact values stay in the table. Read from the
+    written decisions a few columns at a time (numbers and flags: ~50 bytes a sample)."""
+    summary = decisions.select(
+        "branch", "kept", "selected", "ifd_ori", "rifd_ori", "chosen_ifd", "chosen_rifd", pl.col("flags").is_not_null()
+    ).collect()
+    counts = branch_counts(summary)
+    chosen = summary.filter(pl.col("selected"))
     failures = failed_reflections(*candidates)
+    failure_count = failures.select(pl.len()).collect().item() if failures.collect_schema() else 0
     distributions = {
-        "IFD, original rows": quantiles(decisions["ifd_ori"]),
-        "r-IFD, original rows": quantiles(decisions["rifd_ori"]),
+        "IFD, original rows": quantiles(summary["ifd_ori"]),
+        "r-IFD, original rows": quantiles(summary["rifd_ori"]),
         "IFD, selected rows": quantiles(chosen["chosen_ifd"]),
         "r-IFD, selected rows": quantiles(chosen["chosen_rifd"]),
     }
     reasons = decisions.select(pl.col("unavailable").str.split("; ")).explode("unavailable").drop_nulls()
-    not_candidates = dict(reasons.group_by("unavailable").len().sort("unavailable").iter_rows())
+    not_candidates = dict(reasons.group_by("unavailable").len().sort("unavailable").collect().iter_rows())
+    head = decisions.head(5).collect()
+    examples = (
+        decisions.filter(pl.col("selected"))
+        .head(3)
+        .collect()
+        .vstack(decisions.filter(~pl.col("selected")).head(3).collect())
+    )
     return {
         "kept": counts["kept"],
         "selected": counts["selected"],
         "branches": MetadataValue.md(branch_table(counts)),
         "not_candidates": MetadataValue.md(mapping_table(not_candidates, "variant: why", "samples")),
-        "failed_reflections": MetadataValue.md(preview_markdown(failures.head(20), failures.height, 200)),
-        "samples_with_flags": int(decisions["flags"].is_not_null().sum()),
+        "failed_reflections": MetadataValue.md(preview_markdown(failures.head(20).collect(), failure_count, 200)),
+        "samples_with_flags": int(summary["flags"].sum()),
         "scores": MetadataValue.md(mapping_table(distributions, "scores")),
-        "ifd_original_rows": MetadataValue.md(text_histogram(decisions["ifd_ori"].to_list(), "IFD, original rows")),
+        "ifd_original_rows": MetadataValue.md(text_histogram(summary["ifd_ori"].to_list(), "IFD, original rows")),
         "ifd_selected_rows": MetadataValue.md(text_histogram(chosen["chosen_ifd"].to_list(), "IFD, selected rows")),
-        "decisions_preview": MetadataValue.md(decisions_preview(decisions)),
-        "accepted_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=True)),
-        "rejected_examples": MetadataValue.md(decision_examples(decisions, variants, accepted=False)),
+        "decisions_preview": MetadataValue.md(decisions_preview(head, summary.height)),
+        "accepted_examples": MetadataValue.md(decision_examples(examples, variants, accepted=True)),
+        "rejected_examples": MetadataValue.md(decision_examples(examples, variants, accepted=False)),
         "rule": MetadataValue.md(mapping_table(config.model_dump(include=set(SelectionRule.model_fields)), "setting")),
     }
 
@@ -174,7 +187,7 @@ RANDOM_METHOD = (
 
 
 def export_metadata(
-    rows: pl.DataFrame,
+    rows: pl.LazyFrame,
     storage: StorageResource,
     name: str,
     context: AssetExecutionContext,
@@ -183,6 +196,24 @@ def export_metadata(
     """Write the exports (with their dataset card) and name them as metadata paths."""
     written = export_dataset(rows, storage.exports_dir / name / context.partition_key, name, facts)
     return {key: MetadataValue.path(str(path)) for key, path in written.items()}
+
+
+TRAINING_BLOCK_ROWS = 16_384  # training rows gathered (texts held) and written at once
+
+
+def staged_training_set(
+    context: AssetExecutionContext, storage: StorageResource, name: str, rows: pl.LazyFrame, schema: dict
+) -> StagedParquet:
+    """A training set's rows (a query over scans) written a block at a time to a staged file."""
+    with storage.table_writer(name, context.partition_key, schema) as writer:
+        for block in rows.collect_batches(chunk_size=TRAINING_BLOCK_ROWS):
+            writer.write(block)
+        return writer.finish()
+
+
+def per_variant_table(rows: pl.LazyFrame) -> MetadataValue:
+    per_variant = dict(rows.group_by("variant").len().sort("variant").collect().iter_rows())
+    return MetadataValue.md(mapping_table(per_variant, "variant", "rows"))
 
 
 def card_facts(
@@ -226,38 +257,46 @@ def selection_settings(
     }
 
 
-def training_set_metadata(rows: pl.DataFrame, source_rows: int) -> dict:
+def training_set_metadata(rows: StagedParquet, source_rows: int) -> dict:
     """What every training set shows: its share of the source, a preview that says how much of the set
     it shows, and the previewed rows whole with their explain_sample configs."""
+    head = rows.scan().head(5).collect()
     return {
-        "share_of_raw": round(rows.height / max(source_rows, 1), 4),
-        "preview": MetadataValue.md(preview_markdown(rows.head(5), rows.height)),
-        "preview_rows_whole": MetadataValue.md(full_rows_markdown(rows.head(5))),
+        "share_of_raw": round(rows.rows / max(source_rows, 1), 4),
+        "rows_per_variant": per_variant_table(rows.scan()),
+        "preview": MetadataValue.md(preview_markdown(head, rows.rows)),
+        "preview_rows_whole": MetadataValue.md(full_rows_markdown(head)),
     }
 
 
+def count(query: pl.LazyFrame) -> int:
+    return query.select(pl.len()).collect().item()
+
+
 def selected_checks(
-    selected: pl.DataFrame, raw_samples: pl.DataFrame, config: SelectedDatasetConfig
+    selected: StagedParquet, raw_samples: pl.LazyFrame, config: SelectedDatasetConfig
 ) -> list[CheckOutcome]:
-    raw_ids = raw_samples["sample_id"]
-    matches = selected.select("sample_id").join(raw_samples.select("sample_id"), on="sample_id", how="left")
-    untraced = selected.filter(~pl.col("sample_id").is_in(raw_ids.implode())).height
-    duplicates = selected.height - selected["sample_id"].n_unique()
-    too_small = selected.height < config.min_rows
-    too_large = config.max_rows is not None and selected.height > config.max_rows
-    violating = selected.filter(
-        pl.col("ifd").is_null()
-        | pl.col("rifd").is_null()
-        | (pl.col("ifd") >= pl.col("ifd_threshold"))
-        | (pl.col("rifd") >= pl.col("rifd_threshold"))
-    ).height
+    rows, table, raw_ids = selected.rows, selected.scan(), raw_samples.select("sample_id")
+    untraced = count(table.join(raw_ids, on="sample_id", how="anti"))
+    matches = count(table.select("sample_id").join(raw_ids, on="sample_id", how="left"))
+    duplicates = rows - table.select(pl.col("sample_id").n_unique()).collect().item()
+    too_small = rows < config.min_rows
+    too_large = config.max_rows is not None and rows > config.max_rows
+    violating = count(
+        table.filter(
+            pl.col("ifd").is_null()
+            | pl.col("rifd").is_null()
+            | (pl.col("ifd") >= pl.col("ifd_threshold"))
+            | (pl.col("rifd") >= pl.col("rifd_threshold"))
+        )
+    )
     bounds = f"[{config.min_rows}, {config.max_rows if config.max_rows is not None else '∞'}]"
     return [
         CheckOutcome(
             "traces_to_one_raw_row",
-            untraced == 0 and matches.height == selected.height,
+            untraced == 0 and matches == rows,
             SELECTED_CHECKS["traces_to_one_raw_row"],
-            {"untraced_rows": untraced, "join_rows": matches.height, "rows": selected.height},
+            {"untraced_rows": untraced, "join_rows": matches, "rows": rows},
         ),
         CheckOutcome(
             "unique_sample_id", duplicates == 0, SELECTED_CHECKS["unique_sample_id"], {"duplicated_rows": duplicates}
@@ -266,7 +305,7 @@ def selected_checks(
             "size_within_bounds",
             not (too_small or too_large),
             f"selected size within {bounds}",
-            {"rows": selected.height, "min_rows": config.min_rows, "max_rows": config.max_rows},
+            {"rows": rows, "min_rows": config.min_rows, "max_rows": config.max_rows},
         ),
         CheckOutcome(
             "scores_satisfy_filters",
@@ -294,25 +333,37 @@ TRAINING_TABLE = {"dagster/column_schema": column_schema(TRAINING_SCHEMA, TRAINI
 def sample_decisions(
     context: AssetExecutionContext,
     config: SelectionConfig,
-    raw_samples: pl.DataFrame,
-    new_instructions: pl.DataFrame,
-    better_responses: pl.DataFrame,
-    student_scores: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
+    new_instructions: pl.LazyFrame,
+    better_responses: pl.LazyFrame,
+    student_scores: pl.LazyFrame,
+    storage: StorageResource,
 ):
     """One decision record per raw sample: the branch the student took, the scores it compared,
-    the chosen variant (or none) and why, and whether the top-k stage selected it."""
-    variants, flagged, unavailable = excluded_candidates(raw_samples, new_instructions, better_responses)
-    decisions = select(raw_samples["sample_id"].to_list(), student_scores, config, flagged, unavailable)
-    context.log.info(f"selection: {branch_counts(decisions)}")
-    metadata = decision_metadata(config, decisions, variants, new_instructions, better_responses)
-    yield Output(decisions, metadata=metadata)
-    missing = raw_samples.height - decisions.select("sample_id").unique().height
-    outcome = CheckOutcome(
-        "one_decision_per_raw_sample",
-        decisions.height == raw_samples.height and missing == 0,
-        DECISION_CHECKS["one_decision_per_raw_sample"],
-        {"rows": decisions.height, "raw_rows": raw_samples.height},
+    the chosen variant (or none) and why, and whether the top-k stage selected it. The inputs are
+    scans: the rule reads scores, statuses and text hashes, a block of samples at a time."""
+    raw, inst, resp, scores = (
+        table.lazy() for table in (raw_samples, new_instructions, better_responses, student_scores)
     )
+    variants, flags, unavailable = excluded_candidates(raw, inst, resp)
+    staged = write_decisions(
+        sample_facts(raw, scores, flags, unavailable),
+        config,
+        lambda: storage.table_writer("sample_decisions", context.partition_key, DECISION_SCHEMA),
+    )
+    with discarded_on_failure(staged):
+        decisions = staged.scan()
+        metadata = decision_metadata(config, decisions, variants, inst, resp)
+        raw_rows = raw.select(pl.len()).collect().item()
+        distinct = decisions.select(pl.col("sample_id").n_unique()).collect().item()
+        outcome = CheckOutcome(
+            "one_decision_per_raw_sample",
+            staged.rows == raw_rows and distinct == raw_rows,
+            DECISION_CHECKS["one_decision_per_raw_sample"],
+            {"rows": staged.rows, "raw_rows": raw_rows},
+        )
+        context.log.info(f"selection: {metadata['kept']} kept, {metadata['selected']} selected of {raw_rows}")
+        yield Output(staged, metadata=metadata)
     yield from to_check_results("sample_decisions", [outcome])
 
 
@@ -333,12 +384,15 @@ def score_agreement(
     if spec.statistics is None:
         note = f"source '{spec.name}' declares no statistics files (sources.yaml: statistics), nothing to compare"
         return Output(pl.DataFrame(schema=AGREEMENT_SCHEMA), metadata={"note": note})
-    variants, flagged, unavailable = excluded_candidates(raw_samples, new_instructions, better_responses)
+    variants, flags, unavailable = (
+        query.collect()
+        for query in excluded_candidates(raw_samples.lazy(), new_instructions.lazy(), better_responses.lazy())
+    )
     wanted = variants.join(raw_samples.select("sample_id", "row_index"), on="sample_id", maintain_order="left")
     theirs = load_statistics(spec, wanted, score_schema())
     table = rank_agreement(student_scores, theirs)
     rule = recorded_rule(sample_decisions) or SelectionRule()
-    their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flagged, unavailable)
+    their_decisions = select(raw_samples["sample_id"].to_list(), theirs, rule, flags, unavailable)
     summary = decision_agreement(sample_decisions, their_decisions)
     label = spec.statistics.label or "their statistics"
     context.log.info(f"selection: ours {summary['selected_ours']}, {label} {summary['selected_theirs']}")
@@ -363,10 +417,10 @@ def score_agreement(
 def selected_dataset(
     context: AssetExecutionContext,
     config: SelectedDatasetConfig,
-    raw_samples: pl.DataFrame,
-    new_instructions: pl.DataFrame,
-    better_responses: pl.DataFrame,
-    sample_decisions: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
+    new_instructions: pl.LazyFrame,
+    better_responses: pl.LazyFrame,
+    sample_decisions: pl.LazyFrame,
     sources: SourceCatalogResource,
     storage: StorageResource,
     teacher: ChatModelResource,
@@ -374,88 +428,87 @@ def selected_dataset(
 ):
     """The student-selected recycled data in the training schema, each row with its provenance:
     source file and row, the teacher calls behind it, and the scores that chose it."""
-    variants = all_variants(raw_samples, new_instructions, better_responses)
-    rows = chosen_training_rows(raw_samples, variants, sample_decisions)
-    source_file = str(sources.source(context.partition_key).path)
-    selected = rows.join(
-        provenance_columns(sample_decisions, new_instructions, better_responses, source_file),
-        on="sample_id",
-        how="left",
-        maintain_order="left",
-    )
+    raw, inst, resp, decisions = (t.lazy() for t in (raw_samples, new_instructions, better_responses, sample_decisions))
     spec = sources.source(context.partition_key)
-    settings = selection_settings(spec, teacher, student, recorded_rule(sample_decisions) or SelectionRule())
-    facts = card_facts(context, sources, SELECTED_METHOD, raw_samples.height, settings)
-    per_variant = dict(selected.group_by("variant").len().sort("variant").iter_rows()) if selected.height else {}
-    yield Output(
-        selected,
-        metadata={
-            **training_set_metadata(selected, raw_samples.height),
-            "rows_per_variant": MetadataValue.md(mapping_table(per_variant, "variant", "rows")),
-            **export_metadata(selected, storage, "selected_dataset", context, facts),
-        },
+    rows = chosen_training_rows(raw, variant_rows(raw, inst, resp), decisions).join(
+        provenance_columns(decisions, inst, resp, str(spec.path)), on="sample_id", how="left", maintain_order="left"
     )
-    yield from to_check_results("selected_dataset", selected_checks(selected, raw_samples, config))
+    selected = staged_training_set(context, storage, "selected_dataset", rows, SELECTED_SCHEMA)
+    with discarded_on_failure(selected):
+        source_rows = count(raw)
+        settings = selection_settings(spec, teacher, student, recorded_rule(decisions) or SelectionRule())
+        facts = card_facts(context, sources, SELECTED_METHOD, source_rows, settings)
+        metadata = {
+            **training_set_metadata(selected, source_rows),
+            **export_metadata(selected.scan(), storage, "selected_dataset", context, facts),
+        }
+        outcomes = selected_checks(selected, raw, config)
+        yield Output(selected, metadata=metadata)
+    yield from to_check_results("selected_dataset", outcomes)
+
+
+def training_set_output(
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    name: str,
+    rows: pl.LazyFrame,
+    facts: CardFacts,
+    **extra: MetadataValue | str,
+) -> Output:
+    """A baseline's rows written a block at a time, with the metadata and exports every set has."""
+    staged = staged_training_set(context, storage, name, rows, TRAINING_SCHEMA)
+    with discarded_on_failure(staged):
+        metadata = {**training_set_metadata(staged, facts.source_rows or 0), **extra}
+        metadata |= export_metadata(staged.scan(), storage, name, context, facts)
+        return Output(staged, metadata=metadata)
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
 def baseline_full(
     context: AssetExecutionContext,
-    raw_samples: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
     storage: StorageResource,
     sources: SourceCatalogResource,
 ):
     """The full original data in the training schema: the "trained on everything" baseline."""
-    rows = original_training_rows(raw_samples)
-    facts = card_facts(context, sources, FULL_METHOD, raw_samples.height)
-    exports = export_metadata(rows, storage, "baseline_full", context, facts)
-    return Output(rows, metadata={**training_set_metadata(rows, raw_samples.height), **exports})
+    raw = raw_samples.lazy()
+    facts = card_facts(context, sources, FULL_METHOD, count(raw))
+    return training_set_output(context, storage, "baseline_full", original_training_rows(raw), facts)
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
 def baseline_random(
     context: AssetExecutionContext,
     config: RandomBaselineConfig,
-    raw_samples: pl.DataFrame,
-    selected_dataset: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
+    selected_dataset: pl.LazyFrame,
     storage: StorageResource,
     sources: SourceCatalogResource,
 ):
     """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
     that separates "better data" from "less data"."""
-    rows = random_baseline(original_training_rows(raw_samples), selected_dataset.height, config.seed)
-    settings = {"seed": config.seed, "rows": rows.height}
-    facts = card_facts(context, sources, RANDOM_METHOD, raw_samples.height, settings)
-    exports = export_metadata(rows, storage, "baseline_random", context, facts)
-    return Output(
-        rows, metadata={"seed": str(config.seed), **training_set_metadata(rows, raw_samples.height), **exports}
-    )
+    raw = raw_samples.lazy()
+    size = count(selected_dataset.lazy())
+    settings = {"seed": config.seed, "rows": min(size, count(raw))}
+    facts = card_facts(context, sources, RANDOM_METHOD, count(raw), settings)
+    rows = random_baseline(original_training_rows(raw), size, config.seed)
+    return training_set_output(context, storage, "baseline_random", rows, facts, seed=str(config.seed))
 
 
 @asset(**SELECTION_ASSET, metadata=TRAINING_TABLE)
 def baseline_teacher(
     context: AssetExecutionContext,
-    raw_samples: pl.DataFrame,
-    new_instructions: pl.DataFrame,
-    better_responses: pl.DataFrame,
+    raw_samples: pl.LazyFrame,
+    new_instructions: pl.LazyFrame,
+    better_responses: pl.LazyFrame,
     storage: StorageResource,
     sources: SourceCatalogResource,
     teacher: ChatModelResource,
 ):
     """All the teacher's rewrites, one per sample, without the student's choice: the paper's
     Reflection-Tuning baseline, which the selected set has to beat for selection to matter."""
-    variants = all_variants(raw_samples, new_instructions, better_responses)
-    unavailable = unavailable_candidates(variants, new_instructions, better_responses)
-    rows = teacher_training_rows(raw_samples, variants, unavailable)
+    raw, inst, resp = (t.lazy() for t in (raw_samples, new_instructions, better_responses))
+    rows = teacher_training_rows(raw, variant_rows(raw, inst, resp), unavailable_table(raw, inst, resp))
     origin = candidate_origin(sources.source(context.partition_key), teacher)
-    facts = card_facts(context, sources, TEACHER_METHOD, raw_samples.height, origin)
-    per_variant = dict(rows.group_by("variant").len().sort("variant").iter_rows()) if rows.height else {}
-    exports = export_metadata(rows, storage, "baseline_teacher", context, facts)
-    return Output(
-        rows,
-        metadata={
-            **training_set_metadata(rows, raw_samples.height),
-            "rows_per_variant": MetadataValue.md(mapping_table(per_variant, "variant", "rows")),
-            **exports,
-        },
-    )
+    facts = card_facts(context, sources, TEACHER_METHOD, count(raw), origin)
+    return training_set_output(context, storage, "baseline_teacher", rows, facts)

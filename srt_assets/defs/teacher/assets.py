@@ -10,7 +10,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field, field_validator
 
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
-from srt_assets.core.files import ParquetBlockWriter, StagedParquet
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, discarded_on_failure
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.generation import CachedGenerator, CallStats
 from srt_assets.core.ifd import ScoringItem
@@ -346,12 +346,9 @@ class CandidateStep:
         """The written candidates with their metadata, then their blocking checks (both read from the
         staged file before it is moved into place)."""
         table = staged.scan()
-        try:
+        with discarded_on_failure(staged):  # the calls are in the cache, not lost
             metadata = candidate_metadata(table, origin, before.lazy(), self.kind)
             outcomes = candidate_checks(table, tally, self.config.max_failure_ratio)
-        except BaseException:
-            staged.discard()  # no output will move it into place (the calls are in the cache, not lost)
-            raise
         yield Output(staged, metadata=metadata | self.layout.shard_metadata(self.context.partition_key))
         yield from to_check_results(self.asset_name, outcomes)
 
