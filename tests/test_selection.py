@@ -203,7 +203,8 @@ def write_decision_inputs(folder: Path, rows: int) -> None:
     raw = pl.DataFrame({"sample_id": [f"demo-{i:016x}" for i in range(rows)], "source": "demo",
                         "row_index": range(rows), "instruction": text, "input": "", "output": text})  # fmt: skip
     ok = {"status": pl.lit("ok"), "error": pl.lit(None, pl.String()), "attempts": pl.lit(1),
-          "rejecting_flags": pl.lit([], pl.List(pl.String()))}  # fmt: skip
+          "rejecting_flags": pl.lit([], pl.List(pl.String())),
+          "cache_key": pl.col("sample_id").hash().cast(pl.String)}  # fmt: skip
     inst = raw.select("sample_id", variant=pl.lit("Q"), instruction="Q " + pl.col("instruction"), input=pl.lit(""),
                       output="y1 " + pl.col("output"), **ok)  # fmt: skip
     resp = pl.concat([inst.with_columns(variant=pl.lit(v), output=f"{v} " + pl.col("output")) for v in ("A", "QA")])
@@ -211,40 +212,68 @@ def write_decision_inputs(folder: Path, rows: int) -> None:
         [raw.select("sample_id", variant=pl.lit(v), ifd=pl.lit(0.5 + k / 10), rifd=pl.lit(0.9 - k / 10))
          for k, v in enumerate(("ori", "Q", "A", "QA"))]
     )  # fmt: skip
-    for name, table in {"raw": raw, "inst": inst, "resp": resp, "scores": scores}.items():
+    for name, table in zip(INPUT_FILES, (raw, inst, resp, scores), strict=True):
         table.write_parquet(folder / f"{name}-{rows}.parquet", row_group_size=4096)
 
 
-def decision_stage_peaks(folder: Path, sizes: list[int]) -> list[float]:
-    """Peak RSS (MB) of this process after ``sample_decisions`` over each size's files in turn, the
-    inputs handed over as scans (as the IO manager does)."""
+def selection_stage_peaks(folder: Path, sizes: list[int]) -> list[float]:
+    """Peak RSS (MB) of this process after ``sample_decisions``, ``selected_dataset`` and
+    ``baseline_teacher`` over each size's files in turn, the inputs handed over as scans (as the IO
+    manager does)."""
     import resource
 
     from dagster import Output, build_asset_context
 
-    from srt_assets.defs.selection.assets import SelectionConfig, sample_decisions
-    from srt_assets.resources import StorageResource
+    from srt_assets.defs.selection.assets import (
+        SelectedDatasetConfig,
+        SelectionConfig,
+        baseline_teacher,
+        sample_decisions,
+        selected_dataset,
+    )
+    from srt_assets.paths import sources_file
+    from srt_assets.resources import (
+        SourceCatalogResource,
+        StorageResource,
+        StudentModelResource,
+        TransformersChatResource,
+    )
 
+    def output(events) -> Output:
+        [found] = [e for e in ([events] if isinstance(events, Output) else events) if isinstance(e, Output)]
+        return found
+
+    sources = SourceCatalogResource(sources_file=str(sources_file()))
+    teacher = TransformersChatResource()
     peaks = []
     for rows in sizes:
-        scans = [pl.scan_parquet(folder / f"{name}-{rows}.parquet") for name in ("raw", "inst", "resp", "scores")]
+        raw, inst, resp, scores = (pl.scan_parquet(folder / f"{n}-{rows}.parquet") for n in INPUT_FILES)
         storage = StorageResource(base_dir=str(folder / f"store-{rows}"))
-        events = sample_decisions(build_asset_context(partition_key="demo"), SelectionConfig(), *scans, storage)
-        [output] = [e for e in events if isinstance(e, Output)]
-        assert output.value.rows == rows
+        context = build_asset_context(partition_key="demo")
+        decisions = output(sample_decisions(context, SelectionConfig(), raw, inst, resp, scores, storage)).value
+        assert decisions.rows == rows
+        chosen = selected_dataset(context, SelectedDatasetConfig(), raw, inst, resp, decisions.scan(), sources=sources,
+                                  storage=storage, teacher=teacher, student=StudentModelResource())  # fmt: skip
+        assert output(chosen).value.rows == rows  # every sample selected (QA): all the texts pass through
+        everything = baseline_teacher(context, raw, inst, resp, storage=storage, sources=sources, teacher=teacher)
+        assert output(everything).value.rows == rows
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return peaks
 
 
+INPUT_FILES = ("raw", "inst", "resp", "scores")
+
+
 @pytest.mark.integration
-def test_sample_decisions_memory_follows_the_block_not_the_rows(tmp_path: Path):
-    """Deciding 80,000 samples after 20,000 in one fresh interpreter: what grows is ids and numbers
-    (polars' join tables of scores and text hashes, the ranks: ~0.9 KB a sample measured), never the
-    texts or a Python record per sample (5.9 KB a sample when the stage read its inputs whole and
-    held every record)."""
+def test_selection_memory_follows_the_block_not_the_rows(tmp_path: Path):
+    """Deciding, then gathering the selected and the teacher sets of, 80,000 samples after 20,000 in
+    one fresh interpreter: what grows is ids and numbers (polars' join tables of keys, scores and text
+    hashes, the ranks: ~1.0 KB a sample measured), never the texts or a Python record per sample
+    (when the stages read their inputs whole and held every record: 5.9 KB a sample for the
+    decisions alone)."""
     for rows in (20_000, 80_000):
         write_decision_inputs(tmp_path, rows)
-    small, large = in_fresh_interpreter("test_selection", "decision_stage_peaks", tmp_path, [20_000, 80_000])
+    small, large = in_fresh_interpreter("test_selection", "selection_stage_peaks", tmp_path, [20_000, 80_000])
     assert (large - small) * 2**20 / 60_000 <= 1536, (small, large)  # bytes per extra sample: ids and numbers
 
 

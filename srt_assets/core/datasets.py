@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import yaml
 
-from srt_assets.core.files import atomic_path, atomic_write_text
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, atomic_path, atomic_write_text, blocks
 from srt_assets.core.variants import VARIANT_SCHEMA, FrameT
 
 TRAINING_SCHEMA: dict[str, pl.DataType] = {
@@ -46,20 +46,56 @@ def original_training_rows(raw_samples: FrameT) -> FrameT:
     ).cast(TRAINING_SCHEMA)
 
 
+POSITION = "_position"  # a training row's raw position, carried by rows gathered out of raw order
+
+
+def raw_keys(raw_samples: FrameT) -> FrameT:
+    return raw_samples.select("sample_id", "source", "row_index").with_row_index(POSITION)
+
+
+def chosen_rows_by_position(raw_samples: FrameT, variants: FrameT, decisions: FrameT) -> FrameT:
+    """The selected variant of each selected sample in the training schema plus its raw POSITION,
+    in the variants' order: the texts stream past the small table of chosen keys, never held
+    (``in_raw_order`` or ``write_in_raw_order`` puts the rows in raw order)."""
+    chosen = decisions.filter(pl.col("selected")).select("sample_id", pl.col("chosen_variant").alias("variant"))
+    keys = raw_keys(raw_samples).join(chosen, on="sample_id", how="inner")
+    texts = variants.select(*VARIANT_SCHEMA).join(keys, on=["sample_id", "variant"], how="inner", maintain_order="left")
+    return texts.select(POSITION, *TRAINING_SCHEMA).cast(TRAINING_SCHEMA)
+
+
+def in_raw_order(rows: FrameT) -> FrameT:
+    """Rows that carry POSITION, sorted into raw order without it (for tables held in memory)."""
+    return rows.sort(POSITION).drop(POSITION)
+
+
 def chosen_training_rows(raw_samples: FrameT, variants: FrameT, decisions: FrameT) -> FrameT:
     """The selected variant of each selected sample, in the training schema, ordered as the raw rows.
 
     ``variants`` holds every variant row (ori, Q, A, QA) in VARIANT_SCHEMA; ``decisions`` the
     selection records with ``selected`` and ``chosen_variant``.
     """
-    chosen = decisions.filter(pl.col("selected")).select("sample_id", pl.col("chosen_variant").alias("variant"))
-    texts = variants.select(*VARIANT_SCHEMA).join(chosen, on=["sample_id", "variant"], how="inner")
-    return (
-        raw_samples.select("sample_id", "source", "row_index")
-        .join(texts, on="sample_id", how="inner", maintain_order="left")
-        .select(*TRAINING_SCHEMA)
-        .cast(TRAINING_SCHEMA)
-    )
+    return in_raw_order(chosen_rows_by_position(raw_samples, variants, decisions))
+
+
+def write_in_raw_order(
+    rows: pl.LazyFrame, writers: Callable[[dict], ParquetBlockWriter], schema: dict, block_rows: int
+) -> StagedParquet:
+    """Rows gathered out of raw order (each with POSITION) written in raw order, a block at a time:
+    first as they come to a staged file, then one range of ``block_rows`` raw positions after the
+    other (each range reads only the row groups whose statistics overlap it)."""
+    with writers({POSITION: pl.UInt32(), **schema}) as first:
+        for block in blocks(rows, block_rows):
+            first.write(block)
+        unordered = first.finish()
+    try:
+        last = unordered.scan().select(pl.col(POSITION).max()).collect().item()
+        with writers(schema) as final:
+            for start in range(0, -1 if last is None else last + 1, block_rows):
+                in_range = pl.col(POSITION).is_between(start, start + block_rows, closed="left")
+                final.write(in_raw_order(unordered.scan().filter(in_range)).collect())
+            return final.finish()
+    finally:
+        unordered.discard()
 
 
 # checkpoint name → the training dataset asset it is fine-tuned on (the selected set first)
@@ -73,12 +109,12 @@ BASE = "base"  # the untrained student, where an evaluation scores it beside the
 TEACHER_PREFERENCE = ("QA", "A", "Q")  # the Reflection-Tuning baseline takes the most rewritten candidate
 
 
-def teacher_training_rows(raw_samples: FrameT, variants: FrameT, unavailable: FrameT) -> FrameT:
+def teacher_rows_by_position(raw_samples: FrameT, variants: FrameT, unavailable: FrameT) -> FrameT:
     """Every sample's most rewritten candidate (QA, else A, else Q; the original where the teacher gave
-    none): all the teacher's reflections without the student's choice, the paper's "Reflection-Tuning"
-    baseline. ``unavailable`` (``unavailable_table``: sample_id, variant, why) names the candidates
-    that are none: a failed reflection or a copy of another text is not a rewrite. The choice is made
-    on the keys alone, so over scans no text is held but the chosen rows' own, a block at a time."""
+    none) plus its raw POSITION, in the variants' order: all the teacher's reflections without the
+    student's choice, the paper's "Reflection-Tuning" baseline. ``unavailable`` (``unavailable_table``:
+    sample_id, variant, why) names the candidates that are none: a failed reflection or a copy of
+    another text is not a rewrite. The choice is made on the keys; the texts stream past them."""
     preference = (*TEACHER_PREFERENCE, "ori")
     rank = pl.col("variant").replace_strict({v: position for position, v in enumerate(preference)}, default=None)
     best = (
@@ -88,13 +124,14 @@ def teacher_training_rows(raw_samples: FrameT, variants: FrameT, unavailable: Fr
         .group_by("sample_id")
         .agg(pl.col("variant").sort_by(rank).first())
     )
-    texts = variants.select(*VARIANT_SCHEMA).join(best, on=["sample_id", "variant"], how="semi")
-    return (
-        raw_samples.select("sample_id", "source", "row_index")
-        .join(texts, on="sample_id", how="inner", maintain_order="left")
-        .select(*TRAINING_SCHEMA)
-        .cast(TRAINING_SCHEMA)
-    )
+    keys = raw_keys(raw_samples).join(best, on="sample_id", how="inner")
+    texts = variants.select(*VARIANT_SCHEMA).join(keys, on=["sample_id", "variant"], how="inner", maintain_order="left")
+    return texts.select(POSITION, *TRAINING_SCHEMA).cast(TRAINING_SCHEMA)
+
+
+def teacher_training_rows(raw_samples: FrameT, variants: FrameT, unavailable: FrameT) -> FrameT:
+    """``teacher_rows_by_position`` ordered as the raw rows."""
+    return in_raw_order(teacher_rows_by_position(raw_samples, variants, unavailable))
 
 
 def random_baseline(original_rows: FrameT, size: int, seed: int) -> FrameT:
@@ -117,7 +154,7 @@ def write_alpaca_json(rows: pl.LazyFrame, path: Path) -> None:
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         handle.write("[")
         separator = "\n"
-        for block in rows.select(columns).collect_batches(chunk_size=EXPORT_BLOCK_ROWS):
+        for block in blocks(rows.select(columns), EXPORT_BLOCK_ROWS):
             for record in block.iter_rows(named=True):
                 handle.write(separator + json.dumps(record, ensure_ascii=False))
                 separator = ",\n"
@@ -206,8 +243,9 @@ def setting_rows(settings: Mapping[str, object], prefix: str = "") -> list[tuple
     return rows
 
 
-def dataset_card(rows: pl.LazyFrame, name: str, facts: CardFacts) -> str:
+def dataset_card(rows: pl.DataFrame | pl.LazyFrame, name: str, facts: CardFacts) -> str:
     """The README.md of an exported set: the Hub's front matter, then how the set was made."""
+    rows = rows.lazy()
     mix = dict(rows.group_by("variant").len().sort("variant").collect().iter_rows())
     count = sum(mix.values())
     of_source = f" of the {facts.source_rows} rows of the source" if facts.source_rows is not None else ""

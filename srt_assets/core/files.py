@@ -174,6 +174,16 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# A query that reads one scan twice (the keys on one side of a join, the texts on the other) would
+# have polars cache that scan whole (common-subplan elimination): block-wise queries turn it off.
+STREAMED = pl.QueryOptFlags(comm_subplan_elim=False)
+
+
+def blocks(query: pl.LazyFrame, rows: int) -> Iterator[pl.DataFrame]:
+    """``query`` run by the streaming engine, ``rows`` at a time, with no scan held whole."""
+    return iter(query.collect_batches(chunk_size=rows, optimizations=STREAMED))
+
+
 @dataclass(frozen=True)
 class StagedParquet:
     """A finished Parquet file in a staging folder, waiting to be moved to its final place (by the

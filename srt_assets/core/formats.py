@@ -15,6 +15,8 @@ from typing import Any
 
 import polars as pl
 
+from srt_assets.core.files import blocks
+
 
 class RawDataError(ValueError):
     """The whole file is unusable (unreadable, not JSON, not Parquet): names the file and position."""
@@ -145,7 +147,7 @@ PARQUET_BATCH_ROWS = 8192  # rows of a Parquet source decoded at once
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         pl.read_parquet_schema(path)  # a truncated file fails here, before any row is taken
-        batches = pl.scan_parquet(path).collect_batches(chunk_size=PARQUET_BATCH_ROWS)
+        batches = blocks(pl.scan_parquet(path), PARQUET_BATCH_ROWS)
         index = 0
         for batch in batches:
             for row in batch.iter_rows(named=True):

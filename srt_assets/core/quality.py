@@ -17,6 +17,8 @@ from typing import Any
 
 import polars as pl
 
+from srt_assets.core.files import blocks
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 _GX_LOCK = threading.Lock()
@@ -161,12 +163,12 @@ def validate_written_table(
     each block of rows, verdicts and counts add up, and each unique column is also checked across
     blocks (GX sees one block at a time) among 8-byte hashes, so memory follows the block."""
     failures: dict[str, dict[str, Any]] = {name: {} for name in contract.check_descriptions()}
-    rows, blocks = 0, 0
-    for block in table.collect_batches(chunk_size=block_rows):
-        rows, blocks = rows + block.height, blocks + 1
+    rows, block_count = 0, 0
+    for block in blocks(table, block_rows):
+        rows, block_count = rows + block.height, block_count + 1
         for outcome in validate_table(block, contract, suite_name):
             _add_failures(failures[outcome.name], outcome.metadata.get("failures", {}))
-    if not blocks:  # an empty table still gets its schema and column checks
+    if not block_count:  # an empty table still gets its schema and column checks
         for outcome in validate_table(table.head(0).collect(), contract, suite_name):
             _add_failures(failures[outcome.name], outcome.metadata.get("failures", {}))
     columns = table.collect_schema().names()

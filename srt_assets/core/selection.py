@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import polars as pl
 from pydantic import BaseModel, Field, model_validator
 
-from srt_assets.core.files import ParquetBlockWriter, StagedParquet
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, blocks
 from srt_assets.core.variants import VARIANTS, FrameT, variant_rows
 
 # The four branches the authors count, named by the candidate each one leads to.
@@ -293,7 +293,7 @@ def write_decisions(
     and a second pass marks the top stage into the final staged file. Memory: a block of records
     and a rank (8 bytes) per sample."""
     with writers() as first:
-        for block in facts.collect_batches(chunk_size=DECISION_BLOCK_ROWS):
+        for block in blocks(facts, DECISION_BLOCK_ROWS):
             first.write(decision_rows(block, rule))
         undecided = first.finish()
     try:
@@ -302,7 +302,7 @@ def write_decisions(
         del ranked
         with writers() as final:
             offset = 0
-            for block in undecided.scan().collect_batches(chunk_size=DECISION_BLOCK_ROWS):
+            for block in blocks(undecided.scan(), DECISION_BLOCK_ROWS):
                 final.write(mark_top(block, ranks.slice(offset, block.height), limit))
                 offset += block.height
             return final.finish()

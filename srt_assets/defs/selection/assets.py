@@ -7,16 +7,18 @@ from pydantic import Field
 import srt_assets
 from srt_assets.core.agreement import AGREEMENT_COLUMNS, AGREEMENT_SCHEMA, decision_agreement, rank_agreement
 from srt_assets.core.datasets import (
+    POSITION,
     TRAINING_COLUMNS,
     TRAINING_SCHEMA,
     CardFacts,
-    chosen_training_rows,
+    chosen_rows_by_position,
     export_dataset,
     original_training_rows,
     random_baseline,
-    teacher_training_rows,
+    teacher_rows_by_position,
+    write_in_raw_order,
 )
-from srt_assets.core.files import StagedParquet, discarded_on_failure
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, blocks, discarded_on_failure
 from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import score_schema
 from srt_assets.core.provenance import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA, provenance_columns
@@ -198,15 +200,22 @@ def export_metadata(
     return {key: MetadataValue.path(str(path)) for key, path in written.items()}
 
 
-TRAINING_BLOCK_ROWS = 16_384  # training rows gathered (texts held) and written at once
+TRAINING_BLOCK_ROWS = 16_384  # training rows (or raw positions) written at once
 
 
 def staged_training_set(
     context: AssetExecutionContext, storage: StorageResource, name: str, rows: pl.LazyFrame, schema: dict
 ) -> StagedParquet:
-    """A training set's rows (a query over scans) written a block at a time to a staged file."""
-    with storage.table_writer(name, context.partition_key, schema) as writer:
-        for block in rows.collect_batches(chunk_size=TRAINING_BLOCK_ROWS):
+    """A training set's rows (a query over scans) written a block at a time to a staged file, in raw
+    order: rows that carry their raw POSITION (gathered from the candidates) are put back in order."""
+
+    def writers(columns: dict) -> ParquetBlockWriter:
+        return storage.table_writer(name, context.partition_key, columns)
+
+    if POSITION in rows.collect_schema().names():
+        return write_in_raw_order(rows, writers, schema, TRAINING_BLOCK_ROWS)
+    with writers(schema) as writer:
+        for block in blocks(rows, TRAINING_BLOCK_ROWS):
             writer.write(block)
         return writer.finish()
 
@@ -430,7 +439,7 @@ def selected_dataset(
     source file and row, the teacher calls behind it, and the scores that chose it."""
     raw, inst, resp, decisions = (t.lazy() for t in (raw_samples, new_instructions, better_responses, sample_decisions))
     spec = sources.source(context.partition_key)
-    rows = chosen_training_rows(raw, variant_rows(raw, inst, resp), decisions).join(
+    rows = chosen_rows_by_position(raw, variant_rows(raw, inst, resp), decisions).join(
         provenance_columns(decisions, inst, resp, str(spec.path)), on="sample_id", how="left", maintain_order="left"
     )
     selected = staged_training_set(context, storage, "selected_dataset", rows, SELECTED_SCHEMA)
@@ -508,7 +517,7 @@ def baseline_teacher(
     """All the teacher's rewrites, one per sample, without the student's choice: the paper's
     Reflection-Tuning baseline, which the selected set has to beat for selection to matter."""
     raw, inst, resp = (t.lazy() for t in (raw_samples, new_instructions, better_responses))
-    rows = teacher_training_rows(raw, variant_rows(raw, inst, resp), unavailable_table(raw, inst, resp))
+    rows = teacher_rows_by_position(raw, variant_rows(raw, inst, resp), unavailable_table(raw, inst, resp))
     origin = candidate_origin(sources.source(context.partition_key), teacher)
     facts = card_facts(context, sources, TEACHER_METHOD, count(raw), origin)
     return training_set_output(context, storage, "baseline_teacher", rows, facts)

@@ -10,7 +10,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field, field_validator
 
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
-from srt_assets.core.files import ParquetBlockWriter, StagedParquet, discarded_on_failure
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, blocks, discarded_on_failure
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.generation import CachedGenerator, CallStats
 from srt_assets.core.ifd import ScoringItem
@@ -138,7 +138,7 @@ class CandidateTally:
 
 def row_blocks(rows: pl.DataFrame | pl.LazyFrame) -> Iterator[pl.DataFrame]:
     """The rows a block at a time, read as they are needed (a scanned input is never held whole)."""
-    yield from rows.lazy().collect_batches(chunk_size=REFLECTION_BLOCK_ROWS)
+    yield from blocks(rows.lazy(), REFLECTION_BLOCK_ROWS)
 
 
 def run_reflection(
@@ -155,7 +155,7 @@ def run_reflection(
     source."""
     prompts, settings = models.teacher.reflection_settings()
     total = rows.lazy().select(pl.len()).collect().item()
-    blocks = BlockProgress(calls_progress(context, f"teacher ({kind})", unit="rows"), total)
+    block_progress = BlockProgress(calls_progress(context, f"teacher ({kind})", unit="rows"), total)
     tally = CandidateTally()
     with models.teacher.session(models.gpu, models.storage, None, config.chunk_size) as cached:
         if cached.submits_ahead:
@@ -163,12 +163,12 @@ def run_reflection(
             context.log.info(f"teacher ({kind}): {submitted} calls queued at the provider before the first wait")
         start = 0
         for block in row_blocks(rows):
-            cached.progress = blocks.for_block(start, block.height)
+            cached.progress = block_progress.for_block(start, block.height)
             outcomes = reflect(cached, block.select("instruction", "input", "output").rows(), kind, prompts, settings)
             candidates = candidates_frame(block, outcomes, kind, config.flag_severity)
             tally.add(block, candidates, kind)
             writer.write(candidates)
-            blocks.block_done(start, block.height)
+            block_progress.block_done(start, block.height)
             start += block.height
     return cached.stats, cached.backend.was_loaded, tally
 
