@@ -105,6 +105,37 @@ def test_the_flex_block_mask_lets_each_row_see_exactly_what_its_segment_sees(see
         assert dense.tolist() == expected_visibility(pack, length)
 
 
+def test_a_flex_kernel_that_cannot_compile_falls_back_to_segments_with_the_same_numbers(monkeypatch, caplog):
+    """A GPU without a working Triton must not stop the scoring: the first failed call warns once,
+    and that pack and every later one are computed per segment, equal to the segments kernel."""
+    import torch
+
+    import srt_assets.models.packed_attention as attention
+
+    def broken():
+        def call(*args, **kwargs):
+            raise RuntimeError("triton: no working compiler")
+
+        return call
+
+    monkeypatch.setattr(attention, "_compiled_flex", broken)
+    monkeypatch.setattr(attention, "FLEX_FAILURES", [])
+    sequences, starts = random_requests(0)
+    pack = plan_packs(sequences, starts, token_budget=200, min_shared_prefix=3)[0]
+    length = attention.FlexAttention.padded_length(len(pack), 200)
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 2, length, 8) for _ in range(3))
+    flex = attention.FlexAttention.build(pack.segments, length, torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        first = flex.attend(query, key, value, None, False)
+        again = flex.attend(query, key, value, None, False)
+    segments = attention.SegmentAttention.build(pack.segments, length, torch.device("cpu"))
+    reference = segments.attend(query, key, value, None, False)
+    assert torch.equal(first[:, :, : len(pack)], reference[:, :, : len(pack)]) and torch.equal(first, again)
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "triton: no working compiler" in caplog.records[0].getMessage()
+
+
 def test_packs_are_padded_to_a_few_compiled_lengths():
     from srt_assets.models.packed_attention import FlexAttention
 

@@ -15,6 +15,7 @@ no position ever sees another sequence. Two kernels compute that:
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -27,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from srt_assets.core.packing import MAX_PREFIX_DEPTH, Segment
 from srt_assets.models.compute import PackKernel
 
+logger = logging.getLogger(__name__)
 ATTENTION_NAME = "srt_packed"
 FLEX_BLOCK = 128  # FlexAttention's block size: padded pack lengths are multiples of it
 ANCESTOR_WIDTH = MAX_PREFIX_DEPTH + 1  # fixed table width: the compiled kernel sees one shape per length
@@ -101,13 +103,18 @@ class SegmentAttention:
         return output
 
 
+def padded_segments(segments: Sequence[Segment], length: int) -> list[Segment]:
+    """The segments, and the positions past the last one (up to ``length``) as one more segment
+    that sees only itself: the padding of a compiled pack length."""
+    end = segments[-1].start + segments[-1].length if segments else 0
+    return [*segments, Segment(end, length - end)] if length > end else list(segments)
+
+
 def segment_tables(segments: Sequence[Segment], length: int) -> tuple[list[int], list[int], list[list[int]]]:
     """The pack's structure as lookup tables: the segment of each position, each segment's depth
     (how many prefixes it attends to) and its ancestors by depth (-1 past its own depth). Positions
-    past the last segment, up to ``length``, are padding: one more segment that sees only itself."""
-    end = segments[-1].start + segments[-1].length if segments else 0
-    if length > end:
-        segments = [*segments, Segment(end, length - end)]
+    past the last segment, up to ``length``, are padding (``padded_segments``)."""
+    segments = padded_segments(segments, length)
     index_at = {seg.start: i for i, seg in enumerate(segments)}
     width = ANCESTOR_WIDTH
     segment_of: list[int] = []
@@ -122,11 +129,17 @@ def segment_tables(segments: Sequence[Segment], length: int) -> tuple[list[int],
     return segment_of, depth + [0] * unused, ancestors + [[-1] * width] * unused
 
 
+FLEX_FAILURES: list[str] = []  # why the compiled kernel failed in this process: the rest uses segments
+
+
 @dataclass(frozen=True)
 class FlexAttention:
-    """One FlexAttention call per layer for the whole pack (the GPU kernel)."""
+    """One FlexAttention call per layer for the whole pack (the GPU kernel). Where the compiled kernel
+    cannot run (no working Triton or Inductor on the machine), the process warns once and scores the
+    same pack per segment: the same masks, so the same numbers, only slower."""
 
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+    segments: tuple[Segment, ...]  # padded, for the fallback
 
     @staticmethod
     def padded_length(length: int, token_budget: int) -> int:
@@ -151,10 +164,23 @@ class FlexAttention:
             own = (sq == sk) & (k <= q)
             return own | (ancestors[sq * ANCESTOR_WIDTH + depth[sk]] == sk)
 
-        return cls(create_block_mask(visible, None, None, length, length, device=device))
+        block_mask = create_block_mask(visible, None, None, length, length, device=device)
+        return cls(block_mask, tuple(padded_segments(segments, length)))
 
     def attend(self, query, key, value, scaling, gqa):
-        return _compiled_flex()(query, key, value, block_mask=self.block_mask, scale=scaling, enable_gqa=gqa)
+        if not FLEX_FAILURES:
+            try:
+                return _compiled_flex()(query, key, value, block_mask=self.block_mask, scale=scaling, enable_gqa=gqa)
+            except Exception as exc:  # a compiler that cannot build the kernel here; not the data's fault
+                FLEX_FAILURES.append(f"{type(exc).__name__}: {exc}"[:500])
+                logger.warning(
+                    "FlexAttention cannot run on %s (%s); packed scoring goes on with the segments kernel "
+                    "(gpu.attention_kernel: segments skips this attempt)",
+                    query.device,
+                    FLEX_FAILURES[0],
+                )
+        fallback = SegmentAttention.build(self.segments, query.shape[2], query.device)
+        return fallback.attend(query, key, value, scaling, gqa)
 
 
 @functools.cache
