@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from srt_assets.core.files import ParquetBlockWriter, StagedParquet, atomic_path, atomic_write_text, blocks
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, atomic_path, atomic_write_text, blocks, row_count
 from srt_assets.core.variants import VARIANT_SCHEMA, FrameT
 
 TRAINING_SCHEMA: dict[str, pl.DataType] = {
@@ -84,9 +84,7 @@ def write_in_raw_order(
     first as they come to a staged file, then one range of ``block_rows`` raw positions after the
     other (each range reads only the row groups whose statistics overlap it)."""
     with writers({POSITION: pl.UInt32(), **schema}) as first:
-        for block in blocks(rows, block_rows):
-            first.write(block)
-        unordered = first.finish()
+        unordered = first.write_query(rows, block_rows)
     try:
         last = unordered.scan().select(pl.col(POSITION).max()).collect().item()
         with writers(schema) as final:
@@ -137,7 +135,7 @@ def teacher_training_rows(raw_samples: FrameT, variants: FrameT, unavailable: Fr
 def random_baseline(original_rows: FrameT, size: int, seed: int) -> FrameT:
     """``size`` original rows drawn without replacement with a fixed seed, kept in source order so
     the same seed and data always give the same rows (the draw is of positions: 8 bytes a row)."""
-    total = original_rows.lazy().select(pl.len()).collect().item()
+    total = row_count(original_rows)
     every = pl.DataFrame({"_position": pl.int_range(total, eager=True, dtype=pl.UInt32)})
     drawn = every.sample(n=min(size, total), seed=seed, shuffle=False)["_position"]
     indexed = original_rows.with_row_index("_position")

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +184,11 @@ def blocks(query: pl.LazyFrame, rows: int) -> Iterator[pl.DataFrame]:
     return iter(query.collect_batches(chunk_size=rows, optimizations=STREAMED))
 
 
+def row_count(table: pl.DataFrame | pl.LazyFrame) -> int:
+    """How many rows a table or a query has, without reading its columns."""
+    return table.lazy().select(pl.len()).collect().item()
+
+
 @dataclass(frozen=True)
 class StagedParquet:
     """A finished Parquet file in a staging folder, waiting to be moved to its final place (by the
@@ -237,6 +242,14 @@ class ParquetBlockWriter:
     def finish(self) -> StagedParquet:
         self._writer.close()
         return StagedParquet(self.path, self.rows, self.schema)
+
+    def write_query(
+        self, query: pl.LazyFrame, block_rows: int, each: Callable[[pl.DataFrame], pl.DataFrame] | None = None
+    ) -> StagedParquet:
+        """Every block of ``query`` (made into what ``each`` returns), then ``finish``."""
+        for block in blocks(query, block_rows):
+            self.write(each(block) if each else block)
+        return self.finish()
 
     def discard(self) -> None:
         with suppress(Exception):

@@ -293,9 +293,7 @@ def write_decisions(
     and a second pass marks the top stage into the final staged file. Memory: a block of records
     and a rank (8 bytes) per sample."""
     with writers() as first:
-        for block in blocks(facts, DECISION_BLOCK_ROWS):
-            first.write(decision_rows(block, rule))
-        undecided = first.finish()
+        undecided = first.write_query(facts, DECISION_BLOCK_ROWS, lambda block: decision_rows(block, rule))
     try:
         ranked = undecided.scan().select("sample_id", "kept", "chosen_ifd").collect()
         ranks, limit = top_ranks(ranked, rule)

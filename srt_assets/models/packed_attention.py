@@ -140,6 +140,8 @@ class FlexAttention:
 
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
     segments: tuple[Segment, ...]  # padded, for the fallback
+    length: int
+    device: torch.device
 
     @staticmethod
     def padded_length(length: int, token_budget: int) -> int:
@@ -165,7 +167,7 @@ class FlexAttention:
             return own | (ancestors[sq * ANCESTOR_WIDTH + depth[sk]] == sk)
 
         block_mask = create_block_mask(visible, None, None, length, length, device=device)
-        return cls(block_mask, tuple(padded_segments(segments, length)))
+        return cls(block_mask, tuple(padded_segments(segments, length)), length, device)
 
     def attend(self, query, key, value, scaling, gqa):
         if not FLEX_FAILURES:
@@ -179,8 +181,12 @@ class FlexAttention:
                     query.device,
                     FLEX_FAILURES[0],
                 )
-        fallback = SegmentAttention.build(self.segments, query.shape[2], query.device)
-        return fallback.attend(query, key, value, scaling, gqa)
+        return self.fallback.attend(query, key, value, scaling, gqa)
+
+    @functools.cached_property
+    def fallback(self) -> SegmentAttention:
+        """The same pack per segment, its masks built once for all layers."""
+        return SegmentAttention.build(self.segments, self.length, self.device)
 
 
 @functools.cache

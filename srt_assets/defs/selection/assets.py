@@ -18,7 +18,7 @@ from srt_assets.core.datasets import (
     teacher_rows_by_position,
     write_in_raw_order,
 )
-from srt_assets.core.files import ParquetBlockWriter, StagedParquet, blocks, discarded_on_failure
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, discarded_on_failure, row_count
 from srt_assets.core.from_files import load_statistics
 from srt_assets.core.ifd import score_schema
 from srt_assets.core.provenance import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA, provenance_columns
@@ -137,7 +137,7 @@ def decision_metadata(
     counts = branch_counts(summary)
     chosen = summary.filter(pl.col("selected"))
     failures = failed_reflections(*candidates)
-    failure_count = failures.select(pl.len()).collect().item() if failures.collect_schema() else 0
+    failure_count = row_count(failures) if failures.collect_schema() else 0
     distributions = {
         "IFD, original rows": quantiles(summary["ifd_ori"]),
         "r-IFD, original rows": quantiles(summary["rifd_ori"]),
@@ -215,9 +215,7 @@ def staged_training_set(
     if POSITION in rows.collect_schema().names():
         return write_in_raw_order(rows, writers, schema, TRAINING_BLOCK_ROWS)
     with writers(schema) as writer:
-        for block in blocks(rows, TRAINING_BLOCK_ROWS):
-            writer.write(block)
-        return writer.finish()
+        return writer.write_query(rows, TRAINING_BLOCK_ROWS)
 
 
 def per_variant_table(rows: pl.LazyFrame) -> MetadataValue:
@@ -278,20 +276,16 @@ def training_set_metadata(rows: StagedParquet, source_rows: int) -> dict:
     }
 
 
-def count(query: pl.LazyFrame) -> int:
-    return query.select(pl.len()).collect().item()
-
-
 def selected_checks(
     selected: StagedParquet, raw_samples: pl.LazyFrame, config: SelectedDatasetConfig
 ) -> list[CheckOutcome]:
     rows, table, raw_ids = selected.rows, selected.scan(), raw_samples.select("sample_id")
-    untraced = count(table.join(raw_ids, on="sample_id", how="anti"))
-    matches = count(table.select("sample_id").join(raw_ids, on="sample_id", how="left"))
+    untraced = row_count(table.join(raw_ids, on="sample_id", how="anti"))
+    matches = row_count(table.select("sample_id").join(raw_ids, on="sample_id", how="left"))
     duplicates = rows - table.select(pl.col("sample_id").n_unique()).collect().item()
     too_small = rows < config.min_rows
     too_large = config.max_rows is not None and rows > config.max_rows
-    violating = count(
+    violating = row_count(
         table.filter(
             pl.col("ifd").is_null()
             | pl.col("rifd").is_null()
@@ -363,7 +357,7 @@ def sample_decisions(
     with discarded_on_failure(staged):
         decisions = staged.scan()
         metadata = decision_metadata(config, decisions, variants, inst, resp)
-        raw_rows = raw.select(pl.len()).collect().item()
+        raw_rows = row_count(raw)
         distinct = decisions.select(pl.col("sample_id").n_unique()).collect().item()
         outcome = CheckOutcome(
             "one_decision_per_raw_sample",
@@ -444,7 +438,7 @@ def selected_dataset(
     )
     selected = staged_training_set(context, storage, "selected_dataset", rows, SELECTED_SCHEMA)
     with discarded_on_failure(selected):
-        source_rows = count(raw)
+        source_rows = row_count(raw)
         settings = selection_settings(spec, teacher, student, recorded_rule(decisions) or SelectionRule())
         facts = card_facts(context, sources, SELECTED_METHOD, source_rows, settings)
         metadata = {
@@ -481,7 +475,7 @@ def baseline_full(
 ):
     """The full original data in the training schema: the "trained on everything" baseline."""
     raw = raw_samples.lazy()
-    facts = card_facts(context, sources, FULL_METHOD, count(raw))
+    facts = card_facts(context, sources, FULL_METHOD, row_count(raw))
     return training_set_output(context, storage, "baseline_full", original_training_rows(raw), facts)
 
 
@@ -497,9 +491,9 @@ def baseline_random(
     """As many original rows as the selection kept, drawn with a fixed seed: the fair baseline
     that separates "better data" from "less data"."""
     raw = raw_samples.lazy()
-    size = count(selected_dataset.lazy())
-    settings = {"seed": config.seed, "rows": min(size, count(raw))}
-    facts = card_facts(context, sources, RANDOM_METHOD, count(raw), settings)
+    size = row_count(selected_dataset.lazy())
+    settings = {"seed": config.seed, "rows": min(size, row_count(raw))}
+    facts = card_facts(context, sources, RANDOM_METHOD, row_count(raw), settings)
     rows = random_baseline(original_training_rows(raw), size, config.seed)
     return training_set_output(context, storage, "baseline_random", rows, facts, seed=str(config.seed))
 
@@ -519,5 +513,5 @@ def baseline_teacher(
     raw, inst, resp = (t.lazy() for t in (raw_samples, new_instructions, better_responses))
     rows = teacher_rows_by_position(raw, variant_rows(raw, inst, resp), unavailable_table(raw, inst, resp))
     origin = candidate_origin(sources.source(context.partition_key), teacher)
-    facts = card_facts(context, sources, TEACHER_METHOD, count(raw), origin)
+    facts = card_facts(context, sources, TEACHER_METHOD, row_count(raw), origin)
     return training_set_output(context, storage, "baseline_teacher", rows, facts)

@@ -10,7 +10,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field, field_validator
 
 from srt_assets.core.candidate_quality import DEFAULT_SEVERITY, FLAGS, Candidate, candidate_flags
-from srt_assets.core.files import ParquetBlockWriter, StagedParquet, blocks, discarded_on_failure
+from srt_assets.core.files import ParquetBlockWriter, StagedParquet, blocks, discarded_on_failure, row_count
 from srt_assets.core.from_files import file_outcomes, load_reflections
 from srt_assets.core.generation import CachedGenerator, CallStats
 from srt_assets.core.ifd import ScoringItem
@@ -154,7 +154,7 @@ def run_reflection(
     for one block, which is written as a row group at once, so memory follows the block, not the
     source."""
     prompts, settings = models.teacher.reflection_settings()
-    total = rows.lazy().select(pl.len()).collect().item()
+    total = row_count(rows)
     block_progress = BlockProgress(calls_progress(context, f"teacher ({kind})", unit="rows"), total)
     tally = CandidateTally()
     with models.teacher.session(models.gpu, models.storage, None, config.chunk_size) as cached:
